@@ -1,0 +1,78 @@
+"""Factor containers for the three chain realizations (DESIGN.md 2.1-2.3), and their reconstructions.
+
+Pure numpy. Weights follow the ONNX Conv layout `(T, S, *kernel)`; each container holds the factors of one
+group (a grouped conv has one container per group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class SVDFactors:
+    """`W ~ last @ first`: a conv S->R with the original kernel (`first`, (R, S, *k)), then 1x1 R->T."""
+
+    first: np.ndarray  # (R, S, *kernel)
+    last: np.ndarray  # (T, R)
+
+    @property
+    def rank(self) -> int:
+        return self.first.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Tucker2Factors:
+    """`W ~ core x_0 output_factor x_1 input_factor`: 1x1 S->R_S, core R_S->R_T with the kernel, 1x1 R_T->T."""
+
+    input_factor: np.ndarray  # U_S, (S, R_S)
+    core: np.ndarray  # G, (R_T, R_S, *kernel)
+    output_factor: np.ndarray  # U_T, (T, R_T)
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(R_T, R_S), in the order of the weight axes."""
+        return self.core.shape[0], self.core.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class CPFactors:
+    """`W[t,s,h,w] ~ sum_r U_T[t,r] U_S[s,r] U_H[h,r] U_W[w,r]` (one spatial factor per kernel axis)."""
+
+    input_factor: np.ndarray  # U_S, (S, R)
+    spatial_factors: tuple[np.ndarray, ...]  # U_H, U_W: (k_i, R) each
+    output_factor: np.ndarray  # U_T, (T, R)
+
+    @property
+    def rank(self) -> int:
+        return self.input_factor.shape[1]
+
+
+Factors = SVDFactors | Tucker2Factors | CPFactors
+
+
+def reconstruct(factors: Factors) -> np.ndarray:
+    """The weight `(T, S, *kernel)` that the factors represent."""
+    if isinstance(factors, SVDFactors):
+        return np.tensordot(factors.last, factors.first, axes=(1, 0))
+    if isinstance(factors, Tucker2Factors):
+        weight = np.tensordot(factors.output_factor, factors.core, axes=(1, 0))  # (T, R_S, *k)
+        weight = np.tensordot(factors.input_factor, weight, axes=(1, 1))  # (S, T, *k)
+        return np.swapaxes(weight, 0, 1)
+    if isinstance(factors, CPFactors):
+        letters = "hwdefg"[: len(factors.spatial_factors)]
+        operands = [factors.output_factor, factors.input_factor, *factors.spatial_factors]
+        spec = "tr,sr," + ",".join(f"{axis}r" for axis in letters) + "->ts" + letters
+        return np.einsum(spec, *operands)
+    raise TypeError(f"not a factor container: {type(factors).__name__}")
+
+
+def factor_parameters(factors: Factors) -> int:
+    """Number of weights in the chain (biases excluded)."""
+    if isinstance(factors, SVDFactors):
+        return factors.first.size + factors.last.size
+    if isinstance(factors, Tucker2Factors):
+        return factors.input_factor.size + factors.core.size + factors.output_factor.size
+    return factors.input_factor.size + factors.output_factor.size + sum(f.size for f in factors.spatial_factors)

@@ -1,0 +1,82 @@
+"""Last stage: write a model atomically, checked, with external data when it would not fit in one protobuf."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import InternalError, UserError
+from .log import logger
+
+PROTOBUF_LIMIT = 2**31 - 1
+# headroom for the graph itself next to the weights when deciding on external data
+_SIZE_MARGIN = 64 * 2**20
+
+
+def model_size_estimate(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes, or an estimate from the weights when protobuf cannot size it."""
+    try:
+        return model.ByteSize()
+    except Exception:  # some protobuf builds refuse to size messages over 2 GB
+        return sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    protect: str | os.PathLike | None = None,
+    external_data_threshold: int = PROTOBUF_LIMIT - _SIZE_MARGIN,
+) -> Path:
+    """Write `model` to `path`: temp files in the target folder, ONNX checker, then rename into place.
+
+    The weights go to `<name>.data` next to the model when the model is larger than
+    `external_data_threshold` bytes. `protect` (the input model) is never overwritten.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if protect is not None and _same_file(path, Path(protect)):
+        raise UserError(f"output path {path} is the input model; choose another -o so the input is kept")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist; create it first")
+    external = model_size_estimate(model) > external_data_threshold
+    data_name = f"{path.name}.data"
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {folder}: {exc.strerror}") from None
+    try:
+        staged = staging / path.name
+        if external:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        try:
+            onnx.checker.check_model(str(staged))
+        except onnx.checker.ValidationError as exc:
+            raise InternalError(f"the written model fails the ONNX checker: {exc}") from exc
+        if external:
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staged, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote %s%s", path, f" (weights in {data_name})" if external else "")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()

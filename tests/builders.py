@@ -1,0 +1,80 @@
+"""Test helpers: small ONNX models built by hand, onnxruntime runs, and a float64 numpy conv reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8  # what every onnxruntime release we support can load
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+
+
+def conv_model(weight, bias=None, *, input_shape, dtype=np.float32, opset=17, **attrs) -> onnx.ModelProto:
+    """One Conv node `y = Conv(x, W[, B])` with the weight and bias as initializers."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(np.asarray(weight, dtype), "W")]
+    inputs = ["x", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype), "B"))
+        inputs.append("B")
+    node = helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, list(input_shape))],
+                              [helper.make_tensor_value_info("y", elem, [None] * len(input_shape))], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def same_pads(size, kernel, stride, dilation, mode):
+    """Begin/end padding of one axis under auto_pad, as the ONNX spec defines it."""
+    if mode == "VALID":
+        return 0, 0
+    out = -(-size // stride)
+    total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    small, large = total // 2, total - total // 2
+    return (small, large) if mode == "SAME_UPPER" else (large, small)
+
+
+def conv_reference(x, weight, bias=None, *, strides, pads, dilations, group=1):
+    """Direct float64 convolution (cross-correlation) for N-C-spatial inputs, 1-D or 2-D."""
+    x = np.asarray(x, np.float64)
+    weight = np.asarray(weight, np.float64)
+    spatial = weight.ndim - 2
+    if spatial == 1:
+        x, weight = x[:, :, None, :], weight[:, :, None, :]
+        strides, dilations = (1, *strides), (1, *dilations)
+        pads = (0, pads[0], 0, pads[1])
+    n, channels, height, width = x.shape
+    out_channels, per_group, kh, kw = weight.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    out_h = (padded.shape[2] - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    out_w = (padded.shape[3] - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    y = np.zeros((n, out_channels, out_h, out_w))
+    per_out = out_channels // group
+    for g in range(group):
+        xs = padded[:, g * per_group:(g + 1) * per_group]
+        ws = weight[g * per_out:(g + 1) * per_out]
+        for i in range(kh):
+            for j in range(kw):
+                h0, w0 = i * dilations[0], j * dilations[1]
+                window = xs[:, :, h0:h0 + strides[0] * (out_h - 1) + 1:strides[0],
+                            w0:w0 + strides[1] * (out_w - 1) + 1:strides[1]]
+                y[:, g * per_out:(g + 1) * per_out] += np.einsum("nchw,oc->nohw", window, ws[:, :, i, j])
+    if bias is not None:
+        y += np.asarray(bias, np.float64)[None, :, None, None]
+    return y[:, :, 0, :] if spatial == 1 else y
+
+
+def relative_error(actual, expected) -> float:
+    expected = np.asarray(expected, np.float64)
+    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
+
+
+TENSOR_FLOAT = TensorProto.FLOAT
