@@ -65,7 +65,7 @@ def reconstruct(factors: Factors) -> np.ndarray:
         letters = "hwdefg"[: len(factors.spatial_factors)]
         operands = [factors.output_factor, factors.input_factor, *factors.spatial_factors]
         spec = "tr,sr," + ",".join(f"{axis}r" for axis in letters) + "->ts" + letters
-        return np.einsum(spec, *operands)
+        return np.einsum(spec, *operands, optimize=True)
     raise TypeError(f"not a factor container: {type(factors).__name__}")
 
 

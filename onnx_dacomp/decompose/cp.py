@@ -1,0 +1,260 @@
+"""CP of a conv weight (DESIGN.md 2.3): distribution-aware ALS (DA-CPD) and the Frobenius CP-ALS baseline.
+
+Model: `W~[t, s, k1, k2] = sum_r U_T[t,r] U_S[s,r] U_1[k1,r] U_2[k2,r]`, i.e. `W1~ = U_T M^T` with the
+Khatri-Rao product `M = U_S (.) U_1 (.) U_2`. One spatial factor per kernel axis (1-D convs have one).
+
+Both solvers sweep U_S, the spatial factors, then U_T, normalize the columns of U_S and the spatial factors
+(the scale lives in U_T), and add a small relative ridge to every normal equation against CP's degenerate,
+diverging components. With `Sigma = I` and the same initialization the two produce the same iterates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import scipy.linalg
+
+from .cg import conjugate_gradients
+from .covariance import DEFAULT_FLOOR, regularize
+from .factors import CPFactors
+from .result import Decomposition
+from .svd import _top_eigenvectors
+
+Callback = Callable[[int, float], None]
+DEFAULT_RIDGE = 1e-9
+_AXES = "hwxyz"
+
+
+def cp_als(weight: np.ndarray, rank: int, *, max_iter: int = 200, tol: float = 1e-8, init: str = "svd",
+           seed: int = 0, ridge: float = DEFAULT_RIDGE, callback: Callback | None = None) -> Decomposition:
+    """Frobenius CP by alternating least squares (as tensorly's `parafac` computes it)."""
+    tensor = np.asarray(weight, np.float64)
+    _check(tensor, rank)
+    spatial = tensor.ndim - 2
+    letters = "ts" + _AXES[:spatial]
+    total = float(np.sum(tensor**2))
+    factors = _initial_factors(tensor, rank, init, seed)  # [U_S, U_1, ...]; U_T is solved first
+    modes = [None, *factors]
+
+    def solve_mode(mode: int) -> np.ndarray:
+        others = [m for m in range(tensor.ndim) if m != mode]
+        mttkrp = np.einsum(f"{letters},{','.join(letters[m] + 'r' for m in others)}->{letters[mode]}r",
+                           tensor, *(modes[m] for m in others), optimize=True)
+        gram = np.prod([modes[m].T @ modes[m] for m in others], axis=0)
+        return _ridge_solve(gram, mttkrp.T).T, mttkrp
+
+    modes[0], _ = solve_mode(0)
+    history, converged, sweep = [], False, 0
+    for sweep in range(1, max_iter + 1):
+        for mode in range(1, tensor.ndim):
+            updated, _ = solve_mode(mode)
+            modes[mode], modes[0] = _normalized(updated, modes[0])
+        modes[0], mttkrp = solve_mode(0)
+        gram = np.prod([m.T @ m for m in modes], axis=0)
+        fit = total - 2 * float(np.sum(modes[0] * mttkrp)) + float(gram.sum())
+        history.append(max(0.0, fit / total) if total > 0 else 0.0)
+        if callback:
+            callback(sweep, history[-1])
+        if history[-1] <= 1e-15 or (len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]):
+            converged = True
+            break
+    factors = CPFactors(modes[1], tuple(modes[2:]), modes[0])
+    return Decomposition(factors, history[-1] if history else 1.0, tuple(history), sweep, converged)
+
+
+def da_cp(
+    weight: np.ndarray,
+    sigma: np.ndarray,
+    rank: int,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-7,
+    init: str | CPFactors = "frobenius",
+    seed: int = 0,
+    floor: float = DEFAULT_FLOOR,
+    ridge: float = DEFAULT_RIDGE,
+    direct_limit: int = 3072,
+    cg_iter: int = 25,
+    callback: Callback | None = None,
+) -> Decomposition:
+    """Distribution-aware CP: minimize `||(W1 - U_T M^T) L||^2` by alternating block updates.
+
+    `init`: "frobenius" (CP-ALS first, so the result is never worse than it in the Sigma-norm), "svd",
+    "random" (seeded), or a `CPFactors` to start from (for example a CP of a DA-Tucker-2 core expanded).
+    U_S has S*R unknowns: direct solve while `S*R <= direct_limit`, else warm-started preconditioned CG.
+    """
+    weight = np.asarray(weight, np.float64)
+    _check(weight, rank)
+    out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    taps = math.prod(kernel)
+    if isinstance(init, CPFactors):
+        start = [init.input_factor, *init.spatial_factors]
+    elif init == "frobenius":
+        frob = cp_als(weight, rank, seed=seed, ridge=ridge, max_iter=100).factors
+        start = [frob.input_factor, *frob.spatial_factors]
+    else:
+        start = _initial_factors(weight, rank, init, seed)
+    problem = _CPProblem(weight.reshape(out_channels, -1), regularize(sigma, floor), in_channels, kernel, ridge)
+    input_factor, spatial = np.array(start[0], np.float64), [np.array(f, np.float64) for f in start[1:]]
+    output_factor = np.zeros((out_channels, rank))
+    input_factor, output_factor = _normalized(input_factor, output_factor)
+    for axis in range(len(spatial)):
+        spatial[axis], output_factor = _normalized(spatial[axis], output_factor)
+
+    problem.set_input_factor(input_factor)
+    output_factor, error = problem.output_step(spatial)
+    history, converged, sweep = [error], False, 0
+    if callback:
+        callback(0, error)
+    for sweep in range(1, max_iter + 1):
+        if error <= 1e-15:
+            converged = True
+            break
+        input_factor = problem.input_step(input_factor, spatial, output_factor, direct_limit, cg_iter)
+        input_factor, output_factor = _normalized(input_factor, output_factor)
+        problem.set_input_factor(input_factor)
+        for axis in range(len(spatial)):
+            spatial[axis] = problem.spatial_step(axis, spatial, output_factor)
+            spatial[axis], output_factor = _normalized(spatial[axis], output_factor)
+        output_factor, new_error = problem.output_step(spatial)
+        history.append(new_error)
+        if callback:
+            callback(sweep, new_error)
+        decrease, error = error - new_error, new_error
+        if decrease <= tol * max(history[-2], 1e-300):
+            converged = True
+            break
+    factors = CPFactors(input_factor, tuple(spatial), output_factor)
+    return Decomposition(factors, error, tuple(history), sweep, converged)
+
+
+class _CPProblem:
+    """Fixed data of one DA-CPD fit; caches `C = (U_S kron I)^T Sigma (U_S kron I)` for the current U_S."""
+
+    def __init__(self, matrix, sigma, in_channels, kernel, ridge):
+        self.matrix, self.sigma, self.channels, self.kernel, self.ridge = matrix, sigma, in_channels, kernel, ridge
+        self.taps = math.prod(kernel)
+        self.weighted = (matrix @ sigma).reshape(len(matrix), in_channels, self.taps)  # W1 Sigma
+        self.total = float(np.einsum("tsd,tsd->", self.weighted, matrix.reshape(self.weighted.shape), optimize=True))
+        self.sigma_rows = sigma.reshape(in_channels, -1)
+        blocks = sigma.reshape(in_channels, self.taps, in_channels, self.taps)
+        self.channel_covariance = scipy.linalg.cho_factor(np.einsum("sdud->su", blocks, optimize=True))
+        self.tap_covariance = np.einsum("sdse->de", blocks, optimize=True)
+
+    def set_input_factor(self, input_factor):
+        rank, taps = input_factor.shape[1], self.taps
+        projected = (input_factor.T @ self.sigma_rows).reshape(rank * taps, self.channels, taps)
+        gram = (projected.transpose(0, 2, 1) @ input_factor).transpose(0, 2, 1)
+        self.gram = gram.reshape(rank, taps, rank, taps)  # C[r, e, q, d]
+        self.cross = np.einsum("tsd,sr->trd", self.weighted, input_factor, optimize=True)  # W1 Sigma (U_S kron I)
+
+    def output_step(self, spatial):
+        """Optimal U_T for the other factors, and the relative error it reaches."""
+        taps_factor = _khatri_rao(spatial)  # V[d, r]
+        cross = np.einsum("trd,dr->tr", self.cross, taps_factor, optimize=True)  # W1 Sigma M
+        gram = np.einsum("rdqe,dr,eq->rq", self.gram, taps_factor, taps_factor, optimize=True)  # M^T Sigma M
+        output_factor = _ridge_solve(gram, cross.T, self.ridge).T
+        fit = self.total - 2 * float(np.sum(output_factor * cross)) + float(
+            np.sum((output_factor.T @ output_factor) * gram))
+        return output_factor, (max(0.0, fit / self.total) if self.total > 0 else 0.0)
+
+    def spatial_step(self, axis, spatial, output_factor):
+        """Optimal factor of one kernel axis for the others: a direct solve of size k_axis * R."""
+        rank = output_factor.shape[1]
+        coupling = output_factor.T @ output_factor
+        letters = _AXES[: len(self.kernel)]
+        upper = letters.upper()
+        others = [a for a in range(len(self.kernel)) if a != axis]
+        gram = self.gram.reshape(rank, *self.kernel, rank, *self.kernel)
+        spec_in = f"r{letters}q{upper}," + ",".join(f"{letters[a]}r,{upper[a]}q" for a in others)
+        operands = [gram] + [f for a in others for f in (spatial[a], spatial[a])]
+        reduced = np.einsum(f"{spec_in}->{letters[axis]}r{upper[axis]}q", *operands, optimize=True)
+        size = self.kernel[axis] * rank
+        hessian = (reduced * coupling[None, :, None, :]).reshape(size, size)
+        fitted = np.einsum("tr,trd->rd", output_factor, self.cross, optimize=True).reshape(rank, *self.kernel)
+        spec_rhs = f"r{letters}," + ",".join(f"{letters[a]}r" for a in others)
+        rhs = np.einsum(f"{spec_rhs}->{letters[axis]}r", fitted, *(spatial[a] for a in others), optimize=True)
+        return _ridge_solve(hessian, rhs.reshape(-1, 1), self.ridge).reshape(self.kernel[axis], rank)
+
+    def input_step(self, input_factor, spatial, output_factor, direct_limit, cg_iter):
+        """Optimal U_S for the other factors: `H vec(U_S) = b`, H = K[r,q] sum_de V[d,r] Sigma V[e,q]."""
+        channels, taps, rank = self.channels, self.taps, input_factor.shape[1]
+        coupling = output_factor.T @ output_factor
+        taps_factor = _khatri_rao(spatial)
+        rhs = np.einsum("tr,tsd,dr->sr", output_factor, self.weighted, taps_factor, optimize=True)
+        if channels * rank <= direct_limit:
+            blocks = self.sigma.reshape(channels, taps, channels, taps)
+            hessian = np.einsum("sdue,dr,eq->sruq", blocks, taps_factor, taps_factor, optimize=True)
+            hessian = (hessian * coupling[None, :, None, :]).reshape(channels * rank, -1)
+            return _ridge_solve(hessian, rhs.reshape(-1, 1), self.ridge).reshape(channels, rank)
+        diagonal = np.einsum("sdsd,dr,dr->sr", self.sigma.reshape(channels, taps, channels, taps),
+                             taps_factor, taps_factor, optimize=True) * np.diag(coupling)
+        shift = self.ridge * float(diagonal.mean())
+
+        def apply(x):
+            spread = (x[:, None, :] * taps_factor[None, :, :]).reshape(channels * taps, rank)
+            z = (self.sigma @ spread) @ coupling
+            return np.einsum("sdr,dr->sr", z.reshape(channels, taps, rank), taps_factor, optimize=True) + shift * x
+
+        tap_coupling = coupling * (taps_factor.T @ self.tap_covariance @ taps_factor)
+        tap_coupling += 1e-12 * np.trace(tap_coupling) / rank * np.eye(rank)
+        right = scipy.linalg.cho_factor(tap_coupling)
+
+        def precondition(residual):
+            return scipy.linalg.cho_solve(right, scipy.linalg.cho_solve(self.channel_covariance, residual).T).T
+
+        solution, _ = conjugate_gradients(apply, rhs, input_factor, precondition, max_iter=cg_iter, tol=1e-10)
+        return solution
+
+
+def _khatri_rao(factors) -> np.ndarray:
+    """Rows indexed by the kernel taps in C order, one column per component."""
+    result = factors[0]
+    for factor in factors[1:]:
+        result = (result[:, None, :] * factor[None, :, :]).reshape(-1, factor.shape[1])
+    return result
+
+
+def _ridge_solve(gram: np.ndarray, rhs: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """`(gram + ridge * mean(diag) I)^-1 rhs` for a symmetric PSD gram."""
+    gram = (gram + gram.T) / 2
+    shift = ridge * float(np.mean(np.diag(gram))) if np.any(np.diag(gram) > 0) else 1.0
+    regularized = gram + shift * np.eye(len(gram))
+    try:
+        return scipy.linalg.solve(regularized, rhs, assume_a="pos")
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return scipy.linalg.lstsq(regularized, rhs)[0]
+
+
+def _normalized(factor: np.ndarray, output_factor: np.ndarray):
+    """Unit-norm columns; the norms move into the output factor so the product is unchanged."""
+    norms = np.linalg.norm(factor, axis=0)
+    norms = np.where(norms > 0, norms, 1.0)
+    return factor / norms, output_factor * norms
+
+
+def _check(weight: np.ndarray, rank: int) -> None:
+    if weight.ndim < 3:
+        raise ValueError(f"CP needs a conv weight (T, S, *kernel), got shape {weight.shape}")
+    if rank < 1:
+        raise ValueError(f"CP rank must be at least 1, got {rank}")
+
+
+def _initial_factors(tensor: np.ndarray, rank: int, init: str, seed: int) -> list[np.ndarray]:
+    """Factors for every mode but the output one: leading singular vectors padded with seeded noise."""
+    rng = np.random.default_rng(seed)
+    factors = []
+    for mode in range(1, tensor.ndim):
+        size = tensor.shape[mode]
+        if init == "random":
+            factors.append(rng.standard_normal((size, rank)))
+            continue
+        if init != "svd":
+            raise ValueError(f"unknown init {init!r}: use 'frobenius', 'svd' or 'random'")
+        unfolded = np.moveaxis(tensor, mode, 0).reshape(size, -1)
+        known = min(rank, size)
+        leading = _top_eigenvectors(unfolded @ unfolded.T, known)
+        factors.append(np.hstack([leading, rng.standard_normal((size, rank - known))]) if rank > known else leading)
+    return factors

@@ -1,0 +1,54 @@
+"""Matrix case (DESIGN.md 2.1): the closed-form distribution-aware SVD and plain truncated SVD.
+
+Works on any weight `(T, ...)`: a dense layer, a 1x1 conv, or a kxk conv (the "output-channel" variant:
+kxk conv S->R followed by 1x1 R->T).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from .covariance import sigma_error
+from .factors import SVDFactors
+from .result import Decomposition
+
+
+def da_svd(weight: np.ndarray, sigma: np.ndarray, rank: int) -> Decomposition:
+    """Optimal rank-`rank` fit in the Sigma-norm: `W1~ = P P^T W1`, P = top eigenvectors of `W1 Sigma W1^T`."""
+    matrix = _as_matrix(weight, rank)
+    gram = matrix @ np.asarray(sigma, np.float64) @ matrix.T
+    return _project(weight, matrix, _top_eigenvectors((gram + gram.T) / 2, rank), sigma)
+
+
+def truncated_svd(weight: np.ndarray, rank: int) -> Decomposition:
+    """The data-free baseline: the best rank-`rank` fit in the Frobenius norm."""
+    matrix = _as_matrix(weight, rank)
+    left, _, _ = scipy.linalg.svd(matrix, full_matrices=False)
+    return _project(weight, matrix, _sign_fixed(left[:, :rank]), None)
+
+
+def _project(weight, matrix, basis, sigma) -> Decomposition:
+    first = (basis.T @ matrix).reshape(basis.shape[1], *weight.shape[1:])
+    factors = SVDFactors(first=first, last=basis)
+    error = sigma_error(matrix, basis @ (basis.T @ matrix), sigma)
+    return Decomposition(factors, error, (error,), iterations=1, converged=True)
+
+
+def _as_matrix(weight: np.ndarray, rank: int) -> np.ndarray:
+    matrix = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
+    if not 1 <= rank <= min(matrix.shape):
+        raise ValueError(f"rank {rank} is outside 1..{min(matrix.shape)} for a weight of shape {weight.shape}")
+    return matrix
+
+
+def _top_eigenvectors(symmetric: np.ndarray, count: int) -> np.ndarray:
+    size = len(symmetric)
+    _, vectors = scipy.linalg.eigh(symmetric, subset_by_index=[size - count, size - 1])
+    return _sign_fixed(vectors[:, ::-1])
+
+
+def _sign_fixed(vectors: np.ndarray) -> np.ndarray:
+    """Eigen/singular vectors with the largest-magnitude entry positive: identical output across runs."""
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
+    return vectors * np.where(signs == 0, 1.0, signs)
