@@ -125,6 +125,17 @@ class ConstantResolver:
         return name
 
 
+def read_weights(model: onnx.ModelProto, layers) -> dict[str, np.ndarray]:
+    """The constant weight of each decomposable layer, keyed by layer name."""
+    resolver = ConstantResolver(model.graph)
+    return {layer.name: resolver.value(layer.weight) for layer in layers if layer.decomposable}
+
+
+def read_biases(model: onnx.ModelProto, layers) -> dict[str, np.ndarray | None]:
+    resolver = ConstantResolver(model.graph)
+    return {layer.name: resolver.value(layer.bias) if layer.bias else None for layer in layers if layer.decomposable}
+
+
 def display_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 

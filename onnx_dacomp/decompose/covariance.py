@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-DEFAULT_FLOOR = 1e-6
+DEFAULT_FLOOR = 1e-8  # about the float32 rounding level of the accumulated statistics
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,16 +48,27 @@ def whiten(sigma: np.ndarray, floor: float = DEFAULT_FLOOR) -> Whitening:
 
 
 def regularize(sigma: np.ndarray, floor: float = DEFAULT_FLOOR) -> np.ndarray:
-    """`sigma + floor * lambda_max * I`: positive definite, so the ALS normal equations always solve.
+    """`sigma + shift * I` with `shift >= floor * lambda_max`: positive definite, so every ALS normal
+    equation solves.
 
     A shift rather than an eigenvalue floor because it needs only the largest eigenvalue (a few Lanczos
-    steps) instead of a full eigendecomposition: the solvers call it on 4608-square covariances.
+    steps) instead of a full eigendecomposition of a 4608-square covariance. Statistics accumulated in
+    float32 can have slightly negative eigenvalues; the shift grows until a Cholesky factorization passes.
     """
     sigma = _symmetric(sigma)
     top = largest_eigenvalue(sigma)
     if top <= 0.0:
         return np.eye(len(sigma))
-    return sigma + floor * top * np.eye(len(sigma))
+    shift = max(floor, 1e-15) * top
+    diagonal = np.diag_indices_from(sigma)
+    base = sigma[diagonal].copy()
+    while True:
+        sigma[diagonal] = base + shift  # _symmetric returned a fresh array
+        try:
+            scipy.linalg.cho_factor(sigma, check_finite=False)
+            return sigma
+        except np.linalg.LinAlgError:
+            shift *= 10
 
 
 def largest_eigenvalue(sigma: np.ndarray) -> float:
@@ -74,6 +85,23 @@ def sigma_error(weight: np.ndarray, approximation: np.ndarray, sigma: np.ndarray
     if sigma is None:
         return float(np.sum(difference**2) / np.sum(weight**2))
     return float(np.einsum("ij,ij->", difference @ sigma, difference) / np.einsum("ij,ij->", weight @ sigma, weight))
+
+
+def tap_major(sigma: np.ndarray, channels: int, taps: int) -> np.ndarray:
+    """`Sigma[(s,d),(u,e)]` rearranged as `[d, s, e, u]` (contiguous), so that products with a channel
+    factor on `u` are one large GEMM that leaves `(e, r)` adjacent."""
+    return np.ascontiguousarray(sigma.reshape(channels, taps, channels, taps).transpose(1, 0, 3, 2))
+
+
+def sandwich(blocks: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """`(U kron I)^T Sigma (U kron I)` as `[d, r, e, q]` from `tap_major` blocks: two large GEMMs.
+
+    (A batched product over the many small per-tap slices would run far below the BLAS rate.)
+    """
+    taps, channels = blocks.shape[:2]
+    rank = factor.shape[1]
+    right = (blocks.reshape(-1, channels) @ factor).reshape(taps, channels, taps * rank)  # [d, s, (e,q)]
+    return np.matmul(factor.T, right).reshape(taps, rank, taps, rank)
 
 
 def _symmetric(sigma: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from .cg import conjugate_gradients
-from .covariance import DEFAULT_FLOOR, regularize
+from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major
 from .factors import CPFactors
 from .result import Decomposition
 from .svd import _top_eigenvectors
@@ -27,7 +27,7 @@ DEFAULT_RIDGE = 1e-9
 _AXES = "hwxyz"
 
 
-def cp_als(weight: np.ndarray, rank: int, *, max_iter: int = 200, tol: float = 1e-8, init: str = "svd",
+def cp_als(weight: np.ndarray, rank: int, *, max_iter: int = 100, tol: float = 1e-8, init: str = "svd",
            seed: int = 0, ridge: float = DEFAULT_RIDGE, callback: Callback | None = None) -> Decomposition:
     """Frobenius CP by alternating least squares (as tensorly's `parafac` computes it)."""
     tensor = np.asarray(weight, np.float64)
@@ -69,14 +69,14 @@ def da_cp(
     sigma: np.ndarray,
     rank: int,
     *,
-    max_iter: int = 200,
-    tol: float = 1e-7,
+    max_iter: int = 100,
+    tol: float = 1e-5,
     init: str | CPFactors = "frobenius",
     seed: int = 0,
     floor: float = DEFAULT_FLOOR,
     ridge: float = DEFAULT_RIDGE,
     direct_limit: int = 3072,
-    cg_iter: int = 25,
+    cg_iter: int = 6,
     callback: Callback | None = None,
 ) -> Decomposition:
     """Distribution-aware CP: minimize `||(W1 - U_T M^T) L||^2` by alternating block updates.
@@ -92,7 +92,8 @@ def da_cp(
     if isinstance(init, CPFactors):
         start = [init.input_factor, *init.spatial_factors]
     elif init == "frobenius":
-        frob = cp_als(weight, rank, seed=seed, ridge=ridge, max_iter=100).factors
+        # a short Frobenius run: the DA sweeps do the real work from there
+        frob = cp_als(weight, rank, seed=seed, ridge=ridge, max_iter=20).factors
         start = [frob.input_factor, *frob.spatial_factors]
     else:
         start = _initial_factors(weight, rank, init, seed)
@@ -138,23 +139,20 @@ class _CPProblem:
         self.taps = math.prod(kernel)
         self.weighted = (matrix @ sigma).reshape(len(matrix), in_channels, self.taps)  # W1 Sigma
         self.total = float(np.einsum("tsd,tsd->", self.weighted, matrix.reshape(self.weighted.shape), optimize=True))
-        self.sigma_rows = sigma.reshape(in_channels, -1)
+        self.blocks = tap_major(sigma, in_channels, self.taps)
         blocks = sigma.reshape(in_channels, self.taps, in_channels, self.taps)
         self.channel_covariance = scipy.linalg.cho_factor(np.einsum("sdud->su", blocks, optimize=True))
         self.tap_covariance = np.einsum("sdse->de", blocks, optimize=True)
 
     def set_input_factor(self, input_factor):
-        rank, taps = input_factor.shape[1], self.taps
-        projected = (input_factor.T @ self.sigma_rows).reshape(rank * taps, self.channels, taps)
-        gram = (projected.transpose(0, 2, 1) @ input_factor).transpose(0, 2, 1)
-        self.gram = gram.reshape(rank, taps, rank, taps)  # C[r, e, q, d]
+        self.gram = sandwich(self.blocks, input_factor)  # C[d, r, e, q] = (P^T Sigma P)[(r,d),(q,e)]
         self.cross = np.einsum("tsd,sr->trd", self.weighted, input_factor, optimize=True)  # W1 Sigma (U_S kron I)
 
     def output_step(self, spatial):
         """Optimal U_T for the other factors, and the relative error it reaches."""
         taps_factor = _khatri_rao(spatial)  # V[d, r]
         cross = np.einsum("trd,dr->tr", self.cross, taps_factor, optimize=True)  # W1 Sigma M
-        gram = np.einsum("rdqe,dr,eq->rq", self.gram, taps_factor, taps_factor, optimize=True)  # M^T Sigma M
+        gram = np.einsum("dreq,dr,eq->rq", self.gram, taps_factor, taps_factor, optimize=True)  # M^T Sigma M
         output_factor = _ridge_solve(gram, cross.T, self.ridge).T
         fit = self.total - 2 * float(np.sum(output_factor * cross)) + float(
             np.sum((output_factor.T @ output_factor) * gram))
@@ -167,8 +165,8 @@ class _CPProblem:
         letters = _AXES[: len(self.kernel)]
         upper = letters.upper()
         others = [a for a in range(len(self.kernel)) if a != axis]
-        gram = self.gram.reshape(rank, *self.kernel, rank, *self.kernel)
-        spec_in = f"r{letters}q{upper}," + ",".join(f"{letters[a]}r,{upper[a]}q" for a in others)
+        gram = self.gram.reshape(*self.kernel, rank, *self.kernel, rank)
+        spec_in = f"{letters}r{upper}q," + ",".join(f"{letters[a]}r,{upper[a]}q" for a in others)
         operands = [gram] + [f for a in others for f in (spatial[a], spatial[a])]
         reduced = np.einsum(f"{spec_in}->{letters[axis]}r{upper[axis]}q", *operands, optimize=True)
         size = self.kernel[axis] * rank

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg
 
 from .cg import conjugate_gradients
-from .covariance import DEFAULT_FLOOR, regularize
+from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major
 from .factors import Tucker2Factors
 from .result import Decomposition
 from .svd import _sign_fixed, _top_eigenvectors
@@ -56,12 +56,12 @@ def da_tucker2(
     ranks: tuple[int, int],
     *,
     max_iter: int = 100,
-    tol: float = 1e-7,
+    tol: float = 1e-5,
     init: str = "hooi",
     seed: int = 0,
     floor: float = DEFAULT_FLOOR,
     direct_limit: int = 3072,
-    cg_iter: int = 30,
+    cg_iter: int = 8,
     callback: Callback | None = None,
 ) -> Decomposition:
     """Distribution-aware Tucker-2: minimize `||(W1 - W1~) L||^2` by alternating exact steps.
@@ -111,8 +111,7 @@ class _Problem:
         self.matrix, self.sigma, self.channels, self.taps = matrix, sigma, in_channels, taps
         self.weighted = matrix @ sigma  # W1 Sigma, (T, n)
         self.total = float(np.einsum("ij,ij->", self.weighted, matrix, optimize=True))
-        # rows indexed by the input channel u, columns by (kernel tap e, patch index): U^T @ this is P^T Sigma
-        self.sigma_rows = sigma.reshape(in_channels, -1)
+        self.blocks = tap_major(sigma, in_channels, taps)
         blocks = sigma.reshape(in_channels, taps, in_channels, taps)
         self.channel_covariance = np.einsum("sdud->su", blocks, optimize=True)  # Kronecker preconditioner factors
         self.tap_covariance = np.einsum("sdse->de", blocks, optimize=True)
@@ -120,8 +119,7 @@ class _Problem:
     def output_step(self, input_factor: np.ndarray, rank_out: int):
         """Optimal (U_T, G1) for the given U_S: reduced-rank regression. Returns them and the rel. error."""
         channels, taps, rank = self.channels, self.taps, input_factor.shape[1]
-        projected = (input_factor.T @ self.sigma_rows).reshape(rank * taps, channels, taps)  # P^T Sigma
-        gram = (projected.transpose(0, 2, 1) @ input_factor).transpose(0, 2, 1).reshape(rank * taps, -1)
+        gram = sandwich(self.blocks, input_factor).transpose(1, 0, 3, 2).reshape(rank * taps, -1)
         gram = (gram + gram.T) / 2  # A = P^T Sigma P
         cross = np.einsum("tsd,sr->trd", self.weighted.reshape(-1, channels, taps), input_factor, optimize=True)
         cross = cross.reshape(len(self.matrix), -1)  # W1 Sigma P
@@ -147,12 +145,11 @@ class _Problem:
             hessian = np.einsum("sdue,rdqe->sruq", blocks, coupling4, optimize=True).reshape(channels * rank, -1)
             solution = scipy.linalg.solve((hessian + hessian.T) / 2, rhs.reshape(-1), assume_a="pos")
             return solution.reshape(channels, rank)
-        by_tap = coupling4.transpose(1, 0, 2, 3).reshape(taps, rank, rank * taps)  # [d, r, (q,e)]
+        by_tap = np.ascontiguousarray(coupling4.transpose(1, 3, 2, 0)).reshape(taps, taps * rank, rank)
 
         def apply(x: np.ndarray) -> np.ndarray:
-            z = (x.T @ self.sigma_rows).reshape(rank, taps, channels, taps)  # [q, e, s, d]
-            z = z.transpose(3, 0, 1, 2).reshape(taps, rank * taps, channels)
-            return np.matmul(by_tap, z).sum(axis=0).T
+            spread = (self.blocks.reshape(-1, channels) @ x).reshape(taps, channels, taps * rank)  # [d, s, (e,q)]
+            return np.matmul(spread, by_tap).sum(axis=0)  # sum_(d,e,q) Sigma[(s,d),(u,e)] K[(r,d),(q,e)] X[u,q]
 
         tap_coupling = np.einsum("de,rdqe->rq", self.tap_covariance, coupling4, optimize=True)
         tap_coupling += 1e-12 * np.trace(tap_coupling) / rank * np.eye(rank)

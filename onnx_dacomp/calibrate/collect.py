@@ -1,0 +1,185 @@
+"""Stage 3: run calibration batches through onnxruntime and accumulate the patch statistics of each layer.
+
+The default path runs an augmented model that computes each layer's per-batch patch sums inside the
+runtime (`augment.py`); where that graph cannot be built or run, the layer inputs are exposed instead and
+the sums are computed in numpy (`patches.py`). Memory is bounded by one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..log import logger
+from ..runtime import create_session, provider_name
+from ..shapes import declared_shape, graph_inputs, infer_shapes
+from ..targets import ConvLayer, read_weights
+from .augment import augment
+from .patches import patch_sums, patch_size
+from .sources import Source
+from .statistics import LayerStatistics, Statistics, layer_fingerprint
+
+# a layer whose patch covariance would not fit comfortably in memory (n^2 float64 per group)
+MAX_PATCH_SIZE = 20_000
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    layers: Sequence[ConvLayer],
+    source: Iterable,
+    *,
+    device: str = "auto",
+    mode: str = "auto",
+    progress: bool = True,
+) -> Statistics:
+    """Patch statistics of `layers` (decomposable targets of `model`) over all batches of `source`.
+
+    `mode`: "graph" (sums inside onnxruntime), "numpy" (layer inputs out, sums in numpy), or "auto"
+    (graph, falling back to numpy if the augmented model cannot be built or run).
+    """
+    layers = [layer for layer in layers if layer.decomposable]
+    for layer in layers:
+        if patch_size(layer) > MAX_PATCH_SIZE:
+            raise UserError(f"layer {layer.name}: patch length {patch_size(layer)} would need a "
+                            f"{patch_size(layer) ** 2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)")
+    inputs = {value.name: value for value in graph_inputs(model)}
+    runner = _Runner(model, layers, device, mode)
+    totals: dict[str, LayerStatistics] = {}
+    samples = 0
+    description = getattr(source, "description", "user-supplied batches")
+    bar = tqdm(total=getattr(source, "size", None), unit="img", desc="calibrating", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for index, batch in enumerate(source):
+            batch = check_batch(batch, inputs, index)
+            batch_size = len(next(iter(batch.values())))
+            for name, stats in runner.run(batch).items():
+                totals[name] = totals[name] + stats if name in totals else stats
+            samples += batch_size
+            bar.update(batch_size)
+    finally:
+        bar.close()
+    if samples == 0:
+        raise UserError(f"the calibration data ({description}) yielded no samples")
+    elapsed = time.perf_counter() - start
+    logger.info("calibrated %d layers on %d samples in %.1f s (%.0f img/s, %s, %s provider)", len(layers), samples,
+                elapsed, samples / max(elapsed, 1e-9), runner.mode, runner.provider)
+    weights = read_weights(model, layers)
+    fingerprints = {layer.name: layer_fingerprint(layer, weights[layer.name]) for layer in layers}
+    return Statistics(totals, fingerprints, samples, description)
+
+
+def check_batch(batch: Mapping, inputs: Mapping[str, onnx.ValueInfoProto], index: int) -> dict[str, np.ndarray]:
+    """Validate one batch against the model inputs; one-line errors name the input and the batch."""
+    if not isinstance(batch, Mapping):
+        raise UserError(f"batch {index} is a {type(batch).__name__}, expected a dict keyed by input name")
+    missing, unknown = set(inputs) - set(batch), set(batch) - set(inputs)
+    if missing or unknown:
+        raise UserError(f"batch {index} has inputs {sorted(batch)}, the model expects {sorted(inputs)}")
+    checked, lengths = {}, set()
+    for name, value in inputs.items():
+        array = np.asarray(batch[name])
+        expected = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if array.dtype != expected:
+            if array.dtype.kind == "f" and expected.kind == "f":
+                array = array.astype(expected)
+            else:
+                raise UserError(f"input {name!r} in batch {index}: got {array.dtype} data, the model expects "
+                                f"{expected}; convert or preprocess the data")
+        declared = declared_shape(value)
+        if array.ndim != len(declared) or any(
+            isinstance(d, int) and d != n for d, n in zip(declared[1:], array.shape[1:])
+        ):
+            raise UserError(f"input {name!r} in batch {index}: shape {list(array.shape)} does not fit the model's "
+                            f"{['?' if not isinstance(d, int) else d for d in declared]}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise UserError(f"input {name!r} in batch {index} contains NaN or Inf")
+        checked[name] = array
+        lengths.add(array.shape[0] if array.ndim else 0)
+    if len(lengths) != 1 or 0 in lengths:
+        raise UserError(f"batch {index}: inputs must share one non-empty batch axis, got lengths {sorted(lengths)}")
+    return checked
+
+
+class _Runner:
+    """Sessions for one model, rebuilt only when the spatial input shape changes."""
+
+    def __init__(self, model, layers, device, mode):
+        if mode not in ("auto", "graph", "numpy"):
+            raise UserError(f"unknown calibration mode {mode!r}: use auto, graph or numpy")
+        self.model, self.layers, self.device, self.mode = model, layers, device, mode
+        self.shape_key = None
+        self.provider = "none"
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, LayerStatistics]:
+        key = tuple((name, array.shape[1:]) for name, array in sorted(batch.items()))
+        if key != self.shape_key:
+            self._prepare(batch)
+            self.shape_key = key
+        try:
+            results = self.session.run(self.output_names, batch)
+        except Exception as exc:
+            if self.mode != "auto" or self.active != "graph":
+                raise UserError(f"onnxruntime failed on the calibration data: {str(exc).splitlines()[0]}") from None
+            logger.warning("augmented statistics graph failed in onnxruntime (%s); falling back to numpy",
+                           str(exc).splitlines()[0])
+            self.mode = "numpy"
+            self._prepare(batch)
+            results = self.session.run(self.output_names, batch)
+        return self._collect(results, len(next(iter(batch.values()))))
+
+    def _prepare(self, batch):
+        shapes = {name: (1, *array.shape[1:]) for name, array in batch.items()}
+        input_shapes = infer_shapes(self.model, [layer.input for layer in self.layers], shapes)
+        spatial = {layer.name: input_shapes.get(layer.input) for layer in self.layers}
+        use_graph = self.mode in ("auto", "graph") and all(shape is not None for shape in spatial.values())
+        if self.mode == "graph" and not use_graph:
+            raise UserError("cannot build the statistics graph: some layer input shapes are unknown")
+        if use_graph:
+            try:
+                augmented, self.layer_outputs = augment(self.model, self.layers,
+                                                        {name: shape[2:] for name, shape in spatial.items()})
+                self.session = create_session(augmented, self.device)
+                self.output_names = [n for o in self.layer_outputs.values() for n in o.second + o.first]
+                self.active = "graph"
+                self.provider = provider_name(self.session)
+                return
+            except UserError:
+                raise
+            except Exception as exc:
+                if self.mode == "graph":
+                    raise
+                logger.warning("cannot build the statistics graph (%s); exposing layer inputs instead",
+                               str(exc).splitlines()[0])
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.model)
+        del probe.graph.output[:]
+        self.output_names = list(dict.fromkeys(layer.input for layer in self.layers))
+        probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in self.output_names)
+        self.session = create_session(probe, self.device)
+        self.active = "numpy"
+        self.provider = provider_name(self.session)
+
+    def _collect(self, results, batch_size) -> dict[str, LayerStatistics]:
+        values = dict(zip(self.output_names, results))
+        collected = {}
+        for layer in self.layers:
+            if self.active == "graph":
+                names = self.layer_outputs[layer.name]
+                second = np.stack([values[n] for n in names.second]).astype(np.float64)
+                first = np.stack([values[n] for n in names.first]).astype(np.float64)
+                stats = LayerStatistics(second, first, batch_size * names.positions)
+            else:
+                stats = patch_sums(values[layer.input], layer)
+            if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
+                raise UserError(f"layer {layer.name} received NaN or Inf activations: the model overflows on "
+                                f"this data (check the preprocessing)")
+            collected[layer.name] = stats
+        return collected

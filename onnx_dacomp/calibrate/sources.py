@@ -1,0 +1,250 @@
+"""Calibration data sources. Every source is an iterable of `{input_name: array}` batches.
+
+Adapters: .npz/.npy files and folders of them, folders of images (class sub-folders or flat), any Python
+iterable or onnxruntime `CalibrationDataReader` (`get_next()`), and random data on explicit request.
+Sources with labels (class folders, .npz with a `labels` array) expose them through `labelled()`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..log import logger
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
+ARRAY_SUFFIXES = {".npz", ".npy"}
+Batch = dict[str, np.ndarray]
+
+
+class Source:
+    """Base of the adapters: iterate batches; `labelled()` also yields labels (or None)."""
+
+    description = "calibration data"
+    size: int | None = None  # number of samples when known (for progress bars)
+
+    def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        for batch in self:
+            yield batch, None
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch, _ in self.labelled():
+            yield batch
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What torchvision/timm users set: resize (short side), center crop, scale, mean/std, order, layout."""
+
+    size: tuple[int, int] | None = None  # final (H, W); None: the model input's spatial size
+    resize: int | None = None  # short side before the crop; None: just enough to cover `size`
+    center_crop: bool = True  # False: resize straight to `size`, ignoring the aspect ratio
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+
+    def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise UserError(f"channel order must be RGB or BGR, not {self.channel_order!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise UserError(f"layout must be NCHW or NHWC, not {self.layout!r}")
+        if any(s == 0 for s in self.std):
+            raise UserError("--std values must be non-zero")
+
+    def apply(self, image, size: tuple[int, int], channels: int) -> np.ndarray:
+        """A PIL image -> float32 array (C, H, W) or (H, W, C)."""
+        from PIL import Image
+
+        image = image.convert("L" if channels == 1 else "RGB")
+        height, width = size
+        if self.center_crop:
+            short = self.resize or max(height, width)
+            factor = short / min(image.size)
+            target = (max(width, round(image.size[0] * factor)), max(height, round(image.size[1] * factor)))
+            if target != image.size:
+                image = image.resize(target, Image.BILINEAR)
+            left, top = (image.size[0] - width) // 2, (image.size[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        elif image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) * np.float32(self.scale)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if self.channel_order == "BGR":
+            array = array[:, :, ::-1]
+        mean = np.asarray(self.mean[:channels] if len(self.mean) >= channels else self.mean[:1] * channels, np.float32)
+        std = np.asarray(self.std[:channels] if len(self.std) >= channels else self.std[:1] * channels, np.float32)
+        array = (array - mean) / std
+        return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "NCHW" else array)
+
+
+class ImageFolderSource(Source):
+    """Images in class sub-folders (labels = sorted class index) or directly in the folder (no labels).
+
+    `limit` takes that many images from a seeded shuffle (class folders are sorted, so the first N would
+    all be one class); `offset` skips the first images of that shuffle, which gives disjoint splits.
+    """
+
+    def __init__(self, folder: str | os.PathLike, input_name: str, input_shape: tuple[int, ...],
+                 preprocessing: ImagePreprocessing = ImagePreprocessing(), batch_size: int = 32,
+                 limit: int | None = None, offset: int = 0, seed: int = 0):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"image folder not found: {self.folder}")
+        self.input_name, self.preprocessing, self.batch_size = input_name, preprocessing, batch_size
+        self.layout_channels, self.image_size = _image_geometry(input_shape, preprocessing)
+        classes = sorted(p.name for p in self.folder.iterdir() if p.is_dir() and _images_in(p))
+        if classes:
+            files = [(path, index) for index, name in enumerate(classes) for path in _images_in(self.folder / name)]
+        else:
+            files = [(path, -1) for path in _images_in(self.folder)]
+        if not files:
+            raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {self.folder}")
+        order = np.random.default_rng(seed).permutation(len(files))
+        stop = None if limit is None else offset + limit
+        self.files = [files[i] for i in order[offset:stop]]
+        if not self.files:
+            raise UserError(f"{self.folder} has {len(files)} images; offset {offset} leaves none")
+        self.has_labels = bool(classes)
+        self.classes = classes
+        self.size = len(self.files)
+        self.description = (f"{self.size} images from {self.folder}"
+                            + (f" ({len(classes)} classes)" if classes else ""))
+
+    def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        from PIL import Image, UnidentifiedImageError
+
+        for start in range(0, len(self.files), self.batch_size):
+            chunk = self.files[start:start + self.batch_size]
+            arrays = []
+            for path, _ in chunk:
+                try:
+                    with Image.open(path) as image:
+                        arrays.append(self.preprocessing.apply(image, self.image_size, self.layout_channels))
+                except (UnidentifiedImageError, OSError, ValueError) as exc:
+                    raise UserError(f"cannot read image {path}: {exc}") from None
+            labels = np.array([label for _, label in chunk]) if self.has_labels else None
+            yield {self.input_name: np.stack(arrays)}, labels
+
+
+class ArraySource(Source):
+    """`.npz` (arrays keyed by input name, optional `labels`) or `.npy` files, or a folder of them."""
+
+    def __init__(self, path: str | os.PathLike, input_names: list[str], batch_size: int = 32,
+                 limit: int | None = None):
+        path = Path(path)
+        if path.is_dir():
+            self.files = sorted(p for p in path.iterdir() if p.suffix in ARRAY_SUFFIXES)
+            if not self.files:
+                raise UserError(f"no .npz or .npy files in {path}")
+        elif path.is_file():
+            if path.suffix not in ARRAY_SUFFIXES:
+                raise UserError(f"{path} is not a .npz or .npy file")
+            self.files = [path]
+        else:
+            raise UserError(f"calibration data not found: {path}")
+        self.input_names, self.batch_size, self.limit = list(input_names), batch_size, limit
+        self.description = f"arrays from {path}"
+
+    def _arrays(self, path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                content = {"": loaded}
+            else:
+                with loaded:
+                    content = {key: loaded[key] for key in loaded.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        labels = content.pop("labels", None)
+        if set(content) == set(self.input_names):
+            arrays = content
+        elif len(content) == 1 and len(self.input_names) == 1:
+            arrays = {self.input_names[0]: next(iter(content.values()))}
+        else:
+            raise UserError(f"{path} holds arrays {sorted(content)} but the model's inputs are "
+                            f"{self.input_names}: key the arrays by input name")
+        for name, array in arrays.items():
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise UserError(f"{path}: array for input {name!r} contains NaN or Inf")
+        lengths = {len(array) for array in arrays.values()} | ({len(labels)} if labels is not None else set())
+        if len(lengths) != 1:
+            raise UserError(f"{path}: arrays (and labels) have different lengths {sorted(lengths)} along axis 0")
+        return arrays, labels
+
+    def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        remaining = self.limit
+        for path in self.files:
+            arrays, labels = self._arrays(path)
+            length = len(next(iter(arrays.values())))
+            for start in range(0, length, self.batch_size):
+                stop = min(start + self.batch_size, length)
+                if remaining is not None:
+                    stop = min(stop, start + remaining)
+                    remaining -= stop - start
+                yield ({name: array[start:stop] for name, array in arrays.items()},
+                       None if labels is None else labels[start:stop])
+                if remaining == 0:
+                    return
+
+
+class IterableSource(Source):
+    """Any iterable of `{input_name: array}` (or bare arrays for a single-input model), or an onnxruntime
+    `CalibrationDataReader` (anything with `get_next()` returning a dict, then None)."""
+
+    def __init__(self, data, input_names: list[str], description: str = "user-supplied batches"):
+        self.data, self.input_names, self.description = data, list(input_names), description
+
+    def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        items: Iterable = iter(self.data.get_next, None) if hasattr(self.data, "get_next") else self.data
+        for item in items:
+            if isinstance(item, Mapping):
+                yield {name: np.asarray(value) for name, value in item.items()}, None
+            elif len(self.input_names) == 1:
+                yield {self.input_names[0]: np.asarray(item)}, None
+            else:
+                raise UserError(f"a batch must be a dict keyed by input name for a model with inputs {self.input_names}")
+
+
+class RandomSource(Source):
+    """Standard normal batches. Data-free statistics defeat the distribution-aware method: only on request."""
+
+    def __init__(self, input_shapes: Mapping[str, tuple[int, ...]], input_dtypes: Mapping[str, np.dtype],
+                 batches: int = 8, seed: int = 0):
+        logger.warning("calibrating on random data: the statistics do not describe real inputs, so the "
+                       "distribution-aware fit loses its advantage; pass --data with real samples")
+        self.shapes, self.dtypes, self.batches, self.seed = dict(input_shapes), dict(input_dtypes), batches, seed
+        self.size = batches * next(iter(self.shapes.values()))[0]
+        self.description = f"random normal data ({batches} batches, seed {seed})"
+
+    def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.batches):
+            yield {name: rng.standard_normal(shape).astype(self.dtypes[name]) for name, shape in self.shapes.items()}, None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _image_geometry(input_shape: tuple[int, ...], preprocessing: ImagePreprocessing) -> tuple[int, tuple[int, int]]:
+    """Channels and (H, W) of the images for a model input declared as `input_shape` (dims may be None)."""
+    if len(input_shape) != 4:
+        raise UserError(f"image folders need a 4-D image input, but the model input has shape {list(input_shape)}")
+    if preprocessing.layout == "NCHW":
+        channels, height, width = input_shape[1:]
+    else:
+        height, width, channels = input_shape[1:]
+    size = preprocessing.size or (height, width)
+    if not all(isinstance(s, int) and s > 0 for s in size):
+        raise UserError("the model input has dynamic height/width: pass --size H or --size HxW")
+    if channels not in (1, 3):
+        raise UserError(f"image folders feed 1 or 3 channels, the model input has {channels}; check --layout")
+    return channels, (int(size[0]), int(size[1]))

@@ -1,0 +1,134 @@
+"""Patch statistics of the target layers: sums that merge exactly, saved with a fingerprint of the model.
+
+For a layer with G groups and patch length n (= S/G * kh * kw), `second[g]` is the sum over all patches of
+`x x^T` (n x n) and `first[g]` the sum of `x`, both float64, over `count` patches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..targets import ConvLayer
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStatistics:
+    """Running sums for one layer; `covariance`/`mean` give `Sigma = E[x x^T]` and `mu = E[x]` per group."""
+
+    second: np.ndarray  # (G, n, n) float64
+    first: np.ndarray  # (G, n) float64
+    count: int  # patches (images x output positions)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        return self.second / max(self.count, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.first / max(self.count, 1)
+
+    def __add__(self, other: LayerStatistics) -> LayerStatistics:
+        if self.second.shape != other.second.shape:
+            raise ValueError(f"cannot merge statistics of shapes {self.second.shape} and {other.second.shape}")
+        return LayerStatistics(self.second + other.second, self.first + other.first, self.count + other.count)
+
+
+@dataclass(frozen=True, eq=False)
+class Statistics:
+    """Statistics of every target layer of one model, keyed by layer name."""
+
+    layers: Mapping[str, LayerStatistics]
+    fingerprints: Mapping[str, str]  # layer name -> fingerprint of its geometry and weight
+    samples: int  # images (first-axis entries of the model input)
+    source: str  # description of the calibration data
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def merge(self, other: Statistics) -> Statistics:
+        """Statistics of the union of both data sets (same model)."""
+        if dict(self.fingerprints) != dict(other.fingerprints):
+            raise UserError("cannot merge statistics of different models (layer fingerprints differ)")
+        layers = {name: self.layers[name] + other.layers[name] for name in self.layers}
+        return Statistics(layers, self.fingerprints, self.samples + other.samples,
+                          f"{self.source} + {other.source}")
+
+    def check_model(self, targets: Iterable[ConvLayer], weights: Mapping[str, np.ndarray]) -> None:
+        """Refuse statistics that were gathered on another model: every target layer must match."""
+        for layer in targets:
+            if layer.name not in self.fingerprints:
+                raise UserError(f"the statistics have no entry for layer {layer.name!r}: they were gathered "
+                                f"on a different model; run `onnx-dacomp calibrate` on this one")
+            if self.fingerprints[layer.name] != layer_fingerprint(layer, weights[layer.name]):
+                raise UserError(f"the statistics do not match layer {layer.name!r} (shape or weights differ): "
+                                f"they were gathered on a different model; run `onnx-dacomp calibrate` on this one")
+
+
+def layer_fingerprint(layer: ConvLayer, weight: np.ndarray) -> str:
+    """Hash of what the statistics depend on for this layer: its geometry and its weight values."""
+    digest = hashlib.sha256()
+    geometry = (layer.out_channels, layer.in_channels, layer.group, layer.kernel_shape, layer.strides,
+                layer.pads, layer.auto_pad, layer.dilations)
+    digest.update(repr(geometry).encode())
+    digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def save_statistics(statistics: Statistics, path: str | os.PathLike) -> Path:
+    """Write an .npz atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist; create it first")
+    names = list(statistics.layers)
+    meta = {
+        "format": "onnx-dacomp statistics", "version": FORMAT_VERSION, "samples": statistics.samples,
+        "source": statistics.source, "extra": dict(statistics.extra),
+        "layers": [{"name": name, "fingerprint": statistics.fingerprints[name],
+                    "count": statistics.layers[name].count} for name in names],
+    }
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for index, name in enumerate(names):
+        arrays[f"second_{index}"] = statistics.layers[name].second
+        arrays[f"first_{index}"] = statistics.layers[name].first
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def load_statistics(path: str | os.PathLike) -> Statistics:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"statistics file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+            if meta.get("format") != "onnx-dacomp statistics":
+                raise KeyError("meta")
+            layers, fingerprints = {}, {}
+            for index, entry in enumerate(meta["layers"]):
+                layers[entry["name"]] = LayerStatistics(archive[f"second_{index}"], archive[f"first_{index}"],
+                                                        int(entry["count"]))
+                fingerprints[entry["name"]] = entry["fingerprint"]
+    except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not an onnx-dacomp statistics file ({type(exc).__name__}); "
+                        f"write one with `onnx-dacomp calibrate`") from None
+    return Statistics(layers, fingerprints, int(meta["samples"]), str(meta["source"]), meta.get("extra", {}))

@@ -1,0 +1,48 @@
+"""onnxruntime sessions on the chosen execution provider (`auto`, `cuda` or `cpu`), and what actually ran."""
+
+from __future__ import annotations
+
+import onnx
+
+from .errors import UserError
+from .log import logger
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def create_session(model: onnx.ModelProto | bytes, device: str = "auto", *, optimize: bool = True):
+    """An InferenceSession on `device`; `auto` takes CUDA when it really starts, else the CPU.
+
+    onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
+    CPU, so the provider is checked on the created session.
+    """
+    import onnxruntime as ort  # deferred: importing onnxruntime costs a second on every CLI start
+
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    payload = model if isinstance(model, bytes) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
+    if want_cuda:
+        if device == "auto":
+            ort.set_default_logger_severity(4)  # a failed CUDA start is expected on CPU-only machines
+        try:
+            session = ort.InferenceSession(payload, options, providers=[CUDA, CPU])
+        finally:
+            ort.set_default_logger_severity(2)
+        if session.get_providers()[0] == CUDA:
+            return session
+        if device == "cuda":
+            raise UserError("the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
+                            "missing for this onnxruntime-gpu); use --device cpu")
+        logger.debug("CUDA execution provider unavailable; using the CPU")
+    return ort.InferenceSession(payload, options, providers=[CPU])
+
+
+def provider_name(session) -> str:
+    return session.get_providers()[0].replace("ExecutionProvider", "")
