@@ -32,7 +32,7 @@ def create_session(model: onnx.ModelProto | bytes, device: str = "auto", *, opti
         if device == "auto":
             ort.set_default_logger_severity(4)  # a failed CUDA start is expected on CPU-only machines
         try:
-            session = ort.InferenceSession(payload, options, providers=[CUDA, CPU])
+            session = _session(ort, payload, options, [CUDA, CPU])
         finally:
             ort.set_default_logger_severity(2)
         if session.get_providers()[0] == CUDA:
@@ -41,7 +41,14 @@ def create_session(model: onnx.ModelProto | bytes, device: str = "auto", *, opti
             raise UserError("the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
                             "missing for this onnxruntime-gpu); use --device cpu")
         logger.debug("CUDA execution provider unavailable; using the CPU")
-    return ort.InferenceSession(payload, options, providers=[CPU])
+    return _session(ort, payload, options, [CPU])
+
+
+def _session(ort, payload: bytes, options, providers):
+    try:
+        return ort.InferenceSession(payload, options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise UserError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
 def provider_name(session) -> str:

@@ -42,9 +42,7 @@ def save_model(
         raise UserError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
     if protect is not None and _same_file(path, Path(protect)):
         raise UserError(f"output path {path} is the input model; choose another -o so the input is kept")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist; create it first")
+    folder = output_folder(path)
     external = model_size_estimate(model) > external_data_threshold
     data_name = f"{path.name}.data"
     try:
@@ -73,6 +71,17 @@ def save_model(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s%s", path, f" (weights in {data_name})" if external else "")
     return path
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """The folder an output file goes to; a one-line error if it does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory; give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist; create it first")
+    return folder
 
 
 def _same_file(a: Path, b: Path) -> bool:

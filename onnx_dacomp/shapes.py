@@ -117,7 +117,7 @@ def _measure_shapes(
 
     feeds_shapes = concrete_input_shapes(model, input_shapes)
     if feeds_shapes is None:
-        logger.warning("cannot resolve some layer shapes: the model has dynamic dims; pass --input-shape")
+        logger.debug("cannot resolve some layer shapes: the model has dynamic dims")
         return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -22,7 +22,7 @@ from ..shapes import declared_shape, graph_inputs, infer_shapes
 from ..targets import ConvLayer, read_weights
 from .augment import augment
 from .patches import patch_sums, patch_size
-from .sources import Source
+from .sources import IterableSource, Source
 from .statistics import LayerStatistics, Statistics, layer_fingerprint
 
 # a layer whose patch covariance would not fit comfortably in memory (n^2 float64 per group)
@@ -32,13 +32,15 @@ MAX_PATCH_SIZE = 20_000
 def collect_statistics(
     model: onnx.ModelProto,
     layers: Sequence[ConvLayer],
-    source: Iterable,
+    source: Source | Iterable,
     *,
     device: str = "auto",
     mode: str = "auto",
     progress: bool = True,
 ) -> Statistics:
-    """Patch statistics of `layers` (decomposable targets of `model`) over all batches of `source`.
+    """Patch statistics of `layers` (decomposable targets of `model`) over all batches of `source`: a
+    `Source`, any iterable of `{input_name: array}` (bare arrays for a single-input model), or an
+    onnxruntime `CalibrationDataReader`.
 
     `mode`: "graph" (sums inside onnxruntime), "numpy" (layer inputs out, sums in numpy), or "auto"
     (graph, falling back to numpy if the augmented model cannot be built or run).
@@ -49,11 +51,14 @@ def collect_statistics(
             raise UserError(f"layer {layer.name}: patch length {patch_size(layer)} would need a "
                             f"{patch_size(layer) ** 2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)")
     inputs = {value.name: value for value in graph_inputs(model)}
+    if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
+        source = IterableSource(source, list(inputs))
     runner = _Runner(model, layers, device, mode)
     totals: dict[str, LayerStatistics] = {}
     samples = 0
     description = getattr(source, "description", "user-supplied batches")
-    bar = tqdm(total=getattr(source, "size", None), unit="img", desc="calibrating", disable=not progress,
+    # disable=None: no bar when stderr is not a terminal (logs, CI), so errors stay one line
+    bar = tqdm(total=getattr(source, "size", None), unit="img", desc="calibrating", disable=None if progress else True,
                leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -69,8 +74,8 @@ def collect_statistics(
     if samples == 0:
         raise UserError(f"the calibration data ({description}) yielded no samples")
     elapsed = time.perf_counter() - start
-    logger.info("calibrated %d layers on %d samples in %.1f s (%.0f img/s, %s, %s provider)", len(layers), samples,
-                elapsed, samples / max(elapsed, 1e-9), runner.mode, runner.provider)
+    logger.info("calibrated %d layers on %d samples in %.1f s (%.0f img/s, patch sums in %s, %s provider)", len(layers), samples,
+                elapsed, samples / max(elapsed, 1e-9), runner.path, runner.provider)
     weights = read_weights(model, layers)
     fingerprints = {layer.name: layer_fingerprint(layer, weights[layer.name]) for layer in layers}
     return Statistics(totals, fingerprints, samples, description)
@@ -126,13 +131,13 @@ class _Runner:
         try:
             results = self.session.run(self.output_names, batch)
         except Exception as exc:
-            if self.mode != "auto" or self.active != "graph":
-                raise UserError(f"onnxruntime failed on the calibration data: {str(exc).splitlines()[0]}") from None
-            logger.warning("augmented statistics graph failed in onnxruntime (%s); falling back to numpy",
-                           str(exc).splitlines()[0])
-            self.mode = "numpy"
-            self._prepare(batch)
-            results = self.session.run(self.output_names, batch)
+            reason = str(exc).splitlines()[0]
+            if self.mode == "auto" and self.path == "graph":
+                logger.warning("the statistics graph failed in onnxruntime (%s); exposing layer inputs instead", reason)
+                self.mode = "numpy"
+                self.shape_key = None
+                return self.run(batch)
+            raise UserError(f"onnxruntime failed to run the model on the calibration data: {reason}") from None
         return self._collect(results, len(next(iter(batch.values()))))
 
     def _prepare(self, batch):
@@ -148,12 +153,10 @@ class _Runner:
                                                         {name: shape[2:] for name, shape in spatial.items()})
                 self.session = create_session(augmented, self.device)
                 self.output_names = [n for o in self.layer_outputs.values() for n in o.second + o.first]
-                self.active = "graph"
+                self.path = "graph"
                 self.provider = provider_name(self.session)
                 return
-            except UserError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # the numpy path below is the documented fallback
                 if self.mode == "graph":
                     raise
                 logger.warning("cannot build the statistics graph (%s); exposing layer inputs instead",
@@ -164,14 +167,14 @@ class _Runner:
         self.output_names = list(dict.fromkeys(layer.input for layer in self.layers))
         probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in self.output_names)
         self.session = create_session(probe, self.device)
-        self.active = "numpy"
+        self.path = "numpy"
         self.provider = provider_name(self.session)
 
     def _collect(self, results, batch_size) -> dict[str, LayerStatistics]:
         values = dict(zip(self.output_names, results))
         collected = {}
         for layer in self.layers:
-            if self.active == "graph":
+            if self.path == "graph":
                 names = self.layer_outputs[layer.name]
                 second = np.stack([values[n] for n in names.second]).astype(np.float64)
                 first = np.stack([values[n] for n in names.first]).astype(np.float64)
@@ -179,7 +182,7 @@ class _Runner:
             else:
                 stats = patch_sums(values[layer.input], layer)
             if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
-                raise UserError(f"layer {layer.name} received NaN or Inf activations: the model overflows on "
-                                f"this data (check the preprocessing)")
+                raise UserError(f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
+                                f"overflow on this data; check the preprocessing)")
             collected[layer.name] = stats
         return collected

@@ -248,3 +248,36 @@ def _image_geometry(input_shape: tuple[int, ...], preprocessing: ImagePreprocess
     if channels not in (1, 3):
         raise UserError(f"image folders feed 1 or 3 channels, the model input has {channels}; check --layout")
     return channels, (int(size[0]), int(size[1]))
+
+
+def open_source(spec: str | os.PathLike, model, *, preprocessing: ImagePreprocessing = ImagePreprocessing(),
+                batch_size: int = 32, limit: int | None = None, offset: int = 0, seed: int = 0,
+                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Source:
+    """A source from a command-line style spec: `random`, a .npz/.npy file, or a folder of arrays or images."""
+    from onnx import helper
+
+    from ..shapes import concrete_input_shapes, declared_shape, graph_inputs
+
+    inputs = graph_inputs(model)
+    names = [value.name for value in inputs]
+    if str(spec) == "random":
+        shapes = concrete_input_shapes(model, input_shapes or {})
+        if shapes is None:
+            raise UserError("random calibration data needs fixed input dims: pass --input-shape")
+        shapes = {name: (batch_size, *shape[1:]) for name, shape in shapes.items()}
+        dtypes = {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in inputs}
+        batches = max(1, -(-(limit or 8 * batch_size) // batch_size))
+        return RandomSource(shapes, dtypes, batches=batches, seed=seed)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"calibration data not found: {path} (give a folder of images, .npz/.npy files, or 'random')")
+    if path.is_file() or any(p.suffix in ARRAY_SUFFIXES for p in path.iterdir()):
+        if offset:
+            raise UserError("an offset into the data is only supported for image folders")
+        return ArraySource(path, names, batch_size=batch_size, limit=limit)
+    if len(inputs) != 1:
+        raise UserError(f"image folders feed single-input models; this one has inputs {names}: use .npz files")
+    shape = tuple(input_shapes[names[0]]) if input_shapes and names[0] in input_shapes else tuple(
+        declared_shape(inputs[0]))
+    return ImageFolderSource(path, names[0], shape, preprocessing, batch_size=batch_size, limit=limit,
+                             offset=offset, seed=seed)

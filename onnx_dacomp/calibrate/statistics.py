@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..save import output_folder
 from ..targets import ConvLayer
 
 FORMAT_VERSION = 1
@@ -86,9 +87,7 @@ def layer_fingerprint(layer: ConvLayer, weight: np.ndarray) -> str:
 def save_statistics(statistics: Statistics, path: str | os.PathLike) -> Path:
     """Write an .npz atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist; create it first")
+    folder = output_folder(path)
     names = list(statistics.layers)
     meta = {
         "format": "onnx-dacomp statistics", "version": FORMAT_VERSION, "samples": statistics.samples,
@@ -107,6 +106,9 @@ def save_statistics(statistics: Statistics, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

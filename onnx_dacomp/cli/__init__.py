@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import UserError
-from . import inspect_command
+from . import calibrate_command, inspect_command
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS = {"inspect": inspect_command}
+COMMANDS = {"inspect": inspect_command, "calibrate": calibrate_command}
 
 
 def build_parser() -> argparse.ArgumentParser:

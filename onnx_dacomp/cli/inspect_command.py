@@ -102,4 +102,6 @@ def format_table(scan: TargetScan) -> str:
     for label, total in totals.items():
         out.append(f"{label:>13}: {total['layers']} layers, {_fmt(total['params'])} params, "
                    f"{_fmt(total['macs'])} MACs per image\n")
+    if totals["all"]["macs"] is None:
+        out.append("MACs marked ? depend on dynamic input dims: pass --input-shape NAME:NxCxHxW\n")
     return "".join(out)

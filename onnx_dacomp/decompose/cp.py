@@ -70,7 +70,7 @@ def da_cp(
     rank: int,
     *,
     max_iter: int = 100,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     init: str | CPFactors = "frobenius",
     seed: int = 0,
     floor: float = DEFAULT_FLOOR,

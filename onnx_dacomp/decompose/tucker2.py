@@ -56,7 +56,7 @@ def da_tucker2(
     ranks: tuple[int, int],
     *,
     max_iter: int = 100,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     init: str = "hooi",
     seed: int = 0,
     floor: float = DEFAULT_FLOOR,

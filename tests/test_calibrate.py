@@ -1,0 +1,290 @@
+"""Patch statistics equal an independent float64 im2col reference; sources and errors behave."""
+
+import numpy as np
+import onnx
+import pytest
+from builders import IR_VERSION, SHARED, run, same_pads
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_dacomp.calibrate.collect import collect_statistics
+from onnx_dacomp.calibrate.sources import ArraySource, ImageFolderSource, ImagePreprocessing, IterableSource, RandomSource
+from onnx_dacomp.calibrate.statistics import load_statistics, save_statistics
+from onnx_dacomp.errors import UserError
+from onnx_dacomp.targets import find_targets, read_weights
+
+
+def conv_stack(dtype=np.float32, channels=4, size=(9, 11), seed=0, input_channels=None):
+    """Input -> a chain of Convs covering stride, asymmetric pads, auto_pad, dilation and groups."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    specs = [
+        dict(kernel=(3, 3), strides=[1, 1], pads=[1, 1, 1, 1]),
+        dict(kernel=(3, 2), strides=[2, 1], pads=[0, 1, 2, 0]),
+        dict(kernel=(3, 3), auto_pad="SAME_UPPER", strides=[2, 2]),
+        dict(kernel=(2, 3), auto_pad="SAME_LOWER"),
+        dict(kernel=(3, 3), dilations=[2, 1], pads=[2, 1, 1, 0], group=2),
+        dict(kernel=(1, 1), auto_pad="VALID", strides=[1, 2]),
+    ]
+    nodes, inits, current = [], [], "x"
+    for index, spec in enumerate(specs):
+        spec = dict(spec)
+        kernel, group = spec.pop("kernel"), spec.get("group", 1)
+        fan_in = (input_channels or channels) if index == 0 else channels
+        weight = rng.standard_normal((channels, fan_in // group, *kernel)).astype(dtype)
+        inits.append(numpy_helper.from_array(weight, f"w{index}"))
+        inits.append(numpy_helper.from_array(rng.standard_normal(channels).astype(dtype), f"b{index}"))
+        out = f"c{index}"
+        nodes.append(helper.make_node("Conv", [current, f"w{index}", f"b{index}"], [out], name=f"conv{index}",
+                                      kernel_shape=list(kernel), **spec))
+        nodes.append(helper.make_node("Relu", [out], [f"r{index}"]))
+        current = f"r{index}"
+    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", elem, ["n", input_channels or channels, *size])],
+                              [helper.make_tensor_value_info(current, elem, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def reference_statistics(model, layer, batches):
+    """Independent float64 im2col: explicit loops over output positions and kernel taps."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=layer.input))
+    group = layer.group
+    per_group = layer.in_channels // group
+    second, first, count = 0.0, 0.0, 0
+    for batch in batches:
+        x = run(probe, batch)[-1].astype(np.float64)
+        size = x.shape[2:]
+        if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+            axis_pads = [same_pads(n, k, s, d, layer.auto_pad)
+                         for n, k, s, d in zip(size, layer.kernel_shape, layer.strides, layer.dilations)]
+            pads = [p[0] for p in axis_pads] + [p[1] for p in axis_pads]
+        else:
+            pads = list(layer.pads)
+        padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_shape, layer.strides, layer.dilations
+        out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
+        out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
+        rows = []
+        for n in range(x.shape[0]):
+            for i in range(out_h):
+                for j in range(out_w):
+                    rows.append([[padded[n, g * per_group + c, i * sh + a * dh, j * sw + b * dw]
+                                  for c in range(per_group) for a in range(kh) for b in range(kw)]
+                                 for g in range(group)])
+        patches = np.array(rows)  # (positions, group, n)
+        second = second + np.einsum("pgi,pgj->gij", patches, patches)
+        first = first + patches.sum(0)
+        count += len(patches)
+    return second / count, first / count
+
+
+def batches_of(rng, shape, count, dtype=np.float32):
+    return [{"x": rng.standard_normal(shape).astype(dtype)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("mode", ["graph", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_statistics_match_im2col_reference(mode, dtype):
+    model = conv_stack(dtype)
+    scan = find_targets(model)
+    batches = batches_of(np.random.default_rng(1), (3, 4, 9, 11), 2, dtype)
+    stats = collect_statistics(model, scan.targets, batches, mode=mode, device="cpu", progress=False)
+    assert stats.samples == 6 and len(stats.layers) == 6
+    for layer in scan.targets:
+        sigma, mean = reference_statistics(model, layer, batches)
+        got = stats.layers[layer.name]
+        assert got.second.shape == sigma.shape == (layer.group, *sigma.shape[1:])
+        # float16 activations themselves differ by rounding between optimized and plain sessions
+        tolerance = 1e-4 if dtype == np.float32 or layer.input == "x" else 5e-3
+        assert np.abs(got.covariance - sigma).max() <= tolerance * np.abs(sigma).max(), layer.name
+        assert np.abs(got.mean - mean).max() <= tolerance * np.abs(mean).max(), layer.name
+
+
+def test_merging_halves_equals_one_pass_and_statistics_round_trip(tmp_path):
+    model = conv_stack()
+    scan = find_targets(model)
+    batches = batches_of(np.random.default_rng(2), (4, 4, 9, 11), 4)
+    whole = collect_statistics(model, scan.targets, batches, progress=False)
+    halves = (collect_statistics(model, scan.targets, batches[:2], progress=False)
+              .merge(collect_statistics(model, scan.targets, batches[2:], progress=False)))
+    assert halves.samples == whole.samples == 16
+    for name, layer in whole.layers.items():
+        np.testing.assert_allclose(halves.layers[name].second, layer.second, rtol=1e-12)
+        np.testing.assert_allclose(halves.layers[name].first, layer.first, rtol=1e-12)
+        assert halves.layers[name].count == layer.count
+
+    path = save_statistics(whole, tmp_path / "stats.npz")
+    loaded = load_statistics(path)
+    assert loaded.samples == 16 and loaded.source == whole.source
+    for name in whole.layers:
+        np.testing.assert_array_equal(loaded.layers[name].second, whole.layers[name].second)
+    loaded.check_model(scan.targets, read_weights(model, scan.targets))  # same model: accepted
+
+    other_data = collect_statistics(model, scan.targets, batches_of(np.random.default_rng(3), (2, 4, 9, 11), 1),
+                                    progress=False)
+    other_data.check_model(scan.targets, read_weights(model, scan.targets))  # same model, other data: accepted
+    different = conv_stack(seed=5)
+    different_scan = find_targets(different)
+    with pytest.raises(UserError, match="different model"):
+        loaded.check_model(different_scan.targets, read_weights(different, different_scan.targets))
+
+
+def test_batch_errors_name_the_input():
+    model = conv_stack()
+    targets = find_targets(model).targets
+    rng = np.random.default_rng(4)
+
+    def collect(batches):
+        return collect_statistics(model, targets, batches, progress=False)
+
+    with pytest.raises(UserError, match="yielded no samples"):
+        collect([])
+    with pytest.raises(UserError, match=r"batch 0 has inputs \['image'\], the model expects \['x'\]"):
+        collect([{"image": rng.standard_normal((1, 4, 9, 11))}])
+    with pytest.raises(UserError, match="input 'x' in batch 0: shape"):
+        collect([{"x": rng.standard_normal((1, 3, 9, 11)).astype(np.float32)}])
+    with pytest.raises(UserError, match="got uint8 data"):
+        collect([{"x": np.zeros((1, 4, 9, 11), np.uint8)}])
+    bad = rng.standard_normal((1, 4, 9, 11)).astype(np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(UserError, match="input 'x' in batch 1 contains NaN"):
+        collect([{"x": np.zeros_like(bad)}, {"x": bad}])
+
+
+def test_overflowing_activations_name_the_first_layer():
+    model = conv_stack()
+    first_weight = model.graph.initializer[0]
+    first_weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first_weight) * np.float32(1e38), "w0"))
+    targets = find_targets(model).targets
+    batch = {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 11)).astype(np.float32)}
+    for mode in ("graph", "numpy"):  # conv0 overflows: conv1 is the first layer to see it
+        with pytest.raises(UserError, match="layer conv1: the statistics of its input are NaN or Inf"):
+            collect_statistics(model, targets, [batch], progress=False, mode=mode)
+
+
+def test_array_sources(tmp_path):
+    rng = np.random.default_rng(6)
+    data = rng.standard_normal((10, 4, 9, 11)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", x=data[:6], labels=np.arange(6))
+    np.savez(tmp_path / "b.npz", x=data[6:], labels=np.arange(6, 10))
+    source = ArraySource(tmp_path, ["x"], batch_size=4)
+    got = list(source.labelled())
+    assert [len(b["x"]) for b, _ in got] == [4, 2, 4]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b, _ in got]), data)
+    np.testing.assert_array_equal(np.concatenate([labels for _, labels in got]), np.arange(10))
+    assert sum(len(b["x"]) for b in ArraySource(tmp_path, ["x"], batch_size=4, limit=5)) == 5
+
+    single = tmp_path / "single.npy"
+    np.save(single, data)
+    assert len(next(iter(ArraySource(single, ["x"], batch_size=32)))["x"]) == 10
+    with pytest.raises(UserError, match=r"holds arrays \['a', 'b'\] but the model's inputs are \['x'\]"):
+        np.savez(tmp_path / "multi.npz", a=data, b=data)
+        list(ArraySource(tmp_path / "multi.npz", ["x"]))
+    data[3, 0, 0, 0] = np.inf
+    np.save(tmp_path / "inf.npy", data)
+    with pytest.raises(UserError, match="inf.npy: array for input 'x' contains NaN or Inf"):
+        list(ArraySource(tmp_path / "inf.npy", ["x"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .npz or .npy files"):
+        ArraySource(tmp_path / "empty", ["x"])
+
+
+def test_iterables_readers_and_random():
+    rng = np.random.default_rng(7)
+    arrays = [rng.standard_normal((2, 4, 9, 11)).astype(np.float32) for _ in range(3)]
+
+    class Reader:  # onnxruntime's CalibrationDataReader protocol
+        def __init__(self):
+            self.items = iter({"x": a} for a in arrays)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    from_reader = [b["x"] for b in IterableSource(Reader(), ["x"])]
+    from_list = [b["x"] for b in IterableSource(arrays, ["x"])]
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(arrays, from_reader, from_list))
+    model = conv_stack()
+    targets = find_targets(model).targets
+    with_reader = collect_statistics(model, targets, IterableSource(Reader(), ["x"]), progress=False)
+    with_list = collect_statistics(model, targets, arrays, progress=False)
+    for name in with_list.layers:
+        np.testing.assert_array_equal(with_reader.layers[name].second, with_list.layers[name].second)
+    random_source = RandomSource({"x": (2, 4, 9, 11)}, {"x": np.float32}, batches=2, seed=3)
+    first, again = list(random_source), list(random_source)
+    assert len(first) == 2 and np.array_equal(first[1]["x"], again[1]["x"])
+
+
+def _write_images(folder, count, size=(12, 10), seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+
+
+def test_image_folder_preprocessing_against_hand_computation(tmp_path):
+    from PIL import Image
+
+    _write_images(tmp_path / "cats", 3)
+    _write_images(tmp_path / "dogs", 2, seed=1)
+    pre = ImagePreprocessing(size=(8, 8), resize=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5),
+                             channel_order="BGR")
+    source = ImageFolderSource(tmp_path, "x", ("n", 3, 8, 8), pre, batch_size=10, seed=0)
+    assert source.has_labels and source.classes == ["cats", "dogs"] and source.size == 5
+    (batch, labels), = list(source.labelled())
+    assert batch["x"].shape == (5, 3, 8, 8) and batch["x"].dtype == np.float32
+    path, label = source.files[0]
+    assert labels[0] == label == (0 if path.parent.name == "cats" else 1)
+    # by hand: 12x10 (HxW) -> short side 10 stays 10 wide, 12 high; center crop 8x8; BGR; normalize
+    pixels = np.asarray(Image.open(path).convert("RGB"), np.float32)[2:10, 1:9] / 255
+    expected = ((pixels[:, :, ::-1] - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.5]).transpose(2, 0, 1)
+    np.testing.assert_allclose(batch["x"][0], expected, atol=1e-5)
+
+    nhwc = ImageFolderSource(tmp_path, "x", ("n", 8, 8, 3), ImagePreprocessing(size=(8, 8), layout="NHWC"))
+    assert next(iter(nhwc))["x"].shape == (5, 8, 8, 3)
+    halves = [ImageFolderSource(tmp_path, "x", ("n", 3, 8, 8), pre, limit=2, offset=o) for o in (0, 2)]
+    assert not {p for p, _ in halves[0].files} & {p for p, _ in halves[1].files}
+
+
+def test_image_folder_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        ImageFolderSource(tmp_path / "empty", "x", ("n", 3, 8, 8))
+    _write_images(tmp_path / "flat", 2)
+    (tmp_path / "flat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    source = ImageFolderSource(tmp_path / "flat", "x", ("n", 3, 8, 8), batch_size=8)
+    assert not source.has_labels
+    with pytest.raises(UserError, match="cannot read image .*broken.jpg"):
+        list(source)
+    with pytest.raises(UserError, match="dynamic height/width"):
+        ImageFolderSource(tmp_path / "flat", "x", ("n", 3, "h", "w"))
+
+
+@pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared is absent")
+def test_real_model_graph_path_matches_numpy_path(cifar_train):
+    from onnx_dacomp.load import load_model
+
+    model = load_model(SHARED / "models" / "cifar10_resnet20.onnx")
+    scan = find_targets(model)
+    pre = ImagePreprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    source = ImageFolderSource(cifar_train, "input", (None, 3, 32, 32), pre, batch_size=16, limit=48)
+    graph = collect_statistics(model, scan.targets, source, mode="graph", progress=False)
+    numpy = collect_statistics(model, scan.targets, source, mode="numpy", progress=False)
+    for name, layer in numpy.layers.items():
+        assert np.abs(graph.layers[name].covariance - layer.covariance).max() <= 1e-5 * np.abs(layer.covariance).max()
+
+
+def test_cuda_device_is_used_or_refused_clearly():
+    from onnx_dacomp.runtime import create_session, provider_name
+
+    model = conv_stack()
+    try:
+        session = create_session(model, "cuda")
+    except UserError as error:
+        assert "CUDA execution provider could not start" in str(error)
+    else:
+        assert provider_name(session) == "CUDA"
+    assert provider_name(create_session(model, "cpu")) == "CPU"
+    assert provider_name(create_session(model, "auto")) in ("CUDA", "CPU")
