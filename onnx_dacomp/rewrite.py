@@ -72,10 +72,17 @@ def _chain(node: onnx.NodeProto, layer: ConvLayer, factors: Sequence[Factors], t
         if last and layer.bias:
             inputs.append(node.input[2])
         output = node.output[0] if last else _unique(f"{base}_{index}_output", taken)
-        nodes.append(helper.make_node(
-            "Conv", inputs, [output], name=_unique(f"{base}_{index}", taken),
-            kernel_shape=list(conv.weight.shape[2:]), group=conv.group, **conv.geometry,
-        ))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                inputs,
+                [output],
+                name=_unique(f"{base}_{index}", taken),
+                kernel_shape=list(conv.weight.shape[2:]),
+                group=conv.group,
+                **conv.geometry,
+            )
+        )
         current = output
     return nodes, initializers
 

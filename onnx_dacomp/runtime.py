@@ -38,8 +38,10 @@ def create_session(model: onnx.ModelProto | bytes, device: str = "auto", *, opti
         if session.get_providers()[0] == CUDA:
             return session
         if device == "cuda":
-            raise UserError("the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
-                            "missing for this onnxruntime-gpu); use --device cpu")
+            raise UserError(
+                "the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
+                "missing for this onnxruntime-gpu); use --device cpu"
+            )
         logger.debug("CUDA execution provider unavailable; using the CPU")
     return _session(ort, payload, options, [CPU])
 

@@ -54,8 +54,14 @@ def save_model(
         if external:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=0)
+            onnx.save_model(
+                copy,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=0,
+            )
         else:
             onnx.save_model(model, str(staged))
         try:

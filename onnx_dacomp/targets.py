@@ -154,8 +154,15 @@ def find_targets(model: onnx.ModelProto, input_shapes: Mapping[str, Shape] | Non
         if node.op_type == "Conv":
             layers.append(_conv_layer(node, resolver, shapes))
         else:
-            layers.append(ConvLayer(display_name(node), node.op_type, node.output[0], node.input[0],
-                                    skip_reason=_unsupported_op_reason(node.op_type)))
+            layers.append(
+                ConvLayer(
+                    display_name(node),
+                    node.op_type,
+                    node.output[0],
+                    node.input[0],
+                    skip_reason=_unsupported_op_reason(node.op_type),
+                )
+            )
     _check_unique_names(layers)
     return TargetScan(tuple(layers))
 
@@ -170,9 +177,16 @@ def _conv_layer(node: onnx.NodeProto, resolver: ConstantResolver, shapes: Mappin
     attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
     weight_name = node.input[1]
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    common = dict(name=display_name(node), op_type="Conv", output=node.output[0], input=node.input[0],
-                  weight=weight_name, bias=bias_name, input_shape=shapes.get(node.input[0]),
-                  output_shape=shapes.get(node.output[0]))
+    common = dict(
+        name=display_name(node),
+        op_type="Conv",
+        output=node.output[0],
+        input=node.input[0],
+        weight=weight_name,
+        bias=bias_name,
+        input_shape=shapes.get(node.input[0]),
+        output_shape=shapes.get(node.output[0]),
+    )
 
     weight_source = resolver.source(weight_name)
     if weight_source is not None:
@@ -194,9 +208,14 @@ def _conv_layer(node: onnx.NodeProto, resolver: ConstantResolver, shapes: Mappin
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     geometry = dict(
-        dtype=str(weight.dtype), out_channels=int(weight.shape[0]), in_channels=int(in_channels), group=group,
-        kernel_shape=kernel, strides=tuple(int(s) for s in attrs.get("strides", [1] * spatial)),
-        pads=pads if auto_pad == "NOTSET" else (0,) * 2 * spatial, auto_pad=auto_pad,
+        dtype=str(weight.dtype),
+        out_channels=int(weight.shape[0]),
+        in_channels=int(in_channels),
+        group=group,
+        kernel_shape=kernel,
+        strides=tuple(int(s) for s in attrs.get("strides", [1] * spatial)),
+        pads=pads if auto_pad == "NOTSET" else (0,) * 2 * spatial,
+        auto_pad=auto_pad,
         dilations=tuple(int(d) for d in attrs.get("dilations", [1] * spatial)),
     )
     if common["output_shape"] is None and common["input_shape"] is not None:

@@ -20,8 +20,13 @@ def conv_model(weight, bias=None, *, input_shape, dtype=np.float32, opset=17, **
         inits.append(numpy_helper.from_array(np.asarray(bias, dtype), "B"))
         inputs.append("B")
     node = helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, list(input_shape))],
-                              [helper.make_tensor_value_info("y", elem, [None] * len(input_shape))], inits)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", elem, list(input_shape))],
+        [helper.make_tensor_value_info("y", elem, [None] * len(input_shape))],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
@@ -59,14 +64,18 @@ def conv_reference(x, weight, bias=None, *, strides, pads, dilations, group=1):
     y = np.zeros((n, out_channels, out_h, out_w))
     per_out = out_channels // group
     for g in range(group):
-        xs = padded[:, g * per_group:(g + 1) * per_group]
-        ws = weight[g * per_out:(g + 1) * per_out]
+        xs = padded[:, g * per_group : (g + 1) * per_group]
+        ws = weight[g * per_out : (g + 1) * per_out]
         for i in range(kh):
             for j in range(kw):
                 h0, w0 = i * dilations[0], j * dilations[1]
-                window = xs[:, :, h0:h0 + strides[0] * (out_h - 1) + 1:strides[0],
-                            w0:w0 + strides[1] * (out_w - 1) + 1:strides[1]]
-                y[:, g * per_out:(g + 1) * per_out] += np.einsum("nchw,oc->nohw", window, ws[:, :, i, j])
+                window = xs[
+                    :,
+                    :,
+                    h0 : h0 + strides[0] * (out_h - 1) + 1 : strides[0],
+                    w0 : w0 + strides[1] * (out_w - 1) + 1 : strides[1],
+                ]
+                y[:, g * per_out : (g + 1) * per_out] += np.einsum("nchw,oc->nohw", window, ws[:, :, i, j])
     if bias is not None:
         y += np.asarray(bias, np.float64)[None, :, None, None]
     return y[:, :, 0, :] if spatial == 1 else y

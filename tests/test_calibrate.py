@@ -4,10 +4,16 @@ import numpy as np
 import onnx
 import pytest
 from builders import IR_VERSION, SHARED, run, same_pads
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnx_dacomp.calibrate.collect import collect_statistics
-from onnx_dacomp.calibrate.sources import ArraySource, ImageFolderSource, ImagePreprocessing, IterableSource, RandomSource
+from onnx_dacomp.calibrate.sources import (
+    ArraySource,
+    ImageFolderSource,
+    ImagePreprocessing,
+    IterableSource,
+    RandomSource,
+)
 from onnx_dacomp.calibrate.statistics import load_statistics, save_statistics
 from onnx_dacomp.errors import UserError
 from onnx_dacomp.targets import find_targets, read_weights
@@ -34,12 +40,25 @@ def conv_stack(dtype=np.float32, channels=4, size=(9, 11), seed=0, input_channel
         inits.append(numpy_helper.from_array(weight, f"w{index}"))
         inits.append(numpy_helper.from_array(rng.standard_normal(channels).astype(dtype), f"b{index}"))
         out = f"c{index}"
-        nodes.append(helper.make_node("Conv", [current, f"w{index}", f"b{index}"], [out], name=f"conv{index}",
-                                      kernel_shape=list(kernel), **spec))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [current, f"w{index}", f"b{index}"],
+                [out],
+                name=f"conv{index}",
+                kernel_shape=list(kernel),
+                **spec,
+            )
+        )
         nodes.append(helper.make_node("Relu", [out], [f"r{index}"]))
         current = f"r{index}"
-    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", elem, ["n", input_channels or channels, *size])],
-                              [helper.make_tensor_value_info(current, elem, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "stack",
+        [helper.make_tensor_value_info("x", elem, ["n", input_channels or channels, *size])],
+        [helper.make_tensor_value_info(current, elem, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
 
 
@@ -55,8 +74,10 @@ def reference_statistics(model, layer, batches):
         x = run(probe, batch)[-1].astype(np.float64)
         size = x.shape[2:]
         if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
-            axis_pads = [same_pads(n, k, s, d, layer.auto_pad)
-                         for n, k, s, d in zip(size, layer.kernel_shape, layer.strides, layer.dilations)]
+            axis_pads = [
+                same_pads(n, k, s, d, layer.auto_pad)
+                for n, k, s, d in zip(size, layer.kernel_shape, layer.strides, layer.dilations)
+            ]
             pads = [p[0] for p in axis_pads] + [p[1] for p in axis_pads]
         else:
             pads = list(layer.pads)
@@ -68,9 +89,17 @@ def reference_statistics(model, layer, batches):
         for n in range(x.shape[0]):
             for i in range(out_h):
                 for j in range(out_w):
-                    rows.append([[padded[n, g * per_group + c, i * sh + a * dh, j * sw + b * dw]
-                                  for c in range(per_group) for a in range(kh) for b in range(kw)]
-                                 for g in range(group)])
+                    rows.append(
+                        [
+                            [
+                                padded[n, g * per_group + c, i * sh + a * dh, j * sw + b * dw]
+                                for c in range(per_group)
+                                for a in range(kh)
+                                for b in range(kw)
+                            ]
+                            for g in range(group)
+                        ]
+                    )
         patches = np.array(rows)  # (positions, group, n)
         second = second + np.einsum("pgi,pgj->gij", patches, patches)
         first = first + patches.sum(0)
@@ -105,8 +134,9 @@ def test_merging_halves_equals_one_pass_and_statistics_round_trip(tmp_path):
     scan = find_targets(model)
     batches = batches_of(np.random.default_rng(2), (4, 4, 9, 11), 4)
     whole = collect_statistics(model, scan.targets, batches, progress=False)
-    halves = (collect_statistics(model, scan.targets, batches[:2], progress=False)
-              .merge(collect_statistics(model, scan.targets, batches[2:], progress=False)))
+    halves = collect_statistics(model, scan.targets, batches[:2], progress=False).merge(
+        collect_statistics(model, scan.targets, batches[2:], progress=False)
+    )
     assert halves.samples == whole.samples == 16
     for name, layer in whole.layers.items():
         np.testing.assert_allclose(halves.layers[name].second, layer.second, rtol=1e-12)
@@ -120,8 +150,9 @@ def test_merging_halves_equals_one_pass_and_statistics_round_trip(tmp_path):
         np.testing.assert_array_equal(loaded.layers[name].second, whole.layers[name].second)
     loaded.check_model(scan.targets, read_weights(model, scan.targets))  # same model: accepted
 
-    other_data = collect_statistics(model, scan.targets, batches_of(np.random.default_rng(3), (2, 4, 9, 11), 1),
-                                    progress=False)
+    other_data = collect_statistics(
+        model, scan.targets, batches_of(np.random.default_rng(3), (2, 4, 9, 11), 1), progress=False
+    )
     other_data.check_model(scan.targets, read_weights(model, scan.targets))  # same model, other data: accepted
     different = conv_stack(seed=5)
     different_scan = find_targets(different)
@@ -229,11 +260,10 @@ def test_image_folder_preprocessing_against_hand_computation(tmp_path):
 
     _write_images(tmp_path / "cats", 3)
     _write_images(tmp_path / "dogs", 2, seed=1)
-    pre = ImagePreprocessing(size=(8, 8), resize=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5),
-                             channel_order="BGR")
+    pre = ImagePreprocessing(size=(8, 8), resize=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), channel_order="BGR")
     source = ImageFolderSource(tmp_path, "x", ("n", 3, 8, 8), pre, batch_size=10, seed=0)
     assert source.has_labels and source.classes == ["cats", "dogs"] and source.size == 5
-    (batch, labels), = list(source.labelled())
+    ((batch, labels),) = list(source.labelled())
     assert batch["x"].shape == (5, 3, 8, 8) and batch["x"].dtype == np.float32
     path, label = source.files[0]
     assert labels[0] == label == (0 if path.parent.name == "cats" else 1)

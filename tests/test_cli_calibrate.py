@@ -31,8 +31,22 @@ def test_calibrate_writes_statistics(tmp_path, model_path):
     data = np.random.default_rng(0).standard_normal((10, 4, 9, 11)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=data)
     out = tmp_path / "stats.npz"
-    assert main(["-q", "calibrate", str(model_path), "--data", str(tmp_path / "data.npz"), "-o", str(out),
-                 "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "calibrate",
+                str(model_path),
+                "--data",
+                str(tmp_path / "data.npz"),
+                "-o",
+                str(out),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     stats = load_statistics(out)
     assert stats.samples == 10 and len(stats.layers) == 6 and "data.npz" in stats.source
 
@@ -42,11 +56,30 @@ def test_calibrate_on_images_and_random(tmp_path, model_path):
     rgb_model = tmp_path / "rgb.onnx"
     onnx.save_model(conv_stack(channels=4, input_channels=3), str(rgb_model))
     out = tmp_path / "stats.npz"
-    assert main(["-q", "calibrate", str(rgb_model), "--data", str(tmp_path / "images"), "-o", str(out),
-                 "--size", "9x11"]) == 0
+    assert (
+        main(["-q", "calibrate", str(rgb_model), "--data", str(tmp_path / "images"), "-o", str(out), "--size", "9x11"])
+        == 0
+    )
     assert load_statistics(out).samples == 3
-    assert main(["calibrate", str(model_path), "--data", "random", "--input-shape", "x:1x4x9x11", "-o", str(out),
-                 "--limit", "8", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(model_path),
+                "--data",
+                "random",
+                "--input-shape",
+                "x:1x4x9x11",
+                "-o",
+                str(out),
+                "--limit",
+                "8",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert load_statistics(out).samples == 8
 
 
@@ -64,14 +97,19 @@ def test_calibrate_errors(tmp_path, capsys):
     assert "key the arrays by input name" in _error(capsys, base + ["--data", str(tmp_path / "names.npz")], out)
     dynamic = tmp_path / "dynamic.onnx"
     onnx.save_model(conv_model(np.ones((2, 3, 3, 3)), input_shape=("n", 3, "h", "w")), str(dynamic))
-    assert "needs fixed input dims" in _error(capsys, ["calibrate", str(dynamic), "-o", str(out), "--data",
-                                                       "random"], out)
+    assert "needs fixed input dims" in _error(
+        capsys, ["calibrate", str(dynamic), "-o", str(out), "--data", "random"], out
+    )
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "bad.png").write_bytes(b"not a png")
     assert "cannot read image" in _error(capsys, base + ["--data", str(tmp_path / "pics")], out)
-    assert "image folders feed 1 or 3 channels" in _error(capsys, base + ["--data", str(tmp_path / "pics"),
-                                                                          "--nhwc"], out)
+    assert "image folders feed 1 or 3 channels" in _error(
+        capsys, base + ["--data", str(tmp_path / "pics"), "--nhwc"], out
+    )
     missing_folder = tmp_path / "no" / "stats.npz"
     np.savez(tmp_path / "ok.npz", x=np.zeros((2, 3, 9, 11), np.float32))
-    assert "does not exist" in _error(capsys, ["calibrate", str(model_path), "-o", str(missing_folder),
-                                               "--data", str(tmp_path / "ok.npz")], missing_folder)
+    assert "does not exist" in _error(
+        capsys,
+        ["calibrate", str(model_path), "-o", str(missing_folder), "--data", str(tmp_path / "ok.npz")],
+        missing_folder,
+    )

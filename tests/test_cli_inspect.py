@@ -18,18 +18,36 @@ def test_inspect_json(capsys):
     assert main(["inspect", str(RESNET56), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["layers"]) == 55
-    assert report["totals"]["all"] == {"layers": 55, "params": sum(l["params"] for l in report["layers"]),
-                                       "macs": sum(l["macs"] for l in report["layers"])}
+    assert report["totals"]["all"] == {
+        "layers": 55,
+        "params": sum(layer["params"] for layer in report["layers"]),
+        "macs": sum(layer["macs"] for layer in report["layers"]),
+    }
     assert report["layers"][0] == {
-        "name": "/conv1/Conv", "op_type": "Conv", "kernel": [3, 3], "in_channels": 3, "out_channels": 16,
-        "stride": [1, 1], "dilation": [1, 1], "group": 1, "dtype": "float32", "params": 16 * 27 + 16,
-        "macs": 16 * 27 * 32 * 32, "decomposable": True, "reason": None}
+        "name": "/conv1/Conv",
+        "op_type": "Conv",
+        "kernel": [3, 3],
+        "in_channels": 3,
+        "out_channels": 16,
+        "stride": [1, 1],
+        "dilation": [1, 1],
+        "group": 1,
+        "dtype": "float32",
+        "params": 16 * 27 + 16,
+        "macs": 16 * 27 * 32 * 32,
+        "decomposable": True,
+        "reason": None,
+    }
 
 
 @needs_shared
 def test_inspect_table_via_python_m():
-    result = subprocess.run([sys.executable, "-m", "onnx_dacomp", "inspect", str(SHARED / "models" /
-                            "efficientnet_lite0_imagenet.onnx")], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "onnx_dacomp", "inspect", str(SHARED / "models" / "efficientnet_lite0_imagenet.onnx")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["layer", "kernel", "in"]
     depthwise = [line for line in lines if "/_depthwise_conv/Conv" in line]

@@ -48,9 +48,13 @@ def planted_tucker(rng, shape, ranks):
 
 
 def planted_cp(rng, shape, rank):
-    return reconstruct(CPFactors(rng.standard_normal((shape[1], rank)),
-                                 tuple(rng.standard_normal((k, rank)) for k in shape[2:]),
-                                 rng.standard_normal((shape[0], rank))))
+    return reconstruct(
+        CPFactors(
+            rng.standard_normal((shape[1], rank)),
+            tuple(rng.standard_normal((k, rank)) for k in shape[2:]),
+            rng.standard_normal((shape[0], rank)),
+        )
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -80,7 +84,10 @@ def test_full_rank_reconstruction_is_exact():
     assert np.allclose(reconstruct(da_tucker2(weight, sigma, (6, 5)).factors), weight)
     assert np.allclose(reconstruct(tucker2_hooi(weight, (6, 5)).factors), weight)
     small = rng.standard_normal((2, 2, 2, 2))  # CP rank of a 2x2x2x2 tensor is at most 8 (= S * kh * kw)
-    for result in (da_cp(small, anisotropic_sigma(8, rng), 8, max_iter=2000, tol=0), cp_als(small, 8, max_iter=2000, tol=0)):
+    for result in (
+        da_cp(small, anisotropic_sigma(8, rng), 8, max_iter=2000, tol=0),
+        cp_als(small, 8, max_iter=2000, tol=0),
+    ):
         assert result.rel_error < 1e-8
 
 
@@ -88,8 +95,9 @@ def test_identity_sigma_gives_the_frobenius_solutions():
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((12, 7, 3, 3))
     eye = np.eye(63)
-    np.testing.assert_allclose(reconstruct(da_svd(weight, eye, 4).factors), reconstruct(truncated_svd(weight, 4).factors),
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        reconstruct(da_svd(weight, eye, 4).factors), reconstruct(truncated_svd(weight, 4).factors), atol=1e-10
+    )
     hooi = tucker2_hooi(weight, (5, 4), tol=1e-13, max_iter=2000)
     da = da_tucker2(weight, eye, (5, 4), tol=1e-13, max_iter=2000, floor=0.0)
     assert da.rel_error == pytest.approx(hooi.rel_error, abs=1e-9)
@@ -107,17 +115,25 @@ def test_da_never_worse_than_frobenius_in_sigma_norm_and_history_monotone(seed):
     weight = rng.standard_normal((16, 10, 3, 3))
     sigma = anisotropic_sigma(90, rng, samples=60 if seed % 2 else None)  # odd seeds: rank-deficient
     for rank in (2, 6):
-        assert sigma_error(weight, reconstruct(da_svd(weight, sigma, rank).factors), sigma) <= sigma_error(
-            weight, reconstruct(truncated_svd(weight, rank).factors), sigma) + 1e-12
+        assert (
+            sigma_error(weight, reconstruct(da_svd(weight, sigma, rank).factors), sigma)
+            <= sigma_error(weight, reconstruct(truncated_svd(weight, rank).factors), sigma) + 1e-12
+        )
     for ranks in ((4, 3), (10, 6)):
         da = da_tucker2(weight, sigma, ranks)
         frob = tucker2_hooi(weight, ranks)
-        assert sigma_error(weight, reconstruct(da.factors), sigma) <= sigma_error(weight, reconstruct(frob.factors), sigma) + 1e-9
+        assert (
+            sigma_error(weight, reconstruct(da.factors), sigma)
+            <= sigma_error(weight, reconstruct(frob.factors), sigma) + 1e-9
+        )
         assert all(b <= a * (1 + 1e-12) + 1e-15 for a, b in zip(da.history, da.history[1:]))
     for rank in (3, 12):
         da = da_cp(weight, sigma, rank, max_iter=60)
         frob = cp_als(weight, rank)
-        assert sigma_error(weight, reconstruct(da.factors), sigma) <= sigma_error(weight, reconstruct(frob.factors), sigma) + 1e-6
+        assert (
+            sigma_error(weight, reconstruct(da.factors), sigma)
+            <= sigma_error(weight, reconstruct(frob.factors), sigma) + 1e-6
+        )
         assert all(b <= a + 1e-8 for a, b in zip(da.history, da.history[1:]))
 
 
@@ -131,8 +147,10 @@ def test_da_svd_matches_brute_force_optimum():
         a, b = flat[:8].reshape(4, 2), flat[8:].reshape(2, 6)
         return sigma_error(weight, a @ b, sigma)
 
-    best = min(scipy.optimize.minimize(objective, rng.standard_normal(20), method="BFGS", options={"gtol": 1e-10}).fun
-               for _ in range(8))
+    best = min(
+        scipy.optimize.minimize(objective, rng.standard_normal(20), method="BFGS", options={"gtol": 1e-10}).fun
+        for _ in range(8)
+    )
     assert result.rel_error == pytest.approx(best, abs=1e-7)
     # and the textbook form: best rank-2 approximation of W L, mapped back with L^-1
     factor = np.linalg.cholesky(sigma)
@@ -163,9 +181,13 @@ def test_seeded_runs_are_identical():
     assert np.array_equal(first.factors.core, again.factors.core)
     assert not np.array_equal(first.factors.core, other.factors.core)
     first, again = (da_cp(weight, sigma, 4, init="random", seed=3, max_iter=20) for _ in range(2))
-    assert all(np.array_equal(a, b) for a, b in zip(
-        (first.factors.input_factor, first.factors.output_factor, *first.factors.spatial_factors),
-        (again.factors.input_factor, again.factors.output_factor, *again.factors.spatial_factors)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            (first.factors.input_factor, first.factors.output_factor, *first.factors.spatial_factors),
+            (again.factors.input_factor, again.factors.output_factor, *again.factors.spatial_factors),
+        )
+    )
 
 
 def test_whitening_is_robust_to_rank_deficient_and_badly_scaled_sigma():

@@ -16,8 +16,9 @@ from onnx_dacomp.save import save_model
 
 @pytest.fixture
 def small_model():
-    return conv_model(np.random.default_rng(0).standard_normal((4, 3, 3, 3)), np.zeros(4),
-                      input_shape=(1, 3, 8, 8), pads=[1, 1, 1, 1])
+    return conv_model(
+        np.random.default_rng(0).standard_normal((4, 3, 3, 3)), np.zeros(4), input_shape=(1, 3, 8, 8), pads=[1, 1, 1, 1]
+    )
 
 
 def _cli_error(capsys, argv):
@@ -49,8 +50,12 @@ def test_load_errors_are_one_line(tmp_path, capsys, small_model):
     assert "opset 9" in _cli_error(capsys, ["inspect", str(old)])
 
     no_conv = tmp_path / "relu.onnx"
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", 1, [1])], [helper.make_tensor_value_info("y", 1, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", 1, [1])],
+        [helper.make_tensor_value_info("y", 1, [1])],
+    )
     onnx.save_model(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), str(no_conv))
     assert "no Conv" in _cli_error(capsys, ["inspect", str(no_conv)])
 
@@ -59,7 +64,13 @@ def test_load_errors_are_one_line(tmp_path, capsys, small_model):
 
 def test_external_data_round_trip_and_missing_file(tmp_path, small_model):
     path = tmp_path / "ext.onnx"
-    onnx.save_model(onnx.ModelProto.FromString(small_model.SerializeToString()), str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save_model(
+        onnx.ModelProto.FromString(small_model.SerializeToString()),
+        str(path),
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     loaded = load_model(path)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(run(loaded, {"x": x})[0], run(small_model, {"x": x})[0])

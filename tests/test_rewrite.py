@@ -19,11 +19,17 @@ def random_factors(method, rng, out_channels, in_channels, kernel):
         return SVDFactors(rng.standard_normal((rank, in_channels, *kernel)), rng.standard_normal((out_channels, rank)))
     if method == "tucker2":
         r_t, r_s = int(rng.integers(1, 5)), int(rng.integers(1, 5))
-        return Tucker2Factors(rng.standard_normal((in_channels, r_s)), rng.standard_normal((r_t, r_s, *kernel)),
-                              rng.standard_normal((out_channels, r_t)))
+        return Tucker2Factors(
+            rng.standard_normal((in_channels, r_s)),
+            rng.standard_normal((r_t, r_s, *kernel)),
+            rng.standard_normal((out_channels, r_t)),
+        )
     rank = int(rng.integers(1, 6))
-    return CPFactors(rng.standard_normal((in_channels, rank)), tuple(rng.standard_normal((k, rank)) for k in kernel),
-                     rng.standard_normal((out_channels, rank)))
+    return CPFactors(
+        rng.standard_normal((in_channels, rank)),
+        tuple(rng.standard_normal((k, rank)) for k in kernel),
+        rng.standard_normal((out_channels, rank)),
+    )
 
 
 def same_ranks(factors_list, method, rng, out_channels, in_channels, kernel):
@@ -34,28 +40,38 @@ def same_ranks(factors_list, method, rng, out_channels, in_channels, kernel):
         if method == "svd":
             out.append(SVDFactors(rng.standard_normal(first.first.shape), rng.standard_normal(first.last.shape)))
         elif method == "tucker2":
-            out.append(Tucker2Factors(*(rng.standard_normal(a.shape) for a in (first.input_factor, first.core, first.output_factor))))
+            out.append(
+                Tucker2Factors(
+                    *(rng.standard_normal(a.shape) for a in (first.input_factor, first.core, first.output_factor))
+                )
+            )
         else:
-            out.append(CPFactors(rng.standard_normal(first.input_factor.shape),
-                                 tuple(rng.standard_normal(f.shape) for f in first.spatial_factors),
-                                 rng.standard_normal(first.output_factor.shape)))
+            out.append(
+                CPFactors(
+                    rng.standard_normal(first.input_factor.shape),
+                    tuple(rng.standard_normal(f.shape) for f in first.spatial_factors),
+                    rng.standard_normal(first.output_factor.shape),
+                )
+            )
     return out
 
 
-conv_configs = st.fixed_dictionaries({
-    "spatial": st.sampled_from([2, 2, 2, 1]),
-    "kernel": st.tuples(st.integers(1, 7), st.integers(1, 7)),
-    "stride": st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    "padding": st.sampled_from(["none", "symmetric", "asymmetric", "SAME_UPPER", "SAME_LOWER", "VALID"]),
-    "pads": st.tuples(*[st.integers(0, 3)] * 4),
-    "bias": st.booleans(),
-    "batch": st.integers(1, 3),
-    "group": st.sampled_from([1, 1, 2]),
-    "dtype": st.sampled_from([np.float32, np.float32, np.float16]),
-    "extra": st.tuples(st.integers(0, 5), st.integers(0, 5)),
-    "seed": st.integers(0, 2**31 - 1),
-})
+conv_configs = st.fixed_dictionaries(
+    {
+        "spatial": st.sampled_from([2, 2, 2, 1]),
+        "kernel": st.tuples(st.integers(1, 7), st.integers(1, 7)),
+        "stride": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+        "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+        "padding": st.sampled_from(["none", "symmetric", "asymmetric", "SAME_UPPER", "SAME_LOWER", "VALID"]),
+        "pads": st.tuples(*[st.integers(0, 3)] * 4),
+        "bias": st.booleans(),
+        "batch": st.integers(1, 3),
+        "group": st.sampled_from([1, 1, 2]),
+        "dtype": st.sampled_from([np.float32, np.float32, np.float16]),
+        "extra": st.tuples(st.integers(0, 5), st.integers(0, 5)),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
 
 
 @pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
@@ -91,8 +107,13 @@ def test_chain_reproduces_conv(method, config):
         pads = [p[0] for p in axis_pads] + [p[1] for p in axis_pads]
     else:
         raw = list(config["pads"])
-        pads = ([0] * 2 * spatial if padding == "none" else
-                raw[:spatial] * 2 if padding == "symmetric" else raw[:spatial] + raw[2:2 + spatial])
+        pads = (
+            [0] * 2 * spatial
+            if padding == "none"
+            else raw[:spatial] * 2
+            if padding == "symmetric"
+            else raw[:spatial] + raw[2 : 2 + spatial]
+        )
         attrs["pads"] = pads
 
     model = conv_model(weight, bias, input_shape=input_shape, dtype=dtype, **attrs)
@@ -103,8 +124,15 @@ def test_chain_reproduces_conv(method, config):
     x = rng.standard_normal(input_shape).astype(dtype)
     (original,) = run(model, {"x": x})
     (rewritten,) = run(chain, {"x": x})
-    reference = conv_reference(x, weight.astype(dtype), None if bias is None else bias.astype(dtype),
-                               strides=strides, pads=pads, dilations=dilations, group=group)
+    reference = conv_reference(
+        x,
+        weight.astype(dtype),
+        None if bias is None else bias.astype(dtype),
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        group=group,
+    )
     tolerance = 1e-5 if dtype == np.float32 else 1e-2
     assert rewritten.shape == original.shape == reference.shape
     assert relative_error(original, reference) < tolerance  # the harness itself computes the right thing

@@ -37,11 +37,21 @@ def two_conv_model():
         helper.make_node("Identity", ["w_const"], ["w_id"], name="ident"),
         helper.make_node("Conv", ["c2", "w_id"], ["y"], name="third"),
     ]
-    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])],
-                              [shared, bias], value_info=[helper.make_tensor_value_info("r1", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION,
-                              producer_name="tests", doc_string="two convs share a weight")
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [shared, bias],
+        value_info=[helper.make_tensor_value_info("r1", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=IR_VERSION,
+        producer_name="tests",
+        doc_string="two convs share a weight",
+    )
     helper.set_model_props(model, {"author": "tests"})
     return model
 
@@ -58,15 +68,27 @@ def test_rewrite_preserves_the_rest_and_handles_shared_weights():
     onnx.checker.check_model(new)
 
     assert [n.name for n in new.graph.node] == [
-        "first/dacomp_tucker2_0", "first/dacomp_tucker2_1", "first/dacomp_tucker2_2",
-        "relu", "second", "const", "ident", "third"]
+        "first/dacomp_tucker2_0",
+        "first/dacomp_tucker2_1",
+        "first/dacomp_tucker2_2",
+        "relu",
+        "second",
+        "const",
+        "ident",
+        "third",
+    ]
     assert new.graph.node[2].output[0] == "c1" and list(new.graph.node[2].input)[2] == "b"
     for name in ("relu", "second", "const", "ident", "third"):
         assert [n for n in new.graph.node if n.name == name] == [n for n in model.graph.node if n.name == name]
     assert new.graph.input == model.graph.input and new.graph.output == model.graph.output
     assert new.graph.value_info == model.graph.value_info
     assert (new.opset_import, new.metadata_props, new.producer_name, new.doc_string, new.ir_version) == (
-        model.opset_import, model.metadata_props, model.producer_name, model.doc_string, model.ir_version)
+        model.opset_import,
+        model.metadata_props,
+        model.producer_name,
+        model.doc_string,
+        model.ir_version,
+    )
     assert "shared_w" in {init.name for init in new.graph.initializer}  # still read by "second"
 
     x = np.random.default_rng(1).standard_normal((2, 4, 6, 6)).astype(np.float32)
@@ -93,15 +115,27 @@ def test_rewrite_preserves_the_rest_and_handles_shared_weights():
 def test_grouped_conv_factors_per_group():
     rng = np.random.default_rng(5)
     group, per_in, per_out = 3, 2, 4
-    factors = [CPFactors(rng.standard_normal((per_in, 2)), (rng.standard_normal((3, 2)), rng.standard_normal((2, 2))),
-                         rng.standard_normal((per_out, 2))) for _ in range(group)]
-    weight = np.concatenate([np.einsum("tr,sr,hr,wr->tshw", f.output_factor, f.input_factor, *f.spatial_factors)
-                             for f in factors])
+    factors = [
+        CPFactors(
+            rng.standard_normal((per_in, 2)),
+            (rng.standard_normal((3, 2)), rng.standard_normal((2, 2))),
+            rng.standard_normal((per_out, 2)),
+        )
+        for _ in range(group)
+    ]
+    weight = np.concatenate(
+        [np.einsum("tr,sr,hr,wr->tshw", f.output_factor, f.input_factor, *f.spatial_factors) for f in factors]
+    )
     x = rng.standard_normal((2, group * per_in, 7, 9)).astype(np.float32)
     init = numpy_helper.from_array(weight.astype(np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="grouped", group=group, strides=[2, 1], pads=[1, 0, 0, 1])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [init],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     (layer,) = find_targets(model).targets
     new = replace_convs(model, {layer.output: (layer, factors)})

@@ -18,7 +18,9 @@ def test_resnet56_layers_and_macs_by_hand():
     assert len(scan.layers) == 55 and len(scan.targets) == 55
     # stem 3->16 at 32x32; 3 stages of 18 3x3 convs (16@32x32, 32@16x16, 64@8x8), the first of stages 2-3
     # with stride 2 and half the input channels; option-A shortcuts have no conv
-    stage = lambda c_in, c, side: c * c_in * 9 * side * side + 17 * c * c * 9 * side * side
+    def stage(c_in, c, side):
+        return c * c_in * 9 * side * side + 17 * c * c * 9 * side * side
+
     expected = 16 * 3 * 9 * 32 * 32 + 18 * 16 * 16 * 9 * 32 * 32 + stage(16, 32, 16) + stage(32, 64, 8)
     assert sum(layer.macs for layer in scan.layers) == expected
     first = scan.layers[0]
@@ -102,8 +104,12 @@ def test_skip_reasons():
         helper.make_node("Conv", ["x", "w_in"], ["from_input"], name="from_input"),
     ]
     inits.append(numpy_helper.from_array(np.array([4], np.int64), "axes"))
-    model = _model(nodes, [x, _vi("w_in", [4, 4, 1, 1])], [_vi(n, None) for n in
-                                                           ("dw", "c3", "ct", "computed", "nan", "from_input")], inits)
+    model = _model(
+        nodes,
+        [x, _vi("w_in", [4, 4, 1, 1])],
+        [_vi(n, None) for n in ("dw", "c3", "ct", "computed", "nan", "from_input")],
+        inits,
+    )
     reasons = {layer.name: layer.skip_reason for layer in find_targets(model).layers}
     assert "depthwise" in reasons["depthwise"]
     assert "3-D convolution" in reasons["conv3d"]
@@ -115,11 +121,15 @@ def test_skip_reasons():
 
 def test_quantized_convs_are_skipped():
     x = _vi("x", [1, 4, 6, 6])
-    inits = [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.int8), "wq"),
-             numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
-             numpy_helper.from_array(np.array(0, np.int8), "zero")]
-    nodes = [helper.make_node("DequantizeLinear", ["wq", "scale", "zero"], ["w"]),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="qdq")]
+    inits = [
+        numpy_helper.from_array(np.ones((4, 4, 3, 3), np.int8), "wq"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "scale", "zero"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="qdq"),
+    ]
     reasons = [layer.skip_reason for layer in find_targets(_model(nodes, [x], [_vi("y", None)], inits)).layers]
     assert "DequantizeLinear" in reasons[0]
 

@@ -98,8 +98,20 @@ def matmul_rate() -> float:
 
 
 def run_part(name: str, args, folder: Path) -> tuple[dict, float]:
-    command = [sys.executable, __file__, "--part", name, "--model", str(args.model), "--folder", str(folder),
-               "--images", str(args.images), "--batch-size", str(args.batch_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--part",
+        name,
+        "--model",
+        str(args.model),
+        "--folder",
+        str(folder),
+        "--images",
+        str(args.images),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -121,30 +133,55 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         with tarfile.open(SHARED / "data" / "cifar10_jpeg.tar.gz") as tar:
-            tar.extractall(scratch, members=[m for m in tar.getmembers() if "/train/" in m.name or m.isdir()],
-                           filter="data")
+            tar.extractall(
+                scratch, members=[m for m in tar.getmembers() if "/train/" in m.name or m.isdir()], filter="data"
+            )
         folder = Path(scratch) / "cifar10" / "train"
-        print(f"{args.model.name}, {args.images} CIFAR-10 train images, batch {args.batch_size}, onnxruntime CPU; "
-              f"{platform.machine()}, {os.cpu_count()} cores")
+        print(
+            f"{args.model.name}, {args.images} CIFAR-10 train images, batch {args.batch_size}, onnxruntime CPU; "
+            f"{platform.machine()}, {os.cpu_count()} cores"
+        )
         results = {}
         for name in ("inference", "graph", "numpy", "naive"):
             results[name], memory = run_part(name, args, folder)
-            print(f"  {name:<10} {args.images / results[name]['seconds']:8.1f} img/s   "
-                  f"({results[name]['seconds']:.2f} s, peak RSS {memory:.2f} GiB)")
+            print(
+                f"  {name:<10} {args.images / results[name]['seconds']:8.1f} img/s   "
+                f"({results[name]['seconds']:.2f} s, peak RSS {memory:.2f} GiB)"
+            )
         flops = run_part("gram_flops", args, folder)[0]["flops"]
         rate = run_part("matmul", args, folder)[0]["flops_per_s"]
         gram_seconds = max(results["graph"]["seconds"] - results["inference"]["seconds"], 1e-9)
-        print(f"  patch Gram arithmetic: {flops / 1e9:.0f} GFLOP; graph path {flops / gram_seconds / 1e9:.0f} GFLOP/s "
-              f"beyond inference vs numpy.matmul float32 {rate / 1e9:.0f} GFLOP/s "
-              f"= {flops / gram_seconds / rate:.0%} (goal >= 50%)")
-        command = [sys.executable, "-m", "onnx_dacomp", "-q", "calibrate", str(args.model), "--data", str(folder),
-                   "--limit", str(args.images), "--mean", MEAN, "--std", STD, "-o", str(Path(scratch) / "s.npz")]
+        print(
+            f"  patch Gram arithmetic: {flops / 1e9:.0f} GFLOP; graph path {flops / gram_seconds / 1e9:.0f} GFLOP/s "
+            f"beyond inference vs numpy.matmul float32 {rate / 1e9:.0f} GFLOP/s "
+            f"= {flops / gram_seconds / rate:.0%} (goal >= 50%)"
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "onnx_dacomp",
+            "-q",
+            "calibrate",
+            str(args.model),
+            "--data",
+            str(folder),
+            "--limit",
+            str(args.images),
+            "--mean",
+            MEAN,
+            "--std",
+            STD,
+            "-o",
+            str(Path(scratch) / "s.npz"),
+        ]
         start = time.perf_counter()
         subprocess.run(command, check=True)
         whole = time.perf_counter() - start
         naive = results["naive"]["seconds"]
-        print(f"  whole `calibrate` command (load, decode, collect, save): {whole:.2f} s; naive collection alone "
-              f"{naive:.2f} s -> {naive / whole:.1f}x faster (goal >= 4x)")
+        print(
+            f"  whole `calibrate` command (load, decode, collect, save): {whole:.2f} s; naive collection alone "
+            f"{naive:.2f} s -> {naive / whole:.1f}x faster (goal >= 4x)"
+        )
 
 
 if __name__ == "__main__":

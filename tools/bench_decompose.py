@@ -90,41 +90,62 @@ def main() -> None:
     channels, n = args.channels, args.channels * 9
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; numpy {np.__version__}")
     weight = trained_like_weight(channels, rng)
-    variants = {"full-rank": (4 * n, smooth_field_covariance(channels, 4 * n, rng)),
-                "rank-deficient": (n // 2, smooth_field_covariance(channels, n // 2, rng))}
+    variants = {
+        "full-rank": (4 * n, smooth_field_covariance(channels, 4 * n, rng)),
+        "rank-deficient": (n // 2, smooth_field_covariance(channels, n // 2, rng)),
+    }
     for label, (patches, sigma) in variants.items():
         print(f"\n== {label} Sigma from {patches} patches: W {weight.shape}, Sigma {sigma.shape}")
         ranks = (args.tucker_rank, args.tucker_rank)
         hooi, hooi_time, _, _ = timed(tucker2_hooi, weight, ranks)
         hooi_sigma = sigma_error(weight, reconstruct(hooi.factors), sigma)
         # run well past the default tolerance to know the converged error, timing every sweep
-        da, da_time, da_peak, stamps = timed(da_tucker2, weight, sigma, ranks, tol=1e-9,
-                                             max_iter=args.tucker_sweeps, callback=True)
+        da, da_time, da_peak, stamps = timed(
+            da_tucker2, weight, sigma, ranks, tol=1e-9, max_iter=args.tucker_sweeps, callback=True
+        )
         da_sigma = sigma_error(weight, reconstruct(da.factors), sigma)
         within = time_to_within(stamps, da.rel_error + 1e-4)
         default, default_time, _, _ = timed(da_tucker2, weight, sigma, ranks)
         per_sweep = np.diff([t for t, _ in stamps]).mean()
         print(f"Tucker-2 ranks {ranks}:           Sigma-error   Frobenius error")
         print(f"  Frobenius HOOI               {hooi_sigma:10.6f}   {hooi.rel_error:10.6f}   ({hooi_time:.1f} s)")
-        print(f"  DA-Tucker-2 ({da.iterations} sweeps)      {da_sigma:10.6f}   "
-              f"{sigma_error(weight, reconstruct(da.factors), None):10.6f}   ({da_time:.1f} s, {per_sweep:.2f} s/sweep)")
-        print(f"  DA-Tucker-2 default tol      {default.rel_error:10.6f}                ({default_time:.1f} s, {default.iterations} sweeps)")
-        print(f"  within 1e-4 of the {da.iterations}-sweep error after {within:.1f} s (goal < 60 s); "
-              f"peak numpy memory {da_peak / 2**30:.2f} GiB (goal < 4)")
+        print(
+            f"  DA-Tucker-2 ({da.iterations} sweeps)      {da_sigma:10.6f}   "
+            f"{sigma_error(weight, reconstruct(da.factors), None):10.6f}   "
+            f"({da_time:.1f} s, {per_sweep:.2f} s/sweep)"
+        )
+        print(
+            f"  DA-Tucker-2 default tol      {default.rel_error:10.6f}                "
+            f"({default_time:.1f} s, {default.iterations} sweeps)"
+        )
+        print(
+            f"  within 1e-4 of the {da.iterations}-sweep error after {within:.1f} s (goal < 60 s); "
+            f"peak numpy memory {da_peak / 2**30:.2f} GiB (goal < 4)"
+        )
         if args.skip_cp:
             continue
         cp_frob, cp_frob_time, _, _ = timed(cp_als, weight, args.cp_rank)
         cp_frob_sigma = sigma_error(weight, reconstruct(cp_frob.factors), sigma)
-        cp, cp_time, cp_peak, cp_stamps = timed(da_cp, weight, sigma, args.cp_rank, max_iter=args.cp_sweeps, tol=1e-6,
-                                                callback=True)
+        cp, cp_time, cp_peak, cp_stamps = timed(
+            da_cp, weight, sigma, args.cp_rank, max_iter=args.cp_sweeps, tol=1e-6, callback=True
+        )
         cp_sigma = sigma_error(weight, reconstruct(cp.factors), sigma)
         per_sweep = np.diff([t for t, _ in cp_stamps]).mean()
         print(f"CP rank {args.cp_rank}:")
-        print(f"  Frobenius CP-ALS ({cp_frob.iterations} sweeps)  {cp_frob_sigma:10.6f}   {cp_frob.rel_error:10.6f}   ({cp_frob_time:.1f} s)")
-        print(f"  DA-CPD ({cp.iterations} sweeps)           {cp_sigma:10.6f}   "
-              f"{sigma_error(weight, reconstruct(cp.factors), None):10.6f}   ({cp_time:.1f} s incl. init, {per_sweep:.2f} s/sweep)")
-        print(f"  error after 0/10/20/40 sweeps: {[round(cp.history[i], 6) for i in (0, 10, 20, 40) if i < len(cp.history)]}; "
-              f"peak numpy memory {cp_peak / 2**30:.2f} GiB")
+        print(
+            f"  Frobenius CP-ALS ({cp_frob.iterations} sweeps)  {cp_frob_sigma:10.6f}   "
+            f"{cp_frob.rel_error:10.6f}   ({cp_frob_time:.1f} s)"
+        )
+        print(
+            f"  DA-CPD ({cp.iterations} sweeps)           {cp_sigma:10.6f}   "
+            f"{sigma_error(weight, reconstruct(cp.factors), None):10.6f}   "
+            f"({cp_time:.1f} s incl. init, {per_sweep:.2f} s/sweep)"
+        )
+        print(
+            f"  error after 0/10/20/40 sweeps: "
+            f"{[round(cp.history[i], 6) for i in (0, 10, 20, 40) if i < len(cp.history)]}; "
+            f"peak numpy memory {cp_peak / 2**30:.2f} GiB"
+        )
 
 
 if __name__ == "__main__":

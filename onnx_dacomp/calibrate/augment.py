@@ -81,9 +81,19 @@ def _patch_sum_nodes(layer: ConvLayer, spatial_in: tuple[int, ...], opset: int):
     for index, offsets in enumerate(np.ndindex(*layer.kernel_shape)):
         starts = [o * d for o, d in zip(offsets, layer.dilations)]
         ends = [start + (n - 1) * s + 1 for start, n, s in zip(starts, out, layer.strides)]
-        taps.append(node("Slice", [current, constant(f"starts_{index}", starts), constant(f"ends_{index}", ends),
-                                   constant(f"axes_{index}", axes), constant(f"steps_{index}", layer.strides)],
-                         f"tap_{index}"))
+        taps.append(
+            node(
+                "Slice",
+                [
+                    current,
+                    constant(f"starts_{index}", starts),
+                    constant(f"ends_{index}", ends),
+                    constant(f"axes_{index}", axes),
+                    constant(f"steps_{index}", layer.strides),
+                ],
+                f"tap_{index}",
+            )
+        )
     stacked = node("Concat", taps, "taps", axis=1) if len(taps) > 1 else taps[0]
     size = patch_size(layer)
     matrix = node("Reshape", [stacked, constant("shape", [size * layer.group, -1])], "patches")
@@ -91,9 +101,16 @@ def _patch_sum_nodes(layer: ConvLayer, spatial_in: tuple[int, ...], opset: int):
     for group in range(layer.group):
         rows = matrix
         if layer.group > 1:
-            rows = node("Slice", [matrix, constant(f"group_start_{group}", [group * size]),
-                                  constant(f"group_end_{group}", [(group + 1) * size]), constant("group_axis", [0])],
-                        f"group_{group}")
+            rows = node(
+                "Slice",
+                [
+                    matrix,
+                    constant(f"group_start_{group}", [group * size]),
+                    constant(f"group_end_{group}", [(group + 1) * size]),
+                    constant("group_axis", [0]),
+                ],
+                f"group_{group}",
+            )
         seconds.append(node("Gemm", [rows, rows], f"second_{group}", transB=1))
         if opset >= 13:
             firsts.append(node("ReduceSum", [rows, constant("sum_axis", [1])], f"first_{group}", keepdims=0))

@@ -21,7 +21,7 @@ from ..runtime import create_session, provider_name
 from ..shapes import declared_shape, graph_inputs, infer_shapes
 from ..targets import ConvLayer, read_weights
 from .augment import augment
-from .patches import patch_sums, patch_size
+from .patches import patch_size, patch_sums
 from .sources import IterableSource, Source
 from .statistics import LayerStatistics, Statistics, layer_fingerprint
 
@@ -48,8 +48,10 @@ def collect_statistics(
     layers = [layer for layer in layers if layer.decomposable]
     for layer in layers:
         if patch_size(layer) > MAX_PATCH_SIZE:
-            raise UserError(f"layer {layer.name}: patch length {patch_size(layer)} would need a "
-                            f"{patch_size(layer) ** 2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)")
+            raise UserError(
+                f"layer {layer.name}: patch length {patch_size(layer)} would need a "
+                f"{patch_size(layer) ** 2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)"
+            )
     inputs = {value.name: value for value in graph_inputs(model)}
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
         source = IterableSource(source, list(inputs))
@@ -58,8 +60,14 @@ def collect_statistics(
     samples = 0
     description = getattr(source, "description", "user-supplied batches")
     # disable=None: no bar when stderr is not a terminal (logs, CI), so errors stay one line
-    bar = tqdm(total=getattr(source, "size", None), unit="img", desc="calibrating", disable=None if progress else True,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=getattr(source, "size", None),
+        unit="img",
+        desc="calibrating",
+        disable=None if progress else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     try:
         for index, batch in enumerate(source):
@@ -74,8 +82,15 @@ def collect_statistics(
     if samples == 0:
         raise UserError(f"the calibration data ({description}) yielded no samples")
     elapsed = time.perf_counter() - start
-    logger.info("calibrated %d layers on %d samples in %.1f s (%.0f img/s, patch sums in %s, %s provider)", len(layers), samples,
-                elapsed, samples / max(elapsed, 1e-9), runner.path, runner.provider)
+    logger.info(
+        "calibrated %d layers on %d samples in %.1f s (%.0f img/s, patch sums in %s, %s provider)",
+        len(layers),
+        samples,
+        elapsed,
+        samples / max(elapsed, 1e-9),
+        runner.path,
+        runner.provider,
+    )
     weights = read_weights(model, layers)
     fingerprints = {layer.name: layer_fingerprint(layer, weights[layer.name]) for layer in layers}
     return Statistics(totals, fingerprints, samples, description)
@@ -96,14 +111,18 @@ def check_batch(batch: Mapping, inputs: Mapping[str, onnx.ValueInfoProto], index
             if array.dtype.kind == "f" and expected.kind == "f":
                 array = array.astype(expected)
             else:
-                raise UserError(f"input {name!r} in batch {index}: got {array.dtype} data, the model expects "
-                                f"{expected}; convert or preprocess the data")
+                raise UserError(
+                    f"input {name!r} in batch {index}: got {array.dtype} data, the model expects "
+                    f"{expected}; convert or preprocess the data"
+                )
         declared = declared_shape(value)
         if array.ndim != len(declared) or any(
             isinstance(d, int) and d != n for d, n in zip(declared[1:], array.shape[1:])
         ):
-            raise UserError(f"input {name!r} in batch {index}: shape {list(array.shape)} does not fit the model's "
-                            f"{['?' if not isinstance(d, int) else d for d in declared]}")
+            raise UserError(
+                f"input {name!r} in batch {index}: shape {list(array.shape)} does not fit the model's "
+                f"{['?' if not isinstance(d, int) else d for d in declared]}"
+            )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UserError(f"input {name!r} in batch {index} contains NaN or Inf")
         checked[name] = array
@@ -149,8 +168,9 @@ class _Runner:
             raise UserError("cannot build the statistics graph: some layer input shapes are unknown")
         if use_graph:
             try:
-                augmented, self.layer_outputs = augment(self.model, self.layers,
-                                                        {name: shape[2:] for name, shape in spatial.items()})
+                augmented, self.layer_outputs = augment(
+                    self.model, self.layers, {name: shape[2:] for name, shape in spatial.items()}
+                )
                 self.session = create_session(augmented, self.device)
                 self.output_names = [n for o in self.layer_outputs.values() for n in o.second + o.first]
                 self.path = "graph"
@@ -159,8 +179,9 @@ class _Runner:
             except Exception as exc:  # the numpy path below is the documented fallback
                 if self.mode == "graph":
                     raise
-                logger.warning("cannot build the statistics graph (%s); exposing layer inputs instead",
-                               str(exc).splitlines()[0])
+                logger.warning(
+                    "cannot build the statistics graph (%s); exposing layer inputs instead", str(exc).splitlines()[0]
+                )
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
@@ -182,7 +203,9 @@ class _Runner:
             else:
                 stats = patch_sums(values[layer.input], layer)
             if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
-                raise UserError(f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
-                                f"overflow on this data; check the preprocessing)")
+                raise UserError(
+                    f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
+                    f"overflow on this data; check the preprocessing)"
+                )
             collected[layer.name] = stats
         return collected

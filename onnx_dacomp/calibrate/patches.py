@@ -37,7 +37,8 @@ def output_spatial(layer: ConvLayer, input_spatial: tuple[int, ...]) -> tuple[in
     spatial = len(input_spatial)
     return tuple(
         (size + pads[axis] + pads[axis + spatial] - (layer.kernel_shape[axis] - 1) * layer.dilations[axis] - 1)
-        // layer.strides[axis] + 1
+        // layer.strides[axis]
+        + 1
         for axis, size in enumerate(input_spatial)
     )
 
@@ -57,8 +58,7 @@ def patches(x: np.ndarray, layer: ConvLayer) -> np.ndarray:
     taps = []
     for offsets in np.ndindex(*layer.kernel_shape):
         window = tuple(
-            slice(o * d, o * d + (n - 1) * s + 1, s)
-            for o, d, n, s in zip(offsets, layer.dilations, out, layer.strides)
+            slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offsets, layer.dilations, out, layer.strides)
         )
         taps.append(padded[(slice(None), slice(None), *window)])
     stacked = np.stack(taps, axis=2)  # (N, S, D, *out)

@@ -92,9 +92,17 @@ class ImageFolderSource(Source):
     all be one class); `offset` skips the first images of that shuffle, which gives disjoint splits.
     """
 
-    def __init__(self, folder: str | os.PathLike, input_name: str, input_shape: tuple[int, ...],
-                 preprocessing: ImagePreprocessing = ImagePreprocessing(), batch_size: int = 32,
-                 limit: int | None = None, offset: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        input_name: str,
+        input_shape: tuple[int, ...],
+        preprocessing: ImagePreprocessing = ImagePreprocessing(),
+        batch_size: int = 32,
+        limit: int | None = None,
+        offset: int = 0,
+        seed: int = 0,
+    ):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"image folder not found: {self.folder}")
@@ -115,14 +123,13 @@ class ImageFolderSource(Source):
         self.has_labels = bool(classes)
         self.classes = classes
         self.size = len(self.files)
-        self.description = (f"{self.size} images from {self.folder}"
-                            + (f" ({len(classes)} classes)" if classes else ""))
+        self.description = f"{self.size} images from {self.folder}" + (f" ({len(classes)} classes)" if classes else "")
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         from PIL import Image, UnidentifiedImageError
 
         for start in range(0, len(self.files), self.batch_size):
-            chunk = self.files[start:start + self.batch_size]
+            chunk = self.files[start : start + self.batch_size]
             arrays = []
             for path, _ in chunk:
                 try:
@@ -137,8 +144,7 @@ class ImageFolderSource(Source):
 class ArraySource(Source):
     """`.npz` (arrays keyed by input name, optional `labels`) or `.npy` files, or a folder of them."""
 
-    def __init__(self, path: str | os.PathLike, input_names: list[str], batch_size: int = 32,
-                 limit: int | None = None):
+    def __init__(self, path: str | os.PathLike, input_names: list[str], batch_size: int = 32, limit: int | None = None):
         path = Path(path)
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix in ARRAY_SUFFIXES)
@@ -169,8 +175,10 @@ class ArraySource(Source):
         elif len(content) == 1 and len(self.input_names) == 1:
             arrays = {self.input_names[0]: next(iter(content.values()))}
         else:
-            raise UserError(f"{path} holds arrays {sorted(content)} but the model's inputs are "
-                            f"{self.input_names}: key the arrays by input name")
+            raise UserError(
+                f"{path} holds arrays {sorted(content)} but the model's inputs are "
+                f"{self.input_names}: key the arrays by input name"
+            )
         for name, array in arrays.items():
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
                 raise UserError(f"{path}: array for input {name!r} contains NaN or Inf")
@@ -189,8 +197,10 @@ class ArraySource(Source):
                 if remaining is not None:
                     stop = min(stop, start + remaining)
                     remaining -= stop - start
-                yield ({name: array[start:stop] for name, array in arrays.items()},
-                       None if labels is None else labels[start:stop])
+                yield (
+                    {name: array[start:stop] for name, array in arrays.items()},
+                    None if labels is None else labels[start:stop],
+                )
                 if remaining == 0:
                     return
 
@@ -210,16 +220,25 @@ class IterableSource(Source):
             elif len(self.input_names) == 1:
                 yield {self.input_names[0]: np.asarray(item)}, None
             else:
-                raise UserError(f"a batch must be a dict keyed by input name for a model with inputs {self.input_names}")
+                raise UserError(
+                    f"a batch must be a dict keyed by input name for a model with inputs {self.input_names}"
+                )
 
 
 class RandomSource(Source):
     """Standard normal batches. Data-free statistics defeat the distribution-aware method: only on request."""
 
-    def __init__(self, input_shapes: Mapping[str, tuple[int, ...]], input_dtypes: Mapping[str, np.dtype],
-                 batches: int = 8, seed: int = 0):
-        logger.warning("calibrating on random data: the statistics do not describe real inputs, so the "
-                       "distribution-aware fit loses its advantage; pass --data with real samples")
+    def __init__(
+        self,
+        input_shapes: Mapping[str, tuple[int, ...]],
+        input_dtypes: Mapping[str, np.dtype],
+        batches: int = 8,
+        seed: int = 0,
+    ):
+        logger.warning(
+            "calibrating on random data: the statistics do not describe real inputs, so the "
+            "distribution-aware fit loses its advantage; pass --data with real samples"
+        )
         self.shapes, self.dtypes, self.batches, self.seed = dict(input_shapes), dict(input_dtypes), batches, seed
         self.size = batches * next(iter(self.shapes.values()))[0]
         self.description = f"random normal data ({batches} batches, seed {seed})"
@@ -227,7 +246,10 @@ class RandomSource(Source):
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         rng = np.random.default_rng(self.seed)
         for _ in range(self.batches):
-            yield {name: rng.standard_normal(shape).astype(self.dtypes[name]) for name, shape in self.shapes.items()}, None
+            yield (
+                {name: rng.standard_normal(shape).astype(self.dtypes[name]) for name, shape in self.shapes.items()},
+                None,
+            )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -250,9 +272,17 @@ def _image_geometry(input_shape: tuple[int, ...], preprocessing: ImagePreprocess
     return channels, (int(size[0]), int(size[1]))
 
 
-def open_source(spec: str | os.PathLike, model, *, preprocessing: ImagePreprocessing = ImagePreprocessing(),
-                batch_size: int = 32, limit: int | None = None, offset: int = 0, seed: int = 0,
-                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Source:
+def open_source(
+    spec: str | os.PathLike,
+    model,
+    *,
+    preprocessing: ImagePreprocessing = ImagePreprocessing(),
+    batch_size: int = 32,
+    limit: int | None = None,
+    offset: int = 0,
+    seed: int = 0,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Source:
     """A source from a command-line style spec: `random`, a .npz/.npy file, or a folder of arrays or images."""
     from onnx import helper
 
@@ -277,7 +307,9 @@ def open_source(spec: str | os.PathLike, model, *, preprocessing: ImagePreproces
         return ArraySource(path, names, batch_size=batch_size, limit=limit)
     if len(inputs) != 1:
         raise UserError(f"image folders feed single-input models; this one has inputs {names}: use .npz files")
-    shape = tuple(input_shapes[names[0]]) if input_shapes and names[0] in input_shapes else tuple(
-        declared_shape(inputs[0]))
-    return ImageFolderSource(path, names[0], shape, preprocessing, batch_size=batch_size, limit=limit,
-                             offset=offset, seed=seed)
+    shape = (
+        tuple(input_shapes[names[0]]) if input_shapes and names[0] in input_shapes else tuple(declared_shape(inputs[0]))
+    )
+    return ImageFolderSource(
+        path, names[0], shape, preprocessing, batch_size=batch_size, limit=limit, offset=offset, seed=seed
+    )

@@ -60,25 +60,36 @@ class Statistics:
         if dict(self.fingerprints) != dict(other.fingerprints):
             raise UserError("cannot merge statistics of different models (layer fingerprints differ)")
         layers = {name: self.layers[name] + other.layers[name] for name in self.layers}
-        return Statistics(layers, self.fingerprints, self.samples + other.samples,
-                          f"{self.source} + {other.source}")
+        return Statistics(layers, self.fingerprints, self.samples + other.samples, f"{self.source} + {other.source}")
 
     def check_model(self, targets: Iterable[ConvLayer], weights: Mapping[str, np.ndarray]) -> None:
         """Refuse statistics that were gathered on another model: every target layer must match."""
         for layer in targets:
             if layer.name not in self.fingerprints:
-                raise UserError(f"the statistics have no entry for layer {layer.name!r}: they were gathered "
-                                f"on a different model; run `onnx-dacomp calibrate` on this one")
+                raise UserError(
+                    f"the statistics have no entry for layer {layer.name!r}: they were gathered "
+                    f"on a different model; run `onnx-dacomp calibrate` on this one"
+                )
             if self.fingerprints[layer.name] != layer_fingerprint(layer, weights[layer.name]):
-                raise UserError(f"the statistics do not match layer {layer.name!r} (shape or weights differ): "
-                                f"they were gathered on a different model; run `onnx-dacomp calibrate` on this one")
+                raise UserError(
+                    f"the statistics do not match layer {layer.name!r} (shape or weights differ): "
+                    f"they were gathered on a different model; run `onnx-dacomp calibrate` on this one"
+                )
 
 
 def layer_fingerprint(layer: ConvLayer, weight: np.ndarray) -> str:
     """Hash of what the statistics depend on for this layer: its geometry and its weight values."""
     digest = hashlib.sha256()
-    geometry = (layer.out_channels, layer.in_channels, layer.group, layer.kernel_shape, layer.strides,
-                layer.pads, layer.auto_pad, layer.dilations)
+    geometry = (
+        layer.out_channels,
+        layer.in_channels,
+        layer.group,
+        layer.kernel_shape,
+        layer.strides,
+        layer.pads,
+        layer.auto_pad,
+        layer.dilations,
+    )
     digest.update(repr(geometry).encode())
     digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()[:32]
@@ -90,10 +101,15 @@ def save_statistics(statistics: Statistics, path: str | os.PathLike) -> Path:
     folder = output_folder(path)
     names = list(statistics.layers)
     meta = {
-        "format": "onnx-dacomp statistics", "version": FORMAT_VERSION, "samples": statistics.samples,
-        "source": statistics.source, "extra": dict(statistics.extra),
-        "layers": [{"name": name, "fingerprint": statistics.fingerprints[name],
-                    "count": statistics.layers[name].count} for name in names],
+        "format": "onnx-dacomp statistics",
+        "version": FORMAT_VERSION,
+        "samples": statistics.samples,
+        "source": statistics.source,
+        "extra": dict(statistics.extra),
+        "layers": [
+            {"name": name, "fingerprint": statistics.fingerprints[name], "count": statistics.layers[name].count}
+            for name in names
+        ],
     }
     arrays = {"meta": np.array(json.dumps(meta))}
     for index, name in enumerate(names):
@@ -127,10 +143,13 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
                 raise KeyError("meta")
             layers, fingerprints = {}, {}
             for index, entry in enumerate(meta["layers"]):
-                layers[entry["name"]] = LayerStatistics(archive[f"second_{index}"], archive[f"first_{index}"],
-                                                        int(entry["count"]))
+                layers[entry["name"]] = LayerStatistics(
+                    archive[f"second_{index}"], archive[f"first_{index}"], int(entry["count"])
+                )
                 fingerprints[entry["name"]] = entry["fingerprint"]
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not an onnx-dacomp statistics file ({type(exc).__name__}); "
-                        f"write one with `onnx-dacomp calibrate`") from None
+        raise UserError(
+            f"{path} is not an onnx-dacomp statistics file ({type(exc).__name__}); "
+            f"write one with `onnx-dacomp calibrate`"
+        ) from None
     return Statistics(layers, fingerprints, int(meta["samples"]), str(meta["source"]), meta.get("extra", {}))

@@ -20,11 +20,16 @@ def add_parser(commands) -> None:
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("-o", "--output", required=True, help="statistics file to write (.npz)")
     add_data_arguments(parser, required=True)
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:NxCxHxW",
-                        help="fix dynamic input dims (repeatable)")
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME:NxCxHxW", help="fix dynamic input dims (repeatable)"
+    )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="execution provider (default auto)")
-    parser.add_argument("--mode", choices=("auto", "graph", "numpy"), default="auto",
-                        help="patch sums inside onnxruntime (graph) or in numpy from exposed inputs")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "graph", "numpy"),
+        default="auto",
+        help="patch sums inside onnxruntime (graph) or in numpy from exposed inputs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,9 +38,15 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     scan = find_targets(model, input_shapes)
     source = source_from_args(args, model, input_shapes)
-    statistics = collect_statistics(model, scan.targets, source, device=args.device, mode=args.mode,
-                                    progress=not args.quiet)
+    statistics = collect_statistics(
+        model, scan.targets, source, device=args.device, mode=args.mode, progress=not args.quiet
+    )
     save_statistics(statistics, args.output)
-    logger.info("wrote statistics of %d layers (%d samples, %s) to %s", len(statistics.layers),
-                statistics.samples, statistics.source, args.output)
+    logger.info(
+        "wrote statistics of %d layers (%d samples, %s) to %s",
+        len(statistics.layers),
+        statistics.samples,
+        statistics.source,
+        args.output,
+    )
     return 0

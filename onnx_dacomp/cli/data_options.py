@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 
 from ..calibrate.sources import ImagePreprocessing, Source, open_source
-from ..errors import UserError
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=required, metavar="SOURCE",
-                       help="folder of images (class sub-folders or flat), .npz/.npy file or folder, or 'random'")
+    group.add_argument(
+        "--data",
+        required=required,
+        metavar="SOURCE",
+        help="folder of images (class sub-folders or flat), .npz/.npy file or folder, or 'random'",
+    )
     group.add_argument("--batch-size", type=_positive_int, default=32)
     group.add_argument("--limit", type=_positive_int, help="use at most this many samples (a seeded random subset)")
     group.add_argument("--seed", type=int, default=0, help="seed for subsets and random data (default 0)")
@@ -20,22 +23,38 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     images.add_argument("--resize", type=_positive_int, help="resize the short side to this before the crop")
     images.add_argument("--no-center-crop", action="store_true", help="resize straight to --size")
     images.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier before mean/std (1/255)")
-    images.add_argument("--mean", type=_floats, default=(0.0, 0.0, 0.0), help="per-channel mean, e.g. 0.485,0.456,0.406")
+    images.add_argument(
+        "--mean", type=_floats, default=(0.0, 0.0, 0.0), help="per-channel mean, e.g. 0.485,0.456,0.406"
+    )
     images.add_argument("--std", type=_floats, default=(1.0, 1.0, 1.0), help="per-channel std, e.g. 0.229,0.224,0.225")
     images.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     images.add_argument("--nhwc", action="store_true", help="the model takes NHWC images")
 
 
 def preprocessing_from_args(args: argparse.Namespace) -> ImagePreprocessing:
-    return ImagePreprocessing(size=args.size, resize=args.resize, center_crop=not args.no_center_crop,
-                              scale=args.scale, mean=args.mean, std=args.std,
-                              channel_order="BGR" if args.bgr else "RGB", layout="NHWC" if args.nhwc else "NCHW")
+    return ImagePreprocessing(
+        size=args.size,
+        resize=args.resize,
+        center_crop=not args.no_center_crop,
+        scale=args.scale,
+        mean=args.mean,
+        std=args.std,
+        channel_order="BGR" if args.bgr else "RGB",
+        layout="NHWC" if args.nhwc else "NCHW",
+    )
 
 
 def source_from_args(args: argparse.Namespace, model, input_shapes, *, limit=None, offset=0) -> Source:
-    return open_source(args.data, model, preprocessing=preprocessing_from_args(args), batch_size=args.batch_size,
-                       limit=limit if limit is not None else args.limit, offset=offset, seed=args.seed,
-                       input_shapes=input_shapes)
+    return open_source(
+        args.data,
+        model,
+        preprocessing=preprocessing_from_args(args),
+        batch_size=args.batch_size,
+        limit=limit if limit is not None else args.limit,
+        offset=offset,
+        seed=args.seed,
+        input_shapes=input_shapes,
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -64,5 +83,3 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-

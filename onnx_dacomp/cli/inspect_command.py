@@ -15,8 +15,13 @@ def add_parser(commands) -> None:
     parser = commands.add_parser("inspect", help="list the Conv layers of a model with params and MACs")
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:NxCxHxW",
-                        help="fix dynamic input dims, e.g. input:1x3x224x224 (repeatable)")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:NxCxHxW",
+        help="fix dynamic input dims, e.g. input:1x3x224x224 (repeatable)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,17 +82,19 @@ def format_table(scan: TargetScan) -> str:
     header = ("layer", "kernel", "in", "out", "stride", "group", "params", "MACs", "decomposable")
     rows = []
     for layer in scan.layers:
-        rows.append((
-            layer.name,
-            "x".join(map(str, layer.kernel_shape)) or "?",
-            _fmt(layer.in_channels),
-            _fmt(layer.out_channels),
-            "x".join(map(str, layer.strides)) or "?",
-            str(layer.group),
-            _fmt(layer.params),
-            _fmt(layer.macs),
-            "yes" if layer.decomposable else f"no: {layer.skip_reason}",
-        ))
+        rows.append(
+            (
+                layer.name,
+                "x".join(map(str, layer.kernel_shape)) or "?",
+                _fmt(layer.in_channels),
+                _fmt(layer.out_channels),
+                "x".join(map(str, layer.strides)) or "?",
+                str(layer.group),
+                _fmt(layer.params),
+                _fmt(layer.macs),
+                "yes" if layer.decomposable else f"no: {layer.skip_reason}",
+            )
+        )
     totals = {"all": _totals(scan.layers), "decomposable": _totals(scan.targets)}
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     numeric = {2, 3, 6, 7}
@@ -100,8 +107,10 @@ def format_table(scan: TargetScan) -> str:
     out += [line(row) for row in rows]
     out.append("\n")
     for label, total in totals.items():
-        out.append(f"{label:>13}: {total['layers']} layers, {_fmt(total['params'])} params, "
-                   f"{_fmt(total['macs'])} MACs per image\n")
+        out.append(
+            f"{label:>13}: {total['layers']} layers, {_fmt(total['params'])} params, "
+            f"{_fmt(total['macs'])} MACs per image\n"
+        )
     if totals["all"]["macs"] is None:
         out.append("MACs marked ? depend on dynamic input dims: pass --input-shape NAME:NxCxHxW\n")
     return "".join(out)

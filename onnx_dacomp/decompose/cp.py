@@ -27,8 +27,17 @@ DEFAULT_RIDGE = 1e-9
 _AXES = "hwxyz"
 
 
-def cp_als(weight: np.ndarray, rank: int, *, max_iter: int = 100, tol: float = 1e-8, init: str = "svd",
-           seed: int = 0, ridge: float = DEFAULT_RIDGE, callback: Callback | None = None) -> Decomposition:
+def cp_als(
+    weight: np.ndarray,
+    rank: int,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-8,
+    init: str = "svd",
+    seed: int = 0,
+    ridge: float = DEFAULT_RIDGE,
+    callback: Callback | None = None,
+) -> Decomposition:
     """Frobenius CP by alternating least squares (as tensorly's `parafac` computes it)."""
     tensor = np.asarray(weight, np.float64)
     _check(tensor, rank)
@@ -40,8 +49,12 @@ def cp_als(weight: np.ndarray, rank: int, *, max_iter: int = 100, tol: float = 1
 
     def solve_mode(mode: int) -> np.ndarray:
         others = [m for m in range(tensor.ndim) if m != mode]
-        mttkrp = np.einsum(f"{letters},{','.join(letters[m] + 'r' for m in others)}->{letters[mode]}r",
-                           tensor, *(modes[m] for m in others), optimize=True)
+        mttkrp = np.einsum(
+            f"{letters},{','.join(letters[m] + 'r' for m in others)}->{letters[mode]}r",
+            tensor,
+            *(modes[m] for m in others),
+            optimize=True,
+        )
         gram = np.prod([modes[m].T @ modes[m] for m in others], axis=0)
         return _ridge_solve(gram, mttkrp.T).T, mttkrp
 
@@ -88,7 +101,6 @@ def da_cp(
     weight = np.asarray(weight, np.float64)
     _check(weight, rank)
     out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
-    taps = math.prod(kernel)
     if isinstance(init, CPFactors):
         start = [init.input_factor, *init.spatial_factors]
     elif init == "frobenius":
@@ -154,8 +166,11 @@ class _CPProblem:
         cross = np.einsum("trd,dr->tr", self.cross, taps_factor, optimize=True)  # W1 Sigma M
         gram = np.einsum("dreq,dr,eq->rq", self.gram, taps_factor, taps_factor, optimize=True)  # M^T Sigma M
         output_factor = _ridge_solve(gram, cross.T, self.ridge).T
-        fit = self.total - 2 * float(np.sum(output_factor * cross)) + float(
-            np.sum((output_factor.T @ output_factor) * gram))
+        fit = (
+            self.total
+            - 2 * float(np.sum(output_factor * cross))
+            + float(np.sum((output_factor.T @ output_factor) * gram))
+        )
         return output_factor, (max(0.0, fit / self.total) if self.total > 0 else 0.0)
 
     def spatial_step(self, axis, spatial, output_factor):
@@ -187,8 +202,13 @@ class _CPProblem:
             hessian = np.einsum("sdue,dr,eq->sruq", blocks, taps_factor, taps_factor, optimize=True)
             hessian = (hessian * coupling[None, :, None, :]).reshape(channels * rank, -1)
             return _ridge_solve(hessian, rhs.reshape(-1, 1), self.ridge).reshape(channels, rank)
-        diagonal = np.einsum("sdsd,dr,dr->sr", self.sigma.reshape(channels, taps, channels, taps),
-                             taps_factor, taps_factor, optimize=True) * np.diag(coupling)
+        diagonal = np.einsum(
+            "sdsd,dr,dr->sr",
+            self.sigma.reshape(channels, taps, channels, taps),
+            taps_factor,
+            taps_factor,
+            optimize=True,
+        ) * np.diag(coupling)
         shift = self.ridge * float(diagonal.mean())
 
         def apply(x):

@@ -21,8 +21,15 @@ from .svd import _sign_fixed, _top_eigenvectors
 Callback = Callable[[int, float], None]
 
 
-def tucker2_hooi(weight: np.ndarray, ranks: tuple[int, int], *, max_iter: int = 100, tol: float = 1e-4,
-                 init: str = "hosvd", seed: int = 0) -> Decomposition:
+def tucker2_hooi(
+    weight: np.ndarray,
+    ranks: tuple[int, int],
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    init: str = "hosvd",
+    seed: int = 0,
+) -> Decomposition:
     """Frobenius Tucker-2 over the output and input channel modes (what tensorly's partial_tucker gives).
 
     `ranks = (R_T, R_S)`. HOSVD initialization (`init="hosvd"`, `max_iter=0` gives plain HOSVD), then HOOI.
@@ -169,8 +176,10 @@ def _dims(weight: np.ndarray, ranks: tuple[int, int]):
     out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     rank_out, rank_in = (int(r) for r in ranks)
     if not (1 <= rank_out <= out_channels and 1 <= rank_in <= in_channels):
-        raise ValueError(f"Tucker-2 ranks {ranks} must lie in 1..{out_channels} x 1..{in_channels} "
-                         f"for a weight of shape {weight.shape}")
+        raise ValueError(
+            f"Tucker-2 ranks {ranks} must lie in 1..{out_channels} x 1..{in_channels} "
+            f"for a weight of shape {weight.shape}"
+        )
     return out_channels, in_channels, kernel, rank_out, rank_in
 
 
