@@ -16,6 +16,7 @@ needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../s
 def test_resnet56_layers_and_macs_by_hand():
     scan = find_targets(load_model(SHARED / "models" / "cifar10_resnet56.onnx"))
     assert len(scan.layers) == 55 and len(scan.targets) == 55
+
     # stem 3->16 at 32x32; 3 stages of 18 3x3 convs (16@32x32, 32@16x16, 64@8x8), the first of stages 2-3
     # with stride 2 and half the input channels; option-A shortcuts have no conv
     def stage(c_in, c, side):
