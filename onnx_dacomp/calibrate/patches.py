@@ -71,5 +71,6 @@ def patches(x: np.ndarray, layer: ConvLayer) -> np.ndarray:
 def patch_sums(x: np.ndarray, layer: ConvLayer) -> LayerStatistics:
     """Float64 sums of `x x^T` and `x` over every patch of the batch."""
     matrix = patches(x, layer)
-    second = np.matmul(matrix, matrix.transpose(0, 2, 1))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller, per layer
+        second = np.matmul(matrix, matrix.transpose(0, 2, 1))
     return LayerStatistics(second, matrix.sum(axis=2), matrix.shape[2])
