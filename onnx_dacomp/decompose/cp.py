@@ -19,7 +19,7 @@ import scipy.linalg
 from .cg import conjugate_gradients
 from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major
 from .factors import CPFactors
-from .result import Decomposition
+from .result import Decomposition, run_sweeps
 from .svd import _top_eigenvectors
 
 Callback = Callable[[int, float], None]
@@ -118,13 +118,9 @@ def da_cp(
 
     problem.set_input_factor(input_factor)
     output_factor, error = problem.output_step(spatial)
-    history, converged, sweep = [error], False, 0
-    if callback:
-        callback(0, error)
-    for sweep in range(1, max_iter + 1):
-        if error <= 1e-15:
-            converged = True
-            break
+
+    def sweep() -> float:
+        nonlocal input_factor, output_factor
         input_factor = problem.input_step(input_factor, spatial, output_factor, direct_limit, cg_iter)
         input_factor, output_factor = _normalized(input_factor, output_factor)
         problem.set_input_factor(input_factor)
@@ -132,15 +128,11 @@ def da_cp(
             spatial[axis] = problem.spatial_step(axis, spatial, output_factor)
             spatial[axis], output_factor = _normalized(spatial[axis], output_factor)
         output_factor, new_error = problem.output_step(spatial)
-        history.append(new_error)
-        if callback:
-            callback(sweep, new_error)
-        decrease, error = error - new_error, new_error
-        if decrease <= tol * max(history[-2], 1e-300):
-            converged = True
-            break
+        return new_error
+
+    history, sweeps, converged = run_sweeps(error, sweep, max_iter=max_iter, tol=tol, callback=callback)
     factors = CPFactors(input_factor, tuple(spatial), output_factor)
-    return Decomposition(factors, error, tuple(history), sweep, converged)
+    return Decomposition(factors, history[-1], tuple(history), sweeps, converged)
 
 
 class _CPProblem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .factors import Factors
@@ -21,3 +22,32 @@ class Decomposition:
     history: tuple[float, ...]
     iterations: int
     converged: bool
+
+
+def run_sweeps(
+    error: float,
+    sweep: Callable[[], float],
+    *,
+    max_iter: int,
+    tol: float,
+    callback: Callable[[int, float], None] | None,
+) -> tuple[list[float], int, bool]:
+    """The outer ALS loop: call `sweep()` (one pass over all factors, returning the new relative error)
+    until the error is ~0, a sweep lowers it by at most `tol` times itself, or `max_iter` sweeps ran.
+
+    `error` is the error of the initialization. Returns (history, sweeps run, converged).
+    """
+    history = [error]
+    if callback:
+        callback(0, error)
+    for iteration in range(1, max_iter + 1):
+        if error <= 1e-15:
+            return history, iteration - 1, True
+        new_error = sweep()
+        history.append(new_error)
+        if callback:
+            callback(iteration, new_error)
+        decrease, error = error - new_error, new_error
+        if decrease <= tol * max(history[-2], 1e-300):
+            return history, iteration, True
+    return history, max_iter, False

@@ -15,7 +15,7 @@ import scipy.linalg
 from .cg import conjugate_gradients
 from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major
 from .factors import Tucker2Factors
-from .result import Decomposition
+from .result import Decomposition, run_sweeps
 from .svd import _sign_fixed, _top_eigenvectors
 
 Callback = Callable[[int, float], None]
@@ -90,25 +90,17 @@ def da_tucker2(
         input_factor = _initial_input_factor(tensor, rank_in, init, seed)
 
     output_factor, core, error = problem.output_step(input_factor, rank_out)
-    history, converged, sweep = [error], False, 0
-    if callback:
-        callback(0, error)
-    for sweep in range(1, max_iter + 1):
-        if error <= 1e-15:
-            converged = True
-            break
+
+    def sweep() -> float:
+        nonlocal input_factor, output_factor, core
         solved = problem.input_step(input_factor, output_factor, core, direct_limit, cg_iter)
         input_factor = _orthonormal(solved)
         output_factor, core, new_error = problem.output_step(input_factor, rank_out)
-        history.append(new_error)
-        if callback:
-            callback(sweep, new_error)
-        decrease, error = error - new_error, new_error
-        if decrease <= tol * max(history[-2], 1e-300):
-            converged = True
-            break
+        return new_error
+
+    history, sweeps, converged = run_sweeps(error, sweep, max_iter=max_iter, tol=tol, callback=callback)
     factors = Tucker2Factors(input_factor, core.reshape(rank_out, rank_in, *kernel), output_factor)
-    return Decomposition(factors, error, tuple(history), sweep, converged)
+    return Decomposition(factors, history[-1], tuple(history), sweeps, converged)
 
 
 class _Problem:
