@@ -131,11 +131,6 @@ def read_weights(model: onnx.ModelProto, layers) -> dict[str, np.ndarray]:
     return {layer.name: resolver.value(layer.weight) for layer in layers if layer.decomposable}
 
 
-def read_biases(model: onnx.ModelProto, layers) -> dict[str, np.ndarray | None]:
-    resolver = ConstantResolver(model.graph)
-    return {layer.name: resolver.value(layer.bias) if layer.bias else None for layer in layers if layer.decomposable}
-
-
 def display_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 

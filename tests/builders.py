@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 IR_VERSION = 8  # what every onnxruntime release we support can load
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
@@ -86,6 +86,3 @@ def relative_error(actual, expected) -> float:
     difference = float(np.linalg.norm(np.asarray(actual, np.float64) - expected))
     scale = float(np.linalg.norm(expected))
     return difference / scale if scale > 0 else difference  # an all-padding output is exactly zero
-
-
-TENSOR_FLOAT = TensorProto.FLOAT

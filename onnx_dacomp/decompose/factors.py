@@ -67,12 +67,3 @@ def reconstruct(factors: Factors) -> np.ndarray:
         spec = "tr,sr," + ",".join(f"{axis}r" for axis in letters) + "->ts" + letters
         return np.einsum(spec, *operands, optimize=True)
     raise TypeError(f"not a factor container: {type(factors).__name__}")
-
-
-def factor_parameters(factors: Factors) -> int:
-    """Number of weights in the chain (biases excluded)."""
-    if isinstance(factors, SVDFactors):
-        return factors.first.size + factors.last.size
-    if isinstance(factors, Tucker2Factors):
-        return factors.input_factor.size + factors.core.size + factors.output_factor.size
-    return factors.input_factor.size + factors.output_factor.size + sum(f.size for f in factors.spatial_factors)
