@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 
@@ -76,6 +78,28 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s%s", path, f" (weights in {data_name})" if external else "")
+    return path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file through `write(stream)` atomically: a temp file in the same folder, then a rename, so
+    an existing file is replaced only when the new one is complete (also on Ctrl-C)."""
+    path = Path(path)
+    folder = output_folder(path)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return path
 
 

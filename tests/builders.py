@@ -30,6 +30,49 @@ def conv_model(weight, bias=None, *, input_shape, dtype=np.float32, opset=17, **
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
+def conv_stack(dtype=np.float32, channels=4, size=(9, 11), seed=0, input_channels=None):
+    """Input -> a chain of Convs covering stride, asymmetric pads, auto_pad, dilation and groups."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    specs = [
+        dict(kernel=(3, 3), strides=[1, 1], pads=[1, 1, 1, 1]),
+        dict(kernel=(3, 2), strides=[2, 1], pads=[0, 1, 2, 0]),
+        dict(kernel=(3, 3), auto_pad="SAME_UPPER", strides=[2, 2]),
+        dict(kernel=(2, 3), auto_pad="SAME_LOWER"),
+        dict(kernel=(3, 3), dilations=[2, 1], pads=[2, 1, 1, 0], group=2),
+        dict(kernel=(1, 1), auto_pad="VALID", strides=[1, 2]),
+    ]
+    nodes, inits, current = [], [], "x"
+    for index, spec in enumerate(specs):
+        spec = dict(spec)
+        kernel, group = spec.pop("kernel"), spec.get("group", 1)
+        fan_in = (input_channels or channels) if index == 0 else channels
+        weight = rng.standard_normal((channels, fan_in // group, *kernel)).astype(dtype)
+        inits.append(numpy_helper.from_array(weight, f"w{index}"))
+        inits.append(numpy_helper.from_array(rng.standard_normal(channels).astype(dtype), f"b{index}"))
+        out = f"c{index}"
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [current, f"w{index}", f"b{index}"],
+                [out],
+                name=f"conv{index}",
+                kernel_shape=list(kernel),
+                **spec,
+            )
+        )
+        nodes.append(helper.make_node("Relu", [out], [f"r{index}"]))
+        current = f"r{index}"
+    graph = helper.make_graph(
+        nodes,
+        "stack",
+        [helper.make_tensor_value_info("x", elem, ["n", input_channels or channels, *size])],
+        [helper.make_tensor_value_info(current, elem, [None] * 4)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -3,8 +3,8 @@
 import numpy as np
 import onnx
 import pytest
-from builders import IR_VERSION, SHARED, run, same_pads
-from onnx import helper, numpy_helper
+from builders import SHARED, conv_stack, run, same_pads
+from onnx import numpy_helper
 
 from onnx_dacomp.calibrate.collect import collect_statistics
 from onnx_dacomp.calibrate.sources import (
@@ -17,49 +17,6 @@ from onnx_dacomp.calibrate.sources import (
 from onnx_dacomp.calibrate.statistics import load_statistics, save_statistics
 from onnx_dacomp.errors import UserError
 from onnx_dacomp.targets import find_targets, read_weights
-
-
-def conv_stack(dtype=np.float32, channels=4, size=(9, 11), seed=0, input_channels=None):
-    """Input -> a chain of Convs covering stride, asymmetric pads, auto_pad, dilation and groups."""
-    rng = np.random.default_rng(seed)
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    specs = [
-        dict(kernel=(3, 3), strides=[1, 1], pads=[1, 1, 1, 1]),
-        dict(kernel=(3, 2), strides=[2, 1], pads=[0, 1, 2, 0]),
-        dict(kernel=(3, 3), auto_pad="SAME_UPPER", strides=[2, 2]),
-        dict(kernel=(2, 3), auto_pad="SAME_LOWER"),
-        dict(kernel=(3, 3), dilations=[2, 1], pads=[2, 1, 1, 0], group=2),
-        dict(kernel=(1, 1), auto_pad="VALID", strides=[1, 2]),
-    ]
-    nodes, inits, current = [], [], "x"
-    for index, spec in enumerate(specs):
-        spec = dict(spec)
-        kernel, group = spec.pop("kernel"), spec.get("group", 1)
-        fan_in = (input_channels or channels) if index == 0 else channels
-        weight = rng.standard_normal((channels, fan_in // group, *kernel)).astype(dtype)
-        inits.append(numpy_helper.from_array(weight, f"w{index}"))
-        inits.append(numpy_helper.from_array(rng.standard_normal(channels).astype(dtype), f"b{index}"))
-        out = f"c{index}"
-        nodes.append(
-            helper.make_node(
-                "Conv",
-                [current, f"w{index}", f"b{index}"],
-                [out],
-                name=f"conv{index}",
-                kernel_shape=list(kernel),
-                **spec,
-            )
-        )
-        nodes.append(helper.make_node("Relu", [out], [f"r{index}"]))
-        current = f"r{index}"
-    graph = helper.make_graph(
-        nodes,
-        "stack",
-        [helper.make_tensor_value_info("x", elem, ["n", input_channels or channels, *size])],
-        [helper.make_tensor_value_info(current, elem, None)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
 
 
 def reference_statistics(model, layer, batches):
@@ -318,3 +275,30 @@ def test_cuda_device_is_used_or_refused_clearly():
         assert provider_name(session) == "CUDA"
     assert provider_name(create_session(model, "cpu")) == "CPU"
     assert provider_name(create_session(model, "auto")) in ("CUDA", "CPU")
+
+
+def test_subsets_split_sources_into_disjoint_parts(tmp_path):
+    first, second = np.arange(30, dtype=np.float32).reshape(10, 3), np.arange(30, 51, dtype=np.float32).reshape(7, 3)
+    np.savez(tmp_path / "a.npz", x=first, labels=np.arange(10))
+    np.save(tmp_path / "b.npy", second)
+    source = ArraySource(tmp_path, ["x"], batch_size=4)
+    assert source.size == 17
+
+    def rows(part):
+        return np.concatenate([batch["x"] for batch in part])
+
+    everything = np.concatenate([first, second])
+    head, tail = source.subset(0, 12), source.subset(12, None)
+    assert (head.size, tail.size) == (12, 5)
+    assert np.array_equal(np.concatenate([rows(head), rows(tail)]), everything)
+    assert np.array_equal(rows(source.subset(8, 4)), everything[8:12])  # across the file boundary
+    with pytest.raises(UserError, match="none are left"):
+        source.subset(17, None)
+
+    _write_images(tmp_path / "images" / "a", 6)
+    _write_images(tmp_path / "images" / "b", 5, seed=1)
+    images = ImageFolderSource(tmp_path / "images", "x", (1, 3, 8, 8), seed=3)
+    parts = [images.subset(0, 4), images.subset(4, None)]
+    names = [{path for path, _ in part.files} for part in parts]
+    assert not names[0] & names[1] and len(names[0] | names[1]) == 11
+    assert parts[0].size == 4 and parts[1].size == 7

@@ -3,8 +3,8 @@
 import numpy as np
 import onnx
 import pytest
-from builders import conv_model
-from test_calibrate import _write_images, conv_stack
+from builders import conv_model, conv_stack
+from test_calibrate import _write_images
 
 from onnx_dacomp.calibrate.statistics import load_statistics
 from onnx_dacomp.cli import main

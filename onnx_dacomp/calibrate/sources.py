@@ -7,7 +7,9 @@ Sources with labels (class folders, .npz with a `labels` array) expose them thro
 
 from __future__ import annotations
 
+import copy
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,11 @@ class Source:
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         for batch in self:
             yield batch, None
+
+    def subset(self, offset: int, limit: int | None) -> Source:
+        """The samples `offset .. offset + limit` (in the source's order): disjoint subsets give splits.
+        Only sources of known size support it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split")
 
     def __iter__(self) -> Iterator[Batch]:
         for batch, _ in self.labelled():
@@ -122,8 +129,20 @@ class ImageFolderSource(Source):
             raise UserError(f"{self.folder} has {len(files)} images; offset {offset} leaves none")
         self.has_labels = bool(classes)
         self.classes = classes
+        self._describe()
+
+    def _describe(self) -> None:
         self.size = len(self.files)
-        self.description = f"{self.size} images from {self.folder}" + (f" ({len(classes)} classes)" if classes else "")
+        classes = f" ({len(self.classes)} classes)" if self.classes else ""
+        self.description = f"{self.size} images from {self.folder}{classes}"
+
+    def subset(self, offset: int, limit: int | None) -> ImageFolderSource:
+        part = copy.copy(self)
+        part.files = self.files[offset : None if limit is None else offset + limit]
+        if not part.files:
+            raise UserError(f"{self.folder}: {self.size} images leave none after the first {offset}")
+        part._describe()
+        return part
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         from PIL import Image, UnidentifiedImageError
@@ -144,7 +163,14 @@ class ImageFolderSource(Source):
 class ArraySource(Source):
     """`.npz` (arrays keyed by input name, optional `labels`) or `.npy` files, or a folder of them."""
 
-    def __init__(self, path: str | os.PathLike, input_names: list[str], batch_size: int = 32, limit: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        input_names: list[str],
+        batch_size: int = 32,
+        limit: int | None = None,
+        offset: int = 0,
+    ):
         path = Path(path)
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix in ARRAY_SUFFIXES)
@@ -156,8 +182,20 @@ class ArraySource(Source):
             self.files = [path]
         else:
             raise UserError(f"calibration data not found: {path}")
-        self.input_names, self.batch_size, self.limit = list(input_names), batch_size, limit
-        self.description = f"arrays from {path}"
+        self.input_names, self.batch_size, self.limit, self.offset = list(input_names), batch_size, limit, offset
+        self.path = path
+        available = sum(_array_length(file) for file in self.files)
+        self.size = max(0, min(available - offset, limit if limit is not None else available))
+        if self.size == 0:
+            raise UserError(f"{path} holds {available} samples; none are left after the first {offset}")
+        self.description = f"{self.size} samples from {path}"
+
+    def subset(self, offset: int, limit: int | None) -> ArraySource:
+        if limit is not None and self.limit is not None:
+            limit = min(limit, self.limit - offset)
+        elif limit is None:
+            limit = None if self.limit is None else self.limit - offset
+        return ArraySource(self.path, self.input_names, self.batch_size, limit, self.offset + offset)
 
     def _arrays(self, path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         try:
@@ -188,21 +226,24 @@ class ArraySource(Source):
         return arrays, labels
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
-        remaining = self.limit
+        skip, remaining = self.offset, self.size
         for path in self.files:
+            if remaining == 0:
+                return
+            length = _array_length(path)
+            if skip >= length:
+                skip -= length
+                continue
             arrays, labels = self._arrays(path)
-            length = len(next(iter(arrays.values())))
-            for start in range(0, length, self.batch_size):
-                stop = min(start + self.batch_size, length)
-                if remaining is not None:
-                    stop = min(stop, start + remaining)
-                    remaining -= stop - start
+            stop_file = min(length, skip + remaining)
+            for start in range(skip, stop_file, self.batch_size):
+                stop = min(start + self.batch_size, stop_file)
                 yield (
                     {name: array[start:stop] for name, array in arrays.items()},
                     None if labels is None else labels[start:stop],
                 )
-                if remaining == 0:
-                    return
+            remaining -= stop_file - skip
+            skip = 0
 
 
 class IterableSource(Source):
@@ -250,6 +291,26 @@ class RandomSource(Source):
                 {name: rng.standard_normal(shape).astype(self.dtypes[name]) for name, shape in self.shapes.items()},
                 None,
             )
+
+
+def _array_length(path: Path) -> int:
+    """Samples in a .npy/.npz file (axis 0 of its first array), read from the array header only."""
+    try:
+        if path.suffix == ".npy":
+            return len(np.load(path, mmap_mode="r", allow_pickle=False))
+        with zipfile.ZipFile(path) as archive:
+            member = next((name for name in archive.namelist() if name != "labels.npy"), None)
+            if member is None:
+                return 0
+            with archive.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                reader = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape = reader(stream)[0]
+        return shape[0] if shape else 0
+    except (OSError, ValueError, zipfile.BadZipFile, StopIteration) as exc:
+        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -302,9 +363,7 @@ def open_source(
     if not path.exists():
         raise UserError(f"calibration data not found: {path} (give a folder of images, .npz/.npy files, or 'random')")
     if path.is_file() or any(p.suffix in ARRAY_SUFFIXES for p in path.iterdir()):
-        if offset:
-            raise UserError("an offset into the data is only supported for image folders")
-        return ArraySource(path, names, batch_size=batch_size, limit=limit)
+        return ArraySource(path, names, batch_size=batch_size, limit=limit, offset=offset)
     if len(inputs) != 1:
         raise UserError(f"image folders feed single-input models; this one has inputs {names}: use .npz files")
     shape = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..save import output_folder
+from ..save import write_atomically
 from ..targets import ConvLayer
 
 FORMAT_VERSION = 1
@@ -98,7 +97,6 @@ def layer_fingerprint(layer: ConvLayer, weight: np.ndarray) -> str:
 def save_statistics(statistics: Statistics, path: str | os.PathLike) -> Path:
     """Write an .npz atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    folder = output_folder(path)
     names = list(statistics.layers)
     meta = {
         "format": "onnx-dacomp statistics",
@@ -115,20 +113,7 @@ def save_statistics(statistics: Statistics, path: str | os.PathLike) -> Path:
     for index, name in enumerate(names):
         arrays[f"second_{index}"] = statistics.layers[name].second
         arrays[f"first_{index}"] = statistics.layers[name].first
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
-    except OSError as exc:
-        raise UserError(f"cannot write to output folder {folder}: {exc.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomically(path, lambda stream: np.savez(stream, **arrays))
     return path
 
 

@@ -9,16 +9,28 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import UserError
-from . import calibrate_command, inspect_command
+from . import calibrate_command, compress_command, evaluate_command, inspect_command
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS = {"inspect": inspect_command, "calibrate": calibrate_command}
+COMMANDS = {
+    "inspect": inspect_command,
+    "calibrate": calibrate_command,
+    "compress": compress_command,
+    "evaluate": evaluate_command,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong, where to look), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnx-dacomp",
         description="Distribution-aware low-rank compression of ONNX convolutional networks.",
     )
@@ -45,7 +57,10 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version: argparse already wrote the message
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     _configure_logging(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command].run(args)

@@ -8,11 +8,10 @@ from ..calibrate.collect import collect_statistics
 from ..calibrate.statistics import save_statistics
 from ..load import load_model
 from ..log import logger
-from ..runtime import DEVICES
 from ..save import output_folder
 from ..shapes import parse_input_shapes
 from ..targets import find_targets
-from .data_options import add_data_arguments, source_from_args
+from .data_options import add_data_arguments, add_runtime_arguments, source_from_args
 
 
 def add_parser(commands) -> None:
@@ -20,10 +19,7 @@ def add_parser(commands) -> None:
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("-o", "--output", required=True, help="statistics file to write (.npz)")
     add_data_arguments(parser, required=True)
-    parser.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME:NxCxHxW", help="fix dynamic input dims (repeatable)"
-    )
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="execution provider (default auto)")
+    add_runtime_arguments(parser)
     parser.add_argument(
         "--mode",
         choices=("auto", "graph", "numpy"),

@@ -87,6 +87,14 @@ def sigma_error(weight: np.ndarray, approximation: np.ndarray, sigma: np.ndarray
     return float(np.einsum("ij,ij->", difference @ sigma, difference) / np.einsum("ij,ij->", weight @ sigma, weight))
 
 
+def output_energy(weight: np.ndarray, sigma: np.ndarray | None) -> float:
+    """`||W1 L||^2 = tr(W1 Sigma W1^T)`: the denominator of the relative error (Frobenius when None)."""
+    matrix = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
+    if sigma is None:
+        return float(np.sum(matrix**2))
+    return float(np.einsum("ij,ij->", matrix @ np.asarray(sigma, np.float64), matrix))
+
+
 def tap_major(sigma: np.ndarray, channels: int, taps: int) -> np.ndarray:
     """`Sigma[(s,d),(u,e)]` rearranged as `[d, s, e, u]` (contiguous), so that products with a channel
     factor on `u` are one large GEMM that leaves `(e, r)` adjacent."""

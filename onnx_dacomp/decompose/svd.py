@@ -28,6 +28,18 @@ def truncated_svd(weight: np.ndarray, rank: int) -> Decomposition:
     return _project(weight, matrix, _sign_fixed(left[:, :rank]), None)
 
 
+def svd_rank_errors(weight: np.ndarray, sigma: np.ndarray | None) -> np.ndarray:
+    """Relative Sigma-errors of `da_svd` (or `truncated_svd` when `sigma` is None) for every rank
+    1..min(T, S*D): the tail sums of the eigenvalues of `W1 Sigma W1^T`, exact and all at once."""
+    matrix = _as_matrix(weight, 1)
+    gram = matrix @ matrix.T if sigma is None else matrix @ np.asarray(sigma, np.float64) @ matrix.T
+    values = np.clip(scipy.linalg.eigvalsh((gram + gram.T) / 2)[::-1], 0.0, None)[: min(matrix.shape)]
+    total = float(np.trace(gram))
+    if total <= 0:
+        return np.zeros(len(values))
+    return np.clip((total - np.cumsum(values)) / total, 0.0, 1.0)
+
+
 def _project(weight, matrix, basis, sigma) -> Decomposition:
     first = (basis.T @ matrix).reshape(basis.shape[1], *weight.shape[1:])
     factors = SVDFactors(first=first, last=basis)

@@ -7,13 +7,13 @@ Weight `W` (T, S, *kernel), `D = prod(kernel)`, `W1 = W.reshape(T, S*D)`, `Sigma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.linalg
 
 from .cg import conjugate_gradients
-from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major
+from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major, whiten
 from .factors import Tucker2Factors
 from .result import Decomposition, run_sweeps
 from .svd import _sign_fixed, _top_eigenvectors
@@ -64,7 +64,7 @@ def da_tucker2(
     *,
     max_iter: int = 100,
     tol: float = 1e-4,
-    init: str = "hooi",
+    init: str | np.ndarray = "hooi",
     seed: int = 0,
     floor: float = DEFAULT_FLOOR,
     direct_limit: int = 3072,
@@ -76,7 +76,8 @@ def da_tucker2(
     Each sweep: the input factor U_S from its normal equations (direct solve while `S*R_S <= direct_limit`,
     else preconditioned CG warm-started at the current U_S), re-orthonormalized; then (U_T, core) jointly
     by reduced-rank regression. The error never increases. `init`: "hooi" (the Frobenius solution, so the
-    result is never worse than it in the Sigma-norm), "hosvd" or "random" (seeded). Stops when a sweep
+    result is never worse than it in the Sigma-norm), "hosvd", "random" (seeded), or a starting U_S
+    (S, R_S) such as `weighted_input_factor(...)[:, :R_S]`. Stops when a sweep
     lowers the relative error by less than `tol` times itself. `callback(sweep, rel_error)` after each sweep.
     """
     weight = np.asarray(weight, np.float64)
@@ -84,7 +85,11 @@ def da_tucker2(
     taps = math.prod(kernel)
     problem = _Problem(weight.reshape(out_channels, -1), regularize(sigma, floor), in_channels, taps)
     tensor = weight.reshape(out_channels, in_channels, taps)
-    if init == "hooi":
+    if isinstance(init, np.ndarray):
+        if init.shape != (in_channels, rank_in):
+            raise ValueError(f"initial input factor has shape {init.shape}, expected {(in_channels, rank_in)}")
+        input_factor = _orthonormal(np.asarray(init, np.float64))
+    elif init == "hooi":
         input_factor = tucker2_hooi(weight, ranks).factors.input_factor
     else:
         input_factor = _initial_input_factor(tensor, rank_in, init, seed)
@@ -115,16 +120,20 @@ class _Problem:
         self.channel_covariance = np.einsum("sdud->su", blocks, optimize=True)  # Kronecker preconditioner factors
         self.tap_covariance = np.einsum("sdse->de", blocks, optimize=True)
 
-    def output_step(self, input_factor: np.ndarray, rank_out: int):
-        """Optimal (U_T, G1) for the given U_S: reduced-rank regression. Returns them and the rel. error."""
+    def regression(self, input_factor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`M = W1 Sigma P A^-1` (the unconstrained optimum given U_S) and `M A M^T`, `A = P^T Sigma P`."""
         channels, taps, rank = self.channels, self.taps, input_factor.shape[1]
         gram = sandwich(self.blocks, input_factor).transpose(1, 0, 3, 2).reshape(rank * taps, -1)
-        gram = (gram + gram.T) / 2  # A = P^T Sigma P
+        gram = (gram + gram.T) / 2
         cross = np.einsum("tsd,sr->trd", self.weighted.reshape(-1, channels, taps), input_factor, optimize=True)
         cross = cross.reshape(len(self.matrix), -1)  # W1 Sigma P
-        regression = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram), cross.T).T  # M = W1 Sigma P A^-1
-        explained = regression @ cross.T  # M A M^T
-        explained = (explained + explained.T) / 2
+        regression = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram), cross.T).T
+        explained = regression @ cross.T
+        return regression, (explained + explained.T) / 2
+
+    def output_step(self, input_factor: np.ndarray, rank_out: int):
+        """Optimal (U_T, G1) for the given U_S: reduced-rank regression. Returns them and the rel. error."""
+        regression, explained = self.regression(input_factor)
         size = len(explained)
         values, vectors = scipy.linalg.eigh(explained, subset_by_index=[size - rank_out, size - 1])
         output_factor = _sign_fixed(vectors[:, ::-1])
@@ -160,6 +169,56 @@ class _Problem:
 
         solution, _ = conjugate_gradients(apply, rhs, input_factor, precondition, max_iter=cg_iter, tol=1e-10)
         return solution
+
+
+def weighted_input_factor(weight: np.ndarray, sigma: np.ndarray | None, *, floor: float = DEFAULT_FLOOR) -> np.ndarray:
+    """A nested family of input factors: column prefixes `[:, :R_S]` are good starting U_S for every R_S.
+
+    The HOSVD input factor in the metric of the input channels: with `C` the channel covariance (Sigma
+    averaged over the kernel taps), the top left singular vectors V of `C^(1/2) W_(S)` (the mode-S
+    unfolding), mapped back as `C^(-1/2) V` and orthonormalized (QR keeps prefixes nested). With
+    `sigma=None` this is the plain HOSVD factor.
+    """
+    weight = np.asarray(weight, np.float64)
+    out_channels, in_channels = weight.shape[:2]
+    unfolding = np.swapaxes(weight.reshape(out_channels, in_channels, -1), 0, 1).reshape(in_channels, -1)
+    if sigma is None:
+        return _top_left(unfolding, in_channels)
+    taps = unfolding.shape[1] // out_channels
+    channel = np.einsum("sdud->su", np.asarray(sigma, np.float64).reshape(in_channels, taps, in_channels, taps))
+    whitening = whiten(channel / taps, floor)
+    root = (whitening.eigenvectors * np.sqrt(whitening.eigenvalues)) @ whitening.eigenvectors.T
+    inverse_root = (whitening.eigenvectors / np.sqrt(whitening.eigenvalues)) @ whitening.eigenvectors.T
+    return _orthonormal(inverse_root @ _top_left(root @ unfolding, in_channels))
+
+
+def tucker2_rank_errors(
+    weight: np.ndarray,
+    sigma: np.ndarray | None,
+    input_factor: np.ndarray,
+    ranks_in: Sequence[int],
+    *,
+    floor: float = DEFAULT_FLOOR,
+) -> np.ndarray:
+    """Relative Sigma-errors of Tucker-2 for every R_S in `ranks_in` and every R_T = 1..T at once.
+
+    For each R_S, U_S = `input_factor[:, :R_S]` and (U_T, core) are the exact reduced-rank regression, so
+    the error for all R_T follows from one eigendecomposition. Returns `errors[i, R_T - 1]`: the error
+    `da_tucker2` starts from (initialized with that U_S) and never exceeds.
+    """
+    weight = np.asarray(weight, np.float64)
+    out_channels, in_channels = weight.shape[:2]
+    taps = math.prod(weight.shape[2:])
+    covariance = np.eye(in_channels * taps) if sigma is None else regularize(sigma, floor)
+    problem = _Problem(weight.reshape(out_channels, -1), covariance, in_channels, taps)
+    errors = np.ones((len(ranks_in), out_channels))
+    if problem.total <= 0:
+        return np.zeros_like(errors)
+    for index, rank_in in enumerate(ranks_in):
+        _, explained = problem.regression(input_factor[:, :rank_in])
+        values = np.clip(scipy.linalg.eigvalsh(explained)[::-1], 0.0, None)
+        errors[index] = np.clip((problem.total - np.cumsum(values)) / problem.total, 0.0, 1.0)
+    return errors
 
 
 def _dims(weight: np.ndarray, ranks: tuple[int, int]):

@@ -1,0 +1,63 @@
+"""What `compress` should do: one frozen config object, built by the CLI and by Python callers alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+METHODS = ("tucker2", "cp", "svd", "auto")
+NORMS = ("sigma", "frobenius")
+BUDGETS = ("params", "macs")
+ALLOCATIONS = ("allocated", "uniform")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Options of one compression run.
+
+    `ratio`: size of the model's convolution part after compression relative to before (parameters, or
+    MACs with `budget="macs"`); None compresses only the layers named in `ranks`. `ranks` maps layer names
+    (as `inspect` prints them) to exact ranks: an int (svd/cp rank, or R_T = R_S for tucker2), a pair
+    (R_T, R_S) for tucker2, or `{"method": ..., "ranks": ...}`. `exclude`: glob patterns of layer names
+    left untouched. `holdout`: samples of the data kept out of calibration for verification; `limit`: at most
+    this many calibration samples (after the held-out ones).
+    """
+
+    method: str = "tucker2"
+    norm: str = "sigma"
+    ratio: float | None = 0.5
+    budget: str = "params"
+    allocation: str = "allocated"
+    ranks: Mapping[str, object] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    rank_multiple: int = 1
+    device: str = "auto"
+    seed: int = 0
+    holdout: int = 500
+    limit: int | None = None
+    max_iter: int = 100
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("norm", self.norm, NORMS),
+            ("budget", self.budget, BUDGETS),
+            ("allocation", self.allocation, ALLOCATIONS),
+        ):
+            if value not in allowed:
+                raise UserError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise UserError(f"--ratio must lie in (0, 1], got {self.ratio}")
+        if self.ratio is None and not self.ranks:
+            raise UserError("give a target --ratio or exact --ranks")
+        if self.rank_multiple < 1:
+            raise UserError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}")
+        if self.holdout < 0:
+            raise UserError(f"--holdout must be >= 0, got {self.holdout}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be a positive integer, got {self.limit}")
+        if self.max_iter < 0:
+            raise UserError(f"max_iter must be >= 0, got {self.max_iter}")

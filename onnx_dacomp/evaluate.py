@@ -1,0 +1,153 @@
+"""Stage 7: compare a compressed model with its original on held-out data, and time both in onnxruntime."""
+
+from __future__ import annotations
+
+import statistics as stats
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .calibrate.collect import check_batch
+from .calibrate.sources import IterableSource, Source
+from .errors import UserError
+from .runtime import create_session, provider_name
+from .shapes import graph_inputs
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Outputs of two models on the same samples (first model output; classes along axis 1).
+
+    `rel_output_error` = ||Y~ - Y||_F / ||Y||_F over all samples; `top1_agreement` = share of samples (and
+    positions, for dense outputs) where both argmaxes agree; top-1 accuracies only when labels exist.
+    """
+
+    samples: int
+    top1_agreement: float
+    rel_output_error: float
+    top1_original: float | None = None
+    top1_compressed: float | None = None
+
+    @property
+    def top1_drop(self) -> float | None:
+        if self.top1_original is None or self.top1_compressed is None:
+            return None
+        return self.top1_original - self.top1_compressed
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median wall time of one `session.run` on a batch (same session options for both models)."""
+
+    batch: int
+    original_ms: float
+    compressed_ms: float
+    provider: str
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_ms / self.original_ms
+
+
+def compare_models(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    source: Source | Iterable,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+) -> Comparison:
+    inputs = {value.name: value for value in graph_inputs(original)}
+    if not isinstance(source, Source):
+        source = IterableSource(source, list(inputs))
+    first, second = create_session(original, device), create_session(compressed, device)
+    agree = positions = samples = 0
+    squared_error = squared_norm = 0.0
+    correct = [0, 0]
+    labelled = True
+    bar = tqdm(total=source.size, unit="img", desc="verifying", disable=None if progress else True, leave=False)
+    try:
+        for index, (batch, labels) in enumerate(source.labelled()):
+            batch = check_batch(batch, inputs, index)
+            reference = np.asarray(first.run(None, batch)[0], np.float64)
+            output = np.asarray(second.run(None, batch)[0], np.float64)
+            squared_error += float(np.sum((output - reference) ** 2))
+            squared_norm += float(np.sum(reference**2))
+            predicted = [_classes(reference), _classes(output)]
+            agree += int(np.sum(predicted[0] == predicted[1]))
+            positions += predicted[0].size
+            samples += len(reference)
+            if labels is None or predicted[0].ndim != 1:
+                labelled = False
+            else:
+                for k in range(2):
+                    correct[k] += int(np.sum(predicted[k] == np.asarray(labels)))
+            bar.update(len(reference))
+    finally:
+        bar.close()
+    if samples == 0:
+        raise UserError(f"the evaluation data ({getattr(source, 'description', 'data')}) yielded no samples")
+    return Comparison(
+        samples=samples,
+        top1_agreement=agree / positions,
+        rel_output_error=float(np.sqrt(squared_error / squared_norm)) if squared_norm > 0 else float(squared_error > 0),
+        top1_original=correct[0] / samples if labelled else None,
+        top1_compressed=correct[1] / samples if labelled else None,
+    )
+
+
+def measure_latency(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    batch: dict[str, np.ndarray],
+    *,
+    device: str = "auto",
+    warmup: int = 5,
+    repeats: int = 30,
+) -> Latency:
+    """Median latency of both models on `batch`, runs interleaved so that machine noise hits both alike."""
+    sessions = [create_session(original, device), create_session(compressed, device)]
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, batch)
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for session, measured in zip(sessions, times):
+            start = time.perf_counter()
+            session.run(None, batch)
+            measured.append(time.perf_counter() - start)
+    return Latency(
+        batch=len(next(iter(batch.values()))),
+        original_ms=1000 * stats.median(times[0]),
+        compressed_ms=1000 * stats.median(times[1]),
+        provider=provider_name(sessions[0]),
+    )
+
+
+def benchmark_batches(source: Source, sizes) -> list[dict[str, np.ndarray]]:
+    """Batches of each size from the first samples of `source` (repeated when the source is smaller)."""
+    largest, parts, count = max(sizes), [], 0
+    for batch in source:
+        parts.append(batch)
+        count += len(next(iter(batch.values())))
+        if count >= largest:
+            break
+    if not parts:
+        raise UserError("the data yielded no samples to time the models with")
+    joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    batches = []
+    for size in sizes:
+        repeat = -(-size // count)
+        batches.append({name: np.concatenate([array] * repeat)[:size] for name, array in joined.items()})
+    return batches
+
+
+def _classes(output: np.ndarray) -> np.ndarray:
+    """Argmax over the class axis (axis 1): (N,) for logits, (N, positions) for dense predictions."""
+    if output.ndim <= 2:
+        return output.reshape(len(output), -1).argmax(axis=1)
+    return output.reshape(output.shape[0], output.shape[1], -1).argmax(axis=1)

@@ -1,0 +1,158 @@
+"""Choosing ranks for a global budget (DESIGN.md 2.5): allocated across layers, or uniform per layer.
+
+Allocated: minimize the sum of the layers' relative errors subject to the total cost. Each layer's
+candidates are reduced to the lower convex hull of (cost, error), starting at the original layer (its
+cost, error 0); moves along the hulls are taken greedily, cheapest error per saved unit first, until the
+budget is met (the Lagrangian solution). The last move is then refined to the least-error candidate of that
+layer that still meets the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Mapping, Sequence
+
+from .candidates import Candidate, CandidateTable
+from .costs import ConvGeometry, chain_cost, original_cost
+
+Choice = Candidate | None  # None: keep the original layer
+
+
+def allocate(tables: Sequence[CandidateTable], budget: str, target: float, fixed: float) -> dict[str, Choice]:
+    """Pick at most one candidate per layer so that `fixed + sum(costs) <= target` with the least total error.
+
+    `fixed`: the cost of everything not in `tables`. When the target cannot be reached every layer gets its
+    cheapest candidate (the caller reports the ratio reached).
+    """
+    hulls = {table.name: _hull(table, budget) for table in tables}
+    position = {name: 0 for name in hulls}
+    total = fixed + sum(table.original.of(budget) for table in tables)
+    moves = [(_slope(hull, 0, budget), name) for name, hull in hulls.items() if len(hull) > 1]
+    heapq.heapify(moves)
+    last = None
+    while total > target and moves:
+        _, name = heapq.heappop(moves)
+        hull, index = hulls[name], position[name]
+        total -= _cost(hull[index], budget) - _cost(hull[index + 1], budget)
+        position[name] = index + 1
+        last = name
+        if index + 2 < len(hull):
+            heapq.heappush(moves, (_slope(hull, index + 1, budget), name))
+    choices = {name: _choice(hulls[name][position[name]]) for name in hulls}
+    if last is not None and total <= target:
+        table = next(t for t in tables if t.name == last)
+        room = target - (total - _cost(choices[last], budget))
+        fitting = [c for c in table.candidates if c.cost.of(budget) <= room]
+        if fitting:
+            best = min(fitting, key=lambda c: (c.error, c.cost.of(budget)))
+            if best.error < choices[last].error:
+                choices[last] = best
+    return choices
+
+
+def uniform(
+    geometries: Mapping[str, ConvGeometry],
+    methods: Mapping[str, Sequence[str]],
+    budget: str,
+    target: float,
+    fixed: float,
+    multiple: int = 1,
+    choose: Callable[[str, list[tuple[str, tuple[int, ...]]]], tuple[str, tuple[int, ...]]] | None = None,
+) -> dict[str, Choice]:
+    """The same size ratio for every layer (what most tools do), chosen so the total meets `target`.
+
+    Ranks follow the ratio with a fixed proportion (tucker2: R_T/T = R_S/S). The per-layer ratio is found by
+    bisection. With several methods per layer, `choose(name, options)` picks one of the (method, ranks)
+    options (by default the first method).
+    """
+
+    def plan(ratio: float) -> dict[str, tuple[str, tuple[int, ...]] | None]:
+        result = {}
+        for name, geometry in geometries.items():
+            options = [(m, r) for m in methods[name] if (r := uniform_ranks(geometry, m, ratio, budget, multiple))]
+            result[name] = (choose(name, options) if choose and len(options) > 1 else options[0]) if options else None
+        return result
+
+    def total(chosen) -> float:
+        return fixed + sum(
+            chain_cost(geometries[n], *c).of(budget) if c else original_cost(geometries[n]).of(budget)
+            for n, c in chosen.items()
+        )
+
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if total(plan(middle)) <= target else (low, middle)
+    chosen = plan(low)
+    return {
+        name: Candidate(c[0], c[1], chain_cost(geometries[name], *c), float("nan")) if c else None
+        for name, c in chosen.items()
+    }
+
+
+def uniform_ranks(
+    geometry: ConvGeometry, method: str, ratio: float, budget: str, multiple: int = 1
+) -> tuple[int, ...] | None:
+    """The largest ranks of `method` whose chain costs at most `ratio` times the layer; the smallest ranks
+    if none does but they still save; None if no ranks save anything."""
+    original = original_cost(geometry).of(budget)
+    limits = geometry.max_ranks[method]
+    if method == "tucker2":
+        out_channels, in_channels = limits
+        options = []
+        for rank_out in range(multiple, out_channels + multiple, multiple):
+            rank_out = min(rank_out, out_channels)
+            rank_in = min(in_channels, max(multiple, _round_to(rank_out * in_channels / out_channels, multiple)))
+            options.append((rank_out, rank_in))
+    else:
+        options = [(min(r, limits[0]),) for r in range(multiple, limits[0] + multiple, multiple)]
+    options = [r for r in options if chain_cost(geometry, method, r).of(budget) < original]
+    if not options:
+        return None
+    fitting = [r for r in options if chain_cost(geometry, method, r).of(budget) <= ratio * original]
+    return fitting[-1] if fitting else options[0]
+
+
+def _choice(point) -> Choice:
+    return point if isinstance(point, Candidate) else None
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return int(round(value / multiple)) * multiple
+
+
+def _cost(choice: Choice, budget: str) -> int:
+    return choice.cost.of(budget) if isinstance(choice, Candidate) else choice
+
+
+def _hull(table: CandidateTable, budget: str) -> list:
+    """Lower convex hull of (cost, error) from the original layer (first entry: its cost as an int) down to
+    the cheapest candidate; costs strictly decrease and errors strictly increase along it."""
+    start = table.original.of(budget)
+    front, best = [], float("inf")
+    for candidate in sorted(table.candidates, key=lambda c: (c.cost.of(budget), c.error)):
+        if candidate.cost.of(budget) < start and candidate.error < best:  # Pareto-optimal
+            front.append(candidate)
+            best = candidate.error
+    hull: list = []
+    for point in [*front, start]:  # Andrew's monotone chain, costs ascending
+        while len(hull) > 1 and _cross(hull[-2], hull[-1], point, budget) <= 0:
+            hull.pop()
+        hull.append(point)
+    return hull[::-1]
+
+
+def _error(point) -> float:
+    return point.error if isinstance(point, Candidate) else 0.0
+
+
+def _slope(hull: list, index: int, budget: str) -> float:
+    """Error added per unit of cost saved by the move from hull[index] to hull[index + 1]."""
+    saved = _cost(hull[index], budget) - _cost(hull[index + 1], budget)
+    return (_error(hull[index + 1]) - _error(hull[index])) / max(saved, 1e-300)
+
+
+def _cross(o, a, b, budget: str) -> float:
+    ox, ax, bx = _cost(o, budget), _cost(a, budget), _cost(b, budget)
+    oy, ay, by = _error(o), _error(a), _error(b)
+    return (ax - ox) * (by - oy) - (ay - oy) * (bx - ox)

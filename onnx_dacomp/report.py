@@ -1,0 +1,133 @@
+"""What a compression run did, per layer and in total: a table for the log and JSON for `--report`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from .evaluate import Comparison
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One convolution layer. `method` is None when the layer was left as it is (`reason` says why)."""
+
+    name: str
+    method: str | None
+    ranks: tuple[int, ...] | None  # per group: (R,) for svd/cp, (R_T, R_S) for tucker2
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    rel_error: float  # ||(W1 - W1~) L||^2 / ||W1 L||^2 of the fitted chain, 0 when left as it is
+    estimated_error: float | None = None  # the allocation's estimate (an upper bound of rel_error)
+    sweeps: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    layers: tuple[LayerReport, ...]
+    error_norm: str  # the covariance `rel_error` is measured in: "sigma" (calibration data) or "frobenius"
+    budget: str
+    target_ratio: float | None
+    verification: Comparison | None
+    calibration: str | None  # description of the data the statistics came from
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    settings: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        keys = ("params_before", "params_after", "macs_before", "macs_after")
+        return {key: sum(getattr(layer, key) for layer in self.layers) for key in keys}
+
+    @property
+    def ratio(self) -> float:
+        """The size reached, in the budget's unit, relative to before."""
+        totals = self.totals
+        return totals[f"{self.budget}_after"] / max(totals[f"{self.budget}_before"], 1)
+
+    @property
+    def compressed(self) -> tuple[LayerReport, ...]:
+        return tuple(layer for layer in self.layers if layer.method is not None)
+
+    def to_dict(self) -> dict:
+        verification = None
+        if self.verification is not None:
+            verification = {**asdict(self.verification), "top1_drop": self.verification.top1_drop}
+        return {
+            "layers": [asdict(layer) | {"ranks": list(layer.ranks) if layer.ranks else None} for layer in self.layers],
+            "totals": self.totals,
+            "ratio": {"budget": self.budget, "target": self.target_ratio, "reached": self.ratio},
+            "verification": verification,
+            "error_norm": self.error_norm,
+            "calibration": self.calibration,
+            "seconds": dict(self.seconds),
+            "settings": dict(self.settings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable)
+
+    def table(self) -> str:
+        """Per-layer table with totals, and the verification line."""
+        header = ("layer", "method", "ranks", "params", "", "MACs", "", f"rel.err ({self.error_norm})")
+        rows = [header]
+        for layer in self.layers:
+            rows.append(
+                (
+                    layer.name,
+                    layer.method or "-",
+                    "x".join(map(str, layer.ranks)) if layer.ranks else (layer.reason or "")[:40],
+                    f"{layer.params_before:,}",
+                    f"-> {layer.params_after:,}",
+                    f"{layer.macs_before:,}",
+                    f"-> {layer.macs_after:,}",
+                    f"{layer.rel_error:.4g}" if layer.method else "",
+                )
+            )
+        totals = self.totals
+        rows.append(
+            (
+                "total",
+                f"{len(self.compressed)} of {len(self.layers)}",
+                "",
+                f"{totals['params_before']:,}",
+                f"-> {totals['params_after']:,}",
+                f"{totals['macs_before']:,}",
+                f"-> {totals['macs_after']:,}",
+                "",
+            )
+        )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        p_ratio = totals["params_after"] / max(totals["params_before"], 1)
+        m_ratio = totals["macs_after"] / max(totals["macs_before"], 1)
+        lines.append(
+            f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%} (target {self.budget} ratio {self.target_ratio})"
+        )
+        lines.append(verification_line(self.verification))
+        return "\n".join(lines)
+
+
+def verification_line(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return "verification: none (no held-out data)"
+    text = (
+        f"verification on {comparison.samples} held-out samples: top-1 agreement {comparison.top1_agreement:.2%}, "
+        f"relative output error {comparison.rel_output_error:.4f}"
+    )
+    if comparison.top1_original is not None:
+        text += f", top-1 {comparison.top1_original:.2%} -> {comparison.top1_compressed:.2%}"
+    return text
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,271 @@
+"""End-to-end compression on generated models: promised size, exact at full rank, reports, verification."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from builders import SHARED, conv_stack, relative_error, run
+
+import onnx_dacomp
+from onnx_dacomp.calibrate.sources import ArraySource
+from onnx_dacomp.cli import main
+from onnx_dacomp.config import CompressConfig
+from onnx_dacomp.errors import UserError
+from onnx_dacomp.targets import find_targets
+
+
+def _stack(channels=16, seed=0):
+    model = conv_stack(channels=channels, size=(12, 12), seed=seed, input_channels=3)
+    # a real data distribution: smooth, correlated images (low-rank patch covariance), not white noise
+    return model
+
+
+def _images(count, seed=0, channels=3, size=(12, 12)):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((count, channels, size[0] // 3, size[1] // 3))
+    smooth = base.repeat(3, axis=2).repeat(3, axis=3)
+    return (smooth + 0.05 * rng.standard_normal((count, channels, *size))).astype(np.float32)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=_images(160), labels=np.arange(160) % 10)
+    return path
+
+
+def _conv_totals(model):
+    """Params and MACs of every Conv in a model, from its own graph (independent of the report)."""
+    layers = find_targets(model).layers
+    return sum(layer.params for layer in layers), sum(layer.macs for layer in layers)
+
+
+@pytest.mark.parametrize("budget", ["params", "macs"])
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd", "auto"])
+def test_output_has_the_promised_size(data_file, method, budget):
+    model = _stack()
+    config = CompressConfig(method=method, ratio=0.5, budget=budget, holdout=32, max_iter=5)
+    result = onnx_dacomp.compress(model, ArraySource(data_file, ["x"], batch_size=32), config, progress=False)
+    onnx.checker.check_model(result.model)
+    params_before, macs_before = _conv_totals(model)
+    params_after, macs_after = _conv_totals(result.model)
+    totals = result.report.totals
+    assert (totals["params_before"], totals["macs_before"]) == (params_before, macs_before)
+    assert (totals["params_after"], totals["macs_after"]) == (params_after, macs_after)
+    kept = {"params": params_after / params_before, "macs": macs_after / macs_before}[budget]
+    assert 0.45 <= kept <= 0.5
+    assert result.report.verification.samples == 32
+    x = _images(4, seed=9)
+    assert relative_error(run(result.model, {"x": x})[0], run(model, {"x": x})[0]) < 1.0
+
+
+@pytest.mark.parametrize("method", ["tucker2", "svd"])
+def test_full_ranks_reproduce_the_original(data_file, method):
+    model = _stack(channels=8)
+    scan = find_targets(model)
+    ranks = {}
+    for layer in scan.targets:
+        out_channels, in_channels = layer.out_channels // layer.group, layer.in_channels // layer.group
+        taps = int(np.prod(layer.kernel_shape))
+        if method == "tucker2" and taps > 1:
+            ranks[layer.name] = {"method": "tucker2", "ranks": [out_channels, in_channels]}
+        else:
+            ranks[layer.name] = {"method": "svd", "ranks": [min(out_channels, in_channels * taps)]}
+    config = CompressConfig(ratio=None, ranks=ranks, holdout=0)
+    result = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False)
+    assert len(result.report.compressed) == len(scan.targets)
+    assert all(layer.rel_error < 1e-8 for layer in result.report.layers)
+    x = _images(5, seed=4)
+    assert relative_error(run(result.model, {"x": x})[0], run(model, {"x": x})[0]) < 1e-4
+
+
+def test_input_model_is_not_modified_and_exclusions_win(data_file):
+    model = _stack()
+    before = model.SerializeToString()
+    config = CompressConfig(ratio=0.5, exclude=("conv0", "conv[45]"), holdout=0, max_iter=3)
+    result = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False)
+    assert model.SerializeToString() == before
+    by_name = {layer.name: layer for layer in result.report.layers}
+    for name in ("conv0", "conv4", "conv5"):
+        assert by_name[name].method is None and "exclude" in by_name[name].reason
+    assert by_name["conv1"].method == "tucker2"
+
+
+def test_distribution_aware_beats_frobenius_on_the_calibration_distribution(data_file):
+    model = _stack()
+    outcomes = {}
+    for norm in ("sigma", "frobenius"):
+        config = CompressConfig(norm=norm, ratio=0.4, holdout=32, allocation="uniform", max_iter=20)
+        report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
+        outcomes[norm] = report.verification.rel_output_error
+    assert outcomes["sigma"] < 0.8 * outcomes["frobenius"]
+
+
+def test_frobenius_needs_no_data_and_sigma_says_what_is_missing():
+    model = _stack()
+    report = onnx_dacomp.compress(model, None, CompressConfig(norm="frobenius", ratio=0.6), progress=False).report
+    assert report.verification is None and report.error_norm == "frobenius"
+    with pytest.raises(UserError, match="calibration data"):
+        onnx_dacomp.compress(model, None, CompressConfig(ratio=0.6), progress=False)
+
+
+def test_rank_overrides_are_validated(data_file):
+    model = _stack()
+    with pytest.raises(UserError, match="unknown layers"):
+        CompressConfig(ranks={"nope": 3}) and onnx_dacomp.compress(
+            model, ArraySource(data_file, ["x"]), CompressConfig(ranks={"nope": 3}), progress=False
+        )
+    with pytest.raises(UserError, match="do not fit"):
+        onnx_dacomp.compress(
+            model, ArraySource(data_file, ["x"]), CompressConfig(ranks={"conv1": [99, 2]}), progress=False
+        )
+    for bad in (dict(ratio=0.0), dict(ratio=1.5), dict(method="magic"), dict(rank_multiple=0)):
+        with pytest.raises(UserError):
+            CompressConfig(**bad)
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_compress_writes_model_and_report(tmp_path, data_file, capsys):
+    model_path, out, report = tmp_path / "m.onnx", tmp_path / "small.onnx", tmp_path / "report.json"
+    onnx.save(_stack(), model_path)
+    digest = _sha(model_path)
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"conv2": [4, 4]}))
+    code = main(
+        [
+            "-q",
+            "compress",
+            str(model_path),
+            "-o",
+            str(out),
+            "--data",
+            str(data_file),
+            "--ratio",
+            "0.6",
+            "--ranks",
+            str(ranks),
+            "--holdout",
+            "30",
+            "--max-iter",
+            "5",
+            "--report",
+            str(report),
+            "--batch-size",
+            "16",
+        ]
+    )
+    assert code == 0 and _sha(model_path) == digest
+    data = json.loads(report.read_text())
+    assert set(data) >= {"layers", "totals", "verification"}
+    for layer in data["layers"]:
+        assert set(layer) >= {
+            "name",
+            "method",
+            "ranks",
+            "params_before",
+            "params_after",
+            "macs_before",
+            "macs_after",
+            "rel_error",
+        }
+    assert set(data["totals"]) == {"params_before", "params_after", "macs_before", "macs_after"}
+    assert set(data["verification"]) >= {"top1_agreement", "rel_output_error"}
+    assert data["verification"]["samples"] == 30
+    conv2 = next(layer for layer in data["layers"] if layer["name"] == "conv2")
+    assert conv2["method"] == "tucker2" and conv2["ranks"] == [4, 4]
+    params, _ = _conv_totals(onnx.load(out))
+    assert params == data["totals"]["params_after"]
+    assert data["totals"]["params_after"] <= 0.6 * data["totals"]["params_before"]
+
+
+def test_cli_user_errors_leave_no_output(tmp_path, data_file, capsys):
+    model_path, out = tmp_path / "m.onnx", tmp_path / "small.onnx"
+    onnx.save(_stack(), model_path)
+    digest = _sha(model_path)
+    cases = [
+        ["--ratio", "1.5"],
+        ["--ratio", "0"],
+        ["--ranks", str(tmp_path / "missing.json")],
+        ["--exclude"],
+    ]
+    for extra in cases:
+        code = main(["compress", str(model_path), "-o", str(out), "--data", str(data_file), *extra])
+        assert code != 0
+    bad_ranks = tmp_path / "ranks.json"
+    bad_ranks.write_text(json.dumps({"conv1": [999, 1]}))
+    assert main(["compress", str(model_path), "-o", str(out), "--data", str(data_file), "--ranks", str(bad_ranks)]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the layer" in err and "Traceback" not in err
+    assert main(["compress", str(model_path), "-o", str(model_path), "--norm", "frobenius"]) == 2
+    assert not out.exists() and _sha(model_path) == digest
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_interrupt_keeps_the_existing_output(tmp_path, data_file, monkeypatch, capsys):
+    model_path, out = tmp_path / "m.onnx", tmp_path / "small.onnx"
+    onnx.save(_stack(), model_path)
+    out.write_bytes(b"previous")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("onnx_dacomp.pipeline.replace_convs", interrupted)
+    code = main(["compress", str(model_path), "-o", str(out), "--data", str(data_file)])
+    assert code == 130 and out.read_bytes() == b"previous"
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_cli_evaluate_reports_accuracy_agreement_and_latency(tmp_path, data_file, capsys):
+    model_path, out = tmp_path / "m.onnx", tmp_path / "small.onnx"
+    onnx.save(_stack(), model_path)
+    assert main(["-q", "compress", str(model_path), "-o", str(out), "--norm", "frobenius", "--ratio", "0.7"]) == 0
+    capsys.readouterr()
+    code = main(
+        [
+            "-q",
+            "evaluate",
+            str(model_path),
+            str(out),
+            "--data",
+            str(data_file),
+            "--json",
+            "--benchmark",
+            "--benchmark-batch",
+            "1,8",
+            "--repeats",
+            "3",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 160
+    # the generated model's output is a feature map: top-1 over its channel axis, per position
+    assert 0 <= result["top1_agreement"] <= 1 and result["rel_output_error"] > 0
+    assert [entry["batch"] for entry in result["latency"]] == [1, 8]
+    assert all(entry["ratio"] > 0 for entry in result["latency"])
+    assert main(["evaluate", str(model_path), str(model_path), "--data", str(data_file), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["top1_agreement"] == 1.0 and same["rel_output_error"] == 0.0
+
+
+RESNET20 = SHARED / "models" / "cifar10_resnet20.onnx"
+
+
+@pytest.mark.skipif(not RESNET20.exists(), reason="needs ../shared/models")
+def test_resnet20_distribution_aware_keeps_far_more_accuracy(cifar_train):
+    from onnx_dacomp.calibrate.sources import ImageFolderSource, ImagePreprocessing
+
+    preprocessing = ImagePreprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    source = ImageFolderSource(cifar_train, "input", (1, 3, 32, 32), preprocessing, limit=600, seed=1)
+    agreement = {}
+    for norm in ("sigma", "frobenius"):
+        config = CompressConfig(norm=norm, ratio=0.5, holdout=200, max_iter=5)
+        report = onnx_dacomp.compress(RESNET20, source, config, progress=False).report
+        assert report.verification.top1_original is not None
+        agreement[norm] = report.verification.top1_agreement
+    assert agreement["sigma"] > agreement["frobenius"] + 0.2

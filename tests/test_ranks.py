@@ -1,0 +1,197 @@
+"""Rank candidates and allocation: estimates against independent fits, costs against real rewritten graphs."""
+
+import itertools
+
+import numpy as np
+import pytest
+from builders import conv_model
+
+from onnx_dacomp.decompose.covariance import sigma_error
+from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors, reconstruct
+from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
+from onnx_dacomp.decompose.tucker2 import da_tucker2, tucker2_rank_errors, weighted_input_factor
+from onnx_dacomp.ranks.allocate import allocate, uniform, uniform_ranks
+from onnx_dacomp.ranks.candidates import Candidate, CandidateTable, candidate_table, estimate_errors
+from onnx_dacomp.ranks.costs import ConvGeometry, Cost, chain_cost, original_cost
+from onnx_dacomp.rewrite import replace_convs
+from onnx_dacomp.targets import find_targets
+
+
+def _problem(out_channels=12, in_channels=10, kernel=(3, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_channels, in_channels, *kernel))
+    n = in_channels * int(np.prod(kernel))
+    mixing = rng.standard_normal((n, n)) * np.logspace(0, -2, n)
+    sigma = mixing @ mixing.T / n
+    return weight, sigma
+
+
+def test_svd_rank_errors_match_each_closed_form_fit():
+    weight, sigma = _problem()
+    errors = svd_rank_errors(weight, sigma)
+    for rank in (1, 4, 11, 12):
+        fit = da_svd(weight, sigma, rank)
+        measured = sigma_error(weight, reconstruct(fit.factors), sigma)
+        assert errors[rank - 1] == pytest.approx(measured, rel=1e-6, abs=1e-10)
+    assert errors[-1] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_tucker2_rank_errors_are_the_starting_point_of_the_solver():
+    weight, sigma = _problem()
+    start = weighted_input_factor(weight, sigma)
+    table = tucker2_rank_errors(weight, sigma, start, [3, 7])
+    for row, rank_in in enumerate((3, 7)):
+        for rank_out in (2, 9):
+            initial = da_tucker2(weight, sigma, (rank_out, rank_in), init=start[:, :rank_in], max_iter=0)
+            measured = sigma_error(weight, reconstruct(initial.factors), sigma)
+            # the estimate works in the solver's regularized Sigma (a 1e-8 relative shift)
+            assert table[row, rank_out - 1] == pytest.approx(measured, rel=1e-4)
+            final = da_tucker2(weight, sigma, (rank_out, rank_in), init=start[:, :rank_in])
+            assert final.rel_error <= table[row, rank_out - 1] + 1e-12
+
+
+def test_weighted_input_factor_is_orthonormal_nested_and_plain_hosvd_without_sigma():
+    weight, sigma = _problem()
+    factor = weighted_input_factor(weight, sigma)
+    assert np.allclose(factor.T @ factor, np.eye(factor.shape[1]), atol=1e-10)
+    unfolding = np.swapaxes(weight.reshape(12, 10, -1), 0, 1).reshape(10, -1)
+    left = np.linalg.svd(unfolding)[0]
+    plain = weighted_input_factor(weight, None)
+    for rank in (1, 4):
+        # same subspace as the top singular vectors of the mode-S unfolding
+        assert np.allclose(plain[:, :rank] @ plain[:, :rank].T, left[:, :rank] @ left[:, :rank].T, atol=1e-8)
+
+
+def test_estimates_combine_groups_by_output_energy():
+    (w1, s1), (w2, s2) = _problem(seed=1), _problem(seed=2)
+    w2 = 3 * w2
+    combined = estimate_errors("svd", [w1, w2], [s1, s2], [(5,)])[0]
+    fits = [da_svd(w, s, 5) for w, s in ((w1, s1), (w2, s2))]
+    numerator = sum(
+        np.einsum(
+            "ij,ij->", (w - reconstruct(f.factors)).reshape(12, -1) @ s, (w - reconstruct(f.factors)).reshape(12, -1)
+        )
+        for w, s, f in zip((w1, w2), (s1, s2), fits)
+    )
+    denominator = sum(np.einsum("ij,ij->", w.reshape(12, -1) @ s, w.reshape(12, -1)) for w, s in ((w1, s1), (w2, s2)))
+    assert combined == pytest.approx(numerator / denominator, rel=1e-6)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("method,ranks", [("svd", (3,)), ("tucker2", (3, 2)), ("cp", (5,))])
+def test_chain_cost_counts_what_the_rewritten_graph_holds(method, ranks, group):
+    """Params and MACs of the chain formula equal those of the real rewritten model, measured by the
+    target scan of that model (weights + biases of every Conv, MACs from its inferred shapes)."""
+    rng = np.random.default_rng(0)
+    out_channels, in_channels, kernel = 8, 6, (3, 2)
+    weight = rng.standard_normal((out_channels, in_channels // group, *kernel)).astype(np.float32)
+    model = conv_model(
+        weight,
+        rng.standard_normal(out_channels),
+        input_shape=[1, in_channels, 11, 9],
+        strides=[2, 1],
+        pads=[1, 0, 1, 1],
+        group=group,
+    )
+    layer = find_targets(model).targets[0]
+    geometry = ConvGeometry(
+        out_channels, in_channels, group, kernel, layer.input_shape[2:], layer.output_shape[2:], True
+    )
+    assert original_cost(geometry) == Cost(layer.params, layer.macs)
+    shape = (out_channels // group, in_channels // group, *kernel)
+    if method == "svd":
+        factors = SVDFactors(rng.standard_normal((ranks[0], *shape[1:])), rng.standard_normal((shape[0], ranks[0])))
+    elif method == "tucker2":
+        factors = Tucker2Factors(
+            rng.standard_normal((shape[1], ranks[1])),
+            rng.standard_normal((*ranks, *kernel)),
+            rng.standard_normal((shape[0], ranks[0])),
+        )
+    else:
+        factors = CPFactors(
+            rng.standard_normal((shape[1], ranks[0])),
+            tuple(rng.standard_normal((k, ranks[0])) for k in kernel),
+            rng.standard_normal((shape[0], ranks[0])),
+        )
+    rewritten = replace_convs(model, {layer.output: (layer, [factors] * group)})
+    chain = find_targets(rewritten).layers
+    measured = Cost(sum(c.params for c in chain), sum(c.macs for c in chain))
+    assert chain_cost(geometry, method, ranks) == measured
+
+
+def _table(name, costs_errors, original=100):
+    return CandidateTable(
+        name,
+        Cost(original, original),
+        tuple(Candidate("svd", (i + 1,), Cost(c, c), e) for i, (c, e) in enumerate(costs_errors)),
+    )
+
+
+def test_allocation_meets_the_budget_and_is_optimal_for_convex_tables():
+    rng = np.random.default_rng(3)
+    tables = []
+    for index in range(4):
+        scale = rng.uniform(0.5, 3)
+        costs = [10, 25, 40, 55, 70, 85]
+        tables.append(_table(f"l{index}", [(c, scale * (1 - c / 100) ** 2) for c in costs]))
+    for target in (150, 220, 300, 380):
+        choices = allocate(tables, "params", target, fixed=0)
+        total = sum(c.cost.params if c else 100 for c in choices.values())
+        error = sum(c.error if c else 0.0 for c in choices.values())
+        assert total <= target
+        # brute force over every combination (keep or any candidate) with at most the same total cost
+        options = [[None, *t.candidates] for t in tables]
+        best = min(
+            sum(c.error if c else 0.0 for c in combo)
+            for combo in itertools.product(*options)
+            if sum(c.cost.params if c else 100 for c in combo) <= total
+        )
+        assert error <= best + 1e-12
+
+
+def test_allocation_leaves_layers_that_cannot_shrink_and_stops_at_the_cheapest():
+    tables = [_table("a", [(30, 0.5), (60, 0.1)]), _table("b", [])]
+    choices = allocate(tables, "params", target=1, fixed=0)  # unreachable
+    assert choices["b"] is None and choices["a"].cost.params == 30
+    assert all(c is None for c in allocate(tables, "params", target=500, fixed=0).values())
+
+
+def test_allocation_spends_the_budget_where_error_per_saved_unit_is_lowest():
+    cheap_to_compress = _table("easy", [(20, 0.01), (50, 0.001)])
+    costly = _table("hard", [(20, 0.9), (50, 0.3)])
+    choices = allocate([cheap_to_compress, costly], "params", target=120, fixed=0)
+    assert choices["easy"].cost.params == 20 and choices["hard"] is None
+
+
+def test_uniform_ranks_take_the_largest_ranks_within_the_ratio():
+    geometry = ConvGeometry(32, 16, 1, (3, 3), (8, 8), (8, 8), False)
+    original = original_cost(geometry).params
+    for method in ("svd", "tucker2", "cp"):
+        ranks = uniform_ranks(geometry, method, 0.4, "params")
+        assert chain_cost(geometry, method, ranks).params <= 0.4 * original
+        bigger = tuple(r + 1 for r in ranks) if method != "tucker2" else (ranks[0] + 1, round((ranks[0] + 1) * 16 / 32))
+        assert chain_cost(geometry, method, bigger).params > 0.4 * original
+    r_out, r_in = uniform_ranks(geometry, "tucker2", 0.4, "params")
+    assert abs(r_in - r_out * 16 / 32) <= 0.5  # ranks in proportion to the channels
+    assert uniform_ranks(ConvGeometry(2, 2, 1, (1, 1), (8, 8), (8, 8), False), "svd", 0.5, "params") is None
+
+
+def test_uniform_meets_the_global_target_with_one_ratio():
+    geometries = {f"l{i}": ConvGeometry(16 * (i + 1), 16 * (i + 1), 1, (3, 3), (8, 8), (8, 8), False) for i in range(3)}
+    before = sum(original_cost(g).params for g in geometries.values())
+    choices = uniform(geometries, {n: ("tucker2",) for n in geometries}, "params", 0.5 * before, fixed=0)
+    after = sum(c.cost.params for c in choices.values())
+    assert 0.45 * before <= after <= 0.5 * before
+    ratios = [choices[n].cost.params / original_cost(g).params for n, g in geometries.items()]
+    assert max(ratios) - min(ratios) < 0.1
+
+
+def test_candidate_table_holds_only_chains_that_save():
+    weight, sigma = _problem(16, 16)
+    geometry = ConvGeometry(16, 16, 1, (3, 3), (8, 8), (8, 8), False)
+    table = candidate_table("l", geometry, [weight], [sigma], "auto", multiple=4)
+    assert {c.method for c in table.candidates} == {"svd", "tucker2", "cp"}
+    for candidate in table.candidates:
+        assert candidate.cost.params < table.original.params or candidate.cost.macs < table.original.macs
+        assert all(r % 4 == 0 or r == 16 for r in candidate.ranks)
+        assert 0 <= candidate.error <= 1
