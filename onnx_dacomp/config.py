@@ -38,6 +38,7 @@ class CompressConfig:
     holdout: int = 500
     limit: int | None = None
     max_iter: int = 100
+    bias_refit: bool = False
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self):

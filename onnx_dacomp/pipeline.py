@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -22,7 +22,8 @@ from .calibrate.patches import patch_size
 from .calibrate.sources import Source, open_source
 from .calibrate.statistics import Statistics
 from .config import CompressConfig
-from .decompose.covariance import output_energy, sigma_error
+from .decompose.bias import centered_covariance
+from .decompose.covariance import output_energy
 from .decompose.cp import cp_als, da_cp
 from .decompose.factors import Factors, reconstruct
 from .decompose.result import Decomposition
@@ -37,7 +38,12 @@ from .ranks.candidates import Candidate, candidate_table, estimate_errors, metho
 from .ranks.costs import ConvGeometry, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
-from .targets import ConvLayer, find_targets, read_weights
+from .targets import ConstantResolver, ConvLayer, find_targets, read_weights
+
+NATURAL_NOTICE = (
+    "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
+    "data from the model's own domain fits better"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,9 +63,10 @@ def compress(
     """Compress `model` (a ModelProto, never modified, or a path) as `config` says.
 
     `data`: calibration data (a `Source`, a spec such as an image folder or `.npz` path, or any iterable of
-    `{input_name: array}` batches). Sources of known size give the first `config.holdout` samples to
-    verification and calibrate on the rest. `statistics`: precomputed patch statistics of this model (then
-    `data`, if given, serves verification only). `--norm frobenius` needs neither.
+    `{input_name: array}` batches); None calibrates on crops of natural photographs. Sources of known size
+    give the first `config.holdout` samples to verification and calibrate on the rest. `statistics`:
+    precomputed patch statistics of this model (then `data`, if given, serves verification only).
+    `norm="frobenius"` needs neither.
     """
     clock = {"start": time.perf_counter()}
     if not isinstance(model, onnx.ModelProto):
@@ -82,22 +89,23 @@ def compress(
             reasons[layer.name] = f"patch length {patch_size(layer)} too large for a covariance"
     fitted = [layer for layer in scan.targets if layer.name not in reasons]
 
+    if config.norm == "sigma" and fitted and statistics is None and data is None:
+        logger.info(NATURAL_NOTICE)
+        data = "natural"
     calibration, holdout = _split(model, data, config, precomputed=statistics is not None)
     if config.norm == "sigma" and fitted:
         if statistics is None:
             if calibration is None:
-                raise UserError(
-                    "the distribution-aware fit needs calibration data: pass --data or --stats "
-                    "(or --norm frobenius for the data-free baseline)"
-                )
+                raise UserError("the calibration data left no samples to calibrate on after the held-out part")
             statistics = collect_statistics(model, fitted, calibration, device=config.device, progress=progress)
         else:
             statistics.check_model(fitted, weights)
     clock["calibrate"] = time.perf_counter()
 
     geometries = {layer.name: _geometry(layer) for layer in scan.layers if layer.params is not None}
+    biases = _biases(model, fitted)
     problems = {
-        layer.name: _groups(layer, weights[layer.name], statistics if config.norm == "sigma" else None)
+        layer.name: LayerProblem.plain(layer, weights[layer.name], biases[layer.name], statistics, config)
         for layer in fitted
     }
     plan = _plan(config, fitted, geometries, problems, scan.layers, progress)
@@ -105,24 +113,19 @@ def compress(
 
     replacements, layer_reports = {}, {}
     chosen = [(layer, plan[layer.name]) for layer in fitted if plan.get(layer.name) is not None]
-    measure = statistics is not None
     for layer, choice in tqdm(
         chosen, desc="decomposing", unit="layer", disable=None if progress else True, leave=False
     ):
-        group_weights, group_sigmas = problems[layer.name]
-        results = [
-            _solve(choice.method, w, s, choice.ranks, config)
-            for w, s in zip(group_weights, group_sigmas or [None] * len(group_weights))
-        ]
-        factors = [result.factors for result in results]
-        truth = _groups(layer, weights[layer.name], statistics)[1] if measure else None
-        error = _relative_error(group_weights, factors, truth)
-        replacements[layer.output] = (layer, factors)
-        layer_reports[layer.name] = _layer_report(
-            layer, geometries[layer.name], choice, error, max(r.iterations for r in results)
-        )
+        fit = fit_layer(problems[layer.name], choice, config)
+        replacements[layer.output] = (layer, fit.factors, fit.bias)
+        layer_reports[layer.name] = _layer_report(layer, geometries[layer.name], choice, fit)
         logger.debug(
-            "%s: %s %s, rel. error %.4g (estimate %.4g)", layer.name, choice.method, choice.ranks, error, choice.error
+            "%s: %s %s, rel. error %.4g (estimate %.4g)",
+            layer.name,
+            choice.method,
+            choice.ranks,
+            fit.rel_error,
+            choice.error,
         )
     new_model = replace_convs(model, replacements)
     clock["decompose"] = time.perf_counter()
@@ -138,7 +141,7 @@ def compress(
             layer_reports[layer.name] = _kept_report(layer, geometries[layer.name], reason)
     report = CompressionReport(
         layers=tuple(layer_reports[layer.name] for layer in scan.layers if layer.name in layer_reports),
-        error_norm="sigma" if measure else "frobenius",
+        error_norm="sigma" if statistics is not None and config.norm == "sigma" else "frobenius",
         budget=config.budget,
         target_ratio=config.ratio,
         verification=verification,
@@ -190,13 +193,74 @@ def _geometry(layer: ConvLayer) -> ConvGeometry:
     )
 
 
-def _groups(layer: ConvLayer, weight: np.ndarray, statistics: Statistics | None):
-    """Per-group weights (T/G, S/G, *k) in float64 and, with statistics, the per-group Sigma."""
-    weight = np.asarray(weight, np.float64)
-    per_group = layer.out_channels // layer.group
-    weights = [weight[g * per_group : (g + 1) * per_group] for g in range(layer.group)]
-    sigmas = list(statistics.layers[layer.name].covariance) if statistics is not None else None
-    return weights, sigmas
+def _biases(model: onnx.ModelProto, layers) -> dict[str, np.ndarray | None]:
+    resolver = ConstantResolver(model.graph)
+    return {layer.name: np.asarray(resolver.value(layer.bias), np.float64) if layer.bias else None for layer in layers}
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProblem:
+    """What one layer's fit minimizes, per group: `||(target - W~) L||^2` with `fit_sigmas = L L^T`.
+
+    Plain: target = W1 and Sigma (centered, `Sigma - mu mu^T`, with the bias refit); `fit_sigmas` is None for
+    the Frobenius norm. `reference_sigmas` (the uncentered Sigma of the original input) give the error's
+    denominator `||W1 L||^2`; `residual` is error the fit cannot remove (nonzero only with propagation).
+    """
+
+    weights: list[np.ndarray]  # the original W per group (T/G, S/G, *k)
+    targets: list[np.ndarray]  # what the chain should equal, same shapes
+    fit_sigmas: list[np.ndarray] | None
+    reference_sigmas: list[np.ndarray] | None
+    bias: np.ndarray | None  # the original bias (T,)
+    bias_shift: list[np.ndarray] | None = None  # per group: b~ = b + shift - W~ mu~ (the refit), else None
+    fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
+    residual: float = 0.0  # per-layer constant part of the error numerator
+
+    @classmethod
+    def plain(cls, layer: ConvLayer, weight, bias, statistics: Statistics | None, config: CompressConfig):
+        weight = np.asarray(weight, np.float64)
+        per_group = layer.out_channels // layer.group
+        weights = [weight[g * per_group : (g + 1) * per_group] for g in range(layer.group)]
+        if statistics is None or config.norm == "frobenius":
+            return cls(weights, weights, None, None, bias)
+        layer_statistics = statistics.layers[layer.name]
+        sigmas, means = list(layer_statistics.covariance), list(layer_statistics.mean)
+        if not config.bias_refit:
+            return cls(weights, weights, sigmas, sigmas, bias)
+        centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
+        shifts = [w.reshape(len(w), -1) @ m for w, m in zip(weights, means)]  # W1 mu
+        return cls(weights, weights, centered, sigmas, bias, shifts, means)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerFit:
+    factors: list[Factors]
+    bias: np.ndarray | None  # a refitted bias, or None to keep the layer's own
+    rel_error: float
+    sweeps: int
+
+
+def fit_layer(problem: LayerProblem, choice: Candidate, config: CompressConfig) -> LayerFit:
+    """The full solver at the chosen ranks for every group, the refitted bias, and the relative error."""
+    fit_sigmas = problem.fit_sigmas or [None] * len(problem.targets)
+    results = [_solve(choice.method, t, s, choice.ranks, config) for t, s in zip(problem.targets, fit_sigmas)]
+    factors = [result.factors for result in results]
+    approximations = [reconstruct(f).reshape(len(t), -1) for f, t in zip(factors, problem.targets)]
+    numerator, denominator = problem.residual, 0.0
+    reference = problem.reference_sigmas or fit_sigmas
+    for target, approximation, weight, fit_sigma, sigma in zip(
+        problem.targets, approximations, problem.weights, fit_sigmas, reference
+    ):
+        difference = target.reshape(len(target), -1) - approximation
+        numerator += output_energy(difference, fit_sigma)
+        denominator += output_energy(weight, sigma)
+    bias = None
+    if problem.bias_shift is not None:
+        base = problem.bias if problem.bias is not None else np.zeros(sum(len(w) for w in problem.weights))
+        corrections = [s - a @ m for s, a, m in zip(problem.bias_shift, approximations, problem.fit_means)]
+        bias = base + np.concatenate(corrections)
+    error = numerator / denominator if denominator > 0 else 0.0
+    return LayerFit(factors, bias, float(error), max(result.iterations for result in results))
 
 
 def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, Choice]:
@@ -205,8 +269,8 @@ def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, C
     for layer in fitted:
         if layer.name in config.ranks:
             method, ranks = _override(layer.name, config.ranks[layer.name], config.method, geometries[layer.name])
-            weights, sigmas = problems[layer.name]
-            estimate = estimate_errors(method, weights, sigmas, [ranks], seed=config.seed)[0]
+            problem = problems[layer.name]
+            estimate = estimate_errors(method, problem.targets, problem.fit_sigmas, [ranks], seed=config.seed)[0]
             plan[layer.name] = Candidate(method, ranks, chain_cost(geometries[layer.name], method, ranks), estimate)
     managed = [layer for layer in fitted if layer.name not in plan]
     if config.ratio is None or not managed:
@@ -223,8 +287,10 @@ def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, C
     if config.allocation == "uniform":
 
         def choose(name, options):
-            weights, sigmas = problems[name]
-            errors = [estimate_errors(m, weights, sigmas, [r], seed=config.seed)[0] for m, r in options]
+            problem = problems[name]
+            errors = [
+                estimate_errors(m, problem.targets, problem.fit_sigmas, [r], seed=config.seed)[0] for m, r in options
+            ]
             return options[int(np.argmin(errors))]
 
         plan.update(
@@ -243,13 +309,13 @@ def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, C
         for layer in tqdm(
             managed, desc="rank candidates", unit="layer", disable=None if progress else True, leave=False
         ):
-            weights, sigmas = problems[layer.name]
+            problem = problems[layer.name]
             tables.append(
                 candidate_table(
                     layer.name,
                     geometries[layer.name],
-                    weights,
-                    sigmas,
+                    problem.targets,
+                    problem.fit_sigmas,
                     config.method,
                     multiple=config.rank_multiple,
                     seed=config.seed,
@@ -322,19 +388,10 @@ def _solve(method: str, weight: np.ndarray, sigma: np.ndarray | None, ranks, con
     return da_cp(weight, sigma, ranks[0], max_iter=config.max_iter, seed=config.seed)
 
 
-def _relative_error(weights, factors: list[Factors], sigmas) -> float:
-    """`sum_g ||(W_g - W_g~) L_g||^2 / sum_g ||W_g L_g||^2` (Frobenius when `sigmas` is None)."""
-    sigmas = sigmas if sigmas is not None else [None] * len(weights)
-    energies = [output_energy(w, s) for w, s in zip(weights, sigmas)]
-    errors = [sigma_error(w, reconstruct(f), s) * e for w, f, s, e in zip(weights, factors, sigmas, energies)]
-    total = sum(energies)
-    return float(sum(errors) / total) if total > 0 else 0.0
-
-
-def _layer_report(
-    layer: ConvLayer, geometry: ConvGeometry, choice: Candidate, error: float, sweeps: int
-) -> LayerReport:
-    before, after = original_cost(geometry), choice.cost
+def _layer_report(layer: ConvLayer, geometry: ConvGeometry, choice: Candidate, fit: LayerFit) -> LayerReport:
+    before = original_cost(geometry)
+    # a refitted bias on a layer that had none adds T parameters to the chain
+    after = chain_cost(replace(geometry, bias=geometry.bias or fit.bias is not None), choice.method, choice.ranks)
     return LayerReport(
         name=layer.name,
         method=choice.method,
@@ -343,9 +400,9 @@ def _layer_report(
         params_after=after.params,
         macs_before=before.macs,
         macs_after=after.macs,
-        rel_error=error,
+        rel_error=fit.rel_error,
         estimated_error=None if math.isnan(choice.error) else choice.error,
-        sweeps=sweeps,
+        sweeps=fit.sweeps,
     )
 
 

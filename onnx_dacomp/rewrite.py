@@ -28,13 +28,12 @@ class _ChainConv:
     geometry: dict
 
 
-def replace_convs(
-    model: onnx.ModelProto, replacements: Mapping[str, tuple[ConvLayer, Sequence[Factors]]]
-) -> onnx.ModelProto:
+def replace_convs(model: onnx.ModelProto, replacements: Mapping[str, tuple]) -> onnx.ModelProto:
     """A new model in which each layer (keyed by its output name) is replaced by the chain of its factors.
 
-    `replacements[output] = (layer, factors)` with one factors object per group of the layer, all of the
-    same type and ranks. Weights and biases left without a consumer are removed.
+    `replacements[output] = (layer, factors)` or `(layer, factors, bias)`, with one factors object per group
+    of the layer, all of the same type and ranks; `bias` (T,) replaces the layer's bias (a refitted bias,
+    also for a layer that had none). Weights and biases left without a consumer are removed.
     """
     new = onnx.ModelProto()
     new.CopyFrom(model)
@@ -44,17 +43,17 @@ def replace_convs(
     del graph.node[:]
     for node in nodes:
         if node.op_type == "Conv" and node.output[0] in replacements:
-            layer, factors = replacements[node.output[0]]
-            chain_nodes, initializers = _chain(node, layer, factors, taken)
+            layer, factors, *bias = replacements[node.output[0]]
+            chain_nodes, initializers = _chain(node, layer, factors, taken, bias[0] if bias else None)
             graph.node.extend(chain_nodes)
             graph.initializer.extend(initializers)
         else:
             graph.node.append(node)
-    _drop_unused_constants(graph, [name for layer, _ in replacements.values() for name in (layer.weight, layer.bias)])
+    _drop_unused_constants(graph, [name for layer, *_ in replacements.values() for name in (layer.weight, layer.bias)])
     return new
 
 
-def _chain(node: onnx.NodeProto, layer: ConvLayer, factors: Sequence[Factors], taken: set[str]):
+def _chain(node: onnx.NodeProto, layer: ConvLayer, factors: Sequence[Factors], taken: set[str], bias=None):
     if isinstance(factors, (SVDFactors, Tucker2Factors, CPFactors)):
         factors = (factors,)
     _check_factors(layer, factors)
@@ -69,7 +68,11 @@ def _chain(node: onnx.NodeProto, layer: ConvLayer, factors: Sequence[Factors], t
         weight_name = _unique(f"{base}_{index}.weight", taken)
         initializers.append(numpy_helper.from_array(conv.weight.astype(dtype), weight_name))
         inputs = [current, weight_name]
-        if last and layer.bias:
+        if last and bias is not None:
+            bias_name = _unique(f"{base}_{index}.bias", taken)
+            initializers.append(numpy_helper.from_array(np.asarray(bias).astype(dtype), bias_name))
+            inputs.append(bias_name)
+        elif last and layer.bias:
             inputs.append(node.input[2])
         output = node.output[0] if last else _unique(f"{base}_{index}_output", taken)
         nodes.append(

@@ -302,3 +302,22 @@ def test_subsets_split_sources_into_disjoint_parts(tmp_path):
     names = [{path for path, _ in part.files} for part in parts]
     assert not names[0] & names[1] and len(names[0] | names[1]) == 11
     assert parts[0].size == 4 and parts[1].size == 7
+
+
+def test_natural_photograph_crops_are_seeded_preprocessed_and_splittable():
+    from onnx_dacomp.calibrate.natural import NaturalImageSource
+
+    pre = ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), layout="NHWC")
+    source = NaturalImageSource("x", (1, 20, 24, 3), pre, count=10, batch_size=4, seed=5)
+    batches = [batch["x"] for batch in source]
+    assert [len(b) for b in batches] == [4, 4, 2]
+    everything = np.concatenate(batches)
+    assert everything.shape == (10, 20, 24, 3) and everything.dtype == np.float32
+    # pixels in [0, 255] / 255, then (p - 0.5) / 0.25: within [-2, 2], and real photographs vary
+    assert everything.min() >= -2 and everything.max() <= 2 and everything.std() > 0.3
+    again = np.concatenate([batch["x"] for batch in NaturalImageSource("x", (1, 20, 24, 3), pre, count=10, seed=5)])
+    assert np.array_equal(everything, again)
+    part = np.concatenate([batch["x"] for batch in source.subset(3, 4)])
+    assert np.array_equal(part, everything[3:7])
+    other_seed = np.concatenate([b["x"] for b in NaturalImageSource("x", (1, 20, 24, 3), pre, count=10, seed=6)])
+    assert not np.array_equal(everything, other_seed)

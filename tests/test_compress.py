@@ -103,12 +103,14 @@ def test_distribution_aware_beats_frobenius_on_the_calibration_distribution(data
     assert outcomes["sigma"] < 0.8 * outcomes["frobenius"]
 
 
-def test_frobenius_needs_no_data_and_sigma_says_what_is_missing():
-    model = _stack()
+def test_frobenius_needs_no_data_and_sigma_defaults_to_natural_photographs():
+    model = conv_stack(channels=8, size=(16, 16), input_channels=3)
     report = onnx_dacomp.compress(model, None, CompressConfig(norm="frobenius", ratio=0.6), progress=False).report
     assert report.verification is None and report.error_norm == "frobenius"
-    with pytest.raises(UserError, match="calibration data"):
-        onnx_dacomp.compress(model, None, CompressConfig(ratio=0.6), progress=False)
+    config = CompressConfig(ratio=0.6, holdout=16, limit=48, max_iter=3)
+    report = onnx_dacomp.compress(model, None, config, progress=False).report
+    assert "natural photographs" in report.calibration and "48" in report.calibration
+    assert report.error_norm == "sigma" and report.verification.samples == 16
 
 
 def test_rank_overrides_are_validated(data_file):

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..log import logger
+from ..shapes import concrete_input_shapes, declared_shape, graph_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 ARRAY_SUFFIXES = {".npz", ".npy"}
@@ -81,7 +82,11 @@ class ImagePreprocessing:
             image = image.crop((left, top, left + width, top + height))
         elif image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.float32) * np.float32(self.scale)
+        return self.normalize(image, channels)
+
+    def normalize(self, image, channels: int) -> np.ndarray:
+        """A PIL image of the final size -> float32 array: scale, channel order, mean/std, layout."""
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) * np.float32(self.scale)
         if array.ndim == 2:
             array = array[:, :, None]
         if self.channel_order == "BGR":
@@ -114,7 +119,7 @@ class ImageFolderSource(Source):
         if not self.folder.is_dir():
             raise UserError(f"image folder not found: {self.folder}")
         self.input_name, self.preprocessing, self.batch_size = input_name, preprocessing, batch_size
-        self.layout_channels, self.image_size = _image_geometry(input_shape, preprocessing)
+        self.layout_channels, self.image_size = image_geometry(input_shape, preprocessing)
         classes = sorted(p.name for p in self.folder.iterdir() if p.is_dir() and _images_in(p))
         if classes:
             files = [(path, index) for index, name in enumerate(classes) for path in _images_in(self.folder / name)]
@@ -317,7 +322,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _image_geometry(input_shape: tuple[int, ...], preprocessing: ImagePreprocessing) -> tuple[int, tuple[int, int]]:
+def image_geometry(input_shape: tuple[int, ...], preprocessing: ImagePreprocessing) -> tuple[int, tuple[int, int]]:
     """Channels and (H, W) of the images for a model input declared as `input_shape` (dims may be None)."""
     if len(input_shape) != 4:
         raise UserError(f"image folders need a 4-D image input, but the model input has shape {list(input_shape)}")
@@ -347,10 +352,21 @@ def open_source(
     """A source from a command-line style spec: `random`, a .npz/.npy file, or a folder of arrays or images."""
     from onnx import helper
 
-    from ..shapes import concrete_input_shapes, declared_shape, graph_inputs
-
     inputs = graph_inputs(model)
     names = [value.name for value in inputs]
+    if str(spec) == "natural":
+        from .natural import DEFAULT_SAMPLES, NaturalImageSource
+
+        if len(inputs) != 1:
+            raise UserError(f"natural images feed single-input models; this one has inputs {names}")
+        return NaturalImageSource(
+            names[0],
+            _input_shape(inputs[0], input_shapes),
+            preprocessing,
+            count=limit or DEFAULT_SAMPLES,
+            batch_size=batch_size,
+            seed=seed,
+        )
     if str(spec) == "random":
         shapes = concrete_input_shapes(model, input_shapes or {})
         if shapes is None:
@@ -361,14 +377,26 @@ def open_source(
         return RandomSource(shapes, dtypes, batches=batches, seed=seed)
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"calibration data not found: {path} (give a folder of images, .npz/.npy files, or 'random')")
+        raise UserError(
+            f"calibration data not found: {path} (give a folder of images, .npz/.npy files, 'natural' or 'random')"
+        )
     if path.is_file() or any(p.suffix in ARRAY_SUFFIXES for p in path.iterdir()):
         return ArraySource(path, names, batch_size=batch_size, limit=limit, offset=offset)
     if len(inputs) != 1:
         raise UserError(f"image folders feed single-input models; this one has inputs {names}: use .npz files")
-    shape = (
-        tuple(input_shapes[names[0]]) if input_shapes and names[0] in input_shapes else tuple(declared_shape(inputs[0]))
-    )
     return ImageFolderSource(
-        path, names[0], shape, preprocessing, batch_size=batch_size, limit=limit, offset=offset, seed=seed
+        path,
+        names[0],
+        _input_shape(inputs[0], input_shapes),
+        preprocessing,
+        batch_size=batch_size,
+        limit=limit,
+        offset=offset,
+        seed=seed,
     )
+
+
+def _input_shape(value, input_shapes) -> tuple:
+    if input_shapes and value.name in input_shapes:
+        return tuple(input_shapes[value.name])
+    return tuple(declared_shape(value))

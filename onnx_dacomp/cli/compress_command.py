@@ -10,7 +10,8 @@ from ..calibrate.statistics import load_statistics
 from ..config import ALLOCATIONS, BUDGETS, METHODS, NORMS, CompressConfig
 from ..errors import UserError
 from ..load import load_model
-from ..pipeline import compress
+from ..log import logger
+from ..pipeline import NATURAL_NOTICE, compress
 from ..save import output_folder, save_model, write_atomically
 from ..shapes import parse_input_shapes
 from .data_options import add_data_arguments, add_runtime_arguments, positive_int, source_from_args
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     )
     model = load_model(args.model)
     statistics = load_statistics(args.stats) if args.stats else None
+    if args.data is None and statistics is None and args.norm == "sigma":
+        logger.info(NATURAL_NOTICE)
+        args.data = "natural"
     data = source_from_args(args, model, input_shapes, apply_limit=random_data) if args.data else None
     result = compress(model, data, config, statistics=statistics, progress=not args.quiet)
     save_model(result.model, args.output, protect=args.model)

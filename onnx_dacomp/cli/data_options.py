@@ -14,7 +14,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
         "--data",
         required=required,
         metavar="SOURCE",
-        help="folder of images (class sub-folders or flat), .npz/.npy file or folder, or 'random'",
+        help="folder of images (class sub-folders or flat), .npz/.npy file or folder, 'natural' (crops of "
+        "photographs shipped with scikit-image) or 'random'",
     )
     group.add_argument("--batch-size", type=positive_int, default=32)
     group.add_argument("--limit", type=positive_int, help="use at most this many samples (a seeded random subset)")

@@ -87,6 +87,15 @@ def sigma_error(weight: np.ndarray, approximation: np.ndarray, sigma: np.ndarray
     return float(np.einsum("ij,ij->", difference @ sigma, difference) / np.einsum("ij,ij->", weight @ sigma, weight))
 
 
+def solve_psd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """`matrix^-1 rhs` for a symmetric positive (semi)definite matrix: Cholesky (scipy's `solve` with
+    assume_a="pos" also estimates the condition number, 2-3x slower), least squares if it is singular."""
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(matrix, check_finite=False), rhs, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return scipy.linalg.lstsq(matrix, rhs)[0]
+
+
 def output_energy(weight: np.ndarray, sigma: np.ndarray | None) -> float:
     """`||W1 L||^2 = tr(W1 Sigma W1^T)`: the denominator of the relative error (Frobenius when None)."""
     matrix = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from .cg import conjugate_gradients
-from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major
+from .covariance import DEFAULT_FLOOR, regularize, sandwich, solve_psd, tap_major
 from .factors import CPFactors
 from .result import Decomposition, run_sweeps
 from .svd import _top_eigenvectors
@@ -41,20 +41,14 @@ def cp_als(
     """Frobenius CP by alternating least squares (as tensorly's `parafac` computes it)."""
     tensor = np.asarray(weight, np.float64)
     _check(tensor, rank)
-    spatial = tensor.ndim - 2
-    letters = "ts" + _AXES[:spatial]
     total = float(np.sum(tensor**2))
     factors = _initial_factors(tensor, rank, init, seed)  # [U_S, U_1, ...]; U_T is solved first
     modes = [None, *factors]
 
     def solve_mode(mode: int) -> np.ndarray:
+        # MTTKRP as one GEMM: the mode-m unfolding times the Khatri-Rao product of the other factors
         others = [m for m in range(tensor.ndim) if m != mode]
-        mttkrp = np.einsum(
-            f"{letters},{','.join(letters[m] + 'r' for m in others)}->{letters[mode]}r",
-            tensor,
-            *(modes[m] for m in others),
-            optimize=True,
-        )
+        mttkrp = np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1) @ _khatri_rao([modes[m] for m in others])
         gram = np.prod([modes[m].T @ modes[m] for m in others], axis=0)
         return _ridge_solve(gram, mttkrp.T).T, mttkrp
 
@@ -232,10 +226,7 @@ def _ridge_solve(gram: np.ndarray, rhs: np.ndarray, ridge: float = DEFAULT_RIDGE
     gram = (gram + gram.T) / 2
     shift = ridge * float(np.mean(np.diag(gram))) if np.any(np.diag(gram) > 0) else 1.0
     regularized = gram + shift * np.eye(len(gram))
-    try:
-        return scipy.linalg.solve(regularized, rhs, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return scipy.linalg.lstsq(regularized, rhs)[0]
+    return solve_psd(regularized, rhs)
 
 
 def _normalized(factor: np.ndarray, output_factor: np.ndarray):

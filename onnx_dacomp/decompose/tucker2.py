@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg
 
 from .cg import conjugate_gradients
-from .covariance import DEFAULT_FLOOR, regularize, sandwich, tap_major, whiten
+from .covariance import DEFAULT_FLOOR, regularize, sandwich, solve_psd, tap_major, whiten
 from .factors import Tucker2Factors
 from .result import Decomposition, run_sweeps
 from .svd import _sign_fixed, _top_eigenvectors
@@ -151,7 +151,7 @@ class _Problem:
         if channels * rank <= direct_limit:
             blocks = self.sigma.reshape(channels, taps, channels, taps)
             hessian = np.einsum("sdue,rdqe->sruq", blocks, coupling4, optimize=True).reshape(channels * rank, -1)
-            solution = scipy.linalg.solve((hessian + hessian.T) / 2, rhs.reshape(-1), assume_a="pos")
+            solution = solve_psd((hessian + hessian.T) / 2, rhs.reshape(-1))
             return solution.reshape(channels, rank)
         by_tap = np.ascontiguousarray(coupling4.transpose(1, 3, 2, 0)).reshape(taps, taps * rank, rank)
 
