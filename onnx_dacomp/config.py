@@ -21,8 +21,11 @@ class CompressConfig:
     MACs with `budget="macs"`); None compresses only the layers named in `ranks`. `ranks` maps layer names
     (as `inspect` prints them) to exact ranks: an int (svd/cp rank, or R_T = R_S for tucker2), a pair
     (R_T, R_S) for tucker2, or `{"method": ..., "ranks": ...}`. `exclude`: glob patterns of layer names
-    left untouched. `holdout`: samples of the data kept out of calibration for verification; `limit`: at most
-    this many calibration samples (after the held-out ones).
+    left untouched. `require_speedup`: time each chosen chain against its original layer in onnxruntime
+    at `speed_batch` images and keep the original where the chain is not faster; with it or `benchmark`,
+    the report holds the end-to-end latency of both models. `holdout`: samples of the data kept out of
+    calibration for verification; `limit`: at most this many calibration samples (after the held-out
+    ones). `bias_refit`: fit in the centered covariance and absorb the mean error into the bias.
     """
 
     method: str = "tucker2"
@@ -39,6 +42,9 @@ class CompressConfig:
     limit: int | None = None
     max_iter: int = 100
     bias_refit: bool = False
+    require_speedup: bool = False
+    benchmark: bool = False
+    speed_batch: int = 1
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,5 +66,7 @@ class CompressConfig:
             raise UserError(f"--holdout must be >= 0, got {self.holdout}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be a positive integer, got {self.limit}")
+        if self.speed_batch < 1:
+            raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
         if self.max_iter < 0:
             raise UserError(f"max_iter must be >= 0, got {self.max_iter}")

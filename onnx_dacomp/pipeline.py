@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
+from onnx import helper
 from tqdm import tqdm
 
 from .calibrate.collect import MAX_PATCH_SIZE, collect_statistics
@@ -30,14 +31,16 @@ from .decompose.result import Decomposition
 from .decompose.svd import da_svd, truncated_svd
 from .decompose.tucker2 import da_tucker2, tucker2_hooi, weighted_input_factor
 from .errors import UserError
-from .evaluate import compare_models
-from .load import load_model
+from .evaluate import benchmark_batches, compare_models, measure_latency
+from .load import default_opset, load_model
 from .log import logger
 from .ranks.allocate import Choice, allocate, uniform
 from .ranks.candidates import Candidate, candidate_table, estimate_errors, methods_for
 from .ranks.costs import ConvGeometry, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
+from .shapes import concrete_input_shapes, graph_inputs
+from .speed import layer_latency
 from .targets import ConstantResolver, ConvLayer, find_targets, read_weights
 
 NATURAL_NOTICE = (
@@ -109,6 +112,8 @@ def compress(
         for layer in fitted
     }
     plan = _plan(config, fitted, geometries, problems, scan.layers, progress)
+    if config.require_speedup:
+        plan = _faster_plan(model, config, fitted, geometries, problems, scan.layers, plan, reasons, progress)
     clock["ranks"] = time.perf_counter()
 
     replacements, layer_reports = {}, {}
@@ -133,6 +138,12 @@ def compress(
     verification = None
     if holdout is not None:
         verification = compare_models(model, new_model, holdout, device=config.device, progress=progress)
+    latency = ()
+    if config.require_speedup or config.benchmark:
+        sizes = sorted({1, config.speed_batch})
+        batches = benchmark_batches(holdout or calibration, sizes) if holdout or calibration else None
+        batches = batches or [_random_batch(model, size, config) for size in sizes]
+        latency = tuple(measure_latency(model, new_model, batch, device=config.device) for batch in batches)
     clock["verify"] = time.perf_counter()
 
     for layer in scan.layers:
@@ -145,6 +156,7 @@ def compress(
         budget=config.budget,
         target_ratio=config.ratio,
         verification=verification,
+        latency=latency,
         calibration=statistics.source if statistics is not None else None,
         seconds={
             stage: round(clock[stage] - clock[previous], 3)
@@ -263,16 +275,18 @@ def fit_layer(problem: LayerProblem, choice: Candidate, config: CompressConfig) 
     return LayerFit(factors, bias, float(error), max(result.iterations for result in results))
 
 
-def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, Choice]:
-    """The method and ranks of every fitted layer: --ranks overrides, then the budget for the rest."""
+def _plan(config, fitted, geometries, problems, layers, progress, keep=frozenset(), tables=None) -> dict[str, Choice]:
+    """The method and ranks of every fitted layer: --ranks overrides, then the budget for the rest, except
+    the layers in `keep` (left as they are). `tables` caches candidate tables across calls."""
     plan: dict[str, Choice] = {}
+    tables = {} if tables is None else tables
     for layer in fitted:
         if layer.name in config.ranks:
             method, ranks = _override(layer.name, config.ranks[layer.name], config.method, geometries[layer.name])
             problem = problems[layer.name]
             estimate = estimate_errors(method, problem.targets, problem.fit_sigmas, [ranks], seed=config.seed)[0]
             plan[layer.name] = Candidate(method, ranks, chain_cost(geometries[layer.name], method, ranks), estimate)
-    managed = [layer for layer in fitted if layer.name not in plan]
+    managed = [layer for layer in fitted if layer.name not in plan and layer.name not in keep]
     if config.ratio is None or not managed:
         return plan
     managed_names = {layer.name for layer in managed}
@@ -305,23 +319,21 @@ def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, C
             )
         )
     else:
-        tables = []
+        missing = [layer for layer in managed if layer.name not in tables]
         for layer in tqdm(
-            managed, desc="rank candidates", unit="layer", disable=None if progress else True, leave=False
+            missing, desc="rank candidates", unit="layer", disable=None if progress else True, leave=False
         ):
             problem = problems[layer.name]
-            tables.append(
-                candidate_table(
-                    layer.name,
-                    geometries[layer.name],
-                    problem.targets,
-                    problem.fit_sigmas,
-                    config.method,
-                    multiple=config.rank_multiple,
-                    seed=config.seed,
-                )
+            tables[layer.name] = candidate_table(
+                layer.name,
+                geometries[layer.name],
+                problem.targets,
+                problem.fit_sigmas,
+                config.method,
+                multiple=config.rank_multiple,
+                seed=config.seed,
             )
-        plan.update(allocate(tables, budget, target, fixed))
+        plan.update(allocate([tables[layer.name] for layer in managed], budget, target, fixed))
     reached = fixed + sum(
         plan[layer.name].cost.of(budget) if plan.get(layer.name) else original_cost(geometries[layer.name]).of(budget)
         for layer in managed
@@ -335,6 +347,57 @@ def _plan(config, fitted, geometries, problems, layers, progress) -> dict[str, C
             reached / before,
         )
     return plan
+
+
+def _faster_plan(model, config, fitted, geometries, problems, layers, plan, reasons, progress) -> dict[str, Choice]:
+    """Keep the original of every layer whose chain is not faster in onnxruntime, and re-allocate the budget
+    to the others until every chosen chain is faster (or named in --ranks, which always wins)."""
+    by_name = {layer.name: layer for layer in fitted}
+    opset = default_opset(model) or 17
+    timings: dict = {}
+    keep: set[str] = set()
+    tables: dict = {}
+    for _ in range(len(fitted) + 1):
+        slow = set()
+        for name, choice in plan.items():
+            if choice is None or name in config.ranks:
+                continue
+            key = (name, choice.method, choice.ranks)
+            if key not in timings:
+                timings[key] = layer_latency(
+                    by_name[name],
+                    choice.method,
+                    choice.ranks,
+                    batch=config.speed_batch,
+                    device=config.device,
+                    opset=opset,
+                )
+            latency = timings[key]
+            if latency.compressed_ms >= latency.original_ms:
+                slow.add(name)
+                reasons[name] = (
+                    f"chain not faster ({latency.compressed_ms:.3f} vs {latency.original_ms:.3f} ms "
+                    f"at batch {latency.batch}, {latency.provider})"
+                )
+        if not slow:
+            return plan
+        keep |= slow
+        logger.info("keeping %d layer(s) whose chain is not faster: %s", len(slow), ", ".join(sorted(slow)))
+        plan = _plan(config, fitted, geometries, problems, layers, progress, keep=frozenset(keep), tables=tables)
+    return plan
+
+
+def _random_batch(model: onnx.ModelProto, size: int, config: CompressConfig) -> dict[str, np.ndarray]:
+    """A random input batch for timing when no data was given (latency does not depend on the values)."""
+    shapes = concrete_input_shapes(model, config.input_shapes)
+    if shapes is None:
+        raise UserError("timing the models needs fixed input dims: pass --input-shape or --data")
+    rng = np.random.default_rng(config.seed)
+    batch = {}
+    for value in graph_inputs(model):
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        batch[value.name] = rng.standard_normal((size, *shapes[value.name][1:])).astype(dtype)
+    return batch
 
 
 def _override(name: str, spec, default_method: str, geometry: ConvGeometry) -> tuple[str, tuple[int, ...]]:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from .evaluate import Comparison
+from .evaluate import Comparison, Latency
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class CompressionReport:
     budget: str
     target_ratio: float | None
     verification: Comparison | None
-    calibration: str | None  # description of the data the statistics came from
+    calibration: str | None
+    latency: tuple[Latency, ...] = ()  # description of the data the statistics came from
     seconds: Mapping[str, float] = field(default_factory=dict)
     settings: Mapping[str, object] = field(default_factory=dict)
 
@@ -61,6 +62,7 @@ class CompressionReport:
             "totals": self.totals,
             "ratio": {"budget": self.budget, "target": self.target_ratio, "reached": self.ratio},
             "verification": verification,
+            "latency": [asdict(item) | {"ratio": item.ratio} for item in self.latency],
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
@@ -110,6 +112,8 @@ class CompressionReport:
             f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%} (target {self.budget} ratio {self.target_ratio})"
         )
         lines.append(verification_line(self.verification))
+        for item in self.latency:
+            lines.append(latency_line(item, m_ratio))
         return "\n".join(lines)
 
 
@@ -123,6 +127,14 @@ def verification_line(comparison: Comparison | None) -> str:
     if comparison.top1_original is not None:
         text += f", top-1 {comparison.top1_original:.2%} -> {comparison.top1_compressed:.2%}"
     return text
+
+
+def latency_line(latency: Latency, macs_kept: float | None = None) -> str:
+    text = (
+        f"latency at batch {latency.batch} ({latency.provider}): {latency.original_ms:.2f} ms -> "
+        f"{latency.compressed_ms:.2f} ms (ratio {latency.ratio:.3f}"
+    )
+    return text + (f", MAC ratio {macs_kept:.3f})" if macs_kept is not None else ")")
 
 
 def _jsonable(value):

@@ -40,6 +40,16 @@ def add_parser(commands) -> None:
         "--holdout", type=int, default=500, help="samples kept out of calibration for verification (default 500)"
     )
     parser.add_argument("--max-iter", type=int, default=100, help="ALS sweeps per layer at most (default 100)")
+    parser.add_argument("--bias-refit", action="store_true", help="refit biases (centered covariance); never worse")
+    parser.add_argument(
+        "--require-speedup",
+        action="store_true",
+        help="time each chain against its layer in onnxruntime; keep the layer where the chain is not faster",
+    )
+    parser.add_argument("--benchmark", action="store_true", help="time both models end to end (in the report)")
+    parser.add_argument(
+        "--speed-batch", type=positive_int, default=1, help="batch size for --require-speedup timing (default 1)"
+    )
     parser.add_argument("--report", metavar="REPORT.json", help="write the report as JSON")
     add_data_arguments(parser, required=False)
     add_runtime_arguments(parser)
@@ -67,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         limit=None if random_data else args.limit,
         max_iter=args.max_iter,
+        bias_refit=args.bias_refit,
+        require_speedup=args.require_speedup,
+        benchmark=args.benchmark,
+        speed_batch=args.speed_batch,
         input_shapes=input_shapes,
     )
     model = load_model(args.model)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from ..errors import UserError
 from ..evaluate import benchmark_batches, compare_models, measure_latency
 from ..load import load_model
-from ..report import verification_line
+from ..report import latency_line, verification_line
 from ..shapes import graph_inputs, parse_input_shapes
 from .data_options import add_data_arguments, add_runtime_arguments, positive_int, source_from_args
 
@@ -53,11 +53,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     lines = [verification_line(comparison).replace("held-out ", "")]
-    for latency in latencies:
-        lines.append(
-            f"latency batch {latency.batch} ({latency.provider}): {latency.original_ms:.2f} ms -> "
-            f"{latency.compressed_ms:.2f} ms (ratio {latency.ratio:.3f})"
-        )
+    lines.extend(latency_line(latency) for latency in latencies)
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
