@@ -26,6 +26,7 @@ class CompressConfig:
     the report holds the end-to-end latency of both models. `holdout`: samples of the data kept out of
     calibration for verification; `limit`: at most this many calibration samples (after the held-out
     ones). `bias_refit`: fit in the centered covariance and absorb the mean error into the bias.
+    `propagate`: fit each layer to the original output from its input in the model compressed so far.
     """
 
     method: str = "tucker2"
@@ -42,6 +43,7 @@ class CompressConfig:
     limit: int | None = None
     max_iter: int = 100
     bias_refit: bool = False
+    propagate: bool = False
     require_speedup: bool = False
     benchmark: bool = False
     speed_batch: int = 1
@@ -68,5 +70,7 @@ class CompressConfig:
             raise UserError(f"--limit must be a positive integer, got {self.limit}")
         if self.speed_batch < 1:
             raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
+        if self.propagate and self.norm != "sigma":
+            raise UserError("--propagate is part of the distribution-aware fit: it needs --norm sigma")
         if self.max_iter < 0:
             raise UserError(f"max_iter must be >= 0, got {self.max_iter}")

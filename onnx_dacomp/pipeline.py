@@ -19,12 +19,13 @@ from onnx import helper
 from tqdm import tqdm
 
 from .calibrate.collect import MAX_PATCH_SIZE, collect_statistics
+from .calibrate.cross import CrossStatistics, collect_cross_statistics
 from .calibrate.patches import patch_size
 from .calibrate.sources import Source, open_source
-from .calibrate.statistics import Statistics
+from .calibrate.statistics import LayerStatistics, Statistics
 from .config import CompressConfig
 from .decompose.bias import centered_covariance
-from .decompose.covariance import output_energy
+from .decompose.covariance import output_energy, regularize, solve_psd
 from .decompose.cp import cp_als, da_cp
 from .decompose.factors import Factors, reconstruct
 from .decompose.result import Decomposition
@@ -95,7 +96,7 @@ def compress(
     if config.norm == "sigma" and fitted and statistics is None and data is None:
         logger.info(NATURAL_NOTICE)
         data = "natural"
-    calibration, holdout = _split(model, data, config, precomputed=statistics is not None)
+    calibration, holdout = _split(model, data, config)
     if config.norm == "sigma" and fitted:
         if statistics is None:
             if calibration is None:
@@ -116,23 +117,33 @@ def compress(
         plan = _faster_plan(model, config, fitted, geometries, problems, scan.layers, plan, reasons, progress)
     clock["ranks"] = time.perf_counter()
 
-    replacements, layer_reports = {}, {}
-    chosen = [(layer, plan[layer.name]) for layer in fitted if plan.get(layer.name) is not None]
-    for layer, choice in tqdm(
-        chosen, desc="decomposing", unit="layer", disable=None if progress else True, leave=False
-    ):
-        fit = fit_layer(problems[layer.name], choice, config)
-        replacements[layer.output] = (layer, fit.factors, fit.bias)
-        layer_reports[layer.name] = _layer_report(layer, geometries[layer.name], choice, fit)
-        logger.debug(
-            "%s: %s %s, rel. error %.4g (estimate %.4g)",
-            layer.name,
-            choice.method,
-            choice.ranks,
-            fit.rel_error,
-            choice.error,
-        )
-    new_model = replace_convs(model, replacements)
+    layer_reports = {}
+    chosen = [layer for layer in fitted if plan.get(layer.name) is not None]
+    bar = tqdm(total=len(chosen), desc="decomposing", unit="layer", disable=None if progress else True, leave=False)
+    if config.propagate and chosen:
+        if calibration is None:
+            raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
+        batches = list(calibration)
+    new_model = model
+    # with propagation, layers are fitted in waves: each wave's inputs depend only on earlier waves
+    for wave in _waves(model, chosen) if config.propagate else [chosen]:
+        if config.propagate:
+            cross = collect_cross_statistics(model, new_model, wave, batches, device=config.device)
+        replacements = {}
+        for layer in wave:
+            problem = problems[layer.name]
+            if config.propagate:
+                problem = LayerProblem.propagated(
+                    problem, statistics.layers[layer.name], cross[layer.name], config.bias_refit
+                )
+            choice = plan[layer.name]
+            fit = fit_layer(problem, choice, config)
+            replacements[layer.output] = (layer, fit.factors, fit.bias)
+            layer_reports[layer.name] = _layer_report(layer, geometries[layer.name], choice, fit)
+            logger.debug("%s: %s %s, rel. error %.4g", layer.name, choice.method, choice.ranks, fit.rel_error)
+            bar.update()
+        new_model = replace_convs(new_model, replacements)
+    bar.close()
     clock["decompose"] = time.perf_counter()
 
     verification = None
@@ -170,7 +181,7 @@ def compress(
     return CompressionResult(new_model, report)
 
 
-def _split(model, data, config: CompressConfig, *, precomputed: bool) -> tuple[Source | Iterable | None, Source | None]:
+def _split(model, data, config: CompressConfig) -> tuple[Source | Iterable | None, Source | None]:
     """(calibration data, held-out verification data). Only sources of known size can be split."""
     if data is None:
         return None, None
@@ -182,8 +193,6 @@ def _split(model, data, config: CompressConfig, *, precomputed: bool) -> tuple[S
         if config.limit is not None:
             raise UserError("--limit needs a data source of known size (an image folder or .npz/.npy files)")
         return data, None
-    if precomputed:
-        return None, data.subset(0, config.holdout) if config.holdout else None
     holdout = min(config.holdout, size // 5)
     if config.holdout and holdout < config.holdout:
         logger.info("holding out %d of %d samples for verification (a fifth of the data)", holdout, size)
@@ -203,6 +212,30 @@ def _geometry(layer: ConvLayer) -> ConvGeometry:
         output_spatial=tuple(layer.output_shape[2:]) if layer.output_shape else (1,) * spatial,
         bias=bool(layer.bias),
     )
+
+
+def _waves(model: onnx.ModelProto, layers: list[ConvLayer]) -> list[list[ConvLayer]]:
+    """`layers` grouped by depth: a layer's wave comes after the waves of every layer upstream of it."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    names = {layer.output: layer.name for layer in layers}
+    depth: dict[str, int] = {}
+
+    def upstream(tensor: str) -> set[str]:
+        found, pending, seen = set(), [tensor], set()
+        while pending:
+            name = pending.pop()
+            if name in seen or name not in producers:
+                continue
+            seen.add(name)
+            if name in names:
+                found.add(names[name])
+                continue  # that layer's own depth covers what lies before it
+            pending.extend(producers[name].input)
+        return found
+
+    for layer in layers:  # graph order is topological
+        depth[layer.name] = 1 + max((depth[name] for name in upstream(layer.input)), default=-1)
+    return [[layer for layer in layers if depth[layer.name] == level] for level in sorted(set(depth.values()))]
 
 
 def _biases(model: onnx.ModelProto, layers) -> dict[str, np.ndarray | None]:
@@ -242,6 +275,37 @@ class LayerProblem:
         centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
         shifts = [w.reshape(len(w), -1) @ m for w, m in zip(weights, means)]  # W1 mu
         return cls(weights, weights, centered, sigmas, bias, shifts, means)
+
+    @classmethod
+    def propagated(cls, plain: LayerProblem, original: LayerStatistics, perturbed: CrossStatistics, bias_refit: bool):
+        """Fit `W1 x` from the perturbed input x~: target `W' = W1 C Sigma~^-1` in the Sigma~ norm (centered
+        with the bias refit), plus the residual error no chain on x~ can remove."""
+        targets, fit_sigmas, shifts, residual = [], [], [], 0.0
+        sigmas, means = original.covariance, original.mean
+        cross, perturbed_sigmas, perturbed_means = perturbed.cross_moment, perturbed.covariance, perturbed.mean
+        for g, weight in enumerate(plain.weights):
+            matrix = weight.reshape(len(weight), -1)
+            sigma, cross_g, sigma_fit = sigmas[g], cross[g], perturbed_sigmas[g]
+            if bias_refit:
+                sigma = centered_covariance(sigma, means[g])
+                cross_g = cross_g - np.outer(means[g], perturbed_means[g])
+                sigma_fit = centered_covariance(sigma_fit, perturbed_means[g])
+                shifts.append(matrix @ means[g])
+            regularized = regularize(sigma_fit)
+            target = solve_psd(regularized, cross_g.T @ matrix.T).T  # W1 C Sigma~^-1
+            residual += output_energy(matrix, sigma) - float(np.einsum("ij,ij->", target @ regularized, target))
+            targets.append(target.reshape(weight.shape))
+            fit_sigmas.append(regularized)
+        return cls(
+            plain.weights,
+            targets,
+            fit_sigmas,
+            list(sigmas),
+            plain.bias,
+            shifts if bias_refit else None,
+            list(perturbed_means) if bias_refit else None,
+            max(residual, 0.0),
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -105,7 +105,10 @@ def main() -> None:
             optimizer.step()
             schedule.step()
         accuracy = evaluate(model, tensor, test_x, test_y)
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, test top-1 {accuracy:.2%}, {time.time() - start:.0f} s", flush=True)
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f}, test top-1 {accuracy:.2%}, {time.time() - start:.0f} s",
+            flush=True,
+        )
 
     model.eval()
     args.output.parent.mkdir(parents=True, exist_ok=True)

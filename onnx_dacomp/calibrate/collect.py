@@ -132,6 +132,15 @@ def check_batch(batch: Mapping, inputs: Mapping[str, onnx.ValueInfoProto], index
     return checked
 
 
+def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are the tensors `names` (and nothing else)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return probe
+
+
 class _Runner:
     """Sessions for one model, rebuilt only when the spatial input shape changes."""
 
@@ -182,12 +191,8 @@ class _Runner:
                 logger.warning(
                     "cannot build the statistics graph (%s); exposing layer inputs instead", str(exc).splitlines()[0]
                 )
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.model)
-        del probe.graph.output[:]
         self.output_names = list(dict.fromkeys(layer.input for layer in self.layers))
-        probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in self.output_names)
-        self.session = create_session(probe, self.device)
+        self.session = create_session(exposing(self.model, self.output_names), self.device)
         self.path = "numpy"
         self.provider = provider_name(self.session)
 

@@ -42,6 +42,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--max-iter", type=int, default=100, help="ALS sweeps per layer at most (default 100)")
     parser.add_argument("--bias-refit", action="store_true", help="refit biases (centered covariance); never worse")
     parser.add_argument(
+        "--propagate", action="store_true", help="fit each layer on the input the compressed layers before it give"
+    )
+    parser.add_argument(
         "--require-speedup",
         action="store_true",
         help="time each chain against its layer in onnxruntime; keep the layer where the chain is not faster",
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         limit=None if random_data else args.limit,
         max_iter=args.max_iter,
         bias_refit=args.bias_refit,
+        propagate=args.propagate,
         require_speedup=args.require_speedup,
         benchmark=args.benchmark,
         speed_batch=args.speed_batch,
