@@ -27,6 +27,8 @@ class CompressConfig:
     calibration for verification; `limit`: at most this many calibration samples (after the held-out
     ones). `bias_refit`: fit in the centered covariance and absorb the mean error into the bias.
     `propagate`: fit each layer to the original output from its input in the model compressed so far.
+    `max_drop` (top-1 points) / `min_agreement` (0..1): instead of `ratio`, search the smallest ratio whose
+    model meets this on the held-out data.
     """
 
     method: str = "tucker2"
@@ -44,6 +46,8 @@ class CompressConfig:
     max_iter: int = 100
     bias_refit: bool = False
     propagate: bool = False
+    max_drop: float | None = None
+    min_agreement: float | None = None
     require_speedup: bool = False
     benchmark: bool = False
     speed_batch: int = 1
@@ -60,8 +64,14 @@ class CompressConfig:
                 raise UserError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise UserError(f"--ratio must lie in (0, 1], got {self.ratio}")
-        if self.ratio is None and not self.ranks:
-            raise UserError("give a target --ratio or exact --ranks")
+        if self.max_drop is not None and self.min_agreement is not None:
+            raise UserError("give --max-drop or --min-agreement, not both")
+        if self.max_drop is not None and not 0 <= self.max_drop <= 100:
+            raise UserError(f"--max-drop is in top-1 points (0 to 100), got {self.max_drop}")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
+            raise UserError(f"--min-agreement must lie in (0, 1], got {self.min_agreement}")
+        if self.ratio is None and not self.ranks and self.max_drop is None and self.min_agreement is None:
+            raise UserError("give a target --ratio, --max-drop, --min-agreement or exact --ranks")
         if self.rank_multiple < 1:
             raise UserError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}")
         if self.holdout < 0:

@@ -32,11 +32,11 @@ from .decompose.result import Decomposition
 from .decompose.svd import da_svd, truncated_svd
 from .decompose.tucker2 import da_tucker2, tucker2_hooi, weighted_input_factor
 from .errors import UserError
-from .evaluate import benchmark_batches, compare_models, measure_latency
+from .evaluate import Comparison, benchmark_batches, compare_models, measure_latency
 from .load import default_opset, load_model
 from .log import logger
 from .ranks.allocate import Choice, allocate, uniform
-from .ranks.candidates import Candidate, candidate_table, estimate_errors, methods_for
+from .ranks.candidates import Candidate, CandidateTable, candidate_table, estimate_errors, methods_for
 from .ranks.costs import ConvGeometry, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
@@ -44,6 +44,8 @@ from .shapes import concrete_input_shapes, graph_inputs
 from .speed import layer_latency
 from .targets import ConstantResolver, ConvLayer, find_targets, read_weights
 
+SEARCH_PROBES = 10  # bisection steps of the accuracy-targeted ratio search at most
+SEARCH_TOLERANCE = 0.01  # ... stopping once the bracket is this narrow
 NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
     "data from the model's own domain fits better"
@@ -106,48 +108,23 @@ def compress(
             statistics.check_model(fitted, weights)
     clock["calibrate"] = time.perf_counter()
 
-    geometries = {layer.name: _geometry(layer) for layer in scan.layers if layer.params is not None}
-    biases = _biases(model, fitted)
-    problems = {
-        layer.name: LayerProblem.plain(layer, weights[layer.name], biases[layer.name], statistics, config)
-        for layer in fitted
-    }
-    plan = _plan(config, fitted, geometries, problems, scan.layers, progress)
+    job = _Job(model, config, scan.layers, fitted, weights, statistics, reasons, calibration, progress)
+    ratio, search = config.ratio, None
+    if config.max_drop is not None or config.min_agreement is not None:
+        ratio, search = _search_ratio(job, holdout)
+    plan = job.plan(ratio)
     if config.require_speedup:
-        plan = _faster_plan(model, config, fitted, geometries, problems, scan.layers, plan, reasons, progress)
+        plan = _faster_plan(job, plan, ratio)
     clock["ranks"] = time.perf_counter()
-
-    layer_reports = {}
-    chosen = [layer for layer in fitted if plan.get(layer.name) is not None]
-    bar = tqdm(total=len(chosen), desc="decomposing", unit="layer", disable=None if progress else True, leave=False)
-    if config.propagate and chosen:
-        if calibration is None:
-            raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
-        batches = list(calibration)
-    new_model = model
-    # with propagation, layers are fitted in waves: each wave's inputs depend only on earlier waves
-    for wave in _waves(model, chosen) if config.propagate else [chosen]:
-        if config.propagate:
-            cross = collect_cross_statistics(model, new_model, wave, batches, device=config.device)
-        replacements = {}
-        for layer in wave:
-            problem = problems[layer.name]
-            if config.propagate:
-                problem = LayerProblem.propagated(
-                    problem, statistics.layers[layer.name], cross[layer.name], config.bias_refit
-                )
-            choice = plan[layer.name]
-            fit = fit_layer(problem, choice, config)
-            replacements[layer.output] = (layer, fit.factors, fit.bias)
-            layer_reports[layer.name] = _layer_report(layer, geometries[layer.name], choice, fit)
-            logger.debug("%s: %s %s, rel. error %.4g", layer.name, choice.method, choice.ranks, fit.rel_error)
-            bar.update()
-        new_model = replace_convs(new_model, replacements)
-    bar.close()
+    new_model, layer_reports = job.build(plan, propagate=config.propagate)
     clock["decompose"] = time.perf_counter()
 
     verification = None
     if holdout is not None:
+        verification = compare_models(model, new_model, holdout, device=config.device, progress=progress)
+    if search is not None and config.propagate and not _meets(verification, config):
+        logger.warning("the propagated fit misses the target on the held-out data; using the plain fit")
+        new_model, layer_reports = job.build(plan, propagate=False)
         verification = compare_models(model, new_model, holdout, device=config.device, progress=progress)
     latency = ()
     if config.require_speedup or config.benchmark:
@@ -157,6 +134,8 @@ def compress(
         latency = tuple(measure_latency(model, new_model, batch, device=config.device) for batch in batches)
     clock["verify"] = time.perf_counter()
 
+    geometries = job.geometries
+
     for layer in scan.layers:
         if layer.name not in layer_reports and layer.name in geometries:
             reason = reasons.get(layer.name) or _kept_reason(layer, geometries[layer.name], config)
@@ -165,8 +144,9 @@ def compress(
         layers=tuple(layer_reports[layer.name] for layer in scan.layers if layer.name in layer_reports),
         error_norm="sigma" if statistics is not None and config.norm == "sigma" else "frobenius",
         budget=config.budget,
-        target_ratio=config.ratio,
+        target_ratio=ratio,
         verification=verification,
+        search=search,
         latency=latency,
         calibration=statistics.source if statistics is not None else None,
         seconds={
@@ -339,40 +319,59 @@ def fit_layer(problem: LayerProblem, choice: Candidate, config: CompressConfig) 
     return LayerFit(factors, bias, float(error), max(result.iterations for result in results))
 
 
-def _plan(config, fitted, geometries, problems, layers, progress, keep=frozenset(), tables=None) -> dict[str, Choice]:
-    """The method and ranks of every fitted layer: --ranks overrides, then the budget for the rest, except
-    the layers in `keep` (left as they are). `tables` caches candidate tables across calls."""
-    plan: dict[str, Choice] = {}
-    tables = {} if tables is None else tables
-    for layer in fitted:
-        if layer.name in config.ranks:
-            method, ranks = _override(layer.name, config.ranks[layer.name], config.method, geometries[layer.name])
-            problem = problems[layer.name]
-            estimate = estimate_errors(method, problem.targets, problem.fit_sigmas, [ranks], seed=config.seed)[0]
-            plan[layer.name] = Candidate(method, ranks, chain_cost(geometries[layer.name], method, ranks), estimate)
-    managed = [layer for layer in fitted if layer.name not in plan and layer.name not in keep]
-    if config.ratio is None or not managed:
-        return plan
-    managed_names = {layer.name for layer in managed}
-    budget = config.budget
-    before = sum(original_cost(geometries[layer.name]).of(budget) for layer in layers if layer.name in geometries)
-    fixed = sum(
-        plan[layer.name].cost.of(budget) if layer.name in plan else original_cost(geometries[layer.name]).of(budget)
-        for layer in layers
-        if layer.name in geometries and layer.name not in managed_names
-    )
-    target = config.ratio * before
-    if config.allocation == "uniform":
+class _Job:
+    """One compression run's fixed inputs and caches: candidate tables and plain layer fits are computed
+    once and reused by every plan (the ratio search and the speed checks probe several plans)."""
 
-        def choose(name, options):
-            problem = problems[name]
-            errors = [
-                estimate_errors(m, problem.targets, problem.fit_sigmas, [r], seed=config.seed)[0] for m, r in options
-            ]
-            return options[int(np.argmin(errors))]
+    def __init__(self, model, config, layers, fitted, weights, statistics, reasons, calibration, progress):
+        self.model, self.config, self.layers, self.fitted = model, config, layers, fitted
+        self.statistics, self.reasons, self.calibration, self.progress = statistics, reasons, calibration, progress
+        self.geometries = {layer.name: _geometry(layer) for layer in layers if layer.params is not None}
+        biases = _biases(model, fitted)
+        self.problems = {
+            layer.name: LayerProblem.plain(layer, weights[layer.name], biases[layer.name], statistics, config)
+            for layer in fitted
+        }
+        self.tables: dict[str, CandidateTable] = {}
+        self.fits: dict[tuple, LayerFit] = {}
+        self.batches = None
 
-        plan.update(
-            uniform(
+    def _bar(self, total: int, description: str):
+        return tqdm(total=total, desc=description, unit="layer", disable=None if self.progress else True, leave=False)
+
+    def _estimate(self, name: str, method: str, ranks) -> float:
+        problem = self.problems[name]
+        return estimate_errors(method, problem.targets, problem.fit_sigmas, [ranks], seed=self.config.seed)[0]
+
+    def plan(self, ratio: float | None, keep=frozenset()) -> dict[str, Choice]:
+        """The method and ranks of every fitted layer: --ranks overrides, then the budget `ratio` for the
+        rest, except the layers in `keep` (left as they are)."""
+        config, geometries, plan = self.config, self.geometries, {}
+        for layer in self.fitted:
+            if layer.name in config.ranks:
+                method, ranks = _override(layer.name, config.ranks[layer.name], config.method, geometries[layer.name])
+                cost = chain_cost(geometries[layer.name], method, ranks)
+                plan[layer.name] = Candidate(method, ranks, cost, self._estimate(layer.name, method, ranks))
+        managed = [layer for layer in self.fitted if layer.name not in plan and layer.name not in keep]
+        if ratio is None or not managed:
+            return plan
+        managed_names = {layer.name for layer in managed}
+        budget = config.budget
+
+        def cost(layer) -> int:
+            choice = plan.get(layer.name)
+            return choice.cost.of(budget) if choice else original_cost(geometries[layer.name]).of(budget)
+
+        counted = [layer for layer in self.layers if layer.name in geometries]
+        before = sum(original_cost(geometries[layer.name]).of(budget) for layer in counted)
+        fixed = sum(cost(layer) for layer in counted if layer.name not in managed_names)
+        target = ratio * before
+        if config.allocation == "uniform":
+
+            def choose(name, options):
+                return options[int(np.argmin([self._estimate(name, m, r) for m, r in options]))]
+
+            chosen = uniform(
                 {layer.name: geometries[layer.name] for layer in managed},
                 {layer.name: methods_for(config.method, geometries[layer.name]) for layer in managed},
                 budget,
@@ -381,47 +380,127 @@ def _plan(config, fitted, geometries, problems, layers, progress, keep=frozenset
                 config.rank_multiple,
                 choose,
             )
-        )
-    else:
-        missing = [layer for layer in managed if layer.name not in tables]
-        for layer in tqdm(
-            missing, desc="rank candidates", unit="layer", disable=None if progress else True, leave=False
-        ):
-            problem = problems[layer.name]
-            tables[layer.name] = candidate_table(
-                layer.name,
-                geometries[layer.name],
-                problem.targets,
-                problem.fit_sigmas,
-                config.method,
-                multiple=config.rank_multiple,
-                seed=config.seed,
+        else:
+            missing = [layer for layer in managed if layer.name not in self.tables]
+            with self._bar(len(missing), "rank candidates") as bar:
+                for layer in missing:
+                    problem = self.problems[layer.name]
+                    self.tables[layer.name] = candidate_table(
+                        layer.name,
+                        geometries[layer.name],
+                        problem.targets,
+                        problem.fit_sigmas,
+                        config.method,
+                        multiple=config.rank_multiple,
+                        seed=config.seed,
+                    )
+                    bar.update()
+            chosen = allocate([self.tables[layer.name] for layer in managed], budget, target, fixed)
+        plan.update(chosen)
+        reached = fixed + sum(cost(layer) for layer in managed)
+        if reached > target * 1.0001:
+            logger.warning(
+                "the target %s ratio %.3g cannot be reached: the smallest ranks give %.3g (layers that are "
+                "skipped or excluded keep their size)",
+                budget,
+                ratio,
+                reached / before,
             )
-        plan.update(allocate([tables[layer.name] for layer in managed], budget, target, fixed))
-    reached = fixed + sum(
-        plan[layer.name].cost.of(budget) if plan.get(layer.name) else original_cost(geometries[layer.name]).of(budget)
-        for layer in managed
-    )
-    if reached > target * 1.0001:
-        logger.warning(
-            "the target %s ratio %.3g cannot be reached: the smallest ranks give %.3g (layers that are skipped "
-            "or excluded keep their size)",
-            budget,
-            config.ratio,
-            reached / before,
+        return plan
+
+    def build(self, plan: dict[str, Choice], *, propagate: bool):
+        """The compressed model of `plan` and the reports of its layers. With `propagate`, layers are fitted
+        in waves (each wave's inputs depend only on earlier waves) on the inputs of the model so far."""
+        chosen = [layer for layer in self.fitted if plan.get(layer.name) is not None]
+        if propagate and chosen and self.batches is None:
+            if self.calibration is None:
+                raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
+            self.batches = list(self.calibration)
+        new_model, reports = self.model, {}
+        with self._bar(len(chosen), "decomposing") as bar:
+            for wave in _waves(self.model, chosen) if propagate else [chosen]:
+                if propagate:
+                    cross = collect_cross_statistics(
+                        self.model, new_model, wave, self.batches, device=self.config.device
+                    )
+                replacements = {}
+                for layer in wave:
+                    choice = plan[layer.name]
+                    if propagate:
+                        problem = LayerProblem.propagated(
+                            self.problems[layer.name],
+                            self.statistics.layers[layer.name],
+                            cross[layer.name],
+                            self.config.bias_refit,
+                        )
+                        fit = fit_layer(problem, choice, self.config)
+                    else:
+                        key = (layer.name, choice.method, choice.ranks)
+                        if key not in self.fits:
+                            self.fits[key] = fit_layer(self.problems[layer.name], choice, self.config)
+                        fit = self.fits[key]
+                    replacements[layer.output] = (layer, fit.factors, fit.bias)
+                    reports[layer.name] = _layer_report(layer, self.geometries[layer.name], choice, fit)
+                    logger.debug("%s: %s %s, rel. error %.4g", layer.name, choice.method, choice.ranks, fit.rel_error)
+                    bar.update()
+                new_model = replace_convs(new_model, replacements)
+        return new_model, reports
+
+
+def _meets(comparison: Comparison | None, config: CompressConfig) -> bool:
+    if comparison is None:
+        return False
+    if config.max_drop is not None:
+        return comparison.top1_drop is not None and 100 * comparison.top1_drop <= config.max_drop
+    return comparison.top1_agreement >= config.min_agreement
+
+
+def _search_ratio(job: _Job, holdout: Source | None) -> tuple[float, dict]:
+    """The smallest global ratio whose model meets --max-drop / --min-agreement on the held-out data, by
+    bisection over the allocation. Each probe reuses the statistics, the candidate tables and the cached
+    layer fits: one rewrite and one evaluation (the plain fit; --propagate applies to the final model)."""
+    config = job.config
+    if holdout is None:
+        raise UserError("--max-drop/--min-agreement need held-out data: pass --data and a --holdout above 0")
+    probes = []
+    low, high = 0.0, 1.0  # ratio 1 keeps every layer: it meets any target
+    for _ in range(SEARCH_PROBES):
+        ratio = (low + high) / 2
+        candidate, _ = job.build(job.plan(ratio), propagate=False)
+        comparison = compare_models(job.model, candidate, holdout, device=config.device, progress=False)
+        if config.max_drop is not None and comparison.top1_drop is None:
+            raise UserError("--max-drop needs labeled data (class folders, .npz with labels); use --min-agreement")
+        met = _meets(comparison, config)
+        probes.append(
+            {"ratio": ratio, "top1_drop": comparison.top1_drop, "top1_agreement": comparison.top1_agreement, "met": met}
         )
-    return plan
+        logger.info(
+            "probe at ratio %.4f: top-1 agreement %.4f, top-1 drop %s: %s",
+            ratio,
+            comparison.top1_agreement,
+            "n/a" if comparison.top1_drop is None else f"{100 * comparison.top1_drop:.2f} points",
+            "meets the target" if met else "misses it",
+        )
+        low, high = (low, ratio) if met else (ratio, high)
+        if high - low < SEARCH_TOLERANCE:
+            break
+    if config.max_drop is not None:
+        target = f"top-1 drop <= {config.max_drop} points"
+    else:
+        target = f"top-1 agreement >= {config.min_agreement}"
+    logger.info("ratio search: %s met at ratio %.4f after %d probes", target, high, len(probes))
+    return high, {"target": target, "ratio": high, "probes": probes}
 
 
-def _faster_plan(model, config, fitted, geometries, problems, layers, plan, reasons, progress) -> dict[str, Choice]:
+def _faster_plan(job: _Job, plan: dict[str, Choice], ratio: float | None) -> dict[str, Choice]:
     """Keep the original of every layer whose chain is not faster in onnxruntime, and re-allocate the budget
-    to the others until every chosen chain is faster (or named in --ranks, which always wins)."""
-    by_name = {layer.name: layer for layer in fitted}
-    opset = default_opset(model) or 17
+    to the others until every chosen chain is faster (a layer named in --ranks always keeps its ranks)."""
+    config = job.config
+    by_name = {layer.name: layer for layer in job.fitted}
+    opset = default_opset(job.model) or 17
     timings: dict = {}
     keep: set[str] = set()
-    tables: dict = {}
-    for _ in range(len(fitted) + 1):
+    for _ in range(len(job.fitted) + 1):
         slow = set()
         for name, choice in plan.items():
             if choice is None or name in config.ranks:
@@ -439,7 +518,7 @@ def _faster_plan(model, config, fitted, geometries, problems, layers, plan, reas
             latency = timings[key]
             if latency.compressed_ms >= latency.original_ms:
                 slow.add(name)
-                reasons[name] = (
+                job.reasons[name] = (
                     f"chain not faster ({latency.compressed_ms:.3f} vs {latency.original_ms:.3f} ms "
                     f"at batch {latency.batch}, {latency.provider})"
                 )
@@ -447,7 +526,7 @@ def _faster_plan(model, config, fitted, geometries, problems, layers, plan, reas
             return plan
         keep |= slow
         logger.info("keeping %d layer(s) whose chain is not faster: %s", len(slow), ", ".join(sorted(slow)))
-        plan = _plan(config, fitted, geometries, problems, layers, progress, keep=frozenset(keep), tables=tables)
+        plan = job.plan(ratio, keep=frozenset(keep))
     return plan
 
 

@@ -33,8 +33,9 @@ class CompressionReport:
     budget: str
     target_ratio: float | None
     verification: Comparison | None
-    calibration: str | None
-    latency: tuple[Latency, ...] = ()  # description of the data the statistics came from
+    calibration: str | None  # description of the data the statistics came from
+    latency: tuple[Latency, ...] = ()
+    search: Mapping[str, object] | None = None  # the accuracy-targeted ratio search: target, ratio, probes
     seconds: Mapping[str, float] = field(default_factory=dict)
     settings: Mapping[str, object] = field(default_factory=dict)
 
@@ -63,6 +64,7 @@ class CompressionReport:
             "ratio": {"budget": self.budget, "target": self.target_ratio, "reached": self.ratio},
             "verification": verification,
             "latency": [asdict(item) | {"ratio": item.ratio} for item in self.latency],
+            "search": self.search,
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
@@ -111,6 +113,11 @@ class CompressionReport:
         lines.append(
             f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%} (target {self.budget} ratio {self.target_ratio})"
         )
+        if self.search:
+            lines.append(
+                f"ratio search: {self.search['target']} met at ratio {self.search['ratio']:.4f} "
+                f"after {len(self.search['probes'])} probes"
+            )
         lines.append(verification_line(self.verification))
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))

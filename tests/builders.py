@@ -73,6 +73,46 @@ def conv_stack(dtype=np.float32, channels=4, size=(9, 11), seed=0, input_channel
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
 
 
+def reference_patches(model, layer, batch) -> np.ndarray:
+    """The patches of `layer`'s input for one batch, `(positions, group, n)` in float64, by explicit loops
+    over output positions and kernel taps (2-D convs; independent of onnx_dacomp's own im2col)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=layer.input))
+    group = layer.group
+    per_group = layer.in_channels // group
+    x = run(probe, batch)[-1].astype(np.float64)
+    size = x.shape[2:]
+    if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        axis_pads = [
+            same_pads(n, k, s, d, layer.auto_pad)
+            for n, k, s, d in zip(size, layer.kernel_shape, layer.strides, layer.dilations)
+        ]
+        pads = [p[0] for p in axis_pads] + [p[1] for p in axis_pads]
+    else:
+        pads = list(layer.pads)
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_shape, layer.strides, layer.dilations
+    out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(out_h):
+            for j in range(out_w):
+                rows.append(
+                    [
+                        [
+                            padded[n, g * per_group + c, i * sh + a * dh, j * sw + b * dw]
+                            for c in range(per_group)
+                            for a in range(kh)
+                            for b in range(kw)
+                        ]
+                        for g in range(group)
+                    ]
+                )
+    return np.array(rows)
+
+
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -1,9 +1,8 @@
 """Patch statistics equal an independent float64 im2col reference; sources and errors behave."""
 
 import numpy as np
-import onnx
 import pytest
-from builders import SHARED, conv_stack, run, same_pads
+from builders import SHARED, conv_stack, reference_patches
 from onnx import numpy_helper
 
 from onnx_dacomp.calibrate.collect import collect_statistics
@@ -21,43 +20,9 @@ from onnx_dacomp.targets import find_targets, read_weights
 
 def reference_statistics(model, layer, batches):
     """Independent float64 im2col: explicit loops over output positions and kernel taps."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(onnx.ValueInfoProto(name=layer.input))
-    group = layer.group
-    per_group = layer.in_channels // group
     second, first, count = 0.0, 0.0, 0
     for batch in batches:
-        x = run(probe, batch)[-1].astype(np.float64)
-        size = x.shape[2:]
-        if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
-            axis_pads = [
-                same_pads(n, k, s, d, layer.auto_pad)
-                for n, k, s, d in zip(size, layer.kernel_shape, layer.strides, layer.dilations)
-            ]
-            pads = [p[0] for p in axis_pads] + [p[1] for p in axis_pads]
-        else:
-            pads = list(layer.pads)
-        padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_shape, layer.strides, layer.dilations
-        out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
-        out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
-        rows = []
-        for n in range(x.shape[0]):
-            for i in range(out_h):
-                for j in range(out_w):
-                    rows.append(
-                        [
-                            [
-                                padded[n, g * per_group + c, i * sh + a * dh, j * sw + b * dw]
-                                for c in range(per_group)
-                                for a in range(kh)
-                                for b in range(kw)
-                            ]
-                            for g in range(group)
-                        ]
-                    )
-        patches = np.array(rows)  # (positions, group, n)
+        patches = reference_patches(model, layer, batch)
         second = second + np.einsum("pgi,pgj->gij", patches, patches)
         first = first + patches.sum(0)
         count += len(patches)

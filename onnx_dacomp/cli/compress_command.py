@@ -29,6 +29,12 @@ def add_parser(commands) -> None:
         "--norm", choices=NORMS, default="sigma", help="sigma: distribution-aware (default); frobenius: data-free"
     )
     parser.add_argument("--ratio", type=_ratio, help="target size of the conv part relative to before (default 0.5)")
+    parser.add_argument(
+        "--max-drop", type=float, metavar="POINTS", help="instead of --ratio: smallest model within this top-1 drop"
+    )
+    parser.add_argument(
+        "--min-agreement", type=float, metavar="FRACTION", help="instead of --ratio: smallest model with this agreement"
+    )
     parser.add_argument("--budget", choices=BUDGETS, default="params", help="what --ratio counts (default params)")
     parser.add_argument(
         "--allocation", choices=ALLOCATIONS, default="allocated", help="ranks across layers (default allocated)"
@@ -64,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
         output_folder(args.report)
     input_shapes = parse_input_shapes(args.input_shape)
     ranks = _read_ranks(args.ranks) if args.ranks else {}
-    ratio = args.ratio if args.ratio is not None else (None if ranks else 0.5)
+    targeted = args.max_drop is not None or args.min_agreement is not None
+    if targeted and args.ratio is not None:
+        raise UserError("--ratio and --max-drop/--min-agreement exclude each other: the search sets the ratio")
+    ratio = args.ratio if args.ratio is not None else (None if ranks or targeted else 0.5)
     random_data = args.data == "random"
     config = CompressConfig(
         method=args.method,
@@ -82,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         max_iter=args.max_iter,
         bias_refit=args.bias_refit,
         propagate=args.propagate,
+        max_drop=args.max_drop,
+        min_agreement=args.min_agreement,
         require_speedup=args.require_speedup,
         benchmark=args.benchmark,
         speed_batch=args.speed_batch,

@@ -1,0 +1,164 @@
+"""Error propagation, bias refit and the accuracy-targeted search: against numpy references and measured
+output errors."""
+
+import numpy as np
+import onnx
+import pytest
+from builders import conv_model, conv_stack, reference_patches
+from onnx import numpy_helper
+
+import onnx_dacomp
+from onnx_dacomp.calibrate.cross import collect_cross_statistics
+from onnx_dacomp.calibrate.sources import ArraySource
+from onnx_dacomp.calibrate.statistics import LayerStatistics
+from onnx_dacomp.config import CompressConfig
+from onnx_dacomp.decompose.covariance import sigma_error
+from onnx_dacomp.decompose.factors import reconstruct
+from onnx_dacomp.pipeline import LayerProblem, fit_layer
+from onnx_dacomp.ranks.candidates import Candidate
+from onnx_dacomp.ranks.costs import Cost
+from onnx_dacomp.targets import find_targets
+
+
+def _images(count, seed=0, channels=3, size=(12, 12)):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((count, channels, size[0] // 3, size[1] // 3))
+    smooth = base.repeat(3, axis=2).repeat(3, axis=3)
+    return (smooth + 0.05 * rng.standard_normal((count, channels, *size)) + 0.3).astype(np.float32)
+
+
+def _perturbed(model, name="w0", scale=0.2, seed=1):
+    """The same graph with one weight changed: stands in for a model compressed up to some layer."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, init in enumerate(copy.graph.initializer):
+        if init.name == name:
+            weight = numpy_helper.to_array(init)
+            noise = np.random.default_rng(seed).standard_normal(weight.shape).astype(weight.dtype)
+            copy.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight + scale * noise, name))
+    return copy
+
+
+def test_cross_statistics_match_numpy_reference():
+    model = conv_stack(channels=4, size=(9, 11), input_channels=3)
+    perturbed = _perturbed(model)
+    layers = [find_targets(model).layer(name) for name in ("conv1", "conv4")]  # conv4: dilation and groups
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((n, 3, 9, 11)).astype(np.float32)} for n in (2, 3)]
+    measured = collect_cross_statistics(model, perturbed, layers, batches, device="cpu")
+    for layer in layers:
+        cross = second = first = 0.0
+        count = 0
+        for batch in batches:
+            x, x_tilde = reference_patches(model, layer, batch), reference_patches(perturbed, layer, batch)
+            cross = cross + np.einsum("pgi,pgj->gij", x, x_tilde)
+            second = second + np.einsum("pgi,pgj->gij", x_tilde, x_tilde)
+            first = first + x_tilde.sum(0)
+            count += len(x)
+        got = measured[layer.name]
+        assert got.count == count
+        for actual, expected in ((got.cross, cross), (got.second, second), (got.first, first)):
+            assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def _layer_problem(seed=0, bias_refit=False, samples=4000):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((6, 5, 3, 3))
+    n = 45
+    patches = rng.standard_normal((samples, n)) @ (rng.standard_normal((n, n)) * np.logspace(0, -1, n)) + 0.5
+    statistics = LayerStatistics((patches.T @ patches)[None], patches.sum(0)[None], samples)
+    layer = find_targets(conv_model(weight, np.ones(6), input_shape=[1, 5, 8, 8], pads=[1, 1, 1, 1])).targets[0]
+
+    class Stats:
+        layers = {layer.name: statistics}
+
+    config = CompressConfig(bias_refit=bias_refit)
+    return LayerProblem.plain(layer, weight, np.ones(6), Stats, config), statistics, patches, weight
+
+
+@pytest.mark.parametrize("bias_refit", [False, True])
+def test_propagation_with_unchanged_input_equals_the_plain_fit(bias_refit):
+    plain, statistics, _, weight = _layer_problem(bias_refit=bias_refit)
+    same = type("Cross", (), {})()
+    same.cross_moment, same.covariance, same.mean = statistics.covariance, statistics.covariance, statistics.mean
+    propagated = LayerProblem.propagated(plain, statistics, same, bias_refit)
+    # W1 Sigma Sigma^-1 = W1 (up to the solver's 1e-8 regularization, in the norm that matters)
+    assert sigma_error(weight, propagated.targets[0], statistics.covariance[0]) < 1e-8
+    assert propagated.residual <= 1e-6 * np.einsum(
+        "ij,ij->", weight.reshape(6, -1) @ statistics.covariance[0], weight.reshape(6, -1)
+    )
+    choice = Candidate("tucker2", (3, 2), Cost(0, 0), 0.0)
+    config = CompressConfig()
+    a, b = fit_layer(plain, choice, config), fit_layer(propagated, choice, config)
+    assert b.rel_error == pytest.approx(a.rel_error, rel=1e-4)
+    assert np.allclose(reconstruct(a.factors[0]), reconstruct(b.factors[0]), atol=1e-4 * np.abs(weight).max())
+    if bias_refit:
+        assert np.allclose(a.bias, b.bias, atol=1e-5)
+
+
+def test_bias_refit_never_increases_the_output_error_on_the_calibration_data():
+    _, _, patches, weight = _layer_problem()
+    matrix = weight.reshape(6, -1)
+    outputs = patches @ matrix.T + 1.0
+    for ranks in [(1, 1), (3, 2), (5, 4)]:
+        errors = {}
+        for bias_refit in (False, True):
+            problem, *_ = _layer_problem(bias_refit=bias_refit)
+            fit = fit_layer(problem, Candidate("tucker2", ranks, Cost(0, 0), 0.0), CompressConfig())
+            bias = fit.bias if fit.bias is not None else np.ones(6)
+            approximation = patches @ reconstruct(fit.factors[0]).reshape(6, -1).T + bias
+            errors[bias_refit] = np.mean(np.sum((outputs - approximation) ** 2, axis=1))
+            # the reported error is the measured one, relative to E||W1 x||^2
+            assert fit.rel_error == pytest.approx(
+                errors[bias_refit] / np.mean(np.sum((patches @ matrix.T) ** 2, 1)), rel=1e-3
+            )
+        assert errors[True] <= errors[False] * (1 + 1e-9)
+
+
+def _npz(tmp_path, count=192):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=_images(count), labels=np.arange(count) % 10)
+    return path
+
+
+def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path):
+    model = conv_stack(channels=12, size=(12, 12), input_channels=3)
+    path = _npz(tmp_path)
+    errors = {}
+    for options in (dict(), dict(bias_refit=True, propagate=True)):
+        config = CompressConfig(ratio=0.45, holdout=40, max_iter=10, **options)
+        report = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False).report
+        errors[bool(options)] = report.verification.rel_output_error
+    assert errors[True] < errors[False]
+
+
+def test_min_agreement_search_meets_the_target_and_reports_its_probes(tmp_path):
+    model = conv_stack(channels=12, size=(12, 12), input_channels=3)
+    path = _npz(tmp_path)
+    config = CompressConfig(ratio=None, min_agreement=0.9, holdout=48, max_iter=5)
+    result = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False)
+    report = result.report
+    assert report.verification.top1_agreement >= 0.9
+    assert report.search["ratio"] < 1 and 1 <= len(report.search["probes"]) <= 10
+    met = [p["ratio"] for p in report.search["probes"] if p["met"]]
+    missed = [p["ratio"] for p in report.search["probes"] if not p["met"]]
+    assert report.search["ratio"] == min(met) and all(r < report.search["ratio"] for r in missed)
+    assert report.ratio <= report.search["ratio"] + 1e-9
+
+
+def test_max_drop_needs_labels_and_holdout(tmp_path):
+    model = conv_stack(channels=8, size=(12, 12), input_channels=3)
+    path = tmp_path / "nolabels.npz"
+    np.savez(path, x=_images(64))
+    from onnx_dacomp.errors import UserError
+
+    with pytest.raises(UserError, match="labeled"):
+        onnx_dacomp.compress(
+            model, ArraySource(path, ["x"]), CompressConfig(ratio=None, max_drop=1.0, holdout=16), progress=False
+        )
+    with pytest.raises(UserError, match="held-out"):
+        onnx_dacomp.compress(
+            model, ArraySource(path, ["x"]), CompressConfig(ratio=None, max_drop=1.0, holdout=0), progress=False
+        )
+    with pytest.raises(UserError):
+        CompressConfig(max_drop=1.0, min_agreement=0.9)
