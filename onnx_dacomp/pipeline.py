@@ -625,4 +625,4 @@ def _kept_reason(layer: ConvLayer, geometry: ConvGeometry, config: CompressConfi
     smallest = [chain_cost(geometry, m, (1,) * len(geometry.max_ranks[m])) for m in methods]
     if all(cost.of(config.budget) >= original.of(config.budget) for cost in smallest):
         return f"no {'/'.join(methods)} chain has fewer {config.budget}"
-    return "kept by the allocation (the budget is met without it)"
+    return "kept: budget met without it"

@@ -276,3 +276,15 @@ def test_resnet20_distribution_aware_keeps_far_more_accuracy_and_propagation_mor
         agreement[name] = report.verification.top1_agreement
     assert agreement["sigma"] > agreement["frobenius"] + 0.2
     assert agreement["propagated"] > agreement["sigma"]
+
+
+def test_quickstart_on_the_bundled_model_needs_nothing_else(tmp_path, capsys):
+    bundled = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "dacomp_cifar_cnn.onnx"
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(bundled), "-o", str(out), "--ratio", "0.5", "--limit", "96", "--holdout", "32", "--max-iter", "3"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "natural photographs" in err and "verification on" in err and "total" in err
+    params_before, _ = _conv_totals(onnx.load(bundled))
+    params_after, _ = _conv_totals(onnx.load(out))
+    assert 0.45 * params_before <= params_after <= 0.5 * params_before
