@@ -24,8 +24,8 @@ from ..decompose.tucker2 import tucker2_rank_errors, weighted_input_factor
 from .costs import ConvGeometry, Cost, chain_cost, original_cost
 
 GRID_POINTS = 48  # rank values per axis of a table
-CP_GRID_POINTS = 10  # CP needs an iterative solve per rank: a coarser grid
-CP_ESTIMATE_SWEEPS = 3
+CP_GRID_POINTS = 8  # CP needs an iterative solve per rank: a coarser grid
+CP_ESTIMATE_SWEEPS = 1  # after the Frobenius CP start: the estimate is cheap, the full solve refines it
 
 
 @dataclass(frozen=True)
