@@ -42,7 +42,7 @@ from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
 from .shapes import concrete_input_shapes, graph_inputs
 from .speed import layer_latency
-from .targets import ConstantResolver, ConvLayer, find_targets, read_weights
+from .targets import NON_FINITE_WEIGHT, ConstantResolver, ConvLayer, find_targets, read_weights
 
 SEARCH_PROBES = 10  # bisection steps of the accuracy-targeted ratio search at most
 SEARCH_TOLERANCE = 0.01  # ... stopping once the bracket is this narrow
@@ -83,6 +83,12 @@ def compress(
     weights = read_weights(model, scan.targets)
     _check_rank_names(config, scan.layers)
 
+    broken = [layer.name for layer in scan.layers if layer.skip_reason == NON_FINITE_WEIGHT]
+    if broken:
+        raise UserError(
+            f"layer {broken[0]} has NaN or Inf weights: the model itself is broken (its outputs are not finite); "
+            f"repair or re-export it"
+        )
     reasons: dict[str, str] = {}
     for layer in scan.layers:
         if not layer.decomposable:

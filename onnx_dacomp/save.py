@@ -103,6 +103,22 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     return path
 
 
+def check_output(path: str | os.PathLike, *, protect: str | os.PathLike | None = None) -> Path:
+    """Fail early (before the slow part) if `path` cannot be written: the input itself, a directory, a
+    missing or unwritable folder. Writes and removes a probe file."""
+    path = Path(path)
+    if protect is not None and _same_file(path, Path(protect)):
+        raise UserError(f"output path {path} is the input model; choose another -o so the input is kept")
+    folder = output_folder(path)
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {folder}: {exc.strerror}") from None
+    os.close(handle)
+    os.remove(probe)
+    return path
+
+
 def output_folder(path: str | os.PathLike) -> Path:
     """The folder an output file goes to; a one-line error if it does not exist."""
     path = Path(path)

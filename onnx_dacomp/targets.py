@@ -18,6 +18,7 @@ from .shapes import Shape, infer_shapes
 
 CONV_LIKE = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"}
 SUPPORTED_DTYPES = ("float32", "float16")
+NON_FINITE_WEIGHT = "weight contains NaN or Inf"
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _conv_layer(node: onnx.NodeProto, resolver: ConstantResolver, shapes: Mappin
     elif bias_name is not None and resolver.source(bias_name) is not None:
         reason = "bias is not a constant"
     elif not np.isfinite(weight).all():
-        reason = "weight contains NaN or Inf"
+        reason = NON_FINITE_WEIGHT
     return ConvLayer(**common, **geometry, skip_reason=reason)
 
 

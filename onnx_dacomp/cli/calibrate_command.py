@@ -8,7 +8,7 @@ from ..calibrate.collect import collect_statistics
 from ..calibrate.statistics import save_statistics
 from ..load import load_model
 from ..log import logger
-from ..save import output_folder
+from ..save import check_output
 from ..shapes import parse_input_shapes
 from ..targets import find_targets
 from .data_options import add_data_arguments, add_runtime_arguments, source_from_args
@@ -29,7 +29,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output_folder(args.output)  # fail before the slow part
+    check_output(args.output, protect=args.model)  # fail before the slow part
     input_shapes = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
     scan = find_targets(model, input_shapes)

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..load import load_model
 from ..log import logger
 from ..pipeline import NATURAL_NOTICE, compress
-from ..save import output_folder, save_model, write_atomically
+from ..save import check_output, save_model, write_atomically
 from ..shapes import parse_input_shapes
 from .data_options import add_data_arguments, add_runtime_arguments, positive_int, source_from_args
 
@@ -65,9 +65,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output_folder(args.output)  # fail before the slow part
+    check_output(args.output, protect=args.model)  # fail before the slow part
     if args.report:
-        output_folder(args.report)
+        check_output(args.report, protect=args.model)
     input_shapes = parse_input_shapes(args.input_shape)
     ranks = _read_ranks(args.ranks) if args.ranks else {}
     targeted = args.max_drop is not None or args.min_agreement is not None
