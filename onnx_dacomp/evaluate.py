@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .calibrate.collect import check_batch
+from .calibrate.collect import batch_length, check_batch
 from .calibrate.sources import IterableSource, Source
 from .errors import UserError
 from .runtime import create_session, provider_name
@@ -121,7 +121,7 @@ def measure_latency(
             session.run(None, batch)
             measured.append(time.perf_counter() - start)
     return Latency(
-        batch=len(next(iter(batch.values()))),
+        batch=batch_length(batch),
         original_ms=1000 * stats.median(times[0]),
         compressed_ms=1000 * stats.median(times[1]),
         provider=provider_name(sessions[0]),
@@ -133,16 +133,24 @@ def benchmark_batches(source: Source, sizes) -> list[dict[str, np.ndarray]]:
     largest, parts, count = max(sizes), [], 0
     for batch in source:
         parts.append(batch)
-        count += len(next(iter(batch.values())))
+        count += batch_length(batch)
         if count >= largest:
             break
     if not parts:
         raise UserError("the data yielded no samples to time the models with")
-    joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    joined = {
+        name: np.concatenate([part[name] for part in parts]) if np.ndim(parts[0][name]) else parts[0][name]
+        for name in parts[0]
+    }
     batches = []
     for size in sizes:
         repeat = -(-size // count)
-        batches.append({name: np.concatenate([array] * repeat)[:size] for name, array in joined.items()})
+        batches.append(
+            {
+                name: np.concatenate([array] * repeat)[:size] if np.ndim(array) else array
+                for name, array in joined.items()
+            }
+        )
     return batches
 
 

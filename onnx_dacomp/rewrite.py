@@ -175,7 +175,7 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _drop_unused_constants(graph: onnx.GraphProto, names: Sequence[str | None]) -> None:
-    """Remove the replaced weights/biases (initializers, Constant and Identity producers) no one reads."""
+    """Remove the replaced weights/biases (initializers, Constant, Identity and Cast producers) no one reads."""
     pending = [name for name in names if name]
     while pending:
         name = pending.pop()
@@ -186,7 +186,7 @@ def _drop_unused_constants(graph: onnx.GraphProto, names: Sequence[str | None]) 
                 del graph.initializer[index]
                 break
         for index, node in enumerate(graph.node):
-            if name in node.output and node.op_type in ("Constant", "Identity") and len(node.output) == 1:
+            if name in node.output and node.op_type in ("Constant", "Identity", "Cast") and len(node.output) == 1:
                 pending.extend(node.input)
                 del graph.node[index]
                 break

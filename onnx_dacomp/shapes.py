@@ -77,7 +77,10 @@ def concrete_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -
             result[value.name] = tuple(shapes[value.name])
             continue
         dims = declared_shape(value)
-        if any(not isinstance(d, int) for d in dims[1:]) or not dims:
+        if not dims:  # a scalar input: no batch axis
+            result[value.name] = ()
+            continue
+        if any(not isinstance(d, int) for d in dims[1:]):
             return None
         result[value.name] = (dims[0] if isinstance(dims[0], int) else 1, *dims[1:])
     return result

@@ -19,6 +19,7 @@ from .shapes import Shape, infer_shapes
 CONV_LIKE = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"}
 SUPPORTED_DTYPES = ("float32", "float16")
 NON_FINITE_WEIGHT = "weight contains NaN or Inf"
+PASS_THROUGH = ("Identity", "Cast")  # nodes between a constant and the Conv that still leave a constant
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class TargetScan:
 
 
 class ConstantResolver:
-    """Values of constant tensors: initializers and Constant nodes, looked through Identity."""
+    """Values of constant tensors: initializers and Constant nodes, looked through Identity and Cast."""
 
     def __init__(self, graph: onnx.GraphProto):
         self._initializers = {init.name: init for init in graph.initializer}
@@ -109,18 +110,24 @@ class ConstantResolver:
         return f"computed by {node.op_type}" if node is not None else "input"
 
     def value(self, name: str) -> np.ndarray:
-        name = self._through_identity(name)
+        node = self._producers.get(name)
+        if name not in self._initializers and node is not None and node.op_type in PASS_THROUGH:
+            value = self.value(node.input[0])
+            if node.op_type == "Cast":
+                to = helper.get_attribute_value(next(a for a in node.attribute if a.name == "to"))
+                value = value.astype(helper.tensor_dtype_to_np_dtype(to))
+            return value
         if name in self._initializers:
             return numpy_helper.to_array(self._initializers[name])
-        node = self._producers[name]
         attribute = node.attribute[0]
         if attribute.name == "value":
             return numpy_helper.to_array(attribute.t)
         return np.asarray(helper.get_attribute_value(attribute))
 
     def _through_identity(self, name: str) -> str:
+        """The tensor behind Identity and Cast nodes (a Cast of a constant is a constant)."""
         node = self._producers.get(name)
-        while node is not None and node.op_type == "Identity" and name not in self._initializers:
+        while node is not None and node.op_type in PASS_THROUGH and name not in self._initializers:
             name = node.input[0]
             node = self._producers.get(name)
         return name

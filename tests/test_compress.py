@@ -281,7 +281,22 @@ def test_resnet20_distribution_aware_keeps_far_more_accuracy_and_propagation_mor
 def test_quickstart_on_the_bundled_model_needs_nothing_else(tmp_path, capsys):
     bundled = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "dacomp_cifar_cnn.onnx"
     out = tmp_path / "small.onnx"
-    code = main(["compress", str(bundled), "-o", str(out), "--ratio", "0.5", "--limit", "96", "--holdout", "32", "--max-iter", "3"])
+    code = main(
+        [
+            "compress",
+            str(bundled),
+            "-o",
+            str(out),
+            "--ratio",
+            "0.5",
+            "--limit",
+            "96",
+            "--holdout",
+            "32",
+            "--max-iter",
+            "3",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "natural photographs" in err and "verification on" in err and "total" in err

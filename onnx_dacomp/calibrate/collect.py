@@ -72,7 +72,7 @@ def collect_statistics(
     try:
         for index, batch in enumerate(source):
             batch = check_batch(batch, inputs, index)
-            batch_size = len(next(iter(batch.values())))
+            batch_size = batch_length(batch)
             for name, stats in runner.run(batch).items():
                 totals[name] = totals[name] + stats if name in totals else stats
             samples += batch_size
@@ -126,10 +126,16 @@ def check_batch(batch: Mapping, inputs: Mapping[str, onnx.ValueInfoProto], index
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UserError(f"input {name!r} in batch {index} contains NaN or Inf")
         checked[name] = array
-        lengths.add(array.shape[0] if array.ndim else 0)
+        if array.ndim:  # scalar inputs (flags, thresholds) have no batch axis
+            lengths.add(array.shape[0])
     if len(lengths) != 1 or 0 in lengths:
         raise UserError(f"batch {index}: inputs must share one non-empty batch axis, got lengths {sorted(lengths)}")
     return checked
+
+
+def batch_length(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a checked batch: the first axis of its non-scalar inputs."""
+    return next(len(array) for array in batch.values() if np.ndim(array))
 
 
 def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -166,10 +172,10 @@ class _Runner:
                 self.shape_key = None
                 return self.run(batch)
             raise UserError(f"onnxruntime failed to run the model on the calibration data: {reason}") from None
-        return self._collect(results, len(next(iter(batch.values()))))
+        return self._collect(results, batch_length(batch))
 
     def _prepare(self, batch):
-        shapes = {name: (1, *array.shape[1:]) for name, array in batch.items()}
+        shapes = {name: (1, *array.shape[1:]) if array.ndim else () for name, array in batch.items()}
         input_shapes = infer_shapes(self.model, [layer.input for layer in self.layers], shapes)
         spatial = {layer.name: input_shapes.get(layer.input) for layer in self.layers}
         use_graph = self.mode in ("auto", "graph") and all(shape is not None for shape in spatial.values())
