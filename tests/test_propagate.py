@@ -14,7 +14,7 @@ from onnx_dacomp.calibrate.statistics import LayerStatistics
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.decompose.covariance import sigma_error
 from onnx_dacomp.decompose.factors import reconstruct
-from onnx_dacomp.pipeline import LayerProblem, fit_layer
+from onnx_dacomp.fit import LayerProblem, fit_layer
 from onnx_dacomp.ranks.candidates import Candidate
 from onnx_dacomp.ranks.costs import Cost
 from onnx_dacomp.targets import find_targets
