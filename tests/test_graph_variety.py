@@ -186,3 +186,39 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
         assert main([*args, "--ratio", "0.5", "--holdout", "8"]) == 0
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_dynamic_spatial_dims_are_fixed_by_input_shape():
+    nodes = [
+        _conv(["x", "w0"], "c0", "conv0"),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        _conv(["r0", "w1"], "y", "conv1"),
+    ]
+    model = _model(
+        nodes,
+        [_weight("w0", (8, 3, 3, 3)), _weight("w1", (8, 8, 3, 3))],
+        [_value("x", ["n", 3, "h", "w"])],
+        [_value("y", [None] * 4)],
+    )
+    batches = _batches({"x": (3, 10, 12)})
+    from onnx_dacomp.errors import UserError
+
+    with pytest.raises(UserError, match="--input-shape"):
+        _compress(model, batches, ratio=0.6)
+    result = _compress(model, batches, ratio=0.6, input_shapes={"x": (1, 3, 10, 12)})
+    assert result.report.ratio <= 0.6
+    assert run(result.model, batches[0])[0].shape == (8, 8, 10, 12)
+
+
+def test_layer_too_large_for_a_covariance_is_skipped_with_a_reason():
+    channels = 2400  # 2400 * 3 * 3 = 21,600 patch entries: a 3.5 GiB covariance
+    nodes = [
+        _conv(["x", "w0"], "c0", "huge"),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        _conv(["r0", "w1"], "y", "small"),
+    ]
+    inits = [_weight("w0", (8, channels, 3, 3)), _weight("w1", (8, 8, 3, 3))]
+    model = _model(nodes, inits, [_value("x", ["n", channels, 4, 4])], [_value("y", [None] * 4)])
+    report = _compress(model, _batches({"x": (channels, 4, 4)}, count=1, batch=2), ratio=0.9).report
+    huge = next(layer for layer in report.layers if layer.name == "huge")
+    assert huge.method is None and "too large for a covariance" in huge.reason
