@@ -222,3 +222,31 @@ def test_layer_too_large_for_a_covariance_is_skipped_with_a_reason():
     report = _compress(model, _batches({"x": (channels, 4, 4)}, count=1, batch=2), ratio=0.9).report
     huge = next(layer for layer in report.layers if layer.name == "huge")
     assert huge.method is None and "too large for a covariance" in huge.reason
+
+
+def test_external_data_model_in_and_nan_weights_refused(tmp_path, capsys):
+    nodes = [
+        _conv(["x", "w0"], "c0", "conv0"),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        _conv(["r0", "w1"], "y", "conv1"),
+    ]
+    inits = [_weight("w0", (8, 3, 3, 3)), _weight("w1", (8, 8, 3, 3))]
+    model = _model(nodes, inits, [_value("x", ["n", 3, 8, 8])], [_value("y", [None] * 4)])
+    path = tmp_path / "ext.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving with external data rewrites the tensors of the saved object
+    onnx.save_model(copy, str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
+    before = (path.read_bytes(), (tmp_path / "ext.data").read_bytes())
+    out = tmp_path / "small.onnx"
+    assert main(["-q", "compress", str(path), "-o", str(out), "--norm", "frobenius", "--ratio", "0.6"]) == 0
+    assert (path.read_bytes(), (tmp_path / "ext.data").read_bytes()) == before
+    x = _batches({"x": (3, 8, 8)}, count=1)[0]
+    assert relative_error(run(onnx.load(str(out)), x)[0], run(model, x)[0]) < 1.0
+
+    inits[1] = numpy_helper.from_array(np.full((8, 8, 3, 3), np.nan, np.float32), "w1")
+    broken = tmp_path / "nan.onnx"
+    onnx.save(_model(nodes, inits, [_value("x", ["n", 3, 8, 8])], [_value("y", [None] * 4)]), broken)
+    capsys.readouterr()
+    assert main(["compress", str(broken), "-o", str(tmp_path / "never.onnx"), "--norm", "frobenius"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN or Inf weights" in err[0] and not (tmp_path / "never.onnx").exists()
