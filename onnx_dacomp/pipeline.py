@@ -114,7 +114,7 @@ def compress(
         ratio, search = _search_ratio(job, holdout)
     plan = job.plan(ratio)
     if config.require_speedup:
-        plan = _faster_plan(job, plan, ratio)
+        plan = _faster_plan(job, plan)
     clock["ranks"] = time.perf_counter()
     new_model, layer_reports = job.build(plan, propagate=config.propagate)
     clock["decompose"] = time.perf_counter()
@@ -396,42 +396,29 @@ def _search_ratio(job: _Job, holdout: Source | None) -> tuple[float, dict]:
     return high, {"target": target, "ratio": high, "probes": probes}
 
 
-def _faster_plan(job: _Job, plan: dict[str, Choice], ratio: float | None) -> dict[str, Choice]:
-    """Keep the original of every layer whose chain is not faster in onnxruntime, and re-allocate the budget
-    to the others until every chosen chain is faster (a layer named in --ranks always keeps its ranks)."""
+def _faster_plan(job: _Job, plan: dict[str, Choice]) -> dict[str, Choice]:
+    """Keep the original of every layer whose chain is not faster in onnxruntime (a layer named in --ranks
+    always keeps its ranks). The budget is not re-spent on the other layers: pushing them further to make
+    up for it would trade accuracy for size; the report shows the ratio reached."""
     config = job.config
     by_name = {layer.name: layer for layer in job.fitted}
     opset = default_opset(job.model) or 17
-    timings: dict = {}
-    keep: set[str] = set()
-    for _ in range(len(job.fitted) + 1):
-        slow = set()
-        for name, choice in plan.items():
-            if choice is None or name in config.ranks:
-                continue
-            key = (name, choice.method, choice.ranks)
-            if key not in timings:
-                timings[key] = layer_latency(
-                    by_name[name],
-                    choice.method,
-                    choice.ranks,
-                    batch=config.speed_batch,
-                    device=config.device,
-                    opset=opset,
-                )
-            latency = timings[key]
-            if latency.compressed_ms >= latency.original_ms:
-                slow.add(name)
-                job.reasons[name] = (
-                    f"chain not faster ({latency.compressed_ms:.3f} vs {latency.original_ms:.3f} ms "
-                    f"at batch {latency.batch}, {latency.provider})"
-                )
-        if not slow:
-            return plan
-        keep |= slow
-        logger.info("keeping %d layer(s) whose chain is not faster: %s", len(slow), ", ".join(sorted(slow)))
-        plan = job.plan(ratio, keep=frozenset(keep))
-    return plan
+    kept = []
+    for name, choice in plan.items():
+        if choice is None or name in config.ranks:
+            continue
+        latency = layer_latency(
+            by_name[name], choice.method, choice.ranks, batch=config.speed_batch, device=config.device, opset=opset
+        )
+        if latency.compressed_ms >= latency.original_ms:
+            kept.append(name)
+            job.reasons[name] = (
+                f"chain not faster ({latency.compressed_ms:.3f} vs {latency.original_ms:.3f} ms "
+                f"at batch {latency.batch}, {latency.provider})"
+            )
+    if kept:
+        logger.info("keeping %d layer(s) whose chain is not faster: %s", len(kept), ", ".join(kept))
+    return {name: None if name in kept else choice for name, choice in plan.items()}
 
 
 def _random_batch(model: onnx.ModelProto, size: int, config: CompressConfig) -> dict[str, np.ndarray]:

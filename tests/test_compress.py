@@ -303,3 +303,39 @@ def test_quickstart_on_the_bundled_model_needs_nothing_else(tmp_path, capsys):
     params_before, _ = _conv_totals(onnx.load(bundled))
     params_after, _ = _conv_totals(onnx.load(out))
     assert 0.45 * params_before <= params_after <= 0.5 * params_before
+
+
+def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypatch):
+    from onnx_dacomp.evaluate import Latency
+
+    timed = []
+
+    def fake_latency(layer, method, ranks, *, batch, device, opset, repeats=30):
+        timed.append(layer.name)
+        return Latency(batch, 1.0, 2.0 if layer.name == "conv1" else 0.5, "CPU")
+
+    monkeypatch.setattr("onnx_dacomp.pipeline.layer_latency", fake_latency)
+    model = _stack()
+    base = dict(ratio=0.5, holdout=0, max_iter=3)
+    plain = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**base), progress=False).report
+    config = CompressConfig(**base, require_speedup=True, speed_batch=4)
+    report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
+    by_name = {layer.name: layer for layer in report.layers}
+    assert "conv1" in timed and by_name["conv1"].method is None and "not faster" in by_name["conv1"].reason
+    # every other layer keeps the plain plan; the model is larger than the target by conv1's saving
+    for layer in plain.layers:
+        if layer.name != "conv1":
+            assert (by_name[layer.name].method, by_name[layer.name].ranks) == (layer.method, layer.ranks)
+    conv1 = next(layer for layer in plain.layers if layer.name == "conv1")
+    saved = conv1.params_before - conv1.params_after
+    assert saved > 0 and report.totals["params_after"] == plain.totals["params_after"] + saved
+    assert [item.batch for item in report.latency] == [1, 4]
+
+
+def test_layer_latency_times_real_chains():
+    from onnx_dacomp.speed import layer_latency
+
+    layer = find_targets(_stack()).layer("conv1")
+    for method, ranks in (("svd", (4,)), ("tucker2", (4, 4)), ("cp", (6,))):
+        latency = layer_latency(layer, method, ranks, batch=2, device="cpu", opset=17, repeats=3)
+        assert latency.original_ms > 0 and latency.compressed_ms > 0 and latency.batch == 2
