@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tarfile
 import tempfile
 import time
@@ -182,7 +183,7 @@ def main() -> None:
 
 def write_table(results: dict, path: Path) -> None:
     order = list(METHODS)
-    columns = ["model", "ratio", "method", "params kept", "MACs kept", "top-1", "drop", "agreement"]
+    columns = ["model", "ratio", "method", "params kept", "MACs kept", "top-1", "change", "agreement"]
     columns += ["latency b1", "latency b32", "time"]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     rows = sorted(
@@ -194,7 +195,7 @@ def write_table(results: dict, path: Path) -> None:
         for r in (r for r in rows if r["model"] == model):
             lines.append(
                 f"| {model} | {r['ratio']} | {r['method']} | {r['params_kept']:.3f} | {r['macs_kept']:.3f} | "
-                f"{r['top1']:.2%} | {r['drop'] * 100:+.2f} | {r['agreement']:.2%} | {r['latency_b1']:.2f} | "
+                f"{r['top1']:.2%} | {-r['drop'] * 100:+.2f} | {r['agreement']:.2%} | {r['latency_b1']:.2f} | "
                 f"{r['latency_b32']:.2f} | {r['seconds']:.0f} s |"
             )
     path.write_text("\n".join(lines) + "\n")
@@ -229,4 +230,9 @@ def write_plot(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--table-only"]:  # rewrite results.md and results.png from results.json
+        saved = json.loads((ROOT / "bench" / "results.json").read_text())
+        write_table(saved, ROOT / "bench" / "results.md")
+        write_plot(saved, ROOT / "bench" / "results.png")
+        sys.exit(0)
     main()
