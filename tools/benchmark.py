@@ -214,17 +214,17 @@ def write_plot(results: dict, path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in results["rows"]))
     figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models):
-        for method in METHODS:
+        for index, method in enumerate(METHODS):  # one fixed colour per method across the panels
             rows = sorted((r for r in results["rows"] if r["model"] == model and r["method"] == method),
                           key=lambda r: r["macs_kept"])  # fmt: skip
-            if rows:
-                axis.plot([r["macs_kept"] for r in rows], [100 * r["top1"] for r in rows], "o-", label=method)
+            x, y = [r["macs_kept"] for r in rows], [100 * r["top1"] for r in rows]
+            axis.plot(x, y, "o-", color=f"C{index}", label=method if rows else None)
         axis.axhline(100 * results["baselines"][model], color="gray", linestyle="--", label="original")
         axis.set_title(model)
         axis.set_xlabel("MACs kept")
         axis.set_ylabel("top-1 (%)")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
