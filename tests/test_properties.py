@@ -3,7 +3,7 @@ statistics do not depend on the order of the data."""
 
 import numpy as np
 from builders import IR_VERSION, relative_error, run
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -18,13 +18,18 @@ def conv_stacks(draw):
     """A chain of 1-3 Convs with random channels, kernels, strides, pads and dilations, ReLU between them."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     channels = draw(st.integers(1, 6))
-    size = 10
     nodes, inits, current = [], [], "x"
+    height = width = 10
     for index in range(draw(st.integers(1, 3))):
         out_channels = draw(st.integers(1, 6))
         kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
         stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
         pads = [draw(st.integers(0, 2)) for _ in range(4)]
+        height = (height + pads[0] + pads[2] - dilation * (kernel[0] - 1) - 1) // stride + 1
+        width = (width + pads[1] + pads[3] - dilation * (kernel[1] - 1) - 1) // stride + 1
+        if min(height, width) < 1 and index > 0:
+            break  # this conv would not fit its input: the stack ends before it
+        assume(min(height, width) >= 1)
         inits.append(
             numpy_helper.from_array(
                 rng.standard_normal((out_channels, channels, *kernel)).astype(np.float32), f"w{index}"
@@ -39,9 +44,6 @@ def conv_stacks(draw):
         )  # fmt: skip
         nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"]))
         current, channels = f"r{index}", out_channels
-        size = (size + pads[0] + pads[2] - dilation * (kernel[0] - 1) - 1) // stride + 1
-        if size < 3:
-            break
     graph = helper.make_graph(
         nodes,
         "stack",
