@@ -52,6 +52,18 @@ def _compress(model, batches, **options):
     return onnx_dacomp.compress(model, IterableSource(batches, []), config, progress=False)
 
 
+def _two_convs(channels, input_dims, dtype=np.float32):
+    """conv0 (3x3, 3 -> channels) -> ReLU -> conv1 (3x3, channels -> channels), pads 1, output `y`."""
+    nodes = [
+        _conv(["x", "w0"], "c0", "conv0"),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        _conv(["r0", "w1"], "y", "conv1"),
+    ]
+    inits = [_weight("w0", (channels, input_dims[1], 3, 3), dtype), _weight("w1", (channels, channels, 3, 3), dtype)]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return _model(nodes, inits, [_value("x", input_dims, elem)], [_value("y", [None] * 4, elem)])
+
+
 def _conv(inputs, output, name, **attrs):
     return helper.make_node("Conv", inputs, [output], name=name, pads=[1, 1, 1, 1], **attrs)
 
@@ -165,17 +177,7 @@ def test_multiple_inputs_functions_and_subgraphs_stay_intact():
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
-    nodes = [
-        _conv(["x", "w0"], "c0", "conv0"),
-        helper.make_node("Relu", ["c0"], ["r0"]),
-        _conv(["r0", "w1"], "y", "conv1"),
-    ]
-    model = _model(
-        nodes,
-        [_weight("w0", (12, 3, 3, 3)), _weight("w1", (12, 12, 3, 3))],
-        [_value("x", ["n", 3, 12, 12])],
-        [_value("y", [None] * 4)],
-    )
+    model = _two_convs(12, ["n", 3, 12, 12])
     path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
     onnx.save(model, path)
     np.savez(data, x=np.random.default_rng(0).standard_normal((64, 3, 12, 12)).astype(np.float32))
@@ -189,17 +191,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 
 
 def test_dynamic_spatial_dims_are_fixed_by_input_shape():
-    nodes = [
-        _conv(["x", "w0"], "c0", "conv0"),
-        helper.make_node("Relu", ["c0"], ["r0"]),
-        _conv(["r0", "w1"], "y", "conv1"),
-    ]
-    model = _model(
-        nodes,
-        [_weight("w0", (8, 3, 3, 3)), _weight("w1", (8, 8, 3, 3))],
-        [_value("x", ["n", 3, "h", "w"])],
-        [_value("y", [None] * 4)],
-    )
+    model = _two_convs(8, ["n", 3, "h", "w"])
     batches = _batches({"x": (3, 10, 12)})
     from onnx_dacomp.errors import UserError
 
