@@ -21,7 +21,9 @@ class CompressConfig:
     MACs with `budget="macs"`); None compresses only the layers named in `ranks`. `ranks` maps layer names
     (as `inspect` prints them) to exact ranks: an int (svd/cp rank, or R_T = R_S for tucker2), a pair
     (R_T, R_S) for tucker2, or `{"method": ..., "ranks": ...}`. `exclude`: glob patterns of layer names
-    left untouched. `require_speedup`: time each chosen chain against its original layer in onnxruntime
+    left untouched. `rank_multiple`: allocated ranks are multiples of this on channel axes at least as
+    wide; None takes the execution provider's channel block (`speed.channel_multiple`), below which convs
+    leave onnxruntime's fast blocked layout. `require_speedup`: time each chosen chain against its original layer in onnxruntime
     at `speed_batch` images and keep the original where the chain is not faster; with it or `benchmark`,
     the report holds the end-to-end latency of both models. `holdout`: samples of the data kept out of
     calibration for verification; `limit`: at most this many calibration samples (after the held-out
@@ -38,7 +40,7 @@ class CompressConfig:
     allocation: str = "allocated"
     ranks: Mapping[str, object] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
-    rank_multiple: int = 1
+    rank_multiple: int | None = None
     device: str = "auto"
     seed: int = 0
     holdout: int = 500
@@ -72,7 +74,7 @@ class CompressConfig:
             raise UserError(f"--min-agreement must lie in (0, 1], got {self.min_agreement}")
         if self.ratio is None and not self.ranks and self.max_drop is None and self.min_agreement is None:
             raise UserError("give a target --ratio, --max-drop, --min-agreement or exact --ranks")
-        if self.rank_multiple < 1:
+        if self.rank_multiple is not None and self.rank_multiple < 1:
             raise UserError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}")
         if self.holdout < 0:
             raise UserError(f"--holdout must be >= 0, got {self.holdout}")

@@ -35,7 +35,7 @@ from .ranks.costs import ConvGeometry, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
 from .shapes import concrete_input_shapes, graph_inputs
-from .speed import layer_latency
+from .speed import channel_multiple, layer_latency
 from .targets import NON_FINITE_WEIGHT, ConstantResolver, ConvLayer, find_targets, read_weights
 
 SEARCH_PROBES = 10  # bisection steps of the accuracy-targeted ratio search at most
@@ -94,6 +94,9 @@ def compress(
         elif config.norm == "sigma" and patch_size(layer) > MAX_PATCH_SIZE:
             reasons[layer.name] = f"patch length {patch_size(layer)} too large for a covariance"
     fitted = [layer for layer in scan.targets if layer.name not in reasons]
+    if config.rank_multiple is None:
+        config = replace(config, rank_multiple=channel_multiple(config.device))
+        logger.info("ranks in multiples of %d (the execution provider's channel block)", config.rank_multiple)
 
     if config.norm == "sigma" and fitted and statistics is None and data is None:
         logger.info(NATURAL_NOTICE)

@@ -103,11 +103,21 @@ def _chain_convs(layer: ConvLayer, factors: Sequence[Factors]) -> list[_ChainCon
             _ChainConv(_pointwise(np.concatenate([f.last for f in factors]), spatial), group, pointwise),
         ]
     if isinstance(first, Tucker2Factors):
-        return [
-            _ChainConv(_pointwise(np.concatenate([f.input_factor.T for f in factors]), spatial), group, pointwise),
-            _ChainConv(np.concatenate([f.core for f in factors]), group, full),
-            _ChainConv(_pointwise(np.concatenate([f.output_factor for f in factors]), spatial), group, pointwise),
-        ]
+        # a square (full-rank) factor is folded into the core: one 1x1 conv less, same function
+        fold_in = first.input_factor.shape[0] == first.input_factor.shape[1]
+        fold_out = first.output_factor.shape[0] == first.output_factor.shape[1]
+        cores = []
+        for f in factors:
+            core = np.einsum("oi...,si->os...", f.core, f.input_factor) if fold_in else f.core
+            cores.append(np.einsum("tr,r...->t...", f.output_factor, core) if fold_out else core)
+        convs = [_ChainConv(np.concatenate(cores), group, full)]
+        if not fold_in:
+            inputs = np.concatenate([f.input_factor.T for f in factors])
+            convs.insert(0, _ChainConv(_pointwise(inputs, spatial), group, pointwise))
+        if not fold_out:
+            outputs = np.concatenate([f.output_factor for f in factors])
+            convs.append(_ChainConv(_pointwise(outputs, spatial), group, pointwise))
+        return convs
     rank = first.rank
     convs = [_ChainConv(_pointwise(np.concatenate([f.input_factor.T for f in factors]), spatial), group, pointwise)]
     for axis in range(spatial):

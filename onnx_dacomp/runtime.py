@@ -12,8 +12,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def create_session(model: onnx.ModelProto | bytes, device: str = "auto", *, optimize: bool = True):
+def create_session(
+    model: onnx.ModelProto | bytes, device: str = "auto", *, optimize: bool = True, optimized_path: str | None = None
+):
     """An InferenceSession on `device`; `auto` takes CUDA when it really starts, else the CPU.
+    `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
 
     onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
     CPU, so the provider is checked on the created session.
@@ -27,6 +30,8 @@ def create_session(model: onnx.ModelProto | bytes, device: str = "auto", *, opti
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
     want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
     if want_cuda:
         if device == "auto":

@@ -7,7 +7,10 @@ factors of the chosen ranks; values do not change the speed) on the chosen execu
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +20,7 @@ from onnx import helper, numpy_helper
 from .decompose.factors import CPFactors, SVDFactors, Tucker2Factors
 from .evaluate import Latency, measure_latency
 from .rewrite import replace_convs
+from .runtime import create_session, provider_name
 from .targets import ConvLayer
 
 IR_VERSION = 8
@@ -31,6 +35,52 @@ def layer_latency(
     factors = [_placeholder_factors(layer, method, ranks, seed=g) for g in range(layer.group)]
     chain = replace_convs(model, {"y": (single, factors)})
     return measure_latency(model, chain, feeds, device=device, warmup=3, repeats=repeats)
+
+
+@functools.lru_cache(maxsize=None)
+def channel_multiple(device: str) -> int:
+    """The channel count that a rank should be a multiple of to run at full speed on `device`.
+
+    onnxruntime's CPU provider runs convs in a blocked layout (NCHWc) whose block is 8 or 16 channels,
+    depending on the CPU's vector width; a conv with fewer channels than the block drops out of that
+    layout and pays a reorder before and after, and larger counts are padded up to the block. The block
+    is found by letting onnxruntime optimize 1x1 -> 3x3 -> 1x1 chains of a few widths: the narrowest that
+    stays in the blocked layout throughout. CUDA gets 8 (tensor-core tiles); 1 where neither applies.
+    """
+    for width in (4, 8, 16, 32):
+        optimized = _optimized_chain(width, device)
+        if optimized is None:
+            return 8
+        reorders = sum(node.op_type.startswith("Reorder") for node in optimized.graph.node)
+        if reorders == 2:  # into the blocked layout once at the input, back once at the output
+            return width
+    return 1
+
+
+def _optimized_chain(width: int, device: str) -> onnx.ModelProto | None:
+    """The CPU provider's optimized graph of a 64 -> width -> width -> 64 conv chain; None on CUDA."""
+    rng = np.random.default_rng(0)
+    shapes = {"w0": (width, 64, 1, 1), "w1": (width, width, 3, 3), "w2": (64, width, 1, 1)}
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"]),
+        helper.make_node("Conv", ["a", "w1"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=IR_VERSION)
+    if provider_name(create_session(model, device)) != "CPU":
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        create_session(model, "cpu", optimized_path=path)
+        return onnx.load(path)
 
 
 def _single_conv(layer: ConvLayer, batch: int, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from builders import SHARED, conv_stack, reference_patches
+from builders import SHARED, conv_model, conv_stack, reference_patches
 from onnx import numpy_helper
 
 from onnx_dacomp.calibrate.collect import collect_statistics
@@ -286,3 +286,45 @@ def test_natural_photograph_crops_are_seeded_preprocessed_and_splittable():
     assert np.array_equal(part, everything[3:7])
     other_seed = np.concatenate([b["x"] for b in NaturalImageSource("x", (1, 20, 24, 3), pre, count=10, seed=6)])
     assert not np.array_equal(everything, other_seed)
+
+
+@pytest.mark.parametrize(
+    "kernel, attrs",
+    [
+        ((3,), dict(pads=[1, 2], dilations=[2])),
+        ((4,), dict(pads=[0, 3], strides=[2])),
+        ((5, 3), dict(pads=[4, 1, 0, 1], dilations=[1, 2])),  # strips that hold only padding
+        ((2, 2), dict(pads=[3, 0, 3, 0], dilations=[3, 1], group=2)),  # pads wider than the kernel reach
+    ],
+)
+def test_shift_structured_gram_matches_loops(kernel, attrs):
+    """The in-graph Gram (row-shifted blocks plus strip corrections) against explicit loops, 1-D and 2-D."""
+    rng = np.random.default_rng(7)
+    group = attrs.get("group", 1)
+    spatial = (13,) if len(kernel) == 1 else (10, 7)
+    model = conv_model(rng.standard_normal((4, 4 // group, *kernel)), input_shape=("n", 4, *spatial), **attrs)
+    layer = find_targets(model).targets[0]
+    batches = batches_of(rng, (2, 4, *spatial), 2)
+    stats = collect_statistics(model, [layer], batches, mode="graph", device="cpu", progress=False).layers[layer.name]
+    strides, dilations = attrs.get("strides", [1] * len(kernel)), attrs.get("dilations", [1] * len(kernel))
+    pads = attrs["pads"]
+    rows = []
+    for batch in batches:
+        x = np.pad(batch["x"].astype(np.float64), [(0, 0), (0, 0), *zip(pads[: len(kernel)], pads[len(kernel) :])])
+        out = [(x.shape[2 + a] - (k - 1) * d - 1) // s + 1 for a, (k, s, d) in enumerate(zip(kernel, strides, dilations))]
+        for n in range(len(x)):
+            for position in np.ndindex(*out):
+                patch = [
+                    [
+                        x[(n, g * (4 // group) + c, *(p * s + t * d for p, s, t, d in zip(position, strides, tap, dilations)))]
+                        for c in range(4 // group)
+                        for tap in np.ndindex(*kernel)
+                    ]
+                    for g in range(group)
+                ]
+                rows.append(patch)
+    patches = np.array(rows)  # (positions, group, n)
+    sigma = np.einsum("pgi,pgj->gij", patches, patches) / len(patches)
+    assert stats.count == len(patches)
+    np.testing.assert_allclose(stats.covariance, sigma, rtol=0, atol=1e-5 * np.abs(sigma).max())
+    np.testing.assert_allclose(stats.mean, patches.mean(0), rtol=0, atol=1e-5 * np.abs(patches).max())

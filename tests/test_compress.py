@@ -13,6 +13,7 @@ from onnx_dacomp.calibrate.sources import ArraySource
 from onnx_dacomp.cli import main
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.errors import UserError
+from onnx_dacomp.speed import channel_multiple
 from onnx_dacomp.targets import find_targets
 
 
@@ -46,7 +47,7 @@ def _conv_totals(model):
 @pytest.mark.parametrize("method", ["tucker2", "cp", "svd", "auto"])
 def test_output_has_the_promised_size(data_file, method, budget):
     model = _stack()
-    config = CompressConfig(method=method, ratio=0.5, budget=budget, holdout=32, max_iter=5)
+    config = CompressConfig(method=method, ratio=0.5, budget=budget, holdout=32, max_iter=5, rank_multiple=1)
     result = onnx_dacomp.compress(model, ArraySource(data_file, ["x"], batch_size=32), config, progress=False)
     onnx.checker.check_model(result.model)
     params_before, macs_before = _conv_totals(model)
@@ -84,7 +85,7 @@ def test_full_ranks_reproduce_the_original(data_file, method):
 def test_input_model_is_not_modified_and_exclusions_win(data_file):
     model = _stack()
     before = model.SerializeToString()
-    config = CompressConfig(ratio=0.5, exclude=("conv0", "conv[45]"), holdout=0, max_iter=3)
+    config = CompressConfig(ratio=0.5, exclude=("conv0", "conv[45]"), holdout=0, max_iter=3, rank_multiple=1)
     result = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False)
     assert model.SerializeToString() == before
     by_name = {layer.name: layer for layer in result.report.layers}
@@ -316,7 +317,7 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
 
     monkeypatch.setattr("onnx_dacomp.pipeline.layer_latency", fake_latency)
     model = _stack()
-    base = dict(ratio=0.5, holdout=0, max_iter=3)
+    base = dict(ratio=0.5, holdout=0, max_iter=3, rank_multiple=1)
     plain = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**base), progress=False).report
     config = CompressConfig(**base, require_speedup=True, speed_batch=4)
     report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
@@ -339,3 +340,28 @@ def test_layer_latency_times_real_chains():
     for method, ranks in (("svd", (4,)), ("tucker2", (4, 4)), ("cp", (6,))):
         latency = layer_latency(layer, method, ranks, batch=2, device="cpu", opset=17, repeats=3)
         assert latency.original_ms > 0 and latency.compressed_ms > 0 and latency.batch == 2
+
+
+def test_default_ranks_follow_the_execution_providers_channel_block(data_file):
+    """With the default rank multiple, every chosen rank of a 32-channel axis is a multiple of the block
+    that onnxruntime's optimized graph shows (the block is probed, not assumed)."""
+    block = channel_multiple("cpu")
+    assert block in (1, 4, 8, 16, 32)
+    model = _stack(channels=32)
+    config = CompressConfig(ratio=0.5, holdout=0, max_iter=3, device="cpu")
+    report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
+    assert report.settings["rank_multiple"] == block
+    layers = {layer.name: layer for layer in find_targets(model).targets}
+    checked = 0
+    for chosen in report.layers:
+        if chosen.method is None:
+            continue
+        layer = layers[chosen.name]
+        out_channels, in_channels = layer.out_channels // layer.group, layer.in_channels // layer.group
+        taps = int(np.prod(layer.kernel_shape))
+        axes = {"tucker2": (out_channels, in_channels), "svd": (min(out_channels, in_channels * taps),)}
+        for rank, axis in zip(chosen.ranks, axes.get(chosen.method, (out_channels * in_channels * taps,))):
+            if axis >= block:
+                assert rank % block == 0, (chosen.name, chosen.ranks)
+                checked += 1
+    assert checked >= 3

@@ -48,7 +48,7 @@ def _full_ranks(model):
 
 
 def _compress(model, batches, **options):
-    config = CompressConfig(**{"holdout": 0, "max_iter": 5, **options})
+    config = CompressConfig(**{"holdout": 0, "max_iter": 5, "rank_multiple": 1, **options})
     return onnx_dacomp.compress(model, IterableSource(batches, []), config, progress=False)
 
 

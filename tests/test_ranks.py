@@ -78,9 +78,12 @@ def test_estimates_combine_groups_by_output_energy():
 
 
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("method,ranks", [("svd", (3,)), ("tucker2", (3, 2)), ("cp", (5,))])
+@pytest.mark.parametrize(
+    "method,ranks", [("svd", (3,)), ("tucker2", (3, 2)), ("tucker2", (4, 2)), ("tucker2", (2, 3)), ("tucker2", (4, 3)), ("cp", (5,))]
+)
 def test_chain_cost_counts_what_the_rewritten_graph_holds(method, ranks, group):
-    """Params and MACs of the chain formula equal those of the real rewritten model, measured by the
+    """Params and MACs of the chain formula equal those of the real rewritten model (with group 2, the
+    tucker2 ranks (4, _) and (_, 3) are full and their factor is folded), measured by the
     target scan of that model (weights + biases of every Conv, MACs from its inferred shapes)."""
     rng = np.random.default_rng(0)
     out_channels, in_channels, kernel = 8, 6, (3, 2)
@@ -195,3 +198,20 @@ def test_candidate_table_holds_only_chains_that_save():
         assert candidate.cost.params < table.original.params or candidate.cost.macs < table.original.macs
         assert all(r % 4 == 0 or r == 16 for r in candidate.ranks)
         assert 0 <= candidate.error <= 1
+
+
+def test_rank_multiple_applies_to_axes_at_least_as_wide():
+    """Ranks of a 32-channel axis are multiples of 16; an 8-channel axis (narrower than the block) is not
+    rounded; every candidate and every uniform choice obeys this."""
+    rng = np.random.default_rng(0)
+    geometry = ConvGeometry(32, 8, 1, (3, 3), (8, 8), (8, 8), False)
+    weight = rng.standard_normal((32, 8, 3, 3))
+    table = candidate_table("layer", geometry, [weight], None, "auto", multiple=16)
+    tucker = [c.ranks for c in table.candidates if c.method == "tucker2"]
+    assert tucker and all(r_out in (16, 32) for r_out, _ in tucker)
+    assert {r_in for _, r_in in tucker} - {8}  # the 8-channel axis takes ranks below 8
+    svd = [c.ranks[0] for c in table.candidates if c.method == "svd"]
+    assert svd and all(r % 16 == 0 for r in svd)
+    for ratio in (0.3, 0.6):
+        r_out, _ = uniform_ranks(geometry, "tucker2", ratio, "params", 16)
+        assert r_out % 16 == 0

@@ -18,10 +18,13 @@ def _orthogonal(rng, n):
 
 
 def exact_tucker2(weight, rng):
-    """Full-rank Tucker-2 with random orthogonal factors: reconstructs `weight` exactly."""
+    """Tucker-2 that reconstructs `weight` exactly: random orthogonal factors, each with one extra column
+    whose core slice is zero (so neither factor is square and the chain keeps its three convs)."""
     u_t, u_s = _orthogonal(rng, weight.shape[0]), _orthogonal(rng, weight.shape[1])
     core = np.einsum("ts...,ta,sb->ab...", weight, u_t, u_s)
-    return Tucker2Factors(u_s, core, u_t)
+    core = np.pad(core, [(0, 1), (0, 1)] + [(0, 0)] * (core.ndim - 2))
+    extra_t, extra_s = rng.standard_normal((weight.shape[0], 1)), rng.standard_normal((weight.shape[1], 1))
+    return Tucker2Factors(np.hstack([u_s, extra_s]), core, np.hstack([u_t, extra_t]))
 
 
 def two_conv_model():

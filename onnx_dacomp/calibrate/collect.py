@@ -56,7 +56,6 @@ def collect_statistics(
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
         source = IterableSource(source, list(inputs))
     runner = _Runner(model, layers, device, mode)
-    totals: dict[str, LayerStatistics] = {}
     samples = 0
     description = getattr(source, "description", "user-supplied batches")
     # disable=None: no bar when stderr is not a terminal (logs, CI), so errors stay one line
@@ -73,14 +72,14 @@ def collect_statistics(
         for index, batch in enumerate(source):
             batch = check_batch(batch, inputs, index)
             batch_size = batch_length(batch)
-            for name, stats in runner.run(batch).items():
-                totals[name] = totals[name] + stats if name in totals else stats
+            runner.run(batch)
             samples += batch_size
             bar.update(batch_size)
     finally:
         bar.close()
     if samples == 0:
         raise UserError(f"the calibration data ({description}) yielded no samples")
+    totals = runner.totals()
     elapsed = time.perf_counter() - start
     logger.info(
         "calibrated %d layers on %d samples in %.1f s (%.0f img/s, patch sums in %s, %s provider)",
@@ -148,7 +147,11 @@ def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
 
 
 class _Runner:
-    """Sessions for one model, rebuilt only when the spatial input shape changes."""
+    """Sessions for one model, rebuilt only when the spatial input shape changes, and the running sums.
+
+    On the graph path the session outputs are themselves sums over the batch: they are accumulated in
+    float64 as they come and turned into statistics once per session (`_flush`).
+    """
 
     def __init__(self, model, layers, device, mode):
         if mode not in ("auto", "graph", "numpy"):
@@ -156,10 +159,15 @@ class _Runner:
         self.model, self.layers, self.device, self.mode = model, layers, device, mode
         self.shape_key = None
         self.provider = "none"
+        self.path = None
+        self.statistics: dict[str, LayerStatistics] = {}
+        self.pending: dict[str, np.ndarray] = {}
+        self.pending_images = 0
 
-    def run(self, batch: dict[str, np.ndarray]) -> dict[str, LayerStatistics]:
+    def run(self, batch: dict[str, np.ndarray]) -> None:
         key = tuple((name, array.shape[1:]) for name, array in sorted(batch.items()))
         if key != self.shape_key:
+            self._flush()
             self._prepare(batch)
             self.shape_key = key
         try:
@@ -172,7 +180,38 @@ class _Runner:
                 self.shape_key = None
                 return self.run(batch)
             raise UserError(f"onnxruntime failed to run the model on the calibration data: {reason}") from None
-        return self._collect(results, batch_length(batch))
+        values = dict(zip(self.output_names, results))
+        if self.path == "graph":
+            for name, value in values.items():
+                self.pending[name] = self.pending.get(name, 0.0) + np.asarray(value, np.float64)
+            self.pending_images += batch_length(batch)
+        else:
+            self._add({layer.name: patch_sums(values[layer.input], layer) for layer in self.layers})
+
+    def totals(self) -> dict[str, LayerStatistics]:
+        self._flush()
+        return self.statistics
+
+    def _flush(self) -> None:
+        if self.pending_images:
+            self._add(
+                {
+                    layer.name: self.layer_outputs[layer.name].statistics(self.pending, self.pending_images)
+                    for layer in self.layers
+                }
+            )
+        self.pending, self.pending_images = {}, 0
+
+    def _add(self, collected: dict[str, LayerStatistics]) -> None:
+        for layer in self.layers:  # in graph order: the first layer whose input went non-finite is named
+            stats = collected[layer.name]
+            if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
+                raise UserError(
+                    f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
+                    f"overflow on this data; check the preprocessing)"
+                )
+            known = self.statistics.get(layer.name)
+            self.statistics[layer.name] = known + stats if known is not None else stats
 
     def _prepare(self, batch):
         shapes = {name: (1, *array.shape[1:]) if array.ndim else () for name, array in batch.items()}
@@ -187,7 +226,7 @@ class _Runner:
                     self.model, self.layers, {name: shape[2:] for name, shape in spatial.items()}
                 )
                 self.session = create_session(augmented, self.device)
-                self.output_names = [n for o in self.layer_outputs.values() for n in o.second + o.first]
+                self.output_names = [n for o in self.layer_outputs.values() for n in o.names]
                 self.path = "graph"
                 self.provider = provider_name(self.session)
                 return
@@ -201,22 +240,3 @@ class _Runner:
         self.session = create_session(exposing(self.model, self.output_names), self.device)
         self.path = "numpy"
         self.provider = provider_name(self.session)
-
-    def _collect(self, results, batch_size) -> dict[str, LayerStatistics]:
-        values = dict(zip(self.output_names, results))
-        collected = {}
-        for layer in self.layers:
-            if self.path == "graph":
-                names = self.layer_outputs[layer.name]
-                second = np.stack([values[n] for n in names.second]).astype(np.float64)
-                first = np.stack([values[n] for n in names.first]).astype(np.float64)
-                stats = LayerStatistics(second, first, batch_size * names.positions)
-            else:
-                stats = patch_sums(values[layer.input], layer)
-            if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
-                raise UserError(
-                    f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
-                    f"overflow on this data; check the preprocessing)"
-                )
-            collected[layer.name] = stats
-        return collected

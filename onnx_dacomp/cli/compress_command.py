@@ -41,7 +41,13 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--ranks", metavar="RANKS.json", help='exact ranks per layer, e.g. {"conv1": [16, 8]}')
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="glob patterns of layers to keep")
-    parser.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples of N")
+    parser.add_argument(
+        "--rank-multiple",
+        type=_rank_multiple,
+        default=None,
+        metavar="N|auto",
+        help="round ranks to multiples of N (default auto: the execution provider's channel block)",
+    )
     parser.add_argument(
         "--holdout", type=int, default=500, help="samples kept out of calibration for verification (default 500)"
     )
@@ -131,3 +137,7 @@ def _ratio(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
+
+
+def _rank_multiple(text: str) -> int | None:
+    return None if text == "auto" else positive_int(text)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Mapping, Sequence
 
-from .candidates import Candidate, CandidateTable
+from .candidates import Candidate, CandidateTable, axis_multiple
 from .costs import ConvGeometry, chain_cost, original_cost
 
 Choice = Candidate | None  # None: keep the original layer
@@ -99,13 +99,15 @@ def uniform_ranks(
     limits = geometry.max_ranks[method]
     if method == "tucker2":
         out_channels, in_channels = limits
+        step_out, step_in = axis_multiple(out_channels, multiple), axis_multiple(in_channels, multiple)
         options = []
-        for rank_out in range(multiple, out_channels + multiple, multiple):
+        for rank_out in range(step_out, out_channels + step_out, step_out):
             rank_out = min(rank_out, out_channels)
-            rank_in = min(in_channels, max(multiple, _round_to(rank_out * in_channels / out_channels, multiple)))
+            rank_in = min(in_channels, max(step_in, _round_to(rank_out * in_channels / out_channels, step_in)))
             options.append((rank_out, rank_in))
     else:
-        options = [(min(r, limits[0]),) for r in range(multiple, limits[0] + multiple, multiple)]
+        step = axis_multiple(limits[0], multiple)
+        options = [(min(r, limits[0]),) for r in range(step, limits[0] + step, step)]
     options = [r for r in options if chain_cost(geometry, method, r).of(budget) < original]
     if not options:
         return None

@@ -50,6 +50,12 @@ def methods_for(method: str, geometry: ConvGeometry) -> tuple[str, ...]:
     return ("svd", "tucker2", "cp") if method == "auto" else (method,)
 
 
+def axis_multiple(size: int, multiple: int) -> int:
+    """The rank multiple for an axis of `size` channels: an axis narrower than the multiple (the runtime's
+    channel block) never ran in the blocked layout, so its ranks need no rounding."""
+    return multiple if size >= multiple else 1
+
+
 def rank_grid(size: int, multiple: int = 1, points: int = GRID_POINTS, *, full: bool = True) -> list[int]:
     """Ranks up to `size` in steps that are multiples of `multiple`, about `points` of them, plus `size`
     itself when `full` (the full rank of an axis is always allowed)."""
@@ -119,7 +125,8 @@ def _grid(method: str, geometry: ConvGeometry, original: Cost, multiple: int) ->
     """Rank tuples worth estimating: those whose chain is cheaper than the original in params or MACs."""
     limits = geometry.max_ranks[method]
     if method == "tucker2":
-        outs, ins = rank_grid(limits[0], multiple), rank_grid(limits[1], multiple)
+        outs = rank_grid(limits[0], axis_multiple(limits[0], multiple))
+        ins = rank_grid(limits[1], axis_multiple(limits[1], multiple))
         pairs = [(r_out, r_in) for r_in in ins for r_out in outs]
         return [pair for pair in pairs if _saves(geometry, method, pair, original)]
     # svd and cp cost grows linearly with the rank: the largest useful rank follows from one evaluation
@@ -132,7 +139,7 @@ def _grid(method: str, geometry: ConvGeometry, original: Cost, multiple: int) ->
     if largest < 1:
         return []
     points = CP_GRID_POINTS if method == "cp" else largest
-    grid = rank_grid(largest, multiple, points, full=largest == limits[0])
+    grid = rank_grid(largest, axis_multiple(limits[0], multiple), points, full=largest == limits[0])
     return [(r,) for r in grid if _saves(geometry, method, (r,), original)]
 
 

@@ -66,12 +66,13 @@ def chain_cost(geometry: ConvGeometry, method: str, ranks: tuple[int, ...]) -> C
         (rank,) = ranks
         layers = [(rank * g.group_in * g.taps, outputs), (g.group_out * rank, outputs)]
     elif method == "tucker2":
+        # a factor at full rank is folded into the core (rewrite.py), so its 1x1 conv disappears
         rank_out, rank_in = ranks
-        layers = [
-            (rank_in * g.group_in, inputs),
-            (rank_out * rank_in * g.taps, outputs),
-            (g.group_out * rank_out, outputs),
-        ]
+        layers = [(rank_out * rank_in * g.taps, outputs)]
+        if rank_in < g.group_in:
+            layers.append((rank_in * g.group_in, inputs))
+        if rank_out < g.group_out:
+            layers.append((g.group_out * rank_out, outputs))
     elif method == "cp":
         (rank,) = ranks
         layers = [(rank * g.group_in, inputs)]
