@@ -106,20 +106,27 @@ def measure_latency(
     batch: dict[str, np.ndarray],
     *,
     device: str = "auto",
-    warmup: int = 5,
+    warmup: int = 3,
     repeats: int = 30,
+    rounds: int = 3,
 ) -> Latency:
-    """Median latency of both models on `batch`, runs interleaved so that machine noise hits both alike."""
+    """Median latency of both models on `batch` over `repeats` runs each.
+
+    The runs come in `rounds` blocks per model, alternating, so slow drifts of the machine hit both alike.
+    Runs are not interleaved one by one: onnxruntime's worker threads keep spinning for a while after a run
+    and would steal the cores from the other session's next run. Each block starts with `warmup` runs.
+    """
     sessions = [create_session(original, device), create_session(compressed, device)]
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(None, batch)
     times: list[list[float]] = [[], []]
-    for _ in range(repeats):
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
         for session, measured in zip(sessions, times):
-            start = time.perf_counter()
-            session.run(None, batch)
-            measured.append(time.perf_counter() - start)
+            for _ in range(warmup):
+                session.run(None, batch)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                session.run(None, batch)
+                measured.append(time.perf_counter() - start)
     return Latency(
         batch=batch_length(batch),
         original_ms=1000 * stats.median(times[0]),

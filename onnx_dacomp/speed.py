@@ -34,7 +34,7 @@ def layer_latency(
     single = replace(layer, input="x", output="y", weight="W", bias="B" if layer.bias else None)
     factors = [_placeholder_factors(layer, method, ranks, seed=g) for g in range(layer.group)]
     chain = replace_convs(model, {"y": (single, factors)})
-    return measure_latency(model, chain, feeds, device=device, warmup=3, repeats=repeats)
+    return measure_latency(model, chain, feeds, device=device, repeats=repeats)
 
 
 @functools.lru_cache(maxsize=None)
