@@ -9,7 +9,7 @@ from .errors import UserError
 
 METHODS = ("tucker2", "cp", "svd", "auto")
 NORMS = ("sigma", "frobenius")
-BUDGETS = ("params", "macs")
+BUDGETS = ("params", "macs", "latency")
 ALLOCATIONS = ("allocated", "uniform")
 
 
@@ -82,6 +82,8 @@ class CompressConfig:
             raise UserError(f"--limit must be a positive integer, got {self.limit}")
         if self.speed_batch < 1:
             raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
+        if self.budget == "latency" and self.allocation != "allocated":
+            raise UserError("--budget latency needs --allocation allocated (uniform ranks follow parameter counts)")
         if self.propagate and self.norm != "sigma":
             raise UserError("--propagate is part of the distribution-aware fit: it needs --norm sigma")
         if self.max_iter < 0:

@@ -117,7 +117,23 @@ def measure_latency(
     and would steal the cores from the other session's next run. Each block starts with `warmup` runs.
     """
     sessions = [create_session(original, device), create_session(compressed, device)]
-    times: list[list[float]] = [[], []]
+    times = _block_times(sessions, batch, warmup, repeats, rounds)
+    return Latency(
+        batch=batch_length(batch),
+        original_ms=1000 * stats.median(times[0]),
+        compressed_ms=1000 * stats.median(times[1]),
+        provider=provider_name(sessions[0]),
+    )
+
+
+def session_latency(model: onnx.ModelProto, batch: dict[str, np.ndarray], *, device: str = "auto", repeats: int = 30):
+    """Median latency (ms) of one model on `batch`, timed like `measure_latency`."""
+    session = create_session(model, device)
+    return 1000 * stats.median(_block_times([session], batch, 3, repeats, 3)[0]), provider_name(session)
+
+
+def _block_times(sessions, batch, warmup: int, repeats: int, rounds: int) -> list[list[float]]:
+    times: list[list[float]] = [[] for _ in sessions]
     per_round = max(1, -(-repeats // rounds))
     for _ in range(rounds):
         for session, measured in zip(sessions, times):
@@ -127,12 +143,7 @@ def measure_latency(
                 start = time.perf_counter()
                 session.run(None, batch)
                 measured.append(time.perf_counter() - start)
-    return Latency(
-        batch=batch_length(batch),
-        original_ms=1000 * stats.median(times[0]),
-        compressed_ms=1000 * stats.median(times[1]),
-        provider=provider_name(sessions[0]),
-    )
+    return times
 
 
 def benchmark_batches(source: Source, sizes) -> list[dict[str, np.ndarray]]:

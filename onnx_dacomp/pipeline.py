@@ -31,11 +31,11 @@ from .load import default_opset, load_model
 from .log import logger
 from .ranks.allocate import Choice, allocate, uniform
 from .ranks.candidates import Candidate, CandidateTable, candidate_table, estimate_errors, methods_for
-from .ranks.costs import ConvGeometry, chain_cost, original_cost
+from .ranks.costs import ConvGeometry, Cost, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
 from .shapes import concrete_input_shapes, graph_inputs
-from .speed import channel_multiple, layer_latency
+from .speed import LatencyTable, channel_multiple
 from .targets import NON_FINITE_WEIGHT, ConstantResolver, ConvLayer, find_targets, read_weights
 
 SEARCH_PROBES = 10  # bisection steps of the accuracy-targeted ratio search at most
@@ -143,6 +143,8 @@ def compress(
         if layer.name not in layer_reports and layer.name in geometries:
             reason = reasons.get(layer.name) or _kept_reason(layer, geometries[layer.name], config)
             layer_reports[layer.name] = _kept_report(layer, geometries[layer.name], reason)
+    if config.budget == "latency":
+        layer_reports = {name: job.timed_report(report, plan.get(name)) for name, report in layer_reports.items()}
     report = CompressionReport(
         layers=tuple(layer_reports[layer.name] for layer in scan.layers if layer.name in layer_reports),
         error_norm="sigma" if statistics is not None and config.norm == "sigma" else "frobenius",
@@ -242,6 +244,26 @@ class _Job:
         self.tables: dict[str, CandidateTable] = {}
         self.fits: dict[tuple, LayerFit] = {}
         self.batches = None
+        opset = default_opset(model) or 17
+        self.latency = LatencyTable(batch=config.speed_batch, device=config.device, opset=opset)
+        self.by_name = {layer.name: layer for layer in layers}
+
+    def timed_report(self, report: LayerReport, choice: Choice) -> LayerReport:
+        """The report with the measured latency of the layer and of what replaces it."""
+        if report.name not in self.geometries:
+            return report
+        before = self._cost(self.by_name[report.name]).latency
+        after = choice.cost.latency if choice is not None and report.method is not None else before
+        return replace(report, latency_before=before, latency_after=after)
+
+    def _cost(self, layer, method: str | None = None, ranks=None) -> Cost:
+        """Cost of the layer (method None) or of its chain; with the latency budget, measured latency too."""
+        geometry = self.geometries[layer.name]
+        cost = original_cost(geometry) if method is None else chain_cost(geometry, method, ranks)
+        if self.config.budget != "latency":
+            return cost
+        latency = self.latency.original(layer) if method is None else self.latency.chain(layer, method, ranks)
+        return cost._replace(latency=latency)
 
     def _bar(self, total: int, description: str):
         return tqdm(total=total, desc=description, unit="layer", disable=None if self.progress else True, leave=False)
@@ -257,7 +279,7 @@ class _Job:
         for layer in self.fitted:
             if layer.name in config.ranks:
                 method, ranks = _override(layer.name, config.ranks[layer.name], config.method, geometries[layer.name])
-                cost = chain_cost(geometries[layer.name], method, ranks)
+                cost = self._cost(layer, method, ranks)
                 plan[layer.name] = Candidate(method, ranks, cost, self._estimate(layer.name, method, ranks))
         managed = [layer for layer in self.fitted if layer.name not in plan and layer.name not in keep]
         if ratio is None or not managed:
@@ -265,12 +287,12 @@ class _Job:
         managed_names = {layer.name for layer in managed}
         budget = config.budget
 
-        def cost(layer) -> int:
+        def cost(layer) -> float:
             choice = plan.get(layer.name)
-            return choice.cost.of(budget) if choice else original_cost(geometries[layer.name]).of(budget)
+            return choice.cost.of(budget) if choice else self._cost(layer).of(budget)
 
         counted = [layer for layer in self.layers if layer.name in geometries]
-        before = sum(original_cost(geometries[layer.name]).of(budget) for layer in counted)
+        before = sum(self._cost(layer).of(budget) for layer in counted)
         fixed = sum(cost(layer) for layer in counted if layer.name not in managed_names)
         target = ratio * before
         if config.allocation == "uniform":
@@ -292,7 +314,7 @@ class _Job:
             with self._bar(len(missing), "rank candidates") as bar:
                 for layer in missing:
                     problem = self.problems[layer.name]
-                    self.tables[layer.name] = candidate_table(
+                    table = candidate_table(
                         layer.name,
                         geometries[layer.name],
                         problem.targets,
@@ -301,6 +323,10 @@ class _Job:
                         multiple=config.rank_multiple,
                         seed=config.seed,
                     )
+                    if budget == "latency":  # every candidate timed (shared by layers of the same geometry)
+                        timed = (replace(c, cost=self._cost(layer, c.method, c.ranks)) for c in table.candidates)
+                        table = replace(table, original=self._cost(layer), candidates=tuple(timed))
+                    self.tables[layer.name] = table
                     bar.update()
             chosen = allocate([self.tables[layer.name] for layer in managed], budget, target, fixed)
         plan.update(chosen)
@@ -403,21 +429,18 @@ def _faster_plan(job: _Job, plan: dict[str, Choice]) -> dict[str, Choice]:
     """Keep the original of every layer whose chain is not faster in onnxruntime (a layer named in --ranks
     always keeps its ranks). The budget is not re-spent on the other layers: pushing them further to make
     up for it would trade accuracy for size; the report shows the ratio reached."""
-    config = job.config
-    by_name = {layer.name: layer for layer in job.fitted}
-    opset = default_opset(job.model) or 17
+    config, timing = job.config, job.latency
     kept = []
     for name, choice in plan.items():
         if choice is None or name in config.ranks:
             continue
-        latency = layer_latency(
-            by_name[name], choice.method, choice.ranks, batch=config.speed_batch, device=config.device, opset=opset
-        )
-        if latency.compressed_ms >= latency.original_ms:
+        layer = job.by_name[name]
+        chain_ms, original_ms = timing.chain(layer, choice.method, choice.ranks), timing.original(layer)
+        if chain_ms >= original_ms:
             kept.append(name)
             job.reasons[name] = (
-                f"chain not faster ({latency.compressed_ms:.3f} vs {latency.original_ms:.3f} ms "
-                f"at batch {latency.batch}, {latency.provider})"
+                f"chain not faster ({chain_ms:.3f} vs {original_ms:.3f} ms at batch {timing.batch}, "
+                f"{timing.provider})"
             )
     if kept:
         logger.info("keeping %d layer(s) whose chain is not faster: %s", len(kept), ", ".join(kept))

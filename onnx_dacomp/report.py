@@ -24,6 +24,8 @@ class LayerReport:
     estimated_error: float | None = None  # the allocation's estimate (an upper bound of rel_error)
     sweeps: int | None = None
     reason: str | None = None
+    latency_before: float | None = None  # ms of the layer alone in onnxruntime (with the latency budget)
+    latency_after: float | None = None  # ms of its chain, or of the layer when left as it is
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,21 @@ class CompressionReport:
     settings: Mapping[str, object] = field(default_factory=dict)
 
     @property
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> dict[str, float]:
         keys = ("params_before", "params_after", "macs_before", "macs_after")
-        return {key: sum(getattr(layer, key) for layer in self.layers) for key in keys}
+        totals = {key: sum(getattr(layer, key) for layer in self.layers) for key in keys}
+        timed = [layer for layer in self.layers if layer.latency_before is not None]
+        if timed:
+            totals["latency_before"] = sum(layer.latency_before for layer in timed)
+            totals["latency_after"] = sum(layer.latency_after for layer in timed)
+        return totals
 
     @property
     def ratio(self) -> float:
         """The size reached, in the budget's unit, relative to before."""
         totals = self.totals
-        return totals[f"{self.budget}_after"] / max(totals[f"{self.budget}_before"], 1)
+        before = totals.get(f"{self.budget}_before", 0)
+        return totals[f"{self.budget}_after"] / before if before > 0 else 1.0
 
     @property
     def compressed(self) -> tuple[LayerReport, ...]:
@@ -110,9 +118,10 @@ class CompressionReport:
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         p_ratio = totals["params_after"] / max(totals["params_before"], 1)
         m_ratio = totals["macs_after"] / max(totals["macs_before"], 1)
-        lines.append(
-            f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%} (target {self.budget} ratio {self.target_ratio})"
-        )
+        kept = f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%}"
+        if "latency_before" in totals:
+            kept += f", summed layer latency kept {totals['latency_after'] / totals['latency_before']:.1%}"
+        lines.append(f"{kept} (target {self.budget} ratio {self.target_ratio})")
         if self.search:
             lines.append(
                 f"ratio search: {self.search['target']} met at ratio {self.search['ratio']:.4f} "

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .decompose.factors import CPFactors, SVDFactors, Tucker2Factors
-from .evaluate import Latency, measure_latency
+from .evaluate import Latency, measure_latency, session_latency
 from .rewrite import replace_convs
 from .runtime import create_session, provider_name
 from .targets import ConvLayer
@@ -35,6 +35,51 @@ def layer_latency(
     factors = [_placeholder_factors(layer, method, ranks, seed=g) for g in range(layer.group)]
     chain = replace_convs(model, {"y": (single, factors)})
     return measure_latency(model, chain, feeds, device=device, repeats=repeats)
+
+
+class LatencyTable:
+    """Measured latency (ms) of original layers and of chains on one provider at one batch size.
+
+    Layers of the same geometry (channels, kernel, stride, padding, dilation, input size, dtype) share
+    their measurements, so a network with many repeated blocks is timed once per distinct layer.
+    """
+
+    def __init__(self, *, batch: int, device: str, opset: int):
+        self.batch, self.device, self.opset = batch, device, opset
+        self._measured: dict[tuple, float] = {}
+        self.provider = None
+
+    def original(self, layer: ConvLayer) -> float:
+        key = (_timing_key(layer), None, None)
+        if key not in self._measured:
+            model, feeds = _single_conv(layer, self.batch, self.opset)
+            self._measured[key], self.provider = session_latency(model, feeds, device=self.device)
+        return self._measured[key]
+
+    def chain(self, layer: ConvLayer, method: str, ranks: tuple[int, ...]) -> float:
+        key = (_timing_key(layer), method, tuple(ranks))
+        if key not in self._measured:
+            latency = layer_latency(layer, method, ranks, batch=self.batch, device=self.device, opset=self.opset)
+            self._measured[key] = latency.compressed_ms
+            self._measured.setdefault((_timing_key(layer), None, None), latency.original_ms)
+            self.provider = latency.provider
+        return self._measured[key]
+
+
+def _timing_key(layer: ConvLayer) -> tuple:
+    return (
+        layer.out_channels,
+        layer.in_channels,
+        layer.group,
+        tuple(layer.kernel_shape),
+        tuple(layer.strides),
+        tuple(layer.pads),
+        layer.auto_pad,
+        tuple(layer.dilations),
+        tuple(layer.input_shape[1:]),
+        layer.dtype,
+        layer.bias is not None,
+    )
 
 
 @functools.lru_cache(maxsize=None)

@@ -315,7 +315,7 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
         timed.append(layer.name)
         return Latency(batch, 1.0, 2.0 if layer.name == "conv1" else 0.5, "CPU")
 
-    monkeypatch.setattr("onnx_dacomp.pipeline.layer_latency", fake_latency)
+    monkeypatch.setattr("onnx_dacomp.speed.layer_latency", fake_latency)
     model = _stack()
     base = dict(ratio=0.5, holdout=0, max_iter=3, rank_multiple=1)
     plain = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**base), progress=False).report
@@ -365,3 +365,56 @@ def test_default_ranks_follow_the_execution_providers_channel_block(data_file):
                 assert rank % block == 0, (chosen.name, chosen.ranks)
                 checked += 1
     assert checked >= 3
+
+
+def test_latency_budget_allocates_by_measured_chain_latency(data_file, monkeypatch):
+    """With budget="latency" the allocation spends the measured latencies: a layer whose every chain is
+    slower than it stays, and the plan's total latency meets the target. Timings are replaced by a
+    deterministic stand-in (MACs, with conv2's chains made 5x slower) so the test checks the allocation."""
+    from onnx_dacomp.ranks.costs import ConvGeometry, chain_cost, original_cost
+    from onnx_dacomp.speed import LatencyTable
+
+    def geometry(layer):
+        return ConvGeometry(
+            layer.out_channels, layer.in_channels, layer.group, tuple(layer.kernel_shape),
+            tuple(layer.input_shape[2:]), tuple(layer.output_shape[2:]), bool(layer.bias),
+        )  # fmt: skip
+
+    def fake_original(self, layer):
+        return original_cost(geometry(layer)).macs / 1e6
+
+    def fake_chain(self, layer, method, ranks):
+        return chain_cost(geometry(layer), method, ranks).macs / 1e6 * (5 if layer.name == "conv2" else 1)
+
+    monkeypatch.setattr(LatencyTable, "original", fake_original)
+    monkeypatch.setattr(LatencyTable, "chain", fake_chain)
+    model = _stack()
+    config = CompressConfig(ratio=0.6, budget="latency", holdout=0, max_iter=3, rank_multiple=1)
+    report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
+    layers = {layer.name: layer for layer in find_targets(model).layers}
+    by_name = {layer.name: layer for layer in report.layers}
+    assert by_name["conv2"].method is None
+    before = sum(fake_original(None, layer) for layer in layers.values())
+    after = sum(
+        fake_chain(None, layers[r.name], r.method, tuple(r.ranks)) if r.method else fake_original(None, layers[r.name])
+        for r in report.layers
+    )
+    assert after <= 0.6 * before * 1.0001
+    assert report.totals["latency_before"] == pytest.approx(before)
+    assert report.totals["latency_after"] == pytest.approx(after)
+    assert report.ratio == pytest.approx(after / before)
+    assert sum(r.method is not None for r in report.layers) >= 3
+    with pytest.raises(UserError, match="--budget latency needs --allocation allocated"):
+        CompressConfig(budget="latency", allocation="uniform")
+
+
+def test_latency_budget_runs_on_real_timings(data_file):
+    """Real onnxruntime timings of these tiny layers decide what is compressed (machine-dependent); the
+    result must be a valid model close to the original either way."""
+    model = _stack(channels=32)
+    config = CompressConfig(ratio=0.8, budget="latency", holdout=0, max_iter=2, device="cpu", speed_batch=2)
+    result = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False)
+    onnx.checker.check_model(result.model)
+    assert result.report.settings["budget"] == "latency"
+    x = _images(4, seed=3)
+    assert relative_error(run(result.model, {"x": x})[0], run(model, {"x": x})[0]) < 1.0

@@ -10,9 +10,10 @@ from typing import NamedTuple
 class Cost(NamedTuple):
     params: int
     macs: int  # per image
+    latency: float = 0.0  # ms, measured on the execution provider (filled in by the caller; 0 if unmeasured)
 
-    def of(self, budget: str) -> int:
-        return self.params if budget == "params" else self.macs
+    def of(self, budget: str) -> float:
+        return {"params": self.params, "macs": self.macs, "latency": self.latency}[budget]
 
 
 @dataclass(frozen=True)
