@@ -439,8 +439,7 @@ def _faster_plan(job: _Job, plan: dict[str, Choice]) -> dict[str, Choice]:
         if chain_ms >= original_ms:
             kept.append(name)
             job.reasons[name] = (
-                f"chain not faster ({chain_ms:.3f} vs {original_ms:.3f} ms at batch {timing.batch}, "
-                f"{timing.provider})"
+                f"chain not faster ({chain_ms:.3f} vs {original_ms:.3f} ms at batch {timing.batch}, {timing.provider})"
             )
     if kept:
         logger.info("keeping %d layer(s) whose chain is not faster: %s", len(kept), ", ".join(kept))

@@ -311,12 +311,20 @@ def test_shift_structured_gram_matches_loops(kernel, attrs):
     rows = []
     for batch in batches:
         x = np.pad(batch["x"].astype(np.float64), [(0, 0), (0, 0), *zip(pads[: len(kernel)], pads[len(kernel) :])])
-        out = [(x.shape[2 + a] - (k - 1) * d - 1) // s + 1 for a, (k, s, d) in enumerate(zip(kernel, strides, dilations))]
+        out = [
+            (x.shape[2 + a] - (k - 1) * d - 1) // s + 1 for a, (k, s, d) in enumerate(zip(kernel, strides, dilations))
+        ]
         for n in range(len(x)):
             for position in np.ndindex(*out):
                 patch = [
                     [
-                        x[(n, g * (4 // group) + c, *(p * s + t * d for p, s, t, d in zip(position, strides, tap, dilations)))]
+                        x[
+                            (
+                                n,
+                                g * (4 // group) + c,
+                                *(p * s + t * d for p, s, t, d in zip(position, strides, tap, dilations)),
+                            )
+                        ]
                         for c in range(4 // group)
                         for tap in np.ndindex(*kernel)
                     ]

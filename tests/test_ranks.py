@@ -79,7 +79,8 @@ def test_estimates_combine_groups_by_output_energy():
 
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize(
-    "method,ranks", [("svd", (3,)), ("tucker2", (3, 2)), ("tucker2", (4, 2)), ("tucker2", (2, 3)), ("tucker2", (4, 3)), ("cp", (5,))]
+    "method,ranks",
+    [("svd", (3,)), ("tucker2", (3, 2)), ("tucker2", (4, 2)), ("tucker2", (2, 3)), ("tucker2", (4, 3)), ("cp", (5,))],
 )
 def test_chain_cost_counts_what_the_rewritten_graph_holds(method, ranks, group):
     """Params and MACs of the chain formula equal those of the real rewritten model (with group 2, the

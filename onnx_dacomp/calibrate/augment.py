@@ -151,7 +151,9 @@ def _patch_sum_nodes(layer: ConvLayer, spatial_in: tuple[int, ...], opset: int):
     for index, offsets in enumerate(np.ndindex(*layer.kernel_shape[1:])):
         starts = [o * d for o, d in zip(offsets, layer.dilations[1:])]
         ends = [s + (n - 1) * st + 1 for s, n, st in zip(starts, out[1:], layer.strides[1:])]
-        taps.append(slice_(current, starts, ends, other_axes, layer.strides[1:], f"tap_{index}") if other_axes else current)
+        taps.append(
+            slice_(current, starts, ends, other_axes, layer.strides[1:], f"tap_{index}") if other_axes else current
+        )
     rows_tensor = node("Concat", taps, "rows", axis=1) if len(taps) > 1 else taps[0]
     kw = len(taps)
     channels = layer.in_channels // layer.group
@@ -189,7 +191,9 @@ def _patch_sum_nodes(layer: ConvLayer, spatial_in: tuple[int, ...], opset: int):
         for i in range(kh):
             for j in range(i, kh):
                 if i == 0 or stride != 1:
-                    blocks[(i, j)] = [(1, node("Gemm", [tap_rows[i], tap_rows[j]], f"g{group}_block_{i}_{j}", transB=1))]
+                    blocks[(i, j)] = [
+                        (1, node("Gemm", [tap_rows[i], tap_rows[j]], f"g{group}_block_{i}_{j}", transB=1))
+                    ]
                     continue
                 # block (i, j) = block (i-1, j-1) - rows it no longer reads + rows it newly reads
                 terms = [(1, (i - 1, j - 1))]
