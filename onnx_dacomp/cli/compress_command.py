@@ -140,4 +140,9 @@ def _ratio(text: str) -> float:
 
 
 def _rank_multiple(text: str) -> int | None:
-    return None if text == "auto" else positive_int(text)
+    if text == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
