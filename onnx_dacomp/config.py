@@ -29,7 +29,9 @@ class CompressConfig:
     is not faster; with it or `benchmark`, the report holds the end-to-end latency of both models.
     `holdout`: samples of the data kept out of calibration for verification; `limit`: at most this many
     calibration samples (after the held-out ones). `bias_refit`: fit in the centered covariance and absorb
-    the mean error into the bias. `propagate`: fit each layer to the original output from its input in the
+    the mean error into the bias. `sensitivity`: weight each layer's error in the allocation by how much of
+    it reaches the model output, measured once per layer in onnxruntime on calibration samples (needs
+    re-readable data and the DA norm; otherwise errors count equally). `propagate`: fit each layer to the original output from its input in the
     model compressed so far. `max_drop` (top-1 points) / `min_agreement` (0..1): instead of `ratio`, search
     the smallest ratio whose model meets this on the held-out data.
     """
@@ -49,6 +51,7 @@ class CompressConfig:
     max_iter: int = 100
     bias_refit: bool = False
     propagate: bool = False
+    sensitivity: bool = True
     max_drop: float | None = None
     min_agreement: float | None = None
     require_speedup: bool = False

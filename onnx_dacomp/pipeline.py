@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .calibrate.collect import MAX_PATCH_SIZE, collect_statistics
 from .calibrate.cross import collect_cross_statistics
 from .calibrate.patches import patch_size
-from .calibrate.sources import Source, open_source
+from .calibrate.sources import IterableSource, Source, open_source
 from .calibrate.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
@@ -34,6 +34,7 @@ from .ranks.candidates import Candidate, CandidateTable, candidate_table, estima
 from .ranks.costs import ConvGeometry, Cost, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
+from .sensitivity import measure_sensitivities, probe_batches, probe_rank
 from .shapes import concrete_input_shapes, graph_inputs
 from .speed import LatencyTable, channel_multiple
 from .targets import NON_FINITE_WEIGHT, ConstantResolver, ConvLayer, find_targets, read_weights
@@ -145,6 +146,7 @@ def compress(
             layer_reports[layer.name] = _kept_report(layer, geometries[layer.name], reason)
     if config.budget == "latency":
         layer_reports = {name: job.timed_report(report, plan.get(name)) for name, report in layer_reports.items()}
+    layer_reports = {name: replace(r, sensitivity=job.sensitivity.get(name)) for name, r in layer_reports.items()}
     report = CompressionReport(
         layers=tuple(layer_reports[layer.name] for layer in scan.layers if layer.name in layer_reports),
         error_norm="sigma" if statistics is not None and config.norm == "sigma" else "frobenius",
@@ -247,6 +249,40 @@ class _Job:
         opset = default_opset(model) or 17
         self.latency = LatencyTable(batch=config.speed_batch, device=config.device, opset=opset)
         self.by_name = {layer.name: layer for layer in layers}
+        self.sensitivity: dict[str, float] = {}
+        self.unweighted_notice = False
+
+    def sensitivities(self, layers: list[ConvLayer]) -> dict[str, float] | None:
+        """Measured output sensitivity of each layer (sensitivity.py), the allocation's weights; None where
+        they cannot be measured (Frobenius fit, no re-readable calibration data, or switched off)."""
+        config = self.config
+        if not config.sensitivity or config.norm != "sigma":
+            return None
+        missing = [layer for layer in layers if layer.name not in self.sensitivity]
+        rereadable = isinstance(self.calibration, (list, tuple)) or (
+            isinstance(self.calibration, Source) and not isinstance(self.calibration, IterableSource)
+        )
+        if missing and not rereadable:
+            if not self.unweighted_notice:
+                logger.info("no re-readable calibration data: layer errors are not weighted by output sensitivity")
+                self.unweighted_notice = True
+            return None
+        if missing:
+            probes = {}
+            for layer in missing:
+                problem, geometry = self.problems[layer.name], self.geometries[layer.name]
+                ranks = [(rank,) for rank in range(1, geometry.max_ranks["svd"][0] + 1)]
+                errors = estimate_errors("svd", problem.targets, problem.fit_sigmas, ranks)
+                rank = probe_rank(np.array(errors))
+                probe = Candidate("svd", (rank,), chain_cost(geometry, "svd", (rank,)), errors[rank - 1])
+                fit = fit_layer(problem, probe, config)
+                probes[layer.name] = (layer, fit.factors, fit.bias, fit.rel_error)
+            with self._bar(len(probes), "layer sensitivity") as bar:
+                batches = probe_batches(self.calibration)
+                self.sensitivity.update(
+                    measure_sensitivities(self.model, probes, batches, device=config.device, progress=bar)
+                )
+        return {layer.name: self.sensitivity[layer.name] for layer in layers}
 
     def timed_report(self, report: LayerReport, choice: Choice) -> LayerReport:
         """The report with the measured latency of the layer and of what replaces it."""
@@ -328,7 +364,8 @@ class _Job:
                         table = replace(table, original=self._cost(layer), candidates=tuple(timed))
                     self.tables[layer.name] = table
                     bar.update()
-            chosen = allocate([self.tables[layer.name] for layer in managed], budget, target, fixed)
+            weights = self.sensitivities(managed)
+            chosen = allocate([self.tables[layer.name] for layer in managed], budget, target, fixed, weights)
         plan.update(chosen)
         reached = fixed + sum(cost(layer) for layer in managed)
         if reached > target * 1.0001:

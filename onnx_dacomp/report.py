@@ -26,6 +26,7 @@ class LayerReport:
     reason: str | None = None
     latency_before: float | None = None  # ms of the layer alone in onnxruntime (with the latency budget)
     latency_after: float | None = None  # ms of its chain, or of the layer when left as it is
+    sensitivity: float | None = None  # output error energy per unit of layer error (the allocation's weight)
 
 
 @dataclass(frozen=True)

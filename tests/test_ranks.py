@@ -153,6 +153,29 @@ def test_allocation_meets_the_budget_and_is_optimal_for_convex_tables():
         assert error <= best + 1e-12
 
 
+def test_weighted_allocation_is_optimal_for_the_weighted_error():
+    rng = np.random.default_rng(5)
+    costs = [10, 25, 40, 55, 70, 85]
+    tables = [_table(f"l{index}", [(c, (1 - c / 100) ** 2) for c in costs]) for index in range(4)]
+    weights = {"l0": 10.0, "l1": 0.1, "l2": 1.0, "l3": float(rng.uniform(0.5, 3))}
+    for target in (150, 220, 300):
+        choices = allocate(tables, "params", target, fixed=0, weights=weights)
+        total = sum(c.cost.params if c else 100 for c in choices.values())
+        weighted = sum(weights[n] * c.error for n, c in choices.items() if c)
+        assert total <= target
+        options = [[(t.name, None), *((t.name, c) for c in t.candidates)] for t in tables]
+        best = min(
+            sum(weights[n] * c.error for n, c in combo if c)
+            for combo in itertools.product(*options)
+            if sum(c.cost.params if c else 100 for _, c in combo) <= total
+        )
+        assert weighted <= best + 1e-12
+        # the heavily weighted layer is compressed least, the lightly weighted one most
+        kept = {n: c.cost.params if c else 100 for n, c in choices.items()}
+        assert kept["l0"] >= kept["l2"] >= kept["l1"]
+        assert kept["l0"] > kept["l1"]
+
+
 def test_allocation_leaves_layers_that_cannot_shrink_and_stops_at_the_cheapest():
     tables = [_table("a", [(30, 0.5), (60, 0.1)]), _table("b", [])]
     choices = allocate(tables, "params", target=1, fixed=0)  # unreachable

@@ -57,6 +57,12 @@ def add_parser(commands) -> None:
         "--propagate", action="store_true", help="fit each layer on the input the compressed layers before it give"
     )
     parser.add_argument(
+        "--no-sensitivity",
+        dest="sensitivity",
+        action="store_false",
+        help="count every layer's error alike in the allocation (default: weighted by measured output sensitivity)",
+    )
+    parser.add_argument(
         "--require-speedup",
         action="store_true",
         help="time each chain against its layer in onnxruntime; keep the layer where the chain is not faster",
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         max_iter=args.max_iter,
         bias_refit=args.bias_refit,
         propagate=args.propagate,
+        sensitivity=args.sensitivity,
         max_drop=args.max_drop,
         min_agreement=args.min_agreement,
         require_speedup=args.require_speedup,

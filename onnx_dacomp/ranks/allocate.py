@@ -1,6 +1,7 @@
 """Choosing ranks for a global budget (DESIGN.md 2.5): allocated across layers, or uniform per layer.
 
-Allocated: minimize the sum of the layers' relative errors subject to the total cost. Each layer's
+Allocated: minimize the sum of the layers' relative errors, each weighted by the layer's sensitivity (how much
+of it reaches the model output; 1 without weights), subject to the total cost. Each layer's
 candidates are reduced to the lower convex hull of (cost, error), starting at the original layer (its
 cost, error 0); moves along the hulls are taken greedily, cheapest error per saved unit first, until the
 budget is met (the Lagrangian solution). The last move is then refined to the least-error candidate of that
@@ -18,16 +19,28 @@ from .costs import ConvGeometry, chain_cost, original_cost
 Choice = Candidate | None  # None: keep the original layer
 
 
-def allocate(tables: Sequence[CandidateTable], budget: str, target: float, fixed: float) -> dict[str, Choice]:
-    """Pick at most one candidate per layer so that `fixed + sum(costs) <= target` with the least total error.
+def allocate(
+    tables: Sequence[CandidateTable],
+    budget: str,
+    target: float,
+    fixed: float,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, Choice]:
+    """Pick at most one candidate per layer so that `fixed + sum(costs) <= target` with the least total
+    weighted error `sum(weights[layer] * error)`.
 
     `fixed`: the cost of everything not in `tables`. When the target cannot be reached every layer gets its
     cheapest candidate (the caller reports the ratio reached).
     """
+    weights = weights or {}
     hulls = {table.name: _hull(table, budget) for table in tables}
     position = {name: 0 for name in hulls}
     total = fixed + sum(table.original.of(budget) for table in tables)
-    moves = [(_slope(hull, 0, budget), name) for name, hull in hulls.items() if len(hull) > 1]
+
+    def slope(name: str, index: int) -> float:  # a positive weight scales a hull without changing it
+        return weights.get(name, 1.0) * _slope(hulls[name], index, budget)
+
+    moves = [(slope(name, 0), name) for name, hull in hulls.items() if len(hull) > 1]
     heapq.heapify(moves)
     last = None
     while total > target and moves:
@@ -37,7 +50,7 @@ def allocate(tables: Sequence[CandidateTable], budget: str, target: float, fixed
         position[name] = index + 1
         last = name
         if index + 2 < len(hull):
-            heapq.heappush(moves, (_slope(hull, index + 1, budget), name))
+            heapq.heappush(moves, (slope(name, index + 1), name))
     choices = {name: _choice(hulls[name][position[name]]) for name in hulls}
     if last is not None and total <= target:
         table = next(t for t in tables if t.name == last)

@@ -1,0 +1,78 @@
+"""How much each layer's error reaches the model output, measured in onnxruntime (weights of the allocation).
+
+The allocation minimizes a sum of per-layer relative errors. Layers differ by orders of magnitude in how
+much of their error survives to the output: a layer inside a residual block is diluted by its skip path,
+the first block of a stage is not, and on EfficientNet-Lite0 the same relative error moves the logits
+between 0.1x and 11x as much. Each layer is therefore probed once: its closed-form DA-SVD at a rank whose
+error is near `PROBE_ERROR` replaces it alone, and the model output is compared with the original's on a
+few calibration samples. The sensitivity is `||Y~ - Y||^2 / ||Y||^2` divided by the layer's relative error;
+to first order the output error of several compressed layers is the sum of sensitivity times layer error,
+which is what the allocation then minimizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from .calibrate.collect import batch_length
+from .decompose.factors import Factors
+from .rewrite import replace_convs
+from .runtime import create_session
+from .targets import ConvLayer
+
+PROBE_ERROR = 0.02  # relative layer error of the probe: small enough for the first-order picture
+PROBE_SAMPLES = 128  # calibration samples the probes run on
+
+
+def probe_rank(rank_errors: np.ndarray) -> int:
+    """The largest rank whose relative error is still at least PROBE_ERROR (1 if every rank is below it);
+    `rank_errors[r - 1]` is the error at rank r, decreasing."""
+    above = np.flatnonzero(np.asarray(rank_errors)[:-1] >= PROBE_ERROR)
+    return int(above[-1]) + 1 if len(above) else 1
+
+
+def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int = PROBE_SAMPLES) -> list[dict]:
+    """The first `samples` samples of `data` (whole batches)."""
+    batches, count = [], 0
+    for batch in data:
+        batches.append(dict(batch))
+        count += batch_length(batch)
+        if count >= samples:
+            break
+    return batches
+
+
+def measure_sensitivities(
+    model: onnx.ModelProto,
+    probes: Mapping[str, tuple[ConvLayer, list[Factors], np.ndarray | None, float]],
+    batches: list[dict],
+    *,
+    device: str = "auto",
+    progress=None,
+) -> dict[str, float]:
+    """Output error energy per unit of layer error, per layer name.
+
+    `probes[name] = (layer, factors, bias, rel_error)`: the layer's probe chain and its relative DA error.
+    A probe whose error is zero (a layer of rank one) or whose output is not finite tells nothing: such layers
+    get the median sensitivity.
+    """
+    reference_session = create_session(model, device)
+    references = [[np.asarray(y, np.float64) for y in reference_session.run(None, batch)] for batch in batches]
+    energy = sum(float(np.sum(y**2)) for outputs in references for y in outputs)
+    measured = {}
+    for name, (layer, factors, bias, rel_error) in probes.items():
+        if rel_error > 0 and energy > 0:
+            session = create_session(replace_convs(model, {layer.output: (layer, factors, bias)}), device)
+            squared = 0.0
+            for batch, outputs in zip(batches, references):
+                for y, reference in zip(session.run(None, batch), outputs):
+                    squared += float(np.sum((np.asarray(y, np.float64) - reference) ** 2))
+            if np.isfinite(squared):
+                measured[name] = squared / energy / rel_error
+        if progress is not None:
+            progress.update()
+    fallback = float(np.median(list(measured.values()))) if measured else 1.0
+    return {name: measured.get(name, fallback) for name in probes}

@@ -1,0 +1,86 @@
+"""Layer sensitivity: output error energy per unit of layer error, against closed forms and numpy convs."""
+
+import numpy as np
+import onnx
+from builders import IR_VERSION, conv_model, conv_reference
+from onnx import helper, numpy_helper
+
+from onnx_dacomp.calibrate.collect import collect_statistics
+from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
+from onnx_dacomp.sensitivity import PROBE_ERROR, measure_sensitivities, probe_batches, probe_rank
+from onnx_dacomp.targets import find_targets, read_weights
+
+SHAPE = (2, 6, 7, 8)
+DECLARED = ["n", 6, 7, 8]
+
+
+def _batches(seed=0, count=3):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((6, 6))  # correlated channels: a covariance far from the identity
+    return [{"x": np.einsum("dc,nchw->ndhw", mixing, rng.standard_normal(SHAPE)).astype(np.float32)} for _ in range(count)]
+
+
+def _residual_model(weight) -> onnx.ModelProto:
+    """y = x + Conv(x): the conv's error is diluted by the skip path."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, DECLARED)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight.astype(np.float32), "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def _probe(model, batches, rank):
+    layer = find_targets(model).targets[0]
+    weight = read_weights(model, [layer])[layer.name]
+    sigma = collect_statistics(model, [layer], batches, device="cpu", progress=False).layers[layer.name].covariance[0]
+    fit = da_svd(weight, sigma, rank)
+    return layer, weight, {layer.name: (layer, [fit.factors], None, fit.rel_error)}
+
+
+def test_a_layer_that_is_the_output_has_sensitivity_one():
+    # on the calibration samples, ||dW x||^2 / ||W x||^2 over all patches is the Sigma-error itself
+    weight = np.random.default_rng(1).standard_normal((5, 6, 3, 3))
+    model = conv_model(weight, input_shape=DECLARED, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    batches = _batches()
+    layer, _, probes = _probe(model, batches, rank=2)
+    assert probes[layer.name][3] > 0.01
+    sensitivity = measure_sensitivities(model, probes, batches, device="cpu")
+    assert abs(sensitivity[layer.name] - 1.0) < 1e-3
+
+
+def test_a_skip_path_dilutes_the_error_by_the_output_energy_ratio():
+    weight = 0.05 * np.random.default_rng(2).standard_normal((6, 6, 3, 3))
+    model = _residual_model(weight)
+    batches = _batches(seed=3)
+    layer, _, probes = _probe(model, batches, rank=3)
+    sensitivity = measure_sensitivities(model, probes, batches, device="cpu")[layer.name]
+    # the output error is the conv's own; the output energy is that of x + conv(x) (numpy reference)
+    conv_energy = total_energy = 0.0
+    for batch in batches:
+        conv = conv_reference(batch["x"], weight, strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
+        conv_energy += float(np.sum(conv**2))
+        total_energy += float(np.sum((batch["x"] + conv) ** 2))
+    assert abs(sensitivity - conv_energy / total_energy) < 1e-3 * conv_energy / total_energy
+    assert sensitivity < 0.5
+
+
+def test_probe_rank_is_the_largest_rank_still_above_the_probe_error():
+    weight = np.random.default_rng(4).standard_normal((8, 6, 3, 3))
+    errors = svd_rank_errors(weight, None)
+    rank = probe_rank(errors)
+    assert errors[rank - 1] >= PROBE_ERROR and (rank == len(errors) or errors[rank] < PROBE_ERROR)
+    assert probe_rank(np.array([0.01, 0.0])) == 1  # every rank below: the smallest
+    assert probe_rank(np.array([0.0])) == 1
+
+
+def test_probe_batches_take_whole_batches_up_to_the_sample_count():
+    batches = _batches(count=5)  # 2 samples each
+    assert len(probe_batches(batches, samples=3)) == 2
+    assert len(probe_batches(batches, samples=100)) == 5
