@@ -17,23 +17,23 @@ ALLOCATIONS = ("allocated", "uniform")
 class CompressConfig:
     """Options of one compression run.
 
-    `ratio`: size of the model's convolution part after compression relative to before (parameters, or MACs
-    with `budget="macs"`); None compresses only the layers named in `ranks`. `ranks` maps layer names (as
-    `inspect` prints them) to exact ranks: an int (svd/cp rank, or R_T = R_S for tucker2), a pair (R_T, R_S)
-    for tucker2, or `{"method": ..., "ranks": ...}`. `exclude`: glob patterns of layer names left untouched.
-    `rank_multiple`: allocated ranks are multiples of this on channel axes at least as wide; None takes the
-    execution provider's channel block (`speed.channel_multiple`), below which convs leave onnxruntime's
-    fast blocked layout. `budget="latency"`: the ratio counts the summed latency of the layers, each
-    candidate timed in onnxruntime at `speed_batch` images. `require_speedup`: time each chosen chain
-    against its original layer in onnxruntime at `speed_batch` images and keep the original where the chain
-    is not faster; with it or `benchmark`, the report holds the end-to-end latency of both models.
-    `holdout`: samples of the data kept out of calibration for verification; `limit`: at most this many
-    calibration samples (after the held-out ones). `bias_refit`: fit in the centered covariance and absorb
-    the mean error into the bias. `sensitivity`: weight each layer's error in the allocation by how much of
-    it reaches the model output, measured once per layer in onnxruntime on calibration samples (needs
-    re-readable data and the DA norm; otherwise errors count equally). `propagate`: fit each layer to the original output from its input in the
-    model compressed so far. `max_drop` (top-1 points) / `min_agreement` (0..1): instead of `ratio`, search
-    the smallest ratio whose model meets this on the held-out data.
+    `ratio`: size of the model's convolution part after compression relative to before (parameters, or MACs with
+    `budget="macs"`); None compresses only the layers named in `ranks`. `ranks` maps layer names (as `inspect`
+    prints them) to exact ranks: an int (svd/cp rank, or R_T = R_S for tucker2), a pair (R_T, R_S) for tucker2,
+    or `{"method": ..., "ranks": ...}`. `exclude`: glob patterns of layer names left untouched. `rank_multiple`:
+    allocated ranks are multiples of this on channel axes at least as wide; None takes the execution provider's
+    channel block (`speed.channel_multiple`), below which convs leave onnxruntime's fast blocked layout.
+    `budget="latency"`: the ratio counts the summed latency of the layers, each candidate timed in onnxruntime
+    at `speed_batch` images. `require_speedup`: time each chosen chain against its original layer in onnxruntime
+    at `speed_batch` images and keep the original where the chain is not faster; with it or `benchmark`, the
+    report holds the end-to-end latency of both models. `holdout`: samples of the data kept out of calibration
+    for verification; `limit`: at most this many calibration samples (after the held-out ones). `bias_refit`:
+    fit in the centered covariance and absorb the mean error into the bias. `sensitivity`: weight each layer's
+    error in the allocation by how much of it reaches the model output, measured once per layer in onnxruntime
+    on calibration samples (needs re-readable data and the DA norm; otherwise errors count equally).
+    `propagate`: fit each layer to the original output from its input in the model compressed so far. `max_drop`
+    (top-1 points) / `min_agreement` (0..1): instead of `ratio`, search the smallest ratio whose model meets
+    this on the held-out data.
     """
 
     method: str = "tucker2"

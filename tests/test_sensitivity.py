@@ -17,7 +17,9 @@ DECLARED = ["n", 6, 7, 8]
 def _batches(seed=0, count=3):
     rng = np.random.default_rng(seed)
     mixing = rng.standard_normal((6, 6))  # correlated channels: a covariance far from the identity
-    return [{"x": np.einsum("dc,nchw->ndhw", mixing, rng.standard_normal(SHAPE)).astype(np.float32)} for _ in range(count)]
+    return [
+        {"x": np.einsum("dc,nchw->ndhw", mixing, rng.standard_normal(SHAPE)).astype(np.float32)} for _ in range(count)
+    ]
 
 
 def _residual_model(weight) -> onnx.ModelProto:

@@ -49,6 +49,7 @@ METHODS = {
     "da-propagated": (dict(method="tucker2", bias_refit=True, propagate=True), "in-domain"),
     # the ratio counts the summed onnxruntime latency of the layers at batch 32 (every candidate timed)
     "da-latency": (dict(method="auto", budget="latency", speed_batch=32), "in-domain"),
+    "da-macs": (dict(method="auto", budget="macs"), "in-domain"),  # the ratio counts multiply-accumulates
 }
 DEFAULT_METHODS = "frobenius-uniform,da-uniform,da-allocated,da-cp,auto"
 
@@ -124,13 +125,12 @@ def main() -> None:
         else:
             calibration, evaluation, pre = cifar_sources(args.workdir, model, args.calibration)
         targets = find_targets(model).targets
-        statistics, seconds = {}, {}
+        statistics, seconds, sources = {}, {}, {"in-domain": calibration}
         for kind in {METHODS[m][1] for m in methods} - {None}:
             start = time.perf_counter()
-            source = calibration
             if kind == "natural":
-                source = NaturalImageSource("input", tuple(find_targets(model).targets[0].input_shape), pre, count=2000)
-            statistics[kind] = collect_statistics(model, targets, source, device="cpu", progress=False)
+                sources[kind] = NaturalImageSource("input", tuple(targets[0].input_shape), pre, count=2000)
+            statistics[kind] = collect_statistics(model, targets, sources[kind], device="cpu", progress=False)
             seconds[kind] = time.perf_counter() - start
             print(f"{key}: {kind} statistics in {seconds[kind]:.1f} s", flush=True)
         batches = benchmark_batches(evaluation, (1, 32))
@@ -139,9 +139,10 @@ def main() -> None:
                 fields, kind = METHODS[name]
                 config = CompressConfig(ratio=ratio, holdout=0, max_iter=args.max_iter, device="cpu", **fields)
                 start = time.perf_counter()
-                # the statistics are given; the data serves the propagated fit, which runs the compressed model
-                data = calibration if kind == "in-domain" else None
-                result = onnx_dacomp.compress(model, data, config, statistics=statistics.get(kind), progress=False)
+                # the statistics are given; the data serves the layer sensitivities and the propagated fit
+                result = onnx_dacomp.compress(
+                    model, sources.get(kind), config, statistics=statistics.get(kind), progress=False
+                )
                 elapsed = time.perf_counter() - start + seconds.get(kind, 0.0)
                 comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
                 latency = [
