@@ -184,6 +184,12 @@ def test_cli_compress_writes_model_and_report(tmp_path, data_file, capsys):
     params, _ = _conv_totals(onnx.load(out))
     assert params == data["totals"]["params_after"]
     assert data["totals"]["params_after"] <= 0.6 * data["totals"]["params_before"]
+    # every allocated layer was probed for its output sensitivity; the layer fixed by --ranks needs none
+    allocated = [layer for layer in data["layers"] if layer["name"] != "conv2"]
+    assert all(layer["sensitivity"] > 0 for layer in allocated) and conv2["sensitivity"] is None
+    argv = ["-q", "compress", str(model_path), "-o", str(out), "--data", str(data_file), "--holdout", "30"]
+    assert main([*argv, "--no-sensitivity", "--max-iter", "5", "--report", str(report)]) == 0
+    assert all(layer["sensitivity"] is None for layer in json.loads(report.read_text())["layers"])
 
 
 def test_cli_user_errors_leave_no_output(tmp_path, data_file, capsys):
