@@ -272,7 +272,9 @@ class _Job:
             for layer in missing:
                 problem, geometry = self.problems[layer.name], self.geometries[layer.name]
                 ranks = [(rank,) for rank in range(1, geometry.max_ranks["svd"][0] + 1)]
-                errors = estimate_errors("svd", problem.targets, problem.fit_sigmas, ranks)
+                errors = estimate_errors(
+                    "svd", problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas
+                )
                 rank = probe_rank(np.array(errors))
                 probe = Candidate("svd", (rank,), chain_cost(geometry, "svd", (rank,)), errors[rank - 1])
                 fit = fit_layer(problem, probe, config)
@@ -306,7 +308,14 @@ class _Job:
 
     def _estimate(self, name: str, method: str, ranks) -> float:
         problem = self.problems[name]
-        return estimate_errors(method, problem.targets, problem.fit_sigmas, [ranks], seed=self.config.seed)[0]
+        return estimate_errors(
+            method,
+            problem.targets,
+            problem.fit_sigmas,
+            [ranks],
+            reference_sigmas=problem.reference_sigmas,
+            seed=self.config.seed,
+        )[0]
 
     def plan(self, ratio: float | None, keep=frozenset()) -> dict[str, Choice]:
         """The method and ranks of every fitted layer: --ranks overrides, then the budget `ratio` for the
@@ -356,6 +365,7 @@ class _Job:
                         problem.targets,
                         problem.fit_sigmas,
                         config.method,
+                        reference_sigmas=problem.reference_sigmas,
                         multiple=config.rank_multiple,
                         seed=config.seed,
                     )

@@ -77,6 +77,18 @@ def test_estimates_combine_groups_by_output_energy():
     assert combined == pytest.approx(numerator / denominator, rel=1e-6)
 
 
+def test_estimates_are_relative_to_the_reference_energy_as_the_bias_refit_measures():
+    weight, sigma = _problem(seed=3)
+    mean = np.random.default_rng(3).standard_normal(len(sigma))
+    uncentered = sigma + 4 * np.outer(mean, mean)  # a large mean: the centered energy is a small part
+    estimate = estimate_errors("svd", [weight], [sigma], [(5,)], reference_sigmas=[uncentered])[0]
+    difference = (weight - reconstruct(da_svd(weight, sigma, 5).factors)).reshape(12, -1)
+    matrix = weight.reshape(12, -1)
+    expected = np.einsum("ij,ij->", difference @ sigma, difference) / np.einsum("ij,ij->", matrix @ uncentered, matrix)
+    assert estimate == pytest.approx(expected, rel=1e-6)
+    assert estimate < 0.5 * estimate_errors("svd", [weight], [sigma], [(5,)])[0]
+
+
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize(
     "method,ranks",

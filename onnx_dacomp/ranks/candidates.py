@@ -69,13 +69,20 @@ def estimate_errors(
     sigmas: Sequence[np.ndarray] | None,
     ranks: Sequence[tuple[int, ...]],
     *,
+    reference_sigmas: Sequence[np.ndarray] | None = None,
     seed: int = 0,
 ) -> list[float]:
-    """Estimated relative error (see the module doc) of `method` at each per-group rank tuple in `ranks`."""
+    """Estimated relative error (see the module doc) of `method` at each per-group rank tuple in `ranks`.
+
+    The error is relative to the output energy in `reference_sigmas` when given (the bias refit fits in the
+    centered covariance but, like `fit.fit_layer`, measures against the uncentered output energy), else in
+    `sigmas`: `sum_g ||(W_g - W~_g) L_g||^2 / sum_g ||W_g L_ref,g||^2`.
+    """
     sigmas = sigmas if sigmas is not None else [None] * len(weights)
+    references = reference_sigmas if reference_sigmas is not None else sigmas
     energies = np.array([output_energy(w, s) for w, s in zip(weights, sigmas)])
-    weights_sum = energies.sum()
-    shares = energies / weights_sum if weights_sum > 0 else np.full(len(weights), 1 / len(weights))
+    total = sum(output_energy(w, s) for w, s in zip(weights, references))
+    shares = energies / total if total > 0 else np.full(len(weights), 1 / len(weights))
     per_group = np.zeros((len(weights), len(ranks)))
     for g, (weight, sigma) in enumerate(zip(weights, sigmas)):
         if method == "svd":
@@ -105,17 +112,19 @@ def candidate_table(
     sigmas: Sequence[np.ndarray] | None,
     method: str,
     *,
+    reference_sigmas: Sequence[np.ndarray] | None = None,
     multiple: int = 1,
     seed: int = 0,
 ) -> CandidateTable:
-    """Every candidate of the layer's methods on a rank grid that is cheaper than the original conv."""
+    """Every candidate of the layer's methods on a rank grid that is cheaper than the original conv (errors
+    relative to the output energy in `reference_sigmas` when given, see `estimate_errors`)."""
     original = original_cost(geometry)
     candidates = []
     for name_of_method in methods_for(method, geometry):
         ranks = _grid(name_of_method, geometry, original, multiple)
         if not ranks:
             continue
-        errors = estimate_errors(name_of_method, weights, sigmas, ranks, seed=seed)
+        errors = estimate_errors(name_of_method, weights, sigmas, ranks, reference_sigmas=reference_sigmas, seed=seed)
         for rank, error in zip(ranks, errors):
             candidates.append(Candidate(name_of_method, rank, chain_cost(geometry, name_of_method, rank), error))
     return CandidateTable(name, original, tuple(candidates))
