@@ -123,13 +123,25 @@ def compress(
     new_model, layer_reports = job.build(plan, propagate=config.propagate)
     clock["decompose"] = time.perf_counter()
 
-    verification = None
+    verification = propagation = None
     if holdout is not None:
         verification = compare_models(model, new_model, holdout, device=config.device, progress=progress)
-    if search is not None and config.propagate and not _meets(verification, config):
-        logger.warning("the propagated fit misses the target on the held-out data; using the plain fit")
-        new_model, layer_reports = job.build(plan, propagate=False)
-        verification = compare_models(model, new_model, holdout, device=config.device, progress=progress)
+    if config.propagate and verification is not None:
+        # propagation minimizes each layer's output error, which need not lower the model's: verify both
+        plain_model, plain_reports = job.build(plan, propagate=False)
+        plain = compare_models(model, plain_model, holdout, device=config.device, progress=progress)
+        propagation = {"kept": "propagated", "propagated": asdict(verification), "plain": asdict(plain)}
+        if _preference(plain, config, search) > _preference(verification, config, search):
+            logger.warning(
+                "the propagated fit verifies worse than the plain fit on the held-out data (top-1 agreement "
+                "%.4f vs %.4f, output error %.4f vs %.4f): keeping the plain fit",
+                verification.top1_agreement,
+                plain.top1_agreement,
+                verification.rel_output_error,
+                plain.rel_output_error,
+            )
+            new_model, layer_reports, verification = plain_model, plain_reports, plain
+            propagation["kept"] = "plain"
     latency = ()
     if config.require_speedup or config.benchmark:
         sizes = sorted({1, config.speed_batch})
@@ -154,6 +166,7 @@ def compress(
         target_ratio=ratio,
         verification=verification,
         search=search,
+        propagation=propagation,
         latency=latency,
         calibration=statistics.source if statistics is not None else None,
         seconds={
@@ -425,6 +438,11 @@ class _Job:
                     bar.update()
                 new_model = replace_convs(new_model, replacements)
         return new_model, reports
+
+
+def _preference(comparison: Comparison, config: CompressConfig, search) -> tuple:
+    """Order of held-out results: meeting the search target first, then top-1 agreement, then output error."""
+    return (search is None or _meets(comparison, config), comparison.top1_agreement, -comparison.rel_output_error)
 
 
 def _meets(comparison: Comparison | None, config: CompressConfig) -> bool:

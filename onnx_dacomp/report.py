@@ -39,6 +39,7 @@ class CompressionReport:
     calibration: str | None  # description of the data the statistics came from
     latency: tuple[Latency, ...] = ()
     search: Mapping[str, object] | None = None  # the accuracy-targeted ratio search: target, ratio, probes
+    propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
     seconds: Mapping[str, float] = field(default_factory=dict)
     settings: Mapping[str, object] = field(default_factory=dict)
 
@@ -74,6 +75,7 @@ class CompressionReport:
             "verification": verification,
             "latency": [asdict(item) | {"ratio": item.ratio} for item in self.latency],
             "search": self.search,
+            "propagation": self.propagation,
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),

@@ -1,6 +1,8 @@
 """Error propagation, bias refit and the accuracy-targeted search: against numpy references and measured
 output errors."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -162,3 +164,26 @@ def test_max_drop_needs_labels_and_holdout(tmp_path):
         )
     with pytest.raises(UserError):
         CompressConfig(max_drop=1.0, min_agreement=0.9)
+
+
+def test_propagation_that_verifies_worse_gives_way_to_the_plain_fit(tmp_path, monkeypatch):
+    model = conv_stack(channels=12, size=(12, 12), input_channels=3)
+    source = ArraySource(_npz(tmp_path), ["x"])
+    config = CompressConfig(ratio=0.45, holdout=40, max_iter=10, propagate=True)
+    report = onnx_dacomp.compress(model, source, config, progress=False).report
+    assert report.propagation["kept"] == "propagated"  # on this stack propagation helps (test above)
+    assert report.verification.rel_output_error == report.propagation["propagated"]["rel_output_error"]
+    assert report.propagation["propagated"]["rel_output_error"] < report.propagation["plain"]["rel_output_error"]
+
+    real = LayerProblem.propagated
+
+    def broken(plain, original, perturbed, bias_refit):  # a propagated target that is far off
+        problem = real(plain, original, perturbed, bias_refit)
+        return replace(problem, targets=[-target for target in problem.targets])
+
+    monkeypatch.setattr(LayerProblem, "propagated", staticmethod(broken))
+    result = onnx_dacomp.compress(model, source, config, progress=False)
+    plain = onnx_dacomp.compress(model, source, replace(config, propagate=False), progress=False)
+    assert result.report.propagation["kept"] == "plain"
+    assert result.report.verification == plain.report.verification
+    assert result.model.SerializeToString() == plain.model.SerializeToString()
