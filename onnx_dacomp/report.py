@@ -87,7 +87,7 @@ class CompressionReport:
 
     def table(self) -> str:
         """Per-layer table with totals, and the verification line."""
-        header = ("layer", "method", "ranks", "params", "", "MACs", "", f"rel.err ({self.error_norm})")
+        header = ("layer", "method", "ranks", "params", "", "MACs", "", f"rel.err ({self.error_norm})", "sensitivity")
         rows = [header]
         for layer in self.layers:
             rows.append(
@@ -100,6 +100,7 @@ class CompressionReport:
                     f"{layer.macs_before:,}",
                     f"-> {layer.macs_after:,}",
                     f"{layer.rel_error:.4g}" if layer.method else "",
+                    f"{layer.sensitivity:.3g}" if layer.sensitivity is not None else "",
                 )
             )
         totals = self.totals
@@ -112,6 +113,7 @@ class CompressionReport:
                 f"-> {totals['params_after']:,}",
                 f"{totals['macs_before']:,}",
                 f"-> {totals['macs_after']:,}",
+                "",
                 "",
             )
         )
@@ -131,6 +133,12 @@ class CompressionReport:
                 f"after {len(self.search['probes'])} probes"
             )
         lines.append(verification_line(self.verification))
+        if self.propagation:
+            agreements = {fit: self.propagation[fit]["top1_agreement"] for fit in ("propagated", "plain")}
+            lines.append(
+                f"--propagate: top-1 agreement {agreements['propagated']:.2%} propagated, {agreements['plain']:.2%} "
+                f"plain: kept the {self.propagation['kept']} fit"
+            )
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
         return "\n".join(lines)
