@@ -34,7 +34,7 @@ from .ranks.candidates import Candidate, CandidateTable, candidate_table, estima
 from .ranks.costs import ConvGeometry, Cost, chain_cost, original_cost
 from .report import CompressionReport, LayerReport
 from .rewrite import replace_convs
-from .sensitivity import measure_sensitivities, probe_batches, probe_rank
+from .sensitivity import measure_sensitivities, probe_batches, probe_fit
 from .shapes import concrete_input_shapes, graph_inputs
 from .speed import LatencyTable, channel_multiple
 from .targets import NON_FINITE_WEIGHT, ConstantResolver, ConvLayer, find_targets, read_weights
@@ -283,14 +283,7 @@ class _Job:
         if missing:
             probes = {}
             for layer in missing:
-                problem, geometry = self.problems[layer.name], self.geometries[layer.name]
-                ranks = [(rank,) for rank in range(1, geometry.max_ranks["svd"][0] + 1)]
-                errors = estimate_errors(
-                    "svd", problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas
-                )
-                rank = probe_rank(np.array(errors))
-                probe = Candidate("svd", (rank,), chain_cost(geometry, "svd", (rank,)), errors[rank - 1])
-                fit = fit_layer(problem, probe, config)
+                fit = probe_fit(self.problems[layer.name], self.geometries[layer.name], config)
                 probes[layer.name] = (layer, fit.factors, fit.bias, fit.rel_error)
             with self._bar(len(probes), "layer sensitivity") as bar:
                 batches = probe_batches(self.calibration)

@@ -18,7 +18,11 @@ import numpy as np
 import onnx
 
 from .calibrate.collect import batch_length
+from .config import CompressConfig
 from .decompose.factors import Factors
+from .fit import LayerFit, LayerProblem, fit_layer
+from .ranks.candidates import Candidate, estimate_errors
+from .ranks.costs import ConvGeometry, chain_cost
 from .rewrite import replace_convs
 from .runtime import create_session
 from .targets import ConvLayer
@@ -32,6 +36,16 @@ def probe_rank(rank_errors: np.ndarray) -> int:
     `rank_errors[r - 1]` is the error at rank r, decreasing."""
     above = np.flatnonzero(np.asarray(rank_errors)[:-1] >= PROBE_ERROR)
     return int(above[-1]) + 1 if len(above) else 1
+
+
+def probe_fit(problem: LayerProblem, geometry: ConvGeometry, config: CompressConfig) -> LayerFit:
+    """The layer's closed-form DA-SVD at the probe rank (`probe_rank` of its exact rank errors)."""
+    ranks = [(rank,) for rank in range(1, geometry.max_ranks["svd"][0] + 1)]
+    errors = estimate_errors(
+        "svd", problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas
+    )
+    rank = probe_rank(np.array(errors))
+    return fit_layer(problem, Candidate("svd", (rank,), chain_cost(geometry, "svd", (rank,)), errors[rank - 1]), config)
 
 
 def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int = PROBE_SAMPLES) -> list[dict]:
