@@ -1,94 +1,402 @@
-"""What `compress` should do: one frozen config object, built by the CLI and by Python callers alike."""
+"""What a run should do: frozen configs grouped by stage, and the only copy of every default.
+
+`CompressConfig` holds one config per stage: `data` (what is read and how it is preprocessed), `fit` (the
+solvers), `plan` (the ranks: method, budget, targets), `runtime` (device, seed, timing batch) and `verify`
+(held-out data, benchmark). Each field carries its command-line flag and help as metadata: the CLI builds its
+options from these classes, so the command line and the Python API cannot drift apart.
+
+    CompressConfig(ratio=0.5, method="auto")               # flat options, each routed to its group
+    CompressConfig(plan=PlanConfig(ratio=0.5), fit=FitConfig(bias_refit=True))
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
+from .methods import AUTO
+from .methods import CHOICES as METHOD_CHOICES
 
-METHODS = ("tucker2", "cp", "svd", "auto")
 NORMS = ("sigma", "frobenius")
 BUDGETS = ("params", "macs", "latency")
 ALLOCATIONS = ("allocated", "uniform")
+DEVICES = ("auto", "cuda", "cpu")
+DEFAULT_RATIO = 0.5  # the target when no ratio, exact ranks or accuracy target is given
+Shape = tuple[int, ...]
+
+
+def option(default, help: str, **cli):
+    """A config field: its default and, as metadata, what the CLI needs (`help`, and optionally `flag`,
+    `parse` (str -> value; for `repeat` options list -> value), `deferred` (parse after the command line
+    is read: the parser reads files or raises `UserError`), `choices`, `metavar`, `nargs`, `repeat`,
+    `shorthand` {flag: value}, `shown` (the default as the help shows it))."""
+    metadata = {"help": help, **cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=type(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# parsers of command-line text (argparse turns their ValueError into a one-line usage error)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def number(text: str) -> float:
+    """A float, also written as a fraction (`1/255`)."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected a number such as 0.5 or 1/255, got {text!r}") from None
+
+
+def unit_ratio(text: str) -> float:
+    value = number(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    return tuple(number(part) for part in text.split(","))
+
+
+def image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) not in (1, 2) or min(dims, default=0) < 1:
+        raise ValueError(f"expected H or HxW, got {text!r}")
+    return (dims[0], dims[-1])
+
+
+def rank_multiple(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except ValueError:
+        raise ValueError(f"expected 'auto' or a positive integer, got {text!r}") from None
+
+
+def input_shapes(specs) -> dict[str, Shape]:
+    """`name:1x3x224x224` strings (several per string separated by commas) -> {name: shape}."""
+    shapes: dict[str, Shape] = {}
+    for spec in specs:
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, sep, dims = item.rpartition(":")
+            try:
+                shape = tuple(int(d) for d in dims.lower().split("x"))
+            except ValueError:
+                shape = ()
+            if not sep or not name or not shape or min(shape) < 1:
+                raise UserError(f"bad --input-shape {item!r}: expected NAME:DxDx...xD, e.g. input:1x3x224x224")
+            shapes[name] = shape
+    return shapes
+
+
+def ranks_file(path: str) -> dict:
+    """A JSON file mapping layer names to ranks (`--ranks`)."""
+    try:
+        ranks = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read --ranks file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--ranks file {path} is not valid JSON: {exc}") from None
+    if not isinstance(ranks, dict):
+        raise UserError(f"--ranks file {path} must hold an object mapping layer names to ranks")
+    return ranks
 
 
 @dataclass(frozen=True)
-class CompressConfig:
-    """Options of one compression run.
+class ImagePreprocessing:
+    """How image files become model input (torchvision/timm style): resize the short side, center crop,
+    scale, mean/std, channel order, layout."""
 
-    `ratio`: size of the model's convolution part after compression relative to before (parameters, or MACs with
-    `budget="macs"`); None compresses only the layers named in `ranks`. `ranks` maps layer names (as `inspect`
-    prints them) to exact ranks: an int (svd/cp rank, or R_T = R_S for tucker2), a pair (R_T, R_S) for tucker2,
-    or `{"method": ..., "ranks": ...}`. `exclude`: glob patterns of layer names left untouched. `rank_multiple`:
-    allocated ranks are multiples of this on channel axes at least as wide; None takes the execution provider's
-    channel block (`speed.channel_multiple`), below which convs leave onnxruntime's fast blocked layout.
-    `budget="latency"`: the ratio counts the summed latency of the layers, each candidate timed in onnxruntime
-    at `speed_batch` images. `require_speedup`: time each chosen chain against its original layer in onnxruntime
-    at `speed_batch` images and keep the original where the chain is not faster; with it or `benchmark`, the
-    report holds the end-to-end latency of both models. `holdout`: samples of the data kept out of calibration
-    for verification; `limit`: at most this many calibration samples (after the held-out ones). `bias_refit`:
-    fit in the centered covariance and absorb the mean error into the bias. `sensitivity`: weight each layer's
-    error in the allocation by how much of it reaches the model output, measured once per layer in onnxruntime
-    on calibration samples (needs re-readable data and the DA norm; otherwise errors count equally).
-    `propagate`: fit each layer to the original output from its input in the model compressed so far. `max_drop`
-    (top-1 points) / `min_agreement` (0..1): instead of `ratio`, search the smallest ratio whose model meets
-    this on the held-out data.
-    """
-
-    method: str = "tucker2"
-    norm: str = "sigma"
-    ratio: float | None = 0.5
-    budget: str = "params"
-    allocation: str = "allocated"
-    ranks: Mapping[str, object] = field(default_factory=dict)
-    exclude: tuple[str, ...] = ()
-    rank_multiple: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    holdout: int = 500
-    limit: int | None = None
-    max_iter: int = 100
-    bias_refit: bool = False
-    propagate: bool = False
-    sensitivity: bool = True
-    max_drop: float | None = None
-    min_agreement: float | None = None
-    require_speedup: bool = False
-    benchmark: bool = False
-    speed_batch: int = 1
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    size: tuple[int, int] | None = option(
+        None, "final image size H or HxW (default: the model input's)", parse=image_size, metavar="H|HxW"
+    )
+    resize: int | None = option(
+        None, "resize the short side to this before the center crop (default: just enough to cover --size)",
+        parse=positive_int, metavar="N",
+    )  # fmt: skip
+    center_crop: bool = option(True, "resize straight to --size, ignoring the aspect ratio", flag="--no-center-crop")
+    scale: float = option(1 / 255, "pixel multiplier before mean/std", parse=number, shown="1/255")
+    mean: tuple[float, ...] = option((0.0, 0.0, 0.0), "per-channel mean, e.g. 0.485,0.456,0.406", parse=numbers)
+    std: tuple[float, ...] = option((1.0, 1.0, 1.0), "per-channel std, e.g. 0.229,0.224,0.225", parse=numbers)
+    channel_order: str = option(
+        "RGB", "channel order fed to the model", choices=("RGB", "BGR"), shorthand={"--bgr": "BGR"}
+    )
+    layout: str = option(
+        "NCHW", "image layout of the model input", choices=("NCHW", "NHWC"), shorthand={"--nhwc": "NHWC"}
+    )
 
     def __post_init__(self):
-        for name, value, allowed in (
-            ("method", self.method, METHODS),
-            ("norm", self.norm, NORMS),
-            ("budget", self.budget, BUDGETS),
-            ("allocation", self.allocation, ALLOCATIONS),
-        ):
-            if value not in allowed:
-                raise UserError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise UserError(f"channel order must be RGB or BGR, not {self.channel_order!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise UserError(f"layout must be NCHW or NHWC, not {self.layout!r}")
+        if any(s == 0 for s in self.std):
+            raise UserError("--std values must be non-zero")
+
+    def apply(self, image, size: tuple[int, int], channels: int) -> np.ndarray:
+        """A PIL image -> float32 array (C, H, W) or (H, W, C)."""
+        from PIL import Image
+
+        image = image.convert("L" if channels == 1 else "RGB")
+        height, width = size
+        if self.center_crop:
+            short = self.resize or max(height, width)
+            factor = short / min(image.size)
+            target = (max(width, round(image.size[0] * factor)), max(height, round(image.size[1] * factor)))
+            if target != image.size:
+                image = image.resize(target, Image.BILINEAR)
+            left, top = (image.size[0] - width) // 2, (image.size[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        elif image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        return self.normalize(image, channels)
+
+    def normalize(self, image, channels: int) -> np.ndarray:
+        """A PIL image of the final size -> float32 array: scale, channel order, mean/std, layout."""
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) * np.float32(self.scale)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if self.channel_order == "BGR":
+            array = array[:, :, ::-1]
+        mean = np.asarray(self.mean[:channels] if len(self.mean) >= channels else self.mean[:1] * channels, np.float32)
+        std = np.asarray(self.std[:channels] if len(self.std) >= channels else self.std[:1] * channels, np.float32)
+        array = (array - mean) / std
+        return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "NCHW" else array)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What is read from the data and how."""
+
+    batch_size: int = option(32, "samples per onnxruntime run", parse=positive_int)
+    limit: int | None = option(
+        None, "use at most this many samples (a seeded random subset; for compress, after the held-out ones)",
+        parse=positive_int, metavar="N",
+    )  # fmt: skip
+    input_shapes: Mapping[str, Shape] = option(
+        {}, "fix dynamic input dims (repeatable)", flag="--input-shape", parse=input_shapes, repeat=True,
+        metavar="NAME:NxCxHxW",
+    )  # fmt: skip
+    preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be a positive integer, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """What each layer's fit minimizes and how long its solver runs."""
+
+    norm: str = option("sigma", "sigma: distribution-aware; frobenius: data-free", choices=NORMS)
+    max_iter: int = option(100, "ALS sweeps per layer at most", parse=int)
+    bias_refit: bool = option(False, "refit biases (fit in the centered covariance); never worse")
+    propagate: bool = option(False, "fit each layer on the input the compressed layers before it give")
+
+    def __post_init__(self):
+        _check_choice("norm", self.norm, NORMS)
+        if self.max_iter < 0:
+            raise UserError(f"--max-iter must be >= 0, got {self.max_iter}")
+        if self.propagate and self.norm != "sigma":
+            raise UserError("--propagate is part of the distribution-aware fit: it needs --norm sigma")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Which layers get which ranks: the method, the budget or accuracy target, and per-layer overrides."""
+
+    method: str = option("tucker2", "decomposition; auto lets the allocation pick per layer", choices=METHOD_CHOICES)
+    ratio: float | None = option(
+        None, "target size of the decomposable part relative to before", parse=unit_ratio,
+        shown=f"{DEFAULT_RATIO}, or none with --ranks, --max-drop or --min-agreement",
+    )  # fmt: skip
+    max_drop: float | None = option(
+        None, "instead of --ratio: the smallest model within this top-1 drop (labeled data)", parse=number,
+        metavar="POINTS",
+    )  # fmt: skip
+    min_agreement: float | None = option(
+        None, "instead of --ratio: the smallest model with this top-1 agreement", parse=number, metavar="FRACTION"
+    )
+    budget: str = option("params", "what --ratio counts", choices=BUDGETS)
+    allocation: str = option("allocated", "ranks across layers", choices=ALLOCATIONS)
+    ranks: Mapping[str, object] = option(
+        {}, 'exact ranks per layer, e.g. {"conv1": [16, 8]}', parse=ranks_file, deferred=True, metavar="RANKS.json"
+    )
+    exclude: tuple[str, ...] = option((), "glob patterns of layers to keep", nargs="+", metavar="PATTERN")
+    rank_multiple: int | None = option(
+        None, "round ranks to multiples of N", parse=rank_multiple, metavar="N|auto",
+        shown="auto: the execution provider's channel block",
+    )  # fmt: skip
+    sensitivity: bool = option(
+        True, "count every layer's error alike in the allocation (default: weighted by measured output sensitivity)",
+        flag="--no-sensitivity",
+    )  # fmt: skip
+    require_speedup: bool = option(
+        False, "time each chain against its layer in onnxruntime; keep the layer where the chain is not faster"
+    )
+
+    def __post_init__(self):
+        _check_choice("method", self.method, METHOD_CHOICES)
+        _check_choice("budget", self.budget, BUDGETS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise UserError(f"--ratio must lie in (0, 1], got {self.ratio}")
         if self.max_drop is not None and self.min_agreement is not None:
             raise UserError("give --max-drop or --min-agreement, not both")
+        if self.targeted and self.ratio is not None:
+            raise UserError("--ratio and --max-drop/--min-agreement exclude each other: the search sets the ratio")
         if self.max_drop is not None and not 0 <= self.max_drop <= 100:
             raise UserError(f"--max-drop is in top-1 points (0 to 100), got {self.max_drop}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
             raise UserError(f"--min-agreement must lie in (0, 1], got {self.min_agreement}")
-        if self.ratio is None and not self.ranks and self.max_drop is None and self.min_agreement is None:
-            raise UserError("give a target --ratio, --max-drop, --min-agreement or exact --ranks")
         if self.rank_multiple is not None and self.rank_multiple < 1:
             raise UserError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}")
-        if self.holdout < 0:
-            raise UserError(f"--holdout must be >= 0, got {self.holdout}")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"--limit must be a positive integer, got {self.limit}")
-        if self.speed_batch < 1:
-            raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
         if self.budget == "latency" and self.allocation != "allocated":
             raise UserError("--budget latency needs --allocation allocated (uniform ranks follow parameter counts)")
-        if self.propagate and self.norm != "sigma":
-            raise UserError("--propagate is part of the distribution-aware fit: it needs --norm sigma")
-        if self.max_iter < 0:
-            raise UserError(f"max_iter must be >= 0, got {self.max_iter}")
+
+    @property
+    def targeted(self) -> bool:
+        """Whether an accuracy target sets the ratio (by search)."""
+        return self.max_drop is not None or self.min_agreement is not None
+
+    @property
+    def target_ratio(self) -> float | None:
+        """The budget ratio: the one given, else the default unless exact ranks or a target replace it."""
+        if self.ratio is not None or self.targeted or self.ranks:
+            return self.ratio
+        return DEFAULT_RATIO
+
+    @property
+    def uses_auto(self) -> bool:
+        return self.method == AUTO
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the work runs."""
+
+    device: str = option(
+        "auto", "execution provider (auto: CUDA where it really starts, else the CPU)", choices=DEVICES
+    )
+    seed: int = option(0, "seed of everything random (data subsets, natural crops, solver starts)", parse=int)
+    speed_batch: int = option(1, "batch size of the latency measurements", parse=positive_int)
+
+    def __post_init__(self):
+        _check_choice("device", self.device, DEVICES)
+        if self.speed_batch < 1:
+            raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How the result is checked against the original."""
+
+    holdout: int = option(
+        500, "samples kept out of calibration for verification (a fifth of the data at most)", parse=int
+    )
+    benchmark: bool = option(False, "time both models end to end (in the report)")
+
+    def __post_init__(self):
+        if self.holdout < 0:
+            raise UserError(f"--holdout must be >= 0, got {self.holdout}")
+
+
+GROUPS = {"data": DataConfig, "fit": FitConfig, "plan": PlanConfig, "runtime": RuntimeConfig, "verify": VerifyConfig}
+
+
+@dataclass(frozen=True, init=False)
+class CompressConfig:
+    """Options of one compression run, one config per stage. Built from groups, from flat options (each name
+    belongs to exactly one group, see `GROUPS`; image preprocessing options go to `data.preprocessing`), or
+    both: `CompressConfig(ratio=0.5, method="auto", data=DataConfig(limit=2000))`."""
+
+    data: DataConfig
+    fit: FitConfig
+    plan: PlanConfig
+    runtime: RuntimeConfig
+    verify: VerifyConfig
+
+    def __init__(self, data=None, fit=None, plan=None, runtime=None, verify=None, **options):
+        given = {"data": data, "fit": fit, "plan": plan, "runtime": runtime, "verify": verify}
+        routed: dict[str, dict] = {group: {} for group in GROUPS}
+        preprocessing = {}
+        for name, value in options.items():
+            group = _OWNER.get(name)
+            if group is None:
+                raise UserError(f"unknown option {name!r}")
+            (preprocessing if group == "preprocessing" else routed[group])[name] = value
+        for group, cls in GROUPS.items():
+            base = given[group] if given[group] is not None else cls()
+            updates = routed[group]
+            if group == "data" and preprocessing:
+                updates["preprocessing"] = _replace(base.preprocessing, preprocessing)
+            object.__setattr__(self, group, _replace(base, updates))
+
+    def options(self) -> dict[str, object]:
+        """Every option by its flat name (the report's settings)."""
+        flat = {}
+        for group in GROUPS:
+            for name, value in asdict(getattr(self, group)).items():
+                if name == "preprocessing":
+                    flat.update(value)
+                else:
+                    flat[name] = value
+        return flat
+
+    def replace(self, **options) -> CompressConfig:
+        """A copy with the flat `options` changed."""
+        return CompressConfig(**{group: getattr(self, group) for group in GROUPS}, **options)
+
+
+def _replace(config, updates: Mapping[str, object]):
+    if not updates:
+        return config
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    values.update(updates)
+    return type(config)(**values)
+
+
+def _check_choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+
+
+def _owners() -> dict[str, str]:
+    owners = {f.name: "preprocessing" for f in fields(ImagePreprocessing)}
+    for group, cls in GROUPS.items():
+        for f in fields(cls):
+            if f.name != "preprocessing":
+                assert f.name not in owners, f"option {f.name} is defined twice"
+                owners[f.name] = group
+    return owners
+
+
+_OWNER = _owners()
+
+
+def default_of(f) -> object:
+    """A field's default value."""
+    return f.default_factory() if f.default is MISSING else f.default

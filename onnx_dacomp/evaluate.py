@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import helper
 from tqdm import tqdm
 
 from .calibrate.collect import batch_length, check_batch
 from .calibrate.sources import IterableSource, Source
 from .errors import UserError
 from .runtime import create_session, provider_name
-from .shapes import graph_inputs
+from .shapes import concrete_input_shapes, graph_inputs
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,19 @@ def benchmark_batches(source: Source, sizes) -> list[dict[str, np.ndarray]]:
             }
         )
     return batches
+
+
+def random_batch(model: onnx.ModelProto, size: int, input_shapes, seed: int) -> dict[str, np.ndarray]:
+    """A random input batch for timing when no data was given (latency does not depend on the values)."""
+    shapes = concrete_input_shapes(model, input_shapes)
+    if shapes is None:
+        raise UserError("timing the models needs fixed input dims: pass --input-shape or --data")
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for value in graph_inputs(model):
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        batch[value.name] = rng.standard_normal((size, *shapes[value.name][1:])).astype(dtype)
+    return batch
 
 
 def _classes(output: np.ndarray) -> np.ndarray:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 from .evaluate import Comparison, Latency
+from .geometry import LayerGeometry, original_cost
+from .methods import get, methods_for
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One convolution layer. `method` is None when the layer was left as it is (`reason` says why)."""
+    """One layer. `method` is None when the layer was left as it is (`reason` says why)."""
 
     name: str
     method: str | None
@@ -142,6 +145,72 @@ class CompressionReport:
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
         return "\n".join(lines)
+
+
+def fitted_row(name: str, geometry: LayerGeometry, choice, fit) -> LayerReport:
+    """The row of a layer replaced by its chain (`choice`: the plan's candidate, `fit`: its LayerFit)."""
+    before = original_cost(geometry)
+    # a refitted bias on a layer that had none adds T parameters to the chain
+    with_bias = replace(geometry, bias=geometry.bias or fit.bias is not None)
+    after = get(choice.method).cost(with_bias, choice.ranks)
+    return LayerReport(
+        name=name,
+        method=choice.method,
+        ranks=tuple(int(r) for r in choice.ranks),
+        params_before=before.params,
+        params_after=after.params,
+        macs_before=before.macs,
+        macs_after=after.macs,
+        rel_error=fit.rel_error,
+        estimated_error=None if math.isnan(choice.error) else choice.error,
+        sweeps=fit.sweeps,
+    )
+
+
+def kept_row(name: str, geometry: LayerGeometry, reason: str) -> LayerReport:
+    cost = original_cost(geometry)
+    return LayerReport(name, None, None, cost.params, cost.params, cost.macs, cost.macs, 0.0, reason=reason)
+
+
+def kept_reason(geometry: LayerGeometry, method: str, budget: str, ratio: float | None) -> str:
+    """Why a layer the plan left alone was kept: no budget (only --ranks), no cheaper chain, or not needed."""
+    if ratio is None:
+        return "not named in --ranks"
+    original = original_cost(geometry)
+    methods = methods_for(method, geometry)
+    smallest = [get(m).cost(geometry, (1,) * get(m).rank_count) for m in methods]
+    if all(cost.of(budget) >= original.of(budget) for cost in smallest):
+        return f"no {'/'.join(methods)} chain has fewer {budget}"
+    return "kept: budget met without it"
+
+
+def layer_rows(
+    layers: Sequence,
+    plan,
+    fits: Mapping,
+    reasons: Mapping[str, str],
+    *,
+    method: str,
+    budget: str,
+    ratio: float | None,
+    sensitivity: Mapping[str, float] | None = None,
+    timed: Callable | None = None,
+) -> tuple[LayerReport, ...]:
+    """The report rows of every layer of known size, in graph order: fitted ones with their chain, the others
+    with the reason they were kept. `timed(row, choice)` adds measured latencies (the latency budget)."""
+    rows = []
+    for layer in layers:
+        if layer.geometry is None:
+            continue
+        choice = plan.get(layer.name) if layer.name in fits else None
+        if choice is not None:
+            row = fitted_row(layer.name, layer.geometry, choice, fits[layer.name])
+        else:
+            reason = reasons.get(layer.name) or kept_reason(layer.geometry, method, budget, ratio)
+            row = kept_row(layer.name, layer.geometry, reason)
+        row = timed(row, choice) if timed is not None else row
+        rows.append(replace(row, sensitivity=(sensitivity or {}).get(layer.name)))
+    return tuple(rows)
 
 
 def verification_line(comparison: Comparison | None) -> str:

@@ -1,39 +1,33 @@
-"""Stage 6: replace decomposed Conv nodes by their chains of smaller convolutions (DESIGN.md 2.1-2.3).
+"""Stage 7: replace decomposed layers by their chains (DESIGN.md 2.1-2.3), and record provenance.
 
-The input model is never modified: a copy is edited in place of the node, so the rest of the graph (node
-order, names, inputs/outputs, value_info, opset, metadata, functions) stays exactly as it was.
+The input model is never modified: a copy is edited in place of each node (the layer kind writes the chain,
+`Layer.chain_nodes`), so the rest of the graph (node order, names, inputs/outputs, value_info, opset,
+metadata, functions) stays exactly as it was. onnx-graphsurgeon's import/export would rebuild the graph
+instead and lose that fidelity, so it is not used. The result passes the ONNX checker, or `InternalError`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
-from .decompose.factors import CPFactors, Factors, SVDFactors, Tucker2Factors, reconstruct
-from .targets import ConvLayer
+from . import __version__
+from .decompose.factors import Factors, reconstruct
+from .errors import InternalError
+from .layers import Layer
+from .methods import method_of
 
-METHOD_NAMES = {SVDFactors: "svd", Tucker2Factors: "tucker2", CPFactors: "cp"}
-
-
-@dataclass(frozen=True)
-class _ChainConv:
-    """One conv of a chain: its weight (all groups stacked), group count and geometry along each axis."""
-
-    weight: np.ndarray
-    group: int
-    geometry: dict
+CHECKER_LIMIT = 2**31 - 1  # the in-memory checker refuses protobufs over 2 GB (save_model checks the file)
 
 
-def replace_convs(model: onnx.ModelProto, replacements: Mapping[str, tuple]) -> onnx.ModelProto:
+def replace_layers(model: onnx.ModelProto, replacements: Mapping[str, tuple]) -> onnx.ModelProto:
     """A new model in which each layer (keyed by its output name) is replaced by the chain of its factors.
 
     `replacements[output] = (layer, factors)` or `(layer, factors, bias)`, with one factors object per group
-    of the layer, all of the same type and ranks; `bias` (T,) replaces the layer's bias (a refitted bias,
-    also for a layer that had none). Weights and biases left without a consumer are removed.
+    of the layer, all of the same method and ranks; `bias` (T,) replaces the layer's bias (a refitted bias,
+    also for a layer that had none). Weights and biases left without a consumer are removed. Each new node's
+    doc_string names the layer it replaces.
     """
     new = onnx.ModelProto()
     new.CopyFrom(model)
@@ -42,129 +36,75 @@ def replace_convs(model: onnx.ModelProto, replacements: Mapping[str, tuple]) -> 
     nodes = list(graph.node)
     del graph.node[:]
     for node in nodes:
-        if node.op_type == "Conv" and node.output[0] in replacements:
+        if node.output and node.output[0] in replacements:
             layer, factors, *bias = replacements[node.output[0]]
-            chain_nodes, initializers = _chain(node, layer, factors, taken, bias[0] if bias else None)
-            graph.node.extend(chain_nodes)
+            factors = _check_factors(layer, factors)
+            method = method_of(factors[0])
+            chain, initializers = layer.chain_nodes(
+                node, method.stages(factors), method.name, bias[0] if bias else None, taken
+            )
+            for chain_node in chain:
+                chain_node.doc_string = f"onnx-dacomp: {method.name} chain replacing {node.op_type} {layer.name}"
+            graph.node.extend(chain)
             graph.initializer.extend(initializers)
         else:
             graph.node.append(node)
     _drop_unused_constants(graph, [name for layer, *_ in replacements.values() for name in (layer.weight, layer.bias)])
+    _check_postcondition(model, new)
     return new
 
 
-def _chain(node: onnx.NodeProto, layer: ConvLayer, factors: Sequence[Factors], taken: set[str], bias=None):
-    if isinstance(factors, (SVDFactors, Tucker2Factors, CPFactors)):
+def with_provenance(model: onnx.ModelProto, entries: Mapping[str, object]) -> onnx.ModelProto:
+    """A copy of `model` whose `metadata_props` also say what made it: the tool version and `entries`
+    (method, ratio, ...), as `onnx_dacomp.*` keys (earlier ones of the same key are replaced)."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    values = {"onnx_dacomp.version": __version__, **{f"onnx_dacomp.{key}": str(v) for key, v in entries.items()}}
+    kept = [prop for prop in new.metadata_props if prop.key not in values]
+    del new.metadata_props[:]
+    new.metadata_props.extend(kept)
+    for key, value in values.items():
+        new.metadata_props.add(key=key, value=value)
+    return new
+
+
+def _check_postcondition(model: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """The rewrite must not break a model that passes the ONNX checker (a model that already fails it, for
+    reasons of its own, keeps them)."""
+    if new.ByteSize() >= CHECKER_LIMIT:
+        return
+    try:
+        onnx.checker.check_model(new)
+    except onnx.checker.ValidationError as exc:
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError:
+            return
+        raise InternalError(f"the rewritten model fails the ONNX checker: {exc}") from exc
+
+
+def _check_factors(layer: Layer, factors) -> Sequence[Factors]:
+    if not isinstance(factors, (list, tuple)):
         factors = (factors,)
-    _check_factors(layer, factors)
-    convs = _chain_convs(layer, factors)
-    dtype = np.dtype(layer.dtype)
-    method = METHOD_NAMES[type(factors[0])]
-    base = f"{node.name or node.output[0]}/dacomp_{method}"
-    nodes, initializers = [], []
-    current = node.input[0]
-    for index, conv in enumerate(convs):
-        last = index == len(convs) - 1
-        weight_name = _unique(f"{base}_{index}.weight", taken)
-        initializers.append(numpy_helper.from_array(conv.weight.astype(dtype), weight_name))
-        inputs = [current, weight_name]
-        if last and bias is not None:
-            bias_name = _unique(f"{base}_{index}.bias", taken)
-            initializers.append(numpy_helper.from_array(np.asarray(bias).astype(dtype), bias_name))
-            inputs.append(bias_name)
-        elif last and layer.bias:
-            inputs.append(node.input[2])
-        output = node.output[0] if last else _unique(f"{base}_{index}_output", taken)
-        nodes.append(
-            helper.make_node(
-                "Conv",
-                inputs,
-                [output],
-                name=_unique(f"{base}_{index}", taken),
-                kernel_shape=list(conv.weight.shape[2:]),
-                group=conv.group,
-                **conv.geometry,
-            )
-        )
-        current = output
-    return nodes, initializers
-
-
-def _chain_convs(layer: ConvLayer, factors: Sequence[Factors]) -> list[_ChainConv]:
-    spatial = len(layer.kernel_shape)
-    ones = (1,) * spatial
-    group = layer.group
-    full = _geometry(layer, range(spatial))
-    pointwise = dict(strides=list(ones), dilations=list(ones), pads=[0] * 2 * spatial)
-    first = factors[0]
-    if isinstance(first, SVDFactors):
-        return [
-            _ChainConv(np.concatenate([f.first for f in factors]), group, full),
-            _ChainConv(_pointwise(np.concatenate([f.last for f in factors]), spatial), group, pointwise),
-        ]
-    if isinstance(first, Tucker2Factors):
-        # a square (full-rank) factor is folded into the core: one 1x1 conv less, same function
-        fold_in = first.input_factor.shape[0] == first.input_factor.shape[1]
-        fold_out = first.output_factor.shape[0] == first.output_factor.shape[1]
-        cores = []
-        for f in factors:
-            core = np.einsum("oi...,si->os...", f.core, f.input_factor) if fold_in else f.core
-            cores.append(np.einsum("tr,r...->t...", f.output_factor, core) if fold_out else core)
-        convs = [_ChainConv(np.concatenate(cores), group, full)]
-        if not fold_in:
-            inputs = np.concatenate([f.input_factor.T for f in factors])
-            convs.insert(0, _ChainConv(_pointwise(inputs, spatial), group, pointwise))
-        if not fold_out:
-            outputs = np.concatenate([f.output_factor for f in factors])
-            convs.append(_ChainConv(_pointwise(outputs, spatial), group, pointwise))
-        return convs
-    rank = first.rank
-    convs = [_ChainConv(_pointwise(np.concatenate([f.input_factor.T for f in factors]), spatial), group, pointwise)]
-    for axis in range(spatial):
-        # depthwise conv along one axis: kernel k_i on that axis, 1 elsewhere; weight (R, 1, ..., k_i, ...)
-        taps = np.concatenate([f.spatial_factors[axis].T for f in factors])  # (group*R, k_i)
-        shape = [group * rank, 1] + [layer.kernel_shape[axis] if a == axis else 1 for a in range(spatial)]
-        convs.append(_ChainConv(taps.reshape(shape), group * rank, _geometry(layer, [axis])))
-    convs.append(_ChainConv(_pointwise(np.concatenate([f.output_factor for f in factors]), spatial), group, pointwise))
-    return convs
-
-
-def _geometry(layer: ConvLayer, axes) -> dict:
-    """Conv attributes that apply the layer's stride, padding and dilation along `axes` only."""
-    spatial = len(layer.kernel_shape)
-    axes = set(axes)
-    strides = [layer.strides[a] if a in axes else 1 for a in range(spatial)]
-    dilations = [layer.dilations[a] if a in axes else 1 for a in range(spatial)]
-    if layer.auto_pad != "NOTSET":
-        # SAME_*/VALID padding is computed per axis from that axis' kernel/stride/dilation only, and an axis
-        # with kernel 1 and stride 1 gets no padding, so the attribute carries over unchanged.
-        return dict(strides=strides, dilations=dilations, auto_pad=layer.auto_pad)
-    pads = [layer.pads[a] if a in axes else 0 for a in range(spatial)]
-    pads += [layer.pads[spatial + a] if a in axes else 0 for a in range(spatial)]
-    return dict(strides=strides, dilations=dilations, pads=pads)
-
-
-def _pointwise(matrix: np.ndarray, spatial: int) -> np.ndarray:
-    """A (out, in) matrix as a 1x1 conv weight (out, in, 1, ..., 1)."""
-    return matrix.reshape(*matrix.shape, *([1] * spatial))
-
-
-def _check_factors(layer: ConvLayer, factors: Sequence[Factors]) -> None:
     if not layer.decomposable:
         raise ValueError(f"layer {layer.name} is not decomposable: {layer.skip_reason}")
-    if len(factors) != layer.group:
-        raise ValueError(f"layer {layer.name} has {layer.group} groups but {len(factors)} factor sets were given")
+    geometry = layer.geometry
+    if len(factors) != geometry.group:
+        raise ValueError(f"layer {layer.name} has {geometry.group} groups but {len(factors)} factor sets were given")
     if len({type(f) for f in factors}) != 1:
         raise ValueError(f"layer {layer.name}: all groups must use the same method")
-    expected = (layer.out_channels // layer.group, layer.in_channels // layer.group, *layer.kernel_shape)
+    method = method_of(factors[0])
     ranks = set()
     for f in factors:
         shape = reconstruct(f).shape
-        if shape != expected:
-            raise ValueError(f"layer {layer.name}: factors give a weight of shape {shape}, expected {expected}")
-        ranks.add(f.ranks if isinstance(f, Tucker2Factors) else f.rank)
+        if shape != geometry.weight_shape:
+            raise ValueError(
+                f"layer {layer.name}: factors give a weight of shape {shape}, expected {geometry.weight_shape}"
+            )
+        ranks.add(method.ranks_of(f))
     if len(ranks) != 1:
         raise ValueError(f"layer {layer.name}: all groups must have the same ranks, got {sorted(ranks)}")
+    return factors
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
@@ -174,14 +114,6 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
         names.update(node.output)
         names.add(node.name)
     return names
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, suffix = name, 1
-    while candidate in taken:
-        candidate, suffix = f"{name}_{suffix}", suffix + 1
-    taken.add(candidate)
-    return candidate
 
 
 def _drop_unused_constants(graph: onnx.GraphProto, names: Sequence[str | None]) -> None:

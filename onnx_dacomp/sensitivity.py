@@ -18,17 +18,19 @@ import numpy as np
 import onnx
 
 from .calibrate.collect import batch_length
-from .config import CompressConfig
 from .decompose.factors import Factors
-from .fit import LayerFit, LayerProblem, fit_layer
+from .fit import FitSettings, LayerFit, fit_layer
+from .layers import Layer
+from .log import progress
+from .methods import get
+from .problems import LayerProblem
 from .ranks.candidates import Candidate, estimate_errors
-from .ranks.costs import ConvGeometry, chain_cost
-from .rewrite import replace_convs
+from .rewrite import replace_layers
 from .runtime import create_session
-from .targets import ConvLayer
 
 PROBE_ERROR = 0.02  # relative layer error of the probe: small enough for the first-order picture
 PROBE_SAMPLES = 128  # calibration samples the probes run on
+PROBE_METHOD = "svd"  # closed form: exact rank errors and no iterations
 
 
 def probe_rank(rank_errors: np.ndarray) -> int:
@@ -38,14 +40,16 @@ def probe_rank(rank_errors: np.ndarray) -> int:
     return int(above[-1]) + 1 if len(above) else 1
 
 
-def probe_fit(problem: LayerProblem, geometry: ConvGeometry, config: CompressConfig) -> LayerFit:
+def probe_fit(problem: LayerProblem, settings: FitSettings) -> LayerFit:
     """The layer's closed-form DA-SVD at the probe rank (`probe_rank` of its exact rank errors)."""
-    ranks = [(rank,) for rank in range(1, geometry.max_ranks["svd"][0] + 1)]
+    svd, geometry = get(PROBE_METHOD), problem.geometry
+    ranks = [(rank,) for rank in range(1, svd.max_ranks(geometry)[0] + 1)]
     errors = estimate_errors(
-        "svd", problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas
+        PROBE_METHOD, problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas
     )
     rank = probe_rank(np.array(errors))
-    return fit_layer(problem, Candidate("svd", (rank,), chain_cost(geometry, "svd", (rank,)), errors[rank - 1]), config)
+    choice = Candidate(PROBE_METHOD, (rank,), svd.cost(geometry, (rank,)), errors[rank - 1])
+    return fit_layer(problem, choice, settings)
 
 
 def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int = PROBE_SAMPLES) -> list[dict]:
@@ -61,7 +65,7 @@ def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int = PROBE
 
 def measure_sensitivities(
     model: onnx.ModelProto,
-    probes: Mapping[str, tuple[ConvLayer, list[Factors], np.ndarray | None, float]],
+    probes: Mapping[str, tuple[Layer, list[Factors], np.ndarray | None, float]],
     batches: list[dict],
     *,
     device: str = "auto",
@@ -79,7 +83,7 @@ def measure_sensitivities(
     measured = {}
     for name, (layer, factors, bias, rel_error) in probes.items():
         if rel_error > 0 and energy > 0:
-            session = create_session(replace_convs(model, {layer.output: (layer, factors, bias)}), device)
+            session = create_session(replace_layers(model, {layer.output: (layer, factors, bias)}), device)
             squared = 0.0
             for batch, outputs in zip(batches, references):
                 for y, reference in zip(session.run(None, batch), outputs):
@@ -90,3 +94,22 @@ def measure_sensitivities(
             progress.update()
     fallback = float(np.median(list(measured.values()))) if measured else 1.0
     return {name: measured.get(name, fallback) for name in probes}
+
+
+def sensitivities(
+    model: onnx.ModelProto,
+    layers: Mapping[str, Layer],
+    problems: Mapping[str, LayerProblem],
+    data: Iterable[Mapping[str, np.ndarray]],
+    settings: FitSettings,
+    *,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """The measured sensitivity of every layer in `problems`: one probe each, on the first samples of `data`."""
+    probes = {}
+    for name, problem in problems.items():
+        fit = probe_fit(problem, settings)
+        probes[name] = (layers[name], fit.factors, fit.bias, fit.rel_error)
+    with progress(len(probes), "layer sensitivity", "layer", enabled=show_progress) as bar:
+        return measure_sensitivities(model, probes, probe_batches(data), device=device, progress=bar)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -18,22 +18,6 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The real inputs of the graph (initializers listed as inputs excluded)."""
     initializers = {init.name for init in model.graph.initializer}
     return [value for value in model.graph.input if value.name not in initializers]
-
-
-def parse_input_shapes(specs: Iterable[str]) -> dict[str, Shape]:
-    """Parse `name:1x3x224x224` strings (several per string separated by commas) into a dict."""
-    shapes: dict[str, Shape] = {}
-    for spec in specs:
-        for item in filter(None, (part.strip() for part in spec.split(","))):
-            name, sep, dims = item.rpartition(":")
-            try:
-                shape = tuple(int(d) for d in dims.lower().split("x"))
-            except ValueError:
-                shape = ()
-            if not sep or not name or not shape or min(shape) < 1:
-                raise UserError(f"bad --input-shape {item!r}: expected NAME:DxDx...xD, e.g. input:1x3x224x224")
-            shapes[name] = shape
-    return shapes
 
 
 def declared_shape(value: onnx.ValueInfoProto) -> list[int | str | None]:

@@ -8,32 +8,39 @@ factors of the chosen ranks; values do not change the speed) on the chosen execu
 from __future__ import annotations
 
 import functools
-import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .decompose.factors import CPFactors, SVDFactors, Tucker2Factors
 from .evaluate import Latency, measure_latency, session_latency
-from .rewrite import replace_convs
+from .geometry import Cost, original_cost
+from .layers import Layer
+from .log import logger
+from .methods import Ranks, get
+from .ranks.candidates import CandidateTable
+from .ranks.plan import RankPlan
+from .report import LayerReport
+from .rewrite import replace_layers
 from .runtime import create_session, provider_name
-from .targets import ConvLayer
 
 IR_VERSION = 8
 
 
 def layer_latency(
-    layer: ConvLayer, method: str, ranks: tuple[int, ...], *, batch: int, device: str, opset: int, repeats: int = 30
+    layer: Layer, method: str, ranks: Ranks, *, batch: int, device: str, opset: int, repeats: int = 30
 ) -> Latency:
-    """Median latency of the original layer and of its chain at `batch` images."""
-    model, feeds = _single_conv(layer, batch, opset)
+    """Median latency of the original layer and of its chain at `batch` samples."""
+    model, feeds = layer.timing_model(batch, opset)
     single = replace(layer, input="x", output="y", weight="W", bias="B" if layer.bias else None)
-    factors = [_placeholder_factors(layer, method, ranks, seed=g) for g in range(layer.group)]
-    chain = replace_convs(model, {"y": (single, factors)})
+    solver = get(method)
+    shape = layer.geometry.weight_shape
+    factors = [solver.placeholder(shape, ranks, np.random.default_rng(g)) for g in range(layer.geometry.group)]
+    chain = replace_layers(model, {"y": (single, factors)})
     return measure_latency(model, chain, feeds, device=device, repeats=repeats)
 
 
@@ -49,37 +56,21 @@ class LatencyTable:
         self._measured: dict[tuple, float] = {}
         self.provider = None
 
-    def original(self, layer: ConvLayer) -> float:
-        key = (_timing_key(layer), None, None)
+    def original(self, layer: Layer) -> float:
+        key = (layer.timing_key, None, None)
         if key not in self._measured:
-            model, feeds = _single_conv(layer, self.batch, self.opset)
+            model, feeds = layer.timing_model(self.batch, self.opset)
             self._measured[key], self.provider = session_latency(model, feeds, device=self.device)
         return self._measured[key]
 
-    def chain(self, layer: ConvLayer, method: str, ranks: tuple[int, ...]) -> float:
-        key = (_timing_key(layer), method, tuple(ranks))
+    def chain(self, layer: Layer, method: str, ranks: Ranks) -> float:
+        key = (layer.timing_key, method, tuple(ranks))
         if key not in self._measured:
             latency = layer_latency(layer, method, ranks, batch=self.batch, device=self.device, opset=self.opset)
             self._measured[key] = latency.compressed_ms
-            self._measured.setdefault((_timing_key(layer), None, None), latency.original_ms)
+            self._measured.setdefault((layer.timing_key, None, None), latency.original_ms)
             self.provider = latency.provider
         return self._measured[key]
-
-
-def _timing_key(layer: ConvLayer) -> tuple:
-    return (
-        layer.out_channels,
-        layer.in_channels,
-        layer.group,
-        tuple(layer.kernel_shape),
-        tuple(layer.strides),
-        tuple(layer.pads),
-        layer.auto_pad,
-        tuple(layer.dilations),
-        tuple(layer.input_shape[1:]),
-        layer.dtype,
-        layer.bias is not None,
-    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,54 +119,53 @@ def _optimized_chain(width: int, device: str) -> onnx.ModelProto | None:
         return onnx.load(path)
 
 
-def _single_conv(layer: ConvLayer, batch: int, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(0)
-    dtype = np.dtype(layer.dtype)
-    elem = helper.np_dtype_to_tensor_dtype(dtype)
-    weight = rng.standard_normal((layer.out_channels, layer.in_channels // layer.group, *layer.kernel_shape))
-    initializers = [numpy_helper.from_array(weight.astype(dtype), "W")]
-    inputs = ["x", "W"]
-    if layer.bias:
-        initializers.append(numpy_helper.from_array(rng.standard_normal(layer.out_channels).astype(dtype), "B"))
-        inputs.append("B")
-    attributes = dict(kernel_shape=list(layer.kernel_shape), strides=list(layer.strides), group=layer.group)
-    attributes["dilations"] = list(layer.dilations)
-    if layer.auto_pad != "NOTSET":
-        attributes["auto_pad"] = layer.auto_pad
-    else:
-        attributes["pads"] = list(layer.pads)
-    node = helper.make_node("Conv", inputs, ["y"], name="conv", **attributes)
-    shape = [batch, *layer.input_shape[1:]]
-    graph = helper.make_graph(
-        [node],
-        "layer",
-        [helper.make_tensor_value_info("x", elem, shape)],
-        [helper.make_tensor_value_info("y", elem, [None] * len(shape))],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
-    return model, {"x": rng.standard_normal(shape).astype(dtype)}
+class LayerCosts:
+    """Each layer's cost, and its chains', in the budget's terms: parameters and MACs from the geometry and,
+    with a `timing` table (the latency budget), the measured latency too."""
+
+    def __init__(self, layers: Mapping[str, Layer], timing: LatencyTable | None = None):
+        self.layers, self.timing = layers, timing
+
+    def original(self, name: str) -> Cost:
+        layer = self.layers[name]
+        cost = original_cost(layer.geometry)
+        return cost if self.timing is None else cost._replace(latency=self.timing.original(layer))
+
+    def chain(self, name: str, method: str, ranks: Ranks) -> Cost:
+        layer = self.layers[name]
+        cost = get(method).cost(layer.geometry, ranks)
+        return cost if self.timing is None else cost._replace(latency=self.timing.chain(layer, method, ranks))
+
+    def timed(self, table: CandidateTable) -> CandidateTable:
+        """The table with every candidate's cost measured (shared by layers of the same geometry)."""
+        if self.timing is None:
+            return table
+        original = self.original(table.name)
+        candidates = tuple(replace(c, cost=self.chain(table.name, c.method, c.ranks)) for c in table.candidates)
+        return replace(table, original=original, candidates=candidates)
+
+    def timed_row(self, row: LayerReport, choice) -> LayerReport:
+        """The report row with the measured latency of the layer and of what replaces it (`choice`, or None)."""
+        before = self.original(row.name).latency
+        after = choice.cost.latency if choice is not None else before
+        return replace(row, latency_before=before, latency_after=after)
 
 
-def _placeholder_factors(layer: ConvLayer, method: str, ranks: tuple[int, ...], seed: int):
-    rng = np.random.default_rng(seed)
-    out_channels, in_channels = layer.out_channels // layer.group, layer.in_channels // layer.group
-    kernel = tuple(layer.kernel_shape)
-    scale = 1 / math.sqrt(in_channels * math.prod(kernel))
-    if method == "svd":
-        rank = ranks[0]
-        return SVDFactors(
-            rng.standard_normal((rank, in_channels, *kernel)) * scale, rng.standard_normal((out_channels, rank))
-        )
-    if method == "tucker2":
-        rank_out, rank_in = ranks
-        return Tucker2Factors(
-            rng.standard_normal((in_channels, rank_in)),
-            rng.standard_normal((rank_out, rank_in, *kernel)) * scale,
-            rng.standard_normal((out_channels, rank_out)),
-        )
-    rank = ranks[0]
-    spatial = tuple(rng.standard_normal((size, rank)) for size in kernel)
-    return CPFactors(
-        rng.standard_normal((in_channels, rank)) * scale, spatial, rng.standard_normal((out_channels, rank))
-    )
+def keep_faster(plan: RankPlan, layers: Mapping[str, Layer], timing: LatencyTable, fixed) -> tuple[RankPlan, dict]:
+    """Keep the original of every layer whose chain is not faster in onnxruntime (layers in `fixed`, named in
+    --ranks, always keep their ranks). The budget is not re-spent on the other layers: pushing them further
+    to make up for it would trade accuracy for size; the report shows the ratio reached. Returns the plan
+    and the reason of each kept layer."""
+    reasons = {}
+    for name, choice in plan.choices.items():
+        if choice is None or name in fixed:
+            continue
+        layer = layers[name]
+        chain_ms, original_ms = timing.chain(layer, choice.method, choice.ranks), timing.original(layer)
+        if chain_ms >= original_ms:
+            reasons[name] = (
+                f"chain not faster ({chain_ms:.3f} vs {original_ms:.3f} ms at batch {timing.batch}, {timing.provider})"
+            )
+    if reasons:
+        logger.info("keeping %d layer(s) whose chain is not faster: %s", len(reasons), ", ".join(reasons))
+    return plan.without(reasons), reasons

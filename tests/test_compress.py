@@ -223,7 +223,7 @@ def test_cli_interrupt_keeps_the_existing_output(tmp_path, data_file, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("onnx_dacomp.pipeline.replace_convs", interrupted)
+    monkeypatch.setattr("onnx_dacomp.pipeline.replace_layers", interrupted)
     code = main(["compress", str(model_path), "-o", str(out), "--data", str(data_file)])
     assert code == 130 and out.read_bytes() == b"previous"
     assert "interrupted" in capsys.readouterr().err
@@ -380,11 +380,12 @@ def test_latency_budget_allocates_by_measured_chain_latency(data_file, monkeypat
     """With budget="latency" the allocation spends the measured latencies: a layer whose every chain is
     slower than it stays, and the plan's total latency meets the target. Timings are replaced by a
     deterministic stand-in (MACs, with conv2's chains made 5x slower) so the test checks the allocation."""
-    from onnx_dacomp.ranks.costs import ConvGeometry, chain_cost, original_cost
+    from onnx_dacomp.geometry import LayerGeometry, original_cost
+    from onnx_dacomp.methods import chain_cost
     from onnx_dacomp.speed import LatencyTable
 
     def geometry(layer):
-        return ConvGeometry(
+        return LayerGeometry(
             layer.out_channels, layer.in_channels, layer.group, tuple(layer.kernel_shape),
             tuple(layer.input_shape[2:]), tuple(layer.output_shape[2:]), bool(layer.bias),
         )  # fmt: skip

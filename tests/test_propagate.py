@@ -12,13 +12,14 @@ from onnx import numpy_helper
 import onnx_dacomp
 from onnx_dacomp.calibrate.cross import collect_cross_statistics
 from onnx_dacomp.calibrate.sources import ArraySource
-from onnx_dacomp.calibrate.statistics import LayerStatistics
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.decompose.covariance import sigma_error
 from onnx_dacomp.decompose.factors import reconstruct
-from onnx_dacomp.fit import LayerProblem, fit_layer
+from onnx_dacomp.fit import FitSettings, fit_layer
+from onnx_dacomp.geometry import Cost
+from onnx_dacomp.moments import Moments as LayerStatistics
+from onnx_dacomp.problems import LayerProblem
 from onnx_dacomp.ranks.candidates import Candidate
-from onnx_dacomp.ranks.costs import Cost
 from onnx_dacomp.targets import find_targets
 
 
@@ -71,11 +72,8 @@ def _layer_problem(seed=0, bias_refit=False, samples=4000):
     statistics = LayerStatistics((patches.T @ patches)[None], patches.sum(0)[None], samples)
     layer = find_targets(conv_model(weight, np.ones(6), input_shape=[1, 5, 8, 8], pads=[1, 1, 1, 1])).targets[0]
 
-    class Stats:
-        layers = {layer.name: statistics}
-
-    config = CompressConfig(bias_refit=bias_refit)
-    return LayerProblem.plain(layer, weight, np.ones(6), Stats, config), statistics, patches, weight
+    plain = LayerProblem.plain(layer.name, layer.geometry, weight, np.ones(6), statistics, bias_refit=bias_refit)
+    return plain, statistics, patches, weight
 
 
 @pytest.mark.parametrize("bias_refit", [False, True])
@@ -90,8 +88,8 @@ def test_propagation_with_unchanged_input_equals_the_plain_fit(bias_refit):
         "ij,ij->", weight.reshape(6, -1) @ statistics.covariance[0], weight.reshape(6, -1)
     )
     choice = Candidate("tucker2", (3, 2), Cost(0, 0), 0.0)
-    config = CompressConfig()
-    a, b = fit_layer(plain, choice, config), fit_layer(propagated, choice, config)
+    settings = FitSettings.of(CompressConfig())
+    a, b = fit_layer(plain, choice, settings), fit_layer(propagated, choice, settings)
     assert b.rel_error == pytest.approx(a.rel_error, rel=1e-4)
     assert np.allclose(reconstruct(a.factors[0]), reconstruct(b.factors[0]), atol=1e-4 * np.abs(weight).max())
     if bias_refit:
@@ -106,7 +104,7 @@ def test_bias_refit_never_increases_the_output_error_on_the_calibration_data():
         errors = {}
         for bias_refit in (False, True):
             problem, *_ = _layer_problem(bias_refit=bias_refit)
-            fit = fit_layer(problem, Candidate("tucker2", ranks, Cost(0, 0), 0.0), CompressConfig())
+            fit = fit_layer(problem, Candidate("tucker2", ranks, Cost(0, 0), 0.0), FitSettings.of(CompressConfig()))
             bias = fit.bias if fit.bias is not None else np.ones(6)
             approximation = patches @ reconstruct(fit.factors[0]).reshape(6, -1).T + bias
             errors[bias_refit] = np.mean(np.sum((outputs - approximation) ** 2, axis=1))

@@ -10,10 +10,11 @@ from onnx_dacomp.decompose.covariance import sigma_error
 from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors, reconstruct
 from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
 from onnx_dacomp.decompose.tucker2 import da_tucker2, tucker2_rank_errors, weighted_input_factor
+from onnx_dacomp.geometry import Cost, LayerGeometry, original_cost
+from onnx_dacomp.methods import chain_cost
 from onnx_dacomp.ranks.allocate import allocate, uniform, uniform_ranks
 from onnx_dacomp.ranks.candidates import Candidate, CandidateTable, candidate_table, estimate_errors
-from onnx_dacomp.ranks.costs import ConvGeometry, Cost, chain_cost, original_cost
-from onnx_dacomp.rewrite import replace_convs
+from onnx_dacomp.rewrite import replace_layers
 from onnx_dacomp.targets import find_targets
 
 
@@ -110,7 +111,7 @@ def test_chain_cost_counts_what_the_rewritten_graph_holds(method, ranks, group):
         group=group,
     )
     layer = find_targets(model).targets[0]
-    geometry = ConvGeometry(
+    geometry = LayerGeometry(
         out_channels, in_channels, group, kernel, layer.input_shape[2:], layer.output_shape[2:], True
     )
     assert original_cost(geometry) == Cost(layer.params, layer.macs)
@@ -129,7 +130,7 @@ def test_chain_cost_counts_what_the_rewritten_graph_holds(method, ranks, group):
             tuple(rng.standard_normal((k, ranks[0])) for k in kernel),
             rng.standard_normal((shape[0], ranks[0])),
         )
-    rewritten = replace_convs(model, {layer.output: (layer, [factors] * group)})
+    rewritten = replace_layers(model, {layer.output: (layer, [factors] * group)})
     chain = find_targets(rewritten).layers
     measured = Cost(sum(c.params for c in chain), sum(c.macs for c in chain))
     assert chain_cost(geometry, method, ranks) == measured
@@ -203,7 +204,7 @@ def test_allocation_spends_the_budget_where_error_per_saved_unit_is_lowest():
 
 
 def test_uniform_ranks_take_the_largest_ranks_within_the_ratio():
-    geometry = ConvGeometry(32, 16, 1, (3, 3), (8, 8), (8, 8), False)
+    geometry = LayerGeometry(32, 16, 1, (3, 3), (8, 8), (8, 8), False)
     original = original_cost(geometry).params
     for method in ("svd", "tucker2", "cp"):
         ranks = uniform_ranks(geometry, method, 0.4, "params")
@@ -212,11 +213,13 @@ def test_uniform_ranks_take_the_largest_ranks_within_the_ratio():
         assert chain_cost(geometry, method, bigger).params > 0.4 * original
     r_out, r_in = uniform_ranks(geometry, "tucker2", 0.4, "params")
     assert abs(r_in - r_out * 16 / 32) <= 0.5  # ranks in proportion to the channels
-    assert uniform_ranks(ConvGeometry(2, 2, 1, (1, 1), (8, 8), (8, 8), False), "svd", 0.5, "params") is None
+    assert uniform_ranks(LayerGeometry(2, 2, 1, (1, 1), (8, 8), (8, 8), False), "svd", 0.5, "params") is None
 
 
 def test_uniform_meets_the_global_target_with_one_ratio():
-    geometries = {f"l{i}": ConvGeometry(16 * (i + 1), 16 * (i + 1), 1, (3, 3), (8, 8), (8, 8), False) for i in range(3)}
+    geometries = {
+        f"l{i}": LayerGeometry(16 * (i + 1), 16 * (i + 1), 1, (3, 3), (8, 8), (8, 8), False) for i in range(3)
+    }
     before = sum(original_cost(g).params for g in geometries.values())
     choices = uniform(geometries, {n: ("tucker2",) for n in geometries}, "params", 0.5 * before, fixed=0)
     after = sum(c.cost.params for c in choices.values())
@@ -227,7 +230,7 @@ def test_uniform_meets_the_global_target_with_one_ratio():
 
 def test_candidate_table_holds_only_chains_that_save():
     weight, sigma = _problem(16, 16)
-    geometry = ConvGeometry(16, 16, 1, (3, 3), (8, 8), (8, 8), False)
+    geometry = LayerGeometry(16, 16, 1, (3, 3), (8, 8), (8, 8), False)
     table = candidate_table("l", geometry, [weight], [sigma], "auto", multiple=4)
     assert {c.method for c in table.candidates} == {"svd", "tucker2", "cp"}
     for candidate in table.candidates:
@@ -240,7 +243,7 @@ def test_rank_multiple_applies_to_axes_at_least_as_wide():
     """Ranks of a 32-channel axis are multiples of 16; an 8-channel axis (narrower than the block) is not
     rounded; every candidate and every uniform choice obeys this."""
     rng = np.random.default_rng(0)
-    geometry = ConvGeometry(32, 8, 1, (3, 3), (8, 8), (8, 8), False)
+    geometry = LayerGeometry(32, 8, 1, (3, 3), (8, 8), (8, 8), False)
     weight = rng.standard_normal((32, 8, 3, 3))
     table = candidate_table("layer", geometry, [weight], None, "auto", multiple=16)
     tucker = [c.ranks for c in table.candidates if c.method == "tucker2"]

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors, reconstruct
-from onnx_dacomp.rewrite import replace_convs
+from onnx_dacomp.rewrite import replace_layers
 from onnx_dacomp.targets import find_targets
 
 
@@ -118,7 +118,7 @@ def test_chain_reproduces_conv(method, config):
 
     model = conv_model(weight, bias, input_shape=input_shape, dtype=dtype, **attrs)
     layer = find_targets(model).targets[0]
-    chain = replace_convs(model, {layer.output: (layer, factors)})
+    chain = replace_layers(model, {layer.output: (layer, factors)})
     onnx.checker.check_model(chain)
 
     x = rng.standard_normal(input_shape).astype(dtype)

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors
 from onnx_dacomp.load import load_model
-from onnx_dacomp.rewrite import replace_convs
+from onnx_dacomp.rewrite import replace_layers
 from onnx_dacomp.targets import find_targets
 
 
@@ -66,7 +66,7 @@ def test_rewrite_preserves_the_rest_and_handles_shared_weights():
     first = scan.layer("first")
     rng = np.random.default_rng(0)
     weight = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
-    new = replace_convs(model, {first.output: (first, [exact_tucker2(weight, rng)])})
+    new = replace_layers(model, {first.output: (first, [exact_tucker2(weight, rng)])})
     assert model.SerializeToString() == snapshot  # input untouched
     onnx.checker.check_model(new)
 
@@ -106,13 +106,13 @@ def test_rewrite_preserves_the_rest_and_handles_shared_weights():
         second.output: (second, [SVDFactors(np.einsum("ts...,tr->rs...", weight, u), u)]),
         third.output: (third, [SVDFactors(const, np.eye(4))]),
     }
-    everything = replace_convs(model, replacements)
+    everything = replace_layers(model, replacements)
     remaining = {init.name for init in everything.graph.initializer}
     assert "shared_w" not in remaining and "b" in remaining
     assert not any(n.op_type in ("Constant", "Identity") for n in everything.graph.node)
     assert relative_error(run(everything, {"x": x})[0], run(model, {"x": x})[0]) < 1e-5
     # deterministic: the same request gives the same bytes
-    assert replace_convs(model, replacements).SerializeToString() == everything.SerializeToString()
+    assert replace_layers(model, replacements).SerializeToString() == everything.SerializeToString()
 
 
 def test_grouped_conv_factors_per_group():
@@ -141,13 +141,13 @@ def test_grouped_conv_factors_per_group():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     (layer,) = find_targets(model).targets
-    new = replace_convs(model, {layer.output: (layer, factors)})
+    new = replace_layers(model, {layer.output: (layer, factors)})
     expected = conv_reference(x, weight, strides=(2, 1), pads=(1, 0, 0, 1), dilations=(1, 1), group=group)
     assert relative_error(run(new, {"x": x})[0], expected) < 1e-5
     assert [next(a.i for a in n.attribute if a.name == "group") for n in new.graph.node] == [3, 6, 6, 3]
 
     with pytest.raises(ValueError, match="3 groups"):
-        replace_convs(model, {layer.output: (layer, factors[:1])})
+        replace_layers(model, {layer.output: (layer, factors[:1])})
 
 
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared/models is absent")
@@ -160,7 +160,7 @@ def test_real_model_full_rank_rewrite_keeps_outputs():
     for layer in scan.targets[:6]:
         weight = numpy_helper.to_array(initializers[layer.weight]).astype(np.float64)
         replacements[layer.output] = (layer, [exact_tucker2(weight, rng)])
-    new = replace_convs(model, replacements)
+    new = replace_layers(model, replacements)
     onnx.checker.check_model(new)
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
     assert relative_error(run(new, {"input": x})[0], run(model, {"input": x})[0]) < 1e-5

@@ -38,7 +38,6 @@ def load_batches(folder: Path, model, images: int, batch_size: int):
 def part(name: str, model_path: str, folder: str, images: int, batch_size: int) -> dict:
     """One measurement, run in a child process."""
     from onnx_dacomp.calibrate.collect import collect_statistics
-    from onnx_dacomp.calibrate.patches import patches
     from onnx_dacomp.load import load_model
     from onnx_dacomp.runtime import create_session
     from onnx_dacomp.targets import find_targets
@@ -65,7 +64,7 @@ def part(name: str, model_path: str, folder: str, images: int, batch_size: int) 
         for batch in batches:
             values = dict(zip(names, session.run(names, batch)))
             for layer in layers:
-                matrix = patches(values[layer.input], layer)[0].T  # (positions, n) float64
+                matrix = layer.input_vectors(values[layer.input])[0].T  # (positions, n) float64
                 _ = matrix.T @ matrix, matrix.sum(0)
     elif name == "gram_flops":
         return {"flops": gram_flops(model, layers, images)}
@@ -76,12 +75,10 @@ def part(name: str, model_path: str, folder: str, images: int, batch_size: int) 
 
 def gram_flops(model, layers, images: int) -> float:
     """Arithmetic of the plain patch Gram P^T P over all layers and images (2 * positions * n^2)."""
-    from onnx_dacomp.calibrate.patches import patch_size
-
     total = 0.0
     for layer in layers:
         positions = int(np.prod(layer.output_shape[2:]))
-        total += 2.0 * positions * patch_size(layer) ** 2 * layer.group * images
+        total += 2.0 * positions * layer.vector_length**2 * layer.group * images
     return total
 
 

@@ -1,8 +1,9 @@
-"""Stage 3: run calibration batches through onnxruntime and accumulate the patch statistics of each layer.
+"""Stage 3: run calibration batches through onnxruntime and accumulate the moments of each layer's input
+vectors (a conv's patches).
 
-The default path runs an augmented model that computes each layer's per-batch patch sums inside the
-runtime (`augment.py`); where that graph cannot be built or run, the layer inputs are exposed instead and
-the sums are computed in numpy (`patches.py`). Memory is bounded by one batch.
+The default path runs an augmented model that computes each layer's per-batch sums inside the runtime
+(`augment.py`); where that graph cannot be built or run, the layer inputs are exposed instead and the sums
+are computed in numpy from the layer's input vectors. Memory is bounded by one batch.
 """
 
 from __future__ import annotations
@@ -16,29 +17,27 @@ from onnx import helper
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..layers import Layer
 from ..log import logger
+from ..moments import Moments
 from ..runtime import create_session, provider_name
 from ..shapes import declared_shape, graph_inputs, infer_shapes
-from ..targets import ConvLayer, read_weights
+from ..targets import MAX_VECTOR_LENGTH, read_weights
 from .augment import augment
-from .patches import patch_size, patch_sums
 from .sources import IterableSource, Source
-from .statistics import LayerStatistics, Statistics, layer_fingerprint
-
-# a layer whose patch covariance would not fit comfortably in memory (n^2 float64 per group)
-MAX_PATCH_SIZE = 20_000
+from .statistics import Statistics, layer_fingerprint
 
 
 def collect_statistics(
     model: onnx.ModelProto,
-    layers: Sequence[ConvLayer],
+    layers: Sequence[Layer],
     source: Source | Iterable,
     *,
     device: str = "auto",
     mode: str = "auto",
     progress: bool = True,
 ) -> Statistics:
-    """Patch statistics of `layers` (decomposable targets of `model`) over all batches of `source`: a
+    """Statistics of `layers` (decomposable targets of `model`) over all batches of `source`: a
     `Source`, any iterable of `{input_name: array}` (bare arrays for a single-input model), or an
     onnxruntime `CalibrationDataReader`.
 
@@ -47,10 +46,10 @@ def collect_statistics(
     """
     layers = [layer for layer in layers if layer.decomposable]
     for layer in layers:
-        if patch_size(layer) > MAX_PATCH_SIZE:
+        if layer.vector_length > MAX_VECTOR_LENGTH:
             raise UserError(
-                f"layer {layer.name}: patch length {patch_size(layer)} would need a "
-                f"{patch_size(layer) ** 2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)"
+                f"layer {layer.name}: patch length {layer.vector_length} would need a "
+                f"{layer.vector_length**2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)"
             )
     inputs = {value.name: value for value in graph_inputs(model)}
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
@@ -160,7 +159,7 @@ class _Runner:
         self.shape_key = None
         self.provider = "none"
         self.path = None
-        self.statistics: dict[str, LayerStatistics] = {}
+        self.statistics: dict[str, Moments] = {}
         self.pending: dict[str, np.ndarray] = {}
         self.pending_images = 0
 
@@ -186,9 +185,9 @@ class _Runner:
                 self.pending[name] = self.pending.get(name, 0.0) + np.asarray(value, np.float64)
             self.pending_images += batch_length(batch)
         else:
-            self._add({layer.name: patch_sums(values[layer.input], layer) for layer in self.layers})
+            self._add({layer.name: vector_sums(layer.input_vectors(values[layer.input])) for layer in self.layers})
 
-    def totals(self) -> dict[str, LayerStatistics]:
+    def totals(self) -> dict[str, Moments]:
         self._flush()
         return self.statistics
 
@@ -196,13 +195,13 @@ class _Runner:
         if self.pending_images:
             self._add(
                 {
-                    layer.name: self.layer_outputs[layer.name].statistics(self.pending, self.pending_images)
+                    layer.name: self.layer_outputs[layer.name].moments(self.pending, self.pending_images)
                     for layer in self.layers
                 }
             )
         self.pending, self.pending_images = {}, 0
 
-    def _add(self, collected: dict[str, LayerStatistics]) -> None:
+    def _add(self, collected: dict[str, Moments]) -> None:
         for layer in self.layers:  # in graph order: the first layer whose input went non-finite is named
             stats = collected[layer.name]
             if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
@@ -216,15 +215,13 @@ class _Runner:
     def _prepare(self, batch):
         shapes = {name: (1, *array.shape[1:]) if array.ndim else () for name, array in batch.items()}
         input_shapes = infer_shapes(self.model, [layer.input for layer in self.layers], shapes)
-        spatial = {layer.name: input_shapes.get(layer.input) for layer in self.layers}
-        use_graph = self.mode in ("auto", "graph") and all(shape is not None for shape in spatial.values())
+        layer_inputs = {layer.name: input_shapes.get(layer.input) for layer in self.layers}
+        use_graph = self.mode in ("auto", "graph") and all(shape is not None for shape in layer_inputs.values())
         if self.mode == "graph" and not use_graph:
             raise UserError("cannot build the statistics graph: some layer input shapes are unknown")
         if use_graph:
             try:
-                augmented, self.layer_outputs = augment(
-                    self.model, self.layers, {name: shape[2:] for name, shape in spatial.items()}
-                )
+                augmented, self.layer_outputs = augment(self.model, self.layers, layer_inputs)
                 self.session = create_session(augmented, self.device)
                 self.output_names = [n for o in self.layer_outputs.values() for n in o.names]
                 self.path = "graph"
@@ -240,3 +237,10 @@ class _Runner:
         self.session = create_session(exposing(self.model, self.output_names), self.device)
         self.path = "numpy"
         self.provider = provider_name(self.session)
+
+
+def vector_sums(vectors: np.ndarray) -> Moments:
+    """Float64 sums of `x x^T` and `x` over input vectors `(group, n, count)`."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller, per layer
+        second = np.matmul(vectors, vectors.transpose(0, 2, 1))
+    return Moments(second, vectors.sum(axis=2), vectors.shape[2])

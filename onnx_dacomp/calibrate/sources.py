@@ -11,11 +11,11 @@ import copy
 import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..config import DataConfig, ImagePreprocessing
 from ..errors import UserError
 from ..log import logger
 from ..shapes import concrete_input_shapes, declared_shape, graph_inputs
@@ -43,58 +43,6 @@ class Source:
     def __iter__(self) -> Iterator[Batch]:
         for batch, _ in self.labelled():
             yield batch
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """What torchvision/timm users set: resize (short side), center crop, scale, mean/std, order, layout."""
-
-    size: tuple[int, int] | None = None  # final (H, W); None: the model input's spatial size
-    resize: int | None = None  # short side before the crop; None: just enough to cover `size`
-    center_crop: bool = True  # False: resize straight to `size`, ignoring the aspect ratio
-    scale: float = 1 / 255
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
-
-    def __post_init__(self):
-        if self.channel_order not in ("RGB", "BGR"):
-            raise UserError(f"channel order must be RGB or BGR, not {self.channel_order!r}")
-        if self.layout not in ("NCHW", "NHWC"):
-            raise UserError(f"layout must be NCHW or NHWC, not {self.layout!r}")
-        if any(s == 0 for s in self.std):
-            raise UserError("--std values must be non-zero")
-
-    def apply(self, image, size: tuple[int, int], channels: int) -> np.ndarray:
-        """A PIL image -> float32 array (C, H, W) or (H, W, C)."""
-        from PIL import Image
-
-        image = image.convert("L" if channels == 1 else "RGB")
-        height, width = size
-        if self.center_crop:
-            short = self.resize or max(height, width)
-            factor = short / min(image.size)
-            target = (max(width, round(image.size[0] * factor)), max(height, round(image.size[1] * factor)))
-            if target != image.size:
-                image = image.resize(target, Image.BILINEAR)
-            left, top = (image.size[0] - width) // 2, (image.size[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-        elif image.size != (width, height):
-            image = image.resize((width, height), Image.BILINEAR)
-        return self.normalize(image, channels)
-
-    def normalize(self, image, channels: int) -> np.ndarray:
-        """A PIL image of the final size -> float32 array: scale, channel order, mean/std, layout."""
-        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) * np.float32(self.scale)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if self.channel_order == "BGR":
-            array = array[:, :, ::-1]
-        mean = np.asarray(self.mean[:channels] if len(self.mean) >= channels else self.mean[:1] * channels, np.float32)
-        std = np.asarray(self.std[:channels] if len(self.std) >= channels else self.std[:1] * channels, np.float32)
-        array = (array - mean) / std
-        return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "NCHW" else array)
 
 
 class ImageFolderSource(Source):
@@ -400,3 +348,42 @@ def _input_shape(value, input_shapes) -> tuple:
     if input_shapes and value.name in input_shapes:
         return tuple(input_shapes[value.name])
     return tuple(declared_shape(value))
+
+
+def open_data(spec: str | os.PathLike, model, config: DataConfig, seed: int, *, limit: int | None = None) -> Source:
+    """The source a spec names (as `--data`), with `config`'s preprocessing, batch size and input shapes."""
+    return open_source(
+        spec,
+        model,
+        preprocessing=config.preprocessing,
+        batch_size=config.batch_size,
+        limit=limit,
+        seed=seed,
+        input_shapes=config.input_shapes,
+    )
+
+
+def split(
+    data: Source | Iterable | str | os.PathLike | None, model, config: DataConfig, holdout: int, seed: int
+) -> tuple[Source | Iterable | None, Source | None]:
+    """(calibration data, held-out verification data). Only sources of known size can be split: the first
+    `holdout` samples (a fifth at most) verify, the next `config.limit` calibrate."""
+    if data is None:
+        return None, None
+    limit = config.limit
+    if isinstance(data, (str, os.PathLike)):
+        generated = str(data) == "random"  # random data has no size of its own: --limit is how much to make
+        data = open_data(data, model, config, seed, limit=limit if generated else None)
+        limit = None if generated else limit
+    size = getattr(data, "size", None)
+    splittable = isinstance(data, Source) and size is not None and type(data).subset is not Source.subset
+    if not splittable:
+        if limit is not None:
+            raise UserError("--limit needs a data source of known size (an image folder or .npz/.npy files)")
+        return data, None
+    kept = min(holdout, size // 5)
+    if holdout and kept < holdout:
+        logger.info("holding out %d of %d samples for verification (a fifth of the data)", kept, size)
+    if kept == 0:
+        return data.subset(0, limit), None
+    return data.subset(kept, limit), data.subset(0, kept)

@@ -1,8 +1,5 @@
-"""Patch statistics of the target layers: sums that merge exactly, saved with a fingerprint of the model.
-
-For a layer with G groups and patch length n (= S/G * kh * kw), `second[g]` is the sum over all patches of
-`x x^T` (n x n) and `first[g]` the sum of `x`, both float64, over `count` patches.
-"""
+"""Statistics of the target layers (`Moments` per layer): sums that merge exactly, saved with a fingerprint
+of each layer so that statistics of another model are refused."""
 
 from __future__ import annotations
 
@@ -16,39 +13,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..layers import Layer
+from ..moments import Moments
 from ..save import write_atomically
-from ..targets import ConvLayer
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True, eq=False)
-class LayerStatistics:
-    """Running sums for one layer; `covariance`/`mean` give `Sigma = E[x x^T]` and `mu = E[x]` per group."""
-
-    second: np.ndarray  # (G, n, n) float64
-    first: np.ndarray  # (G, n) float64
-    count: int  # patches (images x output positions)
-
-    @property
-    def covariance(self) -> np.ndarray:
-        return self.second / max(self.count, 1)
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.first / max(self.count, 1)
-
-    def __add__(self, other: LayerStatistics) -> LayerStatistics:
-        if self.second.shape != other.second.shape:
-            raise ValueError(f"cannot merge statistics of shapes {self.second.shape} and {other.second.shape}")
-        return LayerStatistics(self.second + other.second, self.first + other.first, self.count + other.count)
 
 
 @dataclass(frozen=True, eq=False)
 class Statistics:
     """Statistics of every target layer of one model, keyed by layer name."""
 
-    layers: Mapping[str, LayerStatistics]
+    layers: Mapping[str, Moments]
     fingerprints: Mapping[str, str]  # layer name -> fingerprint of its geometry and weight
     samples: int  # images (first-axis entries of the model input)
     source: str  # description of the calibration data
@@ -61,7 +37,7 @@ class Statistics:
         layers = {name: self.layers[name] + other.layers[name] for name in self.layers}
         return Statistics(layers, self.fingerprints, self.samples + other.samples, f"{self.source} + {other.source}")
 
-    def check_model(self, targets: Iterable[ConvLayer], weights: Mapping[str, np.ndarray]) -> None:
+    def check_model(self, targets: Iterable[Layer], weights: Mapping[str, np.ndarray]) -> None:
         """Refuse statistics that were gathered on another model: every target layer must match."""
         for layer in targets:
             if layer.name not in self.fingerprints:
@@ -76,20 +52,10 @@ class Statistics:
                 )
 
 
-def layer_fingerprint(layer: ConvLayer, weight: np.ndarray) -> str:
+def layer_fingerprint(layer: Layer, weight: np.ndarray) -> str:
     """Hash of what the statistics depend on for this layer: its geometry and its weight values."""
     digest = hashlib.sha256()
-    geometry = (
-        layer.out_channels,
-        layer.in_channels,
-        layer.group,
-        layer.kernel_shape,
-        layer.strides,
-        layer.pads,
-        layer.auto_pad,
-        layer.dilations,
-    )
-    digest.update(repr(geometry).encode())
+    digest.update(repr(layer.signature).encode())
     digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()[:32]
 
@@ -128,7 +94,7 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
                 raise KeyError("meta")
             layers, fingerprints = {}, {}
             for index, entry in enumerate(meta["layers"]):
-                layers[entry["name"]] = LayerStatistics(
+                layers[entry["name"]] = Moments(
                     archive[f"second_{index}"], archive[f"first_{index}"], int(entry["count"])
                 )
                 fingerprints[entry["name"]] = entry["fingerprint"]

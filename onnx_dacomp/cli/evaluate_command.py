@@ -7,55 +7,61 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..errors import UserError
-from ..evaluate import benchmark_batches, compare_models, measure_latency
-from ..load import load_model
+from ..api import evaluate
+from ..config import RuntimeConfig, positive_int
 from ..report import latency_line, verification_line
-from ..shapes import graph_inputs, parse_input_shapes
-from .data_options import add_data_arguments, add_runtime_arguments, positive_int, source_from_args
+from .calibrate_command import DATA_HELP
+from .options import add_data_options, add_options, data_config, values
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("evaluate", help="compare a compressed model with its original on data")
     parser.add_argument("original", help="the original ONNX model")
     parser.add_argument("compressed", help="the compressed ONNX model")
+    parser.add_argument("--data", required=True, metavar="SOURCE", help=DATA_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--benchmark", action="store_true", help="also time both models in onnxruntime")
     parser.add_argument(
         "--benchmark-batch", type=_sizes, default=(1, 32), metavar="N[,N...]", help="batch sizes to time (1,32)"
     )
-    parser.add_argument("--repeats", type=positive_int, default=30, help="timed runs per model and batch (30)")
-    add_data_arguments(parser, required=True)
-    add_runtime_arguments(parser)
+    parser.add_argument("--repeats", type=_positive, default=30, help="timed runs per model and batch (30)")
+    add_data_options(parser)
+    add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed"))
 
 
 def run(args: argparse.Namespace) -> int:
-    input_shapes = parse_input_shapes(args.input_shape)
-    original, compressed = load_model(args.original), load_model(args.compressed)
-    names = [[value.name for value in graph_inputs(model)] for model in (original, compressed)]
-    if names[0] != names[1]:
-        raise UserError(
-            f"the models have different inputs ({names[0]} and {names[1]}): compare a model with its own compression"
-        )
-    source = source_from_args(args, original, input_shapes)
-    comparison = compare_models(original, compressed, source, device=args.device, progress=not args.quiet)
-    latencies = []
-    if args.benchmark:
-        for batch in benchmark_batches(source, args.benchmark_batch):
-            latencies.append(measure_latency(original, compressed, batch, device=args.device, repeats=args.repeats))
+    runtime = RuntimeConfig(**values(args, RuntimeConfig))
+    result = evaluate(
+        args.original,
+        args.compressed,
+        args.data,
+        data_config(args),
+        runtime,
+        benchmark_batch=args.benchmark_batch if args.benchmark else (),
+        repeats=args.repeats,
+        progress=not args.quiet,
+    )
+    comparison = result.comparison
     if args.json:
-        result = {
+        output = {
             **asdict(comparison),
             "top1_drop": comparison.top1_drop,
-            "latency": [asdict(latency) | {"ratio": latency.ratio} for latency in latencies],
+            "latency": [asdict(latency) | {"ratio": latency.ratio} for latency in result.latency],
         }
-        json.dump(result, sys.stdout, indent=2)
+        json.dump(output, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     lines = [verification_line(comparison).replace("held-out ", "")]
-    lines.extend(latency_line(latency) for latency in latencies)
+    lines.extend(latency_line(latency) for latency in result.latency)
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        return positive_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -6,27 +6,21 @@ import argparse
 import json
 import sys
 
-from ..load import load_model
-from ..shapes import parse_input_shapes
-from ..targets import ConvLayer, TargetScan, find_targets
+from ..api import inspect
+from ..config import DataConfig
+from ..targets import TargetScan
+from .options import add_options, values
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("inspect", help="list the Conv layers of a model with params and MACs")
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:NxCxHxW",
-        help="fix dynamic input dims, e.g. input:1x3x224x224 (repeatable)",
-    )
+    add_options(parser, DataConfig, only=("input_shapes",))
 
 
 def run(args: argparse.Namespace) -> int:
-    input_shapes = parse_input_shapes(args.input_shape)
-    scan = find_targets(load_model(args.model), input_shapes)
+    scan = inspect(args.model, DataConfig(**values(args, DataConfig)))
     if args.json:
         json.dump(scan_to_json(args.model, scan), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -48,29 +42,11 @@ def _totals(layers) -> dict:
 def scan_to_json(model_path: str, scan: TargetScan) -> dict:
     return {
         "model": str(model_path),
-        "layers": [_layer_json(layer) for layer in scan.layers],
+        "layers": [layer.describe() for layer in scan.layers],
         "totals": {
             "all": _totals(scan.layers),
             "decomposable": _totals(scan.targets),
         },
-    }
-
-
-def _layer_json(layer: ConvLayer) -> dict:
-    return {
-        "name": layer.name,
-        "op_type": layer.op_type,
-        "kernel": list(layer.kernel_shape),
-        "in_channels": layer.in_channels,
-        "out_channels": layer.out_channels,
-        "stride": list(layer.strides),
-        "dilation": list(layer.dilations),
-        "group": layer.group,
-        "dtype": layer.dtype,
-        "params": layer.params,
-        "macs": layer.macs,
-        "decomposable": layer.decomposable,
-        "reason": layer.skip_reason,
     }
 
 
@@ -82,17 +58,18 @@ def format_table(scan: TargetScan) -> str:
     header = ("layer", "kernel", "in", "out", "stride", "group", "params", "MACs", "decomposable")
     rows = []
     for layer in scan.layers:
+        info = layer.describe()
         rows.append(
             (
-                layer.name,
-                "x".join(map(str, layer.kernel_shape)) or "?",
-                _fmt(layer.in_channels),
-                _fmt(layer.out_channels),
-                "x".join(map(str, layer.strides)) or "?",
-                str(layer.group),
-                _fmt(layer.params),
-                _fmt(layer.macs),
-                "yes" if layer.decomposable else f"no: {layer.skip_reason}",
+                info["name"],
+                "x".join(map(str, info["kernel"])) or "?",
+                _fmt(info["in_channels"]),
+                _fmt(info["out_channels"]),
+                "x".join(map(str, info["stride"])) or "?",
+                str(info["group"]),
+                _fmt(info["params"]),
+                _fmt(info["macs"]),
+                "yes" if info["decomposable"] else f"no: {info['reason']}",
             )
         )
     totals = {"all": _totals(scan.layers), "decomposable": _totals(scan.targets)}

@@ -13,8 +13,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Mapping, Sequence
 
-from .candidates import Candidate, CandidateTable, axis_multiple
-from .costs import ConvGeometry, chain_cost, original_cost
+from ..geometry import LayerGeometry, original_cost
+from ..methods import get
+from .candidates import Candidate, CandidateTable
 
 Choice = Candidate | None  # None: keep the original layer
 
@@ -64,7 +65,7 @@ def allocate(
 
 
 def uniform(
-    geometries: Mapping[str, ConvGeometry],
+    geometries: Mapping[str, LayerGeometry],
     methods: Mapping[str, Sequence[str]],
     budget: str,
     target: float,
@@ -88,7 +89,7 @@ def uniform(
 
     def total(chosen) -> float:
         return fixed + sum(
-            chain_cost(geometries[n], *c).of(budget) if c else original_cost(geometries[n]).of(budget)
+            get(c[0]).cost(geometries[n], c[1]).of(budget) if c else original_cost(geometries[n]).of(budget)
             for n, c in chosen.items()
         )
 
@@ -98,42 +99,27 @@ def uniform(
         low, high = (middle, high) if total(plan(middle)) <= target else (low, middle)
     chosen = plan(low)
     return {
-        name: Candidate(c[0], c[1], chain_cost(geometries[name], *c), float("nan")) if c else None
+        name: Candidate(c[0], c[1], get(c[0]).cost(geometries[name], c[1]), float("nan")) if c else None
         for name, c in chosen.items()
     }
 
 
 def uniform_ranks(
-    geometry: ConvGeometry, method: str, ratio: float, budget: str, multiple: int = 1
+    geometry: LayerGeometry, method: str, ratio: float, budget: str, multiple: int = 1
 ) -> tuple[int, ...] | None:
     """The largest ranks of `method` whose chain costs at most `ratio` times the layer; the smallest ranks
     if none does but they still save; None if no ranks save anything."""
     original = original_cost(geometry).of(budget)
-    limits = geometry.max_ranks[method]
-    if method == "tucker2":
-        out_channels, in_channels = limits
-        step_out, step_in = axis_multiple(out_channels, multiple), axis_multiple(in_channels, multiple)
-        options = []
-        for rank_out in range(step_out, out_channels + step_out, step_out):
-            rank_out = min(rank_out, out_channels)
-            rank_in = min(in_channels, max(step_in, _round_to(rank_out * in_channels / out_channels, step_in)))
-            options.append((rank_out, rank_in))
-    else:
-        step = axis_multiple(limits[0], multiple)
-        options = [(min(r, limits[0]),) for r in range(step, limits[0] + step, step)]
-    options = [r for r in options if chain_cost(geometry, method, r).of(budget) < original]
+    solver = get(method)
+    options = [r for r in solver.uniform_options(geometry, multiple) if solver.cost(geometry, r).of(budget) < original]
     if not options:
         return None
-    fitting = [r for r in options if chain_cost(geometry, method, r).of(budget) <= ratio * original]
+    fitting = [r for r in options if solver.cost(geometry, r).of(budget) <= ratio * original]
     return fitting[-1] if fitting else options[0]
 
 
 def _choice(point) -> Choice:
     return point if isinstance(point, Candidate) else None
-
-
-def _round_to(value: float, multiple: int) -> int:
-    return int(round(value / multiple)) * multiple
 
 
 def _cost(choice: Choice, budget: str) -> int:

@@ -1,4 +1,4 @@
-"""Patch geometry of a Conv layer, and patch sums computed in numpy (the fallback path).
+"""Patch geometry of a Conv layer, and its patches cut in numpy (the fallback statistics path).
 
 A patch is what one output position of the layer sees: the zero-padded input under the kernel window, with
 the layer's stride and dilation, ordered `(channel, kernel taps)` like the rows of `W.reshape(T, -1)`.
@@ -6,15 +6,10 @@ the layer's stride and dilation, ordered `(channel, kernel taps)` like the rows 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ..targets import ConvLayer
-from .statistics import LayerStatistics
 
-
-def explicit_pads(layer: ConvLayer, input_spatial: tuple[int, ...]) -> tuple[int, ...]:
+def explicit_pads(layer, input_spatial: tuple[int, ...]) -> tuple[int, ...]:
     """The layer's padding as `(begins..., ends...)`, with `auto_pad` resolved for this input size."""
     spatial = len(layer.kernel_shape)
     if layer.auto_pad in ("NOTSET", ""):
@@ -32,7 +27,7 @@ def explicit_pads(layer: ConvLayer, input_spatial: tuple[int, ...]) -> tuple[int
     return (*begins, *ends)
 
 
-def output_spatial(layer: ConvLayer, input_spatial: tuple[int, ...]) -> tuple[int, ...]:
+def output_spatial(layer, input_spatial: tuple[int, ...]) -> tuple[int, ...]:
     pads = explicit_pads(layer, input_spatial)
     spatial = len(input_spatial)
     return tuple(
@@ -43,11 +38,7 @@ def output_spatial(layer: ConvLayer, input_spatial: tuple[int, ...]) -> tuple[in
     )
 
 
-def patch_size(layer: ConvLayer) -> int:
-    return layer.in_channels // layer.group * math.prod(layer.kernel_shape)
-
-
-def patches(x: np.ndarray, layer: ConvLayer) -> np.ndarray:
+def patches(x: np.ndarray, layer) -> np.ndarray:
     """All patches of a batch: `(group, n, batch * positions)` in float64."""
     x = np.asarray(x, np.float64)
     spatial_in = x.shape[2:]
@@ -66,11 +57,3 @@ def patches(x: np.ndarray, layer: ConvLayer) -> np.ndarray:
     group = layer.group
     stacked = stacked.reshape(batch, group, channels // group * len(taps), -1)  # (N, G, n, L)
     return stacked.transpose(1, 2, 0, 3).reshape(group, stacked.shape[2], -1)
-
-
-def patch_sums(x: np.ndarray, layer: ConvLayer) -> LayerStatistics:
-    """Float64 sums of `x x^T` and `x` over every patch of the batch."""
-    matrix = patches(x, layer)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller, per layer
-        second = np.matmul(matrix, matrix.transpose(0, 2, 1))
-    return LayerStatistics(second, matrix.sum(axis=2), matrix.shape[2])

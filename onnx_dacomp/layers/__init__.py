@@ -1,0 +1,17 @@
+"""Layer kinds: what can be decomposed. One module per kind; `KINDS` maps each ONNX op type to the module
+that discovers such nodes (`discover(node, resolver, shapes) -> Layer`, `shape_names(node)`).
+
+To add a kind: a module like conv.py whose layers implement `base.Layer`, and its op types in `KINDS`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import conv
+from .base import NON_FINITE_WEIGHT, GraphSums, Layer, unique_name
+from .constants import ConstantResolver
+
+KINDS: dict[str, ModuleType] = {op_type: conv for op_type in conv.OP_TYPES}
+
+__all__ = ["KINDS", "NON_FINITE_WEIGHT", "ConstantResolver", "GraphSums", "Layer", "unique_name"]

@@ -1,0 +1,101 @@
+"""What every layer kind provides to the stages (`Layer`), and what its in-graph statistics give back.
+
+A layer kind (conv.py, ...) finds its nodes, describes their geometry and cost, says how the vectors its
+statistics describe are cut from its input, and writes the chain that replaces it. The stages use nothing
+else of it, so adding a kind touches its own module and the registry in `__init__.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from ..geometry import LayerGeometry
+from ..moments import Moments
+
+Shape = tuple[int, ...]
+NON_FINITE_WEIGHT = "weight contains NaN or Inf"  # a skip reason that means the model itself is broken
+
+
+class GraphSums(Protocol):
+    """A layer's extra outputs in the statistics graph and how they become its moments."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def moments(self, sums: Mapping[str, np.ndarray], images: int) -> Moments:
+        """The layer's moments from the accumulated outputs `sums` (summed over `images` samples)."""
+
+
+class Layer(Protocol):
+    """One node that may be decomposed. `skip_reason` is None exactly when it can be."""
+
+    name: str  # node name, or its output name when the node has none (as `inspect` prints it)
+    op_type: str
+    output: str  # the node's output tensor: unique in the graph, the key used by later stages
+    input: str  # the tensor whose vectors the statistics describe
+    weight: str | None
+    bias: str | None
+    dtype: str | None
+    input_shape: Shape | None  # with batch 1
+    output_shape: Shape | None
+    skip_reason: str | None
+
+    @property
+    def decomposable(self) -> bool: ...
+
+    @property
+    def params(self) -> int | None: ...
+
+    @property
+    def macs(self) -> int | None:
+        """Multiply-accumulates per sample."""
+
+    @property
+    def geometry(self) -> LayerGeometry | None:
+        """What the cost formulas need; None when the layer's size is unknown."""
+
+    @property
+    def vector_length(self) -> int:
+        """Length n of one input vector (per group): the covariance is n x n."""
+
+    @property
+    def signature(self) -> tuple:
+        """What the statistics depend on besides the weight values (the fingerprint hashes it)."""
+
+    def renamed(self, name: str) -> Layer: ...
+
+    def input_vectors(self, x: np.ndarray) -> np.ndarray:
+        """The input vectors of a batch of the layer's input: `(group, n, vectors)` in float64."""
+
+    def statistics_graph(self, input_shape: Shape, opset: int) -> tuple[list, list, GraphSums]:
+        """Nodes and initializers that compute the layer's per-batch moment sums inside onnxruntime for an
+        input of `input_shape` (batch 1), and how their outputs combine."""
+
+    def chain_nodes(
+        self, node: onnx.NodeProto, stages: Sequence, method: str, bias: np.ndarray | None, taken: set[str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        """The nodes replacing `node`: one per chain stage (`methods.Stage`), the last one writing the
+        node's output; `bias` replaces the layer's own bias (None keeps it). New names avoid `taken`."""
+
+    def timing_model(self, batch: int, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """A model of this layer alone (random weights) with an input of `batch` samples, to time it."""
+
+    @property
+    def timing_key(self) -> tuple:
+        """What the layer's latency depends on: layers with the same key share their timings."""
+
+    def describe(self) -> dict:
+        """The layer as `inspect --json` lists it."""
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name`, or `name_1`, `name_2`, ... : the first not in `taken` (which then holds it)."""
+    candidate, suffix = name, 1
+    while candidate in taken:
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    taken.add(candidate)
+    return candidate

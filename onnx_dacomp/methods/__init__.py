@@ -1,0 +1,53 @@
+"""The method registry: one entry per decomposition method (`base.Method`); the rest of the package looks
+methods up here by name and never compares method names itself.
+
+To add a method: a module with a `Method` subclass next to these, and one line in `METHODS`.
+"""
+
+from __future__ import annotations
+
+from ..decompose.factors import Factors
+from ..geometry import Cost, LayerGeometry
+from .base import Method, Ranks, Stage
+from .cp import CP
+from .svd import SVD
+from .tucker2 import Tucker2
+
+METHODS: dict[str, Method] = {method.name: method for method in (SVD(), Tucker2(), CP())}
+AUTO = "auto"  # every method that applies, chosen per layer by the allocation
+CHOICES = (*METHODS, AUTO)
+
+__all__ = ["AUTO", "CHOICES", "METHODS", "Method", "Ranks", "Stage", "chain_cost", "get", "method_of", "methods_for"]
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
+
+
+def methods_for(choice: str, geometry: LayerGeometry) -> tuple[str, ...]:
+    """The methods tried on a layer for the configured `choice` (a method name or `auto`). A method that
+    does not apply (Tucker-2 and CP on a 1x1 conv, which is a matrix) gives way to those that do."""
+    applicable = tuple(name for name, method in METHODS.items() if method.applies(geometry))
+    if choice == AUTO:
+        return applicable
+    return (choice,) if get(choice).applies(geometry) else applicable[:1]
+
+
+def method_for_ranks(count: int, default: str) -> str:
+    """The method a rank tuple of `count` entries implies: the only one taking that many, else `default`."""
+    taking = [name for name, method in METHODS.items() if method.rank_count == count]
+    return taking[0] if len(taking) == 1 else default
+
+
+def method_of(factors: Factors) -> Method:
+    for method in METHODS.values():
+        if isinstance(factors, method.factors_type):
+            return method
+    raise TypeError(f"not a factor container: {type(factors).__name__}")
+
+
+def chain_cost(geometry: LayerGeometry, name: str, ranks: Ranks) -> Cost:
+    return get(name).cost(geometry, ranks)

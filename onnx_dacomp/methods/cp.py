@@ -1,0 +1,78 @@
+"""CP (DESIGN.md 2.3): 1x1 conv S->R, one depthwise conv per kernel axis (group R, the layer's geometry along
+that axis only), 1x1 conv R->T."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..decompose.cp import cp_als, da_cp
+from ..decompose.factors import CPFactors
+from ..geometry import Cost, LayerGeometry
+from .base import SingleRankMethod, Stage, pointwise
+from .svd import _chain_cost
+
+GRID_POINTS = 8  # CP needs an iterative solve per rank: a coarser grid
+ESTIMATE_SWEEPS = 1  # after the Frobenius CP start: the estimate is cheap, the full solve refines it
+FROBENIUS_ESTIMATE_SWEEPS = 20
+
+
+class CP(SingleRankMethod):
+    name = "cp"
+    factors_type = CPFactors
+    grid_points = GRID_POINTS
+
+    def applies(self, geometry: LayerGeometry) -> bool:
+        return geometry.taps > 1
+
+    def max_ranks(self, geometry: LayerGeometry):
+        return (geometry.group_out * geometry.group_in * geometry.taps,)
+
+    def cost(self, geometry: LayerGeometry, ranks) -> Cost:
+        g, (rank,) = geometry, ranks
+        layers = [(rank * g.group_in, math.prod(g.input_spatial))]
+        for axis, size in enumerate(g.kernel):
+            # the depthwise conv along `axis` leaves axes after it at the input resolution
+            spatial = g.output_spatial[: axis + 1] + g.input_spatial[axis + 1 :]
+            layers.append((rank * size, math.prod(spatial)))
+        layers.append((g.group_out * rank, math.prod(g.output_spatial)))
+        return _chain_cost(g, layers)
+
+    def estimate(self, weight, sigma, ranks, seed):
+        # a short run of the solver at each rank
+        errors = []
+        for (rank,) in ranks:
+            if sigma is None:
+                result = cp_als(weight, rank, seed=seed, max_iter=FROBENIUS_ESTIMATE_SWEEPS)
+            else:
+                result = da_cp(weight, sigma, rank, seed=seed, max_iter=ESTIMATE_SWEEPS)
+            errors.append(result.rel_error)
+        return errors
+
+    def solve(self, weight, sigma, ranks, *, max_iter, seed):
+        if sigma is None:
+            return cp_als(weight, ranks[0], max_iter=max_iter, seed=seed)
+        return da_cp(weight, sigma, ranks[0], max_iter=max_iter, seed=seed)
+
+    def stages(self, factors):
+        first = factors[0]
+        spatial, group, rank = len(first.spatial_factors), len(factors), first.rank
+        stages = [Stage(pointwise(np.concatenate([f.input_factor.T for f in factors]), spatial), group, None)]
+        for axis in range(spatial):
+            # depthwise along one axis: kernel k_i on that axis, 1 elsewhere; weight (group*R, 1, ..., k_i, ...)
+            taps = np.concatenate([f.spatial_factors[axis].T for f in factors])  # (group*R, k_i)
+            size = first.spatial_factors[axis].shape[0]
+            shape = [group * rank, 1] + [size if a == axis else 1 for a in range(spatial)]
+            stages.append(Stage(taps.reshape(shape), group * rank, (axis,)))
+        stages.append(Stage(pointwise(np.concatenate([f.output_factor for f in factors]), spatial), group, None))
+        return stages
+
+    def placeholder(self, shape, ranks, rng):
+        out_channels, in_channels, *kernel = shape
+        scale = 1 / math.sqrt(in_channels * math.prod(kernel))
+        rank = ranks[0]
+        spatial = tuple(rng.standard_normal((size, rank)) for size in kernel)
+        return CPFactors(
+            rng.standard_normal((in_channels, rank)) * scale, spatial, rng.standard_normal((out_channels, rank))
+        )

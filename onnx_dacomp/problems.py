@@ -1,0 +1,117 @@
+"""Stage 4: what each layer's fit minimizes, from arrays only (weight, bias, moments, geometry).
+
+A `LayerProblem` is a self-contained, picklable unit of work: the candidate tables, the sensitivity probes
+and the fits read nothing else, so they can run in any process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decompose.bias import centered_covariance
+from .decompose.covariance import output_energy, regularize, solve_psd
+from .geometry import LayerGeometry
+from .moments import Moments
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProblem:
+    """What one layer's fit minimizes, per group: `||(target - W~) L||^2` with `fit_sigmas = L L^T`.
+
+    Plain: target = W1 and Sigma (centered, `Sigma - mu mu^T`, with the bias refit); `fit_sigmas` is None for
+    the Frobenius norm. `reference_sigmas` (the uncentered Sigma of the original input) give the error's
+    denominator `||W1 L||^2`; `residual` is error the fit cannot remove (nonzero only with propagation).
+    """
+
+    name: str
+    geometry: LayerGeometry
+    weights: list[np.ndarray]  # the original W per group (T/G, S/G, *k)
+    targets: list[np.ndarray]  # what the chain should equal, same shapes
+    fit_sigmas: list[np.ndarray] | None
+    reference_sigmas: list[np.ndarray] | None
+    bias: np.ndarray | None  # the original bias (T,)
+    bias_shift: list[np.ndarray] | None = None  # per group: b~ = b + shift - W~ mu~ (the refit), else None
+    fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
+    residual: float = 0.0  # per-layer constant part of the error numerator
+
+    @classmethod
+    def plain(
+        cls,
+        name: str,
+        geometry: LayerGeometry,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        moments: Moments | None,
+        *,
+        bias_refit: bool = False,
+    ) -> LayerProblem:
+        """The layer's own fit: in its input covariance (`moments`), or in the Frobenius norm (None)."""
+        weight = np.asarray(weight, np.float64)
+        per_group = geometry.group_out
+        weights = [weight[g * per_group : (g + 1) * per_group] for g in range(geometry.group)]
+        if moments is None:
+            return cls(name, geometry, weights, weights, None, None, bias)
+        sigmas, means = list(moments.covariance), list(moments.mean)
+        if not bias_refit:
+            return cls(name, geometry, weights, weights, sigmas, sigmas, bias)
+        centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
+        shifts = [w.reshape(len(w), -1) @ m for w, m in zip(weights, means)]  # W1 mu
+        return cls(name, geometry, weights, weights, centered, sigmas, bias, shifts, means)
+
+    @classmethod
+    def propagated(cls, plain: LayerProblem, original: Moments, perturbed: Moments, bias_refit: bool) -> LayerProblem:
+        """Fit `W1 x` from the perturbed input x~: target `W' = W1 C Sigma~^-1` in the Sigma~ norm (centered
+        with the bias refit), plus the residual error no chain on x~ can remove."""
+        targets, fit_sigmas, shifts, residual = [], [], [], 0.0
+        sigmas, means = original.covariance, original.mean
+        cross, perturbed_sigmas, perturbed_means = perturbed.cross_moment, perturbed.covariance, perturbed.mean
+        for g, weight in enumerate(plain.weights):
+            matrix = weight.reshape(len(weight), -1)
+            sigma, cross_g, sigma_fit = sigmas[g], cross[g], perturbed_sigmas[g]
+            if bias_refit:
+                sigma = centered_covariance(sigma, means[g])
+                cross_g = cross_g - np.outer(means[g], perturbed_means[g])
+                sigma_fit = centered_covariance(sigma_fit, perturbed_means[g])
+                shifts.append(matrix @ means[g])
+            regularized = regularize(sigma_fit)
+            target = solve_psd(regularized, cross_g.T @ matrix.T).T  # W1 C Sigma~^-1
+            residual += output_energy(matrix, sigma) - float(np.einsum("ij,ij->", target @ regularized, target))
+            targets.append(target.reshape(weight.shape))
+            fit_sigmas.append(regularized)
+        return cls(
+            plain.name,
+            plain.geometry,
+            plain.weights,
+            targets,
+            fit_sigmas,
+            list(sigmas),
+            plain.bias,
+            shifts if bias_refit else None,
+            list(perturbed_means) if bias_refit else None,
+            max(residual, 0.0),
+        )
+
+
+def build_problems(
+    layers: Sequence,
+    weights: Mapping[str, np.ndarray],
+    biases: Mapping[str, np.ndarray | None],
+    statistics: Mapping[str, Moments] | None,
+    *,
+    bias_refit: bool = False,
+) -> dict[str, LayerProblem]:
+    """The plain problem of each layer, in order (`statistics` None: the Frobenius norm)."""
+    return {
+        layer.name: LayerProblem.plain(
+            layer.name,
+            layer.geometry,
+            weights[layer.name],
+            biases[layer.name],
+            None if statistics is None else statistics[layer.name],
+            bias_refit=bias_refit,
+        )
+        for layer in layers
+    }

@@ -1,0 +1,63 @@
+"""Accuracy targets (`--max-drop`, `--min-agreement`): the smallest global ratio whose model meets the
+target on held-out data, by bisection; and the order in which verified results are preferred."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import PlanConfig
+from .errors import UserError
+from .evaluate import Comparison
+from .log import logger
+
+SEARCH_PROBES = 10  # bisection steps at most
+SEARCH_TOLERANCE = 0.01  # ... stopping once the bracket is this narrow
+
+
+def meets(comparison: Comparison | None, config: PlanConfig) -> bool:
+    if comparison is None:
+        return False
+    if config.max_drop is not None:
+        return comparison.top1_drop is not None and 100 * comparison.top1_drop <= config.max_drop
+    return comparison.top1_agreement >= config.min_agreement
+
+
+def preference(comparison: Comparison, config: PlanConfig) -> tuple:
+    """Order of held-out results: meeting the search target first, then top-1 agreement, then output error."""
+    return (not config.targeted or meets(comparison, config), comparison.top1_agreement, -comparison.rel_output_error)
+
+
+def target_text(config: PlanConfig) -> str:
+    if config.max_drop is not None:
+        return f"top-1 drop <= {config.max_drop} points"
+    return f"top-1 agreement >= {config.min_agreement}"
+
+
+def smallest_ratio(probe: Callable[[float], Comparison], config: PlanConfig) -> tuple[float, dict]:
+    """The smallest ratio whose model meets the target; `probe(ratio)` builds and verifies that model (the
+    caller reuses statistics, candidate tables and fits, so a probe is one rewrite and one evaluation).
+    Returns the ratio and the search record (target, ratio, every probe)."""
+    probes = []
+    low, high = 0.0, 1.0  # ratio 1 keeps every layer: it meets any target
+    for _ in range(SEARCH_PROBES):
+        ratio = (low + high) / 2
+        comparison = probe(ratio)
+        if config.max_drop is not None and comparison.top1_drop is None:
+            raise UserError("--max-drop needs labeled data (class folders, .npz with labels); use --min-agreement")
+        met = meets(comparison, config)
+        probes.append(
+            {"ratio": ratio, "top1_drop": comparison.top1_drop, "top1_agreement": comparison.top1_agreement, "met": met}
+        )
+        logger.info(
+            "probe at ratio %.4f: top-1 agreement %.4f, top-1 drop %s: %s",
+            ratio,
+            comparison.top1_agreement,
+            "n/a" if comparison.top1_drop is None else f"{100 * comparison.top1_drop:.2f} points",
+            "meets the target" if met else "misses it",
+        )
+        low, high = (low, ratio) if met else (ratio, high)
+        if high - low < SEARCH_TOLERANCE:
+            break
+    target = target_text(config)
+    logger.info("ratio search: %s met at ratio %.4f after %d probes", target, high, len(probes))
+    return high, {"target": target, "ratio": high, "probes": probes}
