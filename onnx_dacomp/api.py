@@ -9,15 +9,15 @@ from dataclasses import dataclass
 
 import onnx
 
-from .calibrate.collect import collect_statistics
-from .calibrate.sources import Source, open_data
-from .calibrate.statistics import Statistics
+from .calibration.collect import collect_statistics
+from .calibration.sources import Source, open_data
+from .calibration.statistics import Statistics
 from .config import DataConfig, RuntimeConfig
 from .errors import UserError
-from .evaluate import Comparison, Latency, benchmark_batches, compare_models, measure_latency
 from .load import load_model
 from .shapes import graph_inputs
 from .targets import TargetScan, find_targets
+from .verify import Comparison, Latency, benchmark_batches, compare_models, measure_latency
 
 Model = onnx.ModelProto | str | os.PathLike
 Data = Source | Iterable | str | os.PathLike

@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
-from .calibrate.collect import collect_statistics
-from .calibrate.sources import IterableSource, Source, split
-from .calibrate.statistics import Statistics
+from .calibration.collect import collect_statistics
+from .calibration.sources import IterableSource, Source, split
+from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
-from .evaluate import benchmark_batches, compare_models, measure_latency, random_batch
 from .fit import FitSettings, fit_all
 from .load import default_opset, load_model
 from .log import logger
@@ -32,6 +31,7 @@ from .search import preference, smallest_ratio
 from .sensitivity import sensitivities
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
 from .targets import find_targets, read_biases, read_weights, select
+from .verify import benchmark_batches, compare_models, measure_latency, random_batch
 
 NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .calibrate.cross import collect_cross_statistics
+from .calibration.cross import collect_cross_statistics
 from .fit import FitSettings, LayerFit, fit_layer
 from .layers import Layer
 from .log import logger, progress

@@ -7,9 +7,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from .evaluate import Comparison, Latency
 from .geometry import LayerGeometry, original_cost
 from .methods import get, methods_for
+from .verify import Comparison, Latency
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from .config import PlanConfig
 from .errors import UserError
-from .evaluate import Comparison
 from .log import logger
+from .verify import Comparison
 
 SEARCH_PROBES = 10  # bisection steps at most
 SEARCH_TOLERANCE = 0.01  # ... stopping once the bracket is this narrow

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
-from .calibrate.collect import batch_length
+from .calibration.collect import batch_length
 from .decompose.factors import Factors
 from .fit import FitSettings, LayerFit, fit_layer
 from .layers import Layer

@@ -17,7 +17,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .evaluate import Latency, measure_latency, session_latency
 from .geometry import Cost, original_cost
 from .layers import Layer
 from .log import logger
@@ -27,6 +26,7 @@ from .ranks.plan import RankPlan
 from .report import LayerReport
 from .rewrite import replace_layers
 from .runtime import create_session, provider_name
+from .verify import Latency, measure_latency, session_latency
 
 IR_VERSION = 8
 

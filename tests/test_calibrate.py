@@ -5,15 +5,15 @@ import pytest
 from builders import SHARED, conv_model, conv_stack, reference_patches
 from onnx import numpy_helper
 
-from onnx_dacomp.calibrate.collect import collect_statistics
-from onnx_dacomp.calibrate.sources import (
+from onnx_dacomp.calibration.collect import collect_statistics
+from onnx_dacomp.calibration.sources import (
     ArraySource,
     ImageFolderSource,
     ImagePreprocessing,
     IterableSource,
     RandomSource,
 )
-from onnx_dacomp.calibrate.statistics import load_statistics, save_statistics
+from onnx_dacomp.calibration.statistics import load_statistics, save_statistics
 from onnx_dacomp.errors import UserError
 from onnx_dacomp.targets import find_targets, read_weights
 
@@ -270,7 +270,7 @@ def test_subsets_split_sources_into_disjoint_parts(tmp_path):
 
 
 def test_natural_photograph_crops_are_seeded_preprocessed_and_splittable():
-    from onnx_dacomp.calibrate.natural import NaturalImageSource
+    from onnx_dacomp.calibration.natural import NaturalImageSource
 
     pre = ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), layout="NHWC")
     source = NaturalImageSource("x", (1, 20, 24, 3), pre, count=10, batch_size=4, seed=5)

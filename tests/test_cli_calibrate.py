@@ -6,7 +6,7 @@ import pytest
 from builders import conv_model, conv_stack
 from test_calibrate import _write_images
 
-from onnx_dacomp.calibrate.statistics import load_statistics
+from onnx_dacomp.calibration.statistics import load_statistics
 from onnx_dacomp.cli import main
 
 

@@ -9,7 +9,7 @@ import pytest
 from builders import SHARED, conv_stack, relative_error, run
 
 import onnx_dacomp
-from onnx_dacomp.calibrate.sources import ArraySource
+from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.cli import main
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.errors import UserError
@@ -267,7 +267,7 @@ RESNET20 = SHARED / "models" / "cifar10_resnet20.onnx"
 
 @pytest.mark.skipif(not RESNET20.exists(), reason="needs ../shared/models")
 def test_resnet20_distribution_aware_keeps_far_more_accuracy_sensitivity_and_propagation_more(cifar_train):
-    from onnx_dacomp.calibrate.sources import ImageFolderSource, ImagePreprocessing
+    from onnx_dacomp.calibration.sources import ImageFolderSource, ImagePreprocessing
 
     preprocessing = ImagePreprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     source = ImageFolderSource(cifar_train, "input", (1, 3, 32, 32), preprocessing, limit=600, seed=1)
@@ -316,7 +316,7 @@ def test_quickstart_on_the_bundled_model_needs_nothing_else(tmp_path, capsys):
 
 
 def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypatch):
-    from onnx_dacomp.evaluate import Latency
+    from onnx_dacomp.verify import Latency
 
     timed = []
 

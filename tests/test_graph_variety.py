@@ -10,8 +10,8 @@ from builders import IR_VERSION, relative_error, run
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_dacomp
-from onnx_dacomp.calibrate.collect import collect_statistics
-from onnx_dacomp.calibrate.sources import IterableSource
+from onnx_dacomp.calibration.collect import collect_statistics
+from onnx_dacomp.calibration.sources import IterableSource
 from onnx_dacomp.cli import main
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.targets import find_targets

@@ -10,8 +10,8 @@ from builders import conv_model, conv_stack, reference_patches
 from onnx import numpy_helper
 
 import onnx_dacomp
-from onnx_dacomp.calibrate.cross import collect_cross_statistics
-from onnx_dacomp.calibrate.sources import ArraySource
+from onnx_dacomp.calibration.cross import collect_cross_statistics
+from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.decompose.covariance import sigma_error
 from onnx_dacomp.decompose.factors import reconstruct

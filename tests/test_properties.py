@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_dacomp
-from onnx_dacomp.calibrate.collect import collect_statistics
+from onnx_dacomp.calibration.collect import collect_statistics
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.targets import find_targets
 

@@ -5,7 +5,7 @@ import onnx
 from builders import IR_VERSION, conv_model, conv_reference
 from onnx import helper, numpy_helper
 
-from onnx_dacomp.calibrate.collect import collect_statistics
+from onnx_dacomp.calibration.collect import collect_statistics
 from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
 from onnx_dacomp.sensitivity import PROBE_ERROR, measure_sensitivities, probe_batches, probe_rank
 from onnx_dacomp.targets import find_targets, read_weights

@@ -29,7 +29,7 @@ MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 
 
 def load_batches(folder: Path, model, images: int, batch_size: int):
-    from onnx_dacomp.calibrate.sources import ImagePreprocessing, open_source
+    from onnx_dacomp.calibration.sources import ImagePreprocessing, open_source
 
     pre = ImagePreprocessing(mean=tuple(map(float, MEAN.split(","))), std=tuple(map(float, STD.split(","))))
     return list(open_source(folder, model, preprocessing=pre, batch_size=batch_size, limit=images))
@@ -37,7 +37,7 @@ def load_batches(folder: Path, model, images: int, batch_size: int):
 
 def part(name: str, model_path: str, folder: str, images: int, batch_size: int) -> dict:
     """One measurement, run in a child process."""
-    from onnx_dacomp.calibrate.collect import collect_statistics
+    from onnx_dacomp.calibration.collect import collect_statistics
     from onnx_dacomp.load import load_model
     from onnx_dacomp.runtime import create_session
     from onnx_dacomp.targets import find_targets

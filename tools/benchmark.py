@@ -55,7 +55,7 @@ DEFAULT_METHODS = "frobenius-uniform,da-uniform,da-allocated,da-cp,auto"
 
 
 def cifar_sources(workdir: Path, model, calibration: int):
-    from onnx_dacomp.calibrate.sources import ImageFolderSource, ImagePreprocessing
+    from onnx_dacomp.calibration.sources import ImageFolderSource, ImagePreprocessing
 
     root = workdir / "cifar10"
     if not root.is_dir():
@@ -71,7 +71,7 @@ def imagenet_sources(workdir: Path, model):
     """Even class indices calibrate, odd ones evaluate: preprocessed once into .npz files with labels."""
     from PIL import Image
 
-    from onnx_dacomp.calibrate.sources import ArraySource, ImagePreprocessing
+    from onnx_dacomp.calibration.sources import ArraySource, ImagePreprocessing
 
     root = workdir / "imagenet_sample"
     if not root.is_dir():
@@ -106,12 +106,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnx_dacomp
-    from onnx_dacomp.calibrate.collect import collect_statistics
-    from onnx_dacomp.calibrate.natural import NaturalImageSource
+    from onnx_dacomp.calibration.collect import collect_statistics
+    from onnx_dacomp.calibration.natural import NaturalImageSource
     from onnx_dacomp.config import CompressConfig
-    from onnx_dacomp.evaluate import benchmark_batches, compare_models, measure_latency
     from onnx_dacomp.load import load_model
     from onnx_dacomp.targets import find_targets
+    from onnx_dacomp.verify import benchmark_batches, compare_models, measure_latency
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..api import calibrate
-from ..calibrate.statistics import save_statistics
+from ..calibration.statistics import save_statistics
 from ..config import RuntimeConfig
 from ..log import logger
 from ..save import check_output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..calibrate.statistics import load_statistics
+from ..calibration.statistics import load_statistics
 from ..config import GROUPS, CompressConfig, FitConfig, PlanConfig, RuntimeConfig, VerifyConfig
 from ..load import load_model
 from ..pipeline import compress
@@ -31,12 +31,16 @@ def add_parser(commands) -> None:
     add_options(parser, RuntimeConfig, title="runtime")
 
 
+def config_from_args(args: argparse.Namespace) -> CompressConfig:
+    stages = {name: cls(**values(args, cls)) for name, cls in GROUPS.items() if name != "data"}
+    return CompressConfig(data=data_config(args), **stages)
+
+
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, protect=args.model)  # fail before the slow part
     if args.report:
         check_output(args.report, protect=args.model)
-    stages = {name: cls(**values(args, cls)) for name, cls in GROUPS.items() if name != "data"}
-    config = CompressConfig(data=data_config(args), **stages)
+    config = config_from_args(args)
     model = load_model(args.model)
     statistics = load_statistics(args.stats) if args.stats else None
     result = compress(model, args.data, config, statistics=statistics, progress=not args.quiet)

@@ -44,7 +44,7 @@ def method_for_ranks(count: int, default: str) -> str:
 
 def method_of(factors: Factors) -> Method:
     for method in METHODS.values():
-        if isinstance(factors, method.factors_type):
+        if type(factors) is method.factors_type:
             return method
     raise TypeError(f"not a factor container: {type(factors).__name__}")
 

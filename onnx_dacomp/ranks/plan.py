@@ -23,10 +23,10 @@ class Budget:
 
     unit: str
     ratio: float | None
-    allocation: str = "allocated"
-    method: str = "tucker2"  # the configured method choice (uniform allocation picks among its methods)
-    multiple: int = 1  # rank multiple on channel axes at least this wide
-    seed: int = 0
+    allocation: str  # allocated | uniform
+    method: str  # the configured method choice (uniform allocation picks among its methods)
+    multiple: int  # rank multiple on channel axes at least this wide
+    seed: int
 
 
 @dataclass(frozen=True)

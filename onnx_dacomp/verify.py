@@ -12,8 +12,8 @@ import onnx
 from onnx import helper
 from tqdm import tqdm
 
-from .calibrate.collect import batch_length, check_batch
-from .calibrate.sources import IterableSource, Source
+from .calibration.collect import batch_length, check_batch
+from .calibration.sources import IterableSource, Source
 from .errors import UserError
 from .runtime import create_session, provider_name
 from .shapes import concrete_input_shapes, graph_inputs
