@@ -1,17 +1,91 @@
-"""The package logger and progress bars. The library logs; only the CLI decides where messages go."""
+"""The package logger and progress reporting. The library logs; only the CLI decides where messages go.
+
+`progress(...)` is what every long loop reports to: a tqdm bar when stderr is a terminal, else a log line
+every `LOG_INTERVAL` seconds (from a timer, so a long single unit still shows the run is alive) with the
+count, the elapsed time and the time left. A stage announces itself once its first unit is done or the
+first interval has passed (so an error in the first unit stays the only line), and logs its total time.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import time
 
 from tqdm import tqdm
 
 logger = logging.getLogger("onnx_dacomp")
 logger.addHandler(logging.NullHandler())
 
+LOG_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
 
-def progress(total: int | None, description: str, unit: str, *, enabled: bool = True) -> tqdm:
-    """A progress bar on stderr, shown only when it is a terminal (logs and CI stay clean) and `enabled`."""
-    return tqdm(
-        total=total, desc=description, unit=unit, disable=None if enabled else True, leave=False, dynamic_ncols=True
-    )
+
+class Progress:
+    """Counts units of a stage; reports as a bar (terminal) or as periodic log lines (anything else)."""
+
+    def __init__(self, total: int | None, description: str, unit: str, *, enabled: bool = True):
+        self.total, self.description, self.unit, self.enabled = total, description, unit, enabled
+        self.count, self.start, self.announced = 0, time.monotonic(), False
+        self.lock, self.timer = threading.Lock(), None
+        terminal = enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True) if terminal else None
+        if enabled and self.bar is None:
+            self._schedule()
+
+    def update(self, count: int = 1) -> None:
+        with self.lock:
+            self.count += count
+            self._announce()
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.start
+        text = f"{self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}s"
+        text += f", {elapsed:.0f} s elapsed"
+        if self.total is not None and 0 < self.count < self.total:
+            text += f", about {(self.total - self.count) * elapsed / self.count:.0f} s left"
+        return text
+
+    def close(self, finished: bool = True) -> None:
+        """End the stage; log its time unless it did not finish (an error is on its way)."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if self.enabled and finished:
+                self._announce()
+                elapsed = time.monotonic() - self.start
+                logger.info("%s: %d %ss in %.1f s", self.description, self.count, self.unit, elapsed)
+            self.enabled = False
+
+    def _announce(self) -> None:
+        if self.enabled and not self.announced:
+            self.announced = True
+            logger.info("%s%s ...", self.description, f" ({self.total} {self.unit}s)" if self.total else "")
+
+    def _schedule(self) -> None:
+        self.timer = threading.Timer(LOG_INTERVAL, self._tick)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _tick(self) -> None:
+        with self.lock:
+            if not self.enabled:
+                return
+            self._announce()
+            logger.info("%s: %s", self.description, self.status())
+            self._schedule()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        self.close(finished=kind is None)
+
+
+def progress(total: int | None, description: str, unit: str, *, enabled: bool = True) -> Progress:
+    return Progress(total, description, unit, enabled=enabled)

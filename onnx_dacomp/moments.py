@@ -1,7 +1,7 @@
 """The one statistics accumulator: float64 sums over input vectors that merge exactly.
 
 For a layer with G groups and input vectors of length n (a conv's patches, a dense layer's rows), per group:
-`second = sum x x^T` (n x n), `first = sum x`, over `count` vectors. For error propagation (DESIGN.md 2.4)
+`second = sum x x^T` (n x n), `first = sum x`, over `count` vectors. For error propagation (docs/MATH.md)
 the vectors are those of the partially compressed model (x~) and `cross = sum x x~^T` pairs them with the
 original model's x on the same samples.
 """

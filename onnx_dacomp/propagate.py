@@ -1,4 +1,4 @@
-"""Error propagation (DESIGN.md 2.4): fit each layer on the input it really gets once the layers before it
+"""Error propagation (docs/MATH.md): fit each layer on the input it really gets once the layers before it
 are compressed. Layers are fitted in waves (each wave's inputs depend only on earlier waves); layers of one
 wave share one onnxruntime pass for their cross statistics."""
 

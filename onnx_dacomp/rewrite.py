@@ -1,4 +1,4 @@
-"""Stage 7: replace decomposed layers by their chains (DESIGN.md 2.1-2.3), and record provenance.
+"""Stage 7: replace decomposed layers by their chains (docs/MATH.md), and record provenance.
 
 The input model is never modified: a copy is edited in place of each node (the layer kind writes the chain,
 `Layer.chain_nodes`), so the rest of the graph (node order, names, inputs/outputs, value_info, opset,

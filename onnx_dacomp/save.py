@@ -119,6 +119,19 @@ def check_output(path: str | os.PathLike, *, protect: str | os.PathLike | None =
     return path
 
 
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes of a model file and of the external data files it names."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in locations)
+
+
 def output_folder(path: str | os.PathLike) -> Path:
     """The folder an output file goes to; a one-line error if it does not exist."""
     path = Path(path)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
-from tqdm import tqdm
 
 from .calibration.collect import batch_length, check_batch
 from .calibration.sources import IterableSource, Source
 from .errors import UserError
+from .log import progress as log_progress
 from .runtime import create_session, provider_name
 from .shapes import concrete_input_shapes, graph_inputs
 
@@ -70,8 +70,7 @@ def compare_models(
     squared_error = squared_norm = 0.0
     correct = [0, 0]
     labelled = True
-    bar = tqdm(total=source.size, unit="img", desc="verifying", disable=None if progress else True, leave=False)
-    try:
+    with log_progress(source.size, "verifying", "sample", enabled=progress) as bar:
         for index, (batch, labels) in enumerate(source.labelled()):
             batch = check_batch(batch, inputs, index)
             reference = np.asarray(first.run(None, batch)[0], np.float64)
@@ -88,8 +87,6 @@ def compare_models(
                 for k in range(2):
                     correct[k] += int(np.sum(predicted[k] == np.asarray(labels)))
             bar.update(len(reference))
-    finally:
-        bar.close()
     if samples == 0:
         raise UserError(f"the evaluation data ({getattr(source, 'description', 'data')}) yielded no samples")
     return Comparison(

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import helper
-from tqdm import tqdm
 
 from ..errors import UserError
 from ..layers import Layer
 from ..log import logger
+from ..log import progress as log_progress
 from ..moments import Moments
 from ..runtime import create_session, provider_name
 from ..shapes import declared_shape, graph_inputs, infer_shapes
@@ -57,25 +57,14 @@ def collect_statistics(
     runner = _Runner(model, layers, device, mode)
     samples = 0
     description = getattr(source, "description", "user-supplied batches")
-    # disable=None: no bar when stderr is not a terminal (logs, CI), so errors stay one line
-    bar = tqdm(
-        total=getattr(source, "size", None),
-        unit="img",
-        desc="calibrating",
-        disable=None if progress else True,
-        leave=False,
-        dynamic_ncols=True,
-    )
     start = time.perf_counter()
-    try:
+    with log_progress(getattr(source, "size", None), "calibrating", "sample", enabled=progress) as bar:
         for index, batch in enumerate(source):
             batch = check_batch(batch, inputs, index)
             batch_size = batch_length(batch)
             runner.run(batch)
             samples += batch_size
             bar.update(batch_size)
-    finally:
-        bar.close()
     if samples == 0:
         raise UserError(f"the calibration data ({description}) yielded no samples")
     totals = runner.totals()

@@ -1,4 +1,4 @@
-"""Statistics for error propagation (DESIGN.md 2.4): a layer's input in the original model (x) and in the
+"""Statistics for error propagation (docs/MATH.md): a layer's input in the original model (x) and in the
 model compressed so far (x~), on the same samples.
 
 Per layer and group, as `Moments` with a cross term: `cross = sum x x~^T`, `second = sum x~ x~^T`,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from ..calibration.statistics import load_statistics
 from ..config import GROUPS, CompressConfig, FitConfig, PlanConfig, RuntimeConfig, VerifyConfig
 from ..load import load_model
+from ..log import logger
 from ..pipeline import compress
-from ..save import check_output, save_model, write_atomically
+from ..save import check_output, file_size, save_model, write_atomically
 from .calibrate_command import DATA_HELP
 from .options import add_data_options, add_options, data_config, values
 
@@ -37,6 +39,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     check_output(args.output, protect=args.model)  # fail before the slow part
     if args.report:
         check_output(args.report, protect=args.model)
@@ -47,4 +50,13 @@ def run(args: argparse.Namespace) -> int:
     save_model(result.model, args.output, protect=args.model)
     if args.report:
         write_atomically(args.report, lambda stream: stream.write(result.report.to_json().encode()))
+    before, after = file_size(args.model), file_size(args.output)
+    logger.info(
+        "%s: %.2f MB -> %.2f MB (%.1f%%) in %.0f s",
+        args.output,
+        before / 1e6,
+        after / 1e6,
+        100 * after / max(before, 1),
+        time.perf_counter() - start,
+    )
     return 0

@@ -1,4 +1,4 @@
-"""Bias refit (DESIGN.md section 2): absorb the mean part of the approximation error into the bias."""
+"""Bias refit (docs/MATH.md): absorb the mean part of the approximation error into the bias."""
 
 from __future__ import annotations
 

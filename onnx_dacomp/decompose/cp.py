@@ -1,4 +1,4 @@
-"""CP of a conv weight (DESIGN.md 2.3): distribution-aware ALS (DA-CPD) and the Frobenius CP-ALS baseline.
+"""CP of a conv weight (docs/MATH.md): distribution-aware ALS (DA-CPD) and the Frobenius CP-ALS baseline.
 
 Model: `W~[t, s, k1, k2] = sum_r U_T[t,r] U_S[s,r] U_1[k1,r] U_2[k2,r]`, i.e. `W1~ = U_T M^T` with the
 Khatri-Rao product `M = U_S (.) U_1 (.) U_2`. One spatial factor per kernel axis (1-D convs have one).

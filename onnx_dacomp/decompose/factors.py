@@ -1,4 +1,4 @@
-"""Factor containers for the three chain realizations (DESIGN.md 2.1-2.3), and their reconstructions.
+"""Factor containers for the three chain realizations (docs/MATH.md), and their reconstructions.
 
 Pure numpy. Weights follow the ONNX Conv layout `(T, S, *kernel)`; each container holds the factors of one
 group (a grouped conv has one container per group).

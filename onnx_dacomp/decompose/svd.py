@@ -1,4 +1,4 @@
-"""Matrix case (DESIGN.md 2.1): the closed-form distribution-aware SVD and plain truncated SVD.
+"""Matrix case (docs/MATH.md): the closed-form distribution-aware SVD and plain truncated SVD.
 
 Works on any weight `(T, ...)`: a dense layer, a 1x1 conv, or a kxk conv (the "output-channel" variant:
 kxk conv S->R followed by 1x1 R->T).

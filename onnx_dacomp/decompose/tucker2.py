@@ -1,4 +1,4 @@
-"""Tucker-2 of a conv weight (DESIGN.md 2.2): distribution-aware ALS and the Frobenius HOSVD/HOOI baseline.
+"""Tucker-2 of a conv weight (docs/MATH.md): distribution-aware ALS and the Frobenius HOSVD/HOOI baseline.
 
 Weight `W` (T, S, *kernel), `D = prod(kernel)`, `W1 = W.reshape(T, S*D)`, `Sigma` (S*D, S*D) in the same
 `(s, kernel)` order. Model: `W1~ = U_T G1 (U_S kron I_D)^T`.

@@ -1,5 +1,5 @@
 """The convolution kind: Conv nodes (1-D and 2-D, grouped, any stride/padding/dilation), whose input vectors
-are patches (DESIGN.md section 2), and the other convolution-like ops, listed with the reason they are skipped.
+are patches (docs/MATH.md), and the other convolution-like ops, listed with the reason they are skipped.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class Method(ABC):
 
     @abstractmethod
     def cost(self, geometry: LayerGeometry, ranks: Ranks) -> Cost:
-        """Parameters and MACs of the chain at per-group `ranks` (DESIGN.md 2.1-2.3 realizations)."""
+        """Parameters and MACs of the chain at per-group `ranks` (docs/MATH.md)."""
 
     @abstractmethod
     def grid(self, geometry: LayerGeometry, multiple: int) -> list[Ranks]:

@@ -1,4 +1,4 @@
-"""CP (DESIGN.md 2.3): 1x1 conv S->R, one depthwise conv per kernel axis (group R, the layer's geometry along
+"""CP (docs/MATH.md): 1x1 conv S->R, one depthwise conv per kernel axis (group R, the layer's geometry along
 that axis only), 1x1 conv R->T."""
 
 from __future__ import annotations

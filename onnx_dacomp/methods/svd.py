@@ -1,4 +1,4 @@
-"""SVD (DESIGN.md 2.1): a kxk conv S->R with the layer's geometry, then a 1x1 conv R->T. Closed form."""
+"""SVD (docs/MATH.md): a kxk conv S->R with the layer's geometry, then a 1x1 conv R->T. Closed form."""
 
 from __future__ import annotations
 

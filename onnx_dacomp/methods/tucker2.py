@@ -1,4 +1,4 @@
-"""Tucker-2 (DESIGN.md 2.2): 1x1 conv S->R_S, kxk core R_S->R_T with the layer's geometry, 1x1 conv R_T->T.
+"""Tucker-2 (docs/MATH.md): 1x1 conv S->R_S, kxk core R_S->R_T with the layer's geometry, 1x1 conv R_T->T.
 
 A factor at full rank is folded into the core, so its 1x1 conv disappears (same function, less work).
 """

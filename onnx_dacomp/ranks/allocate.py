@@ -1,4 +1,4 @@
-"""Choosing ranks for a global budget (DESIGN.md 2.5): allocated across layers, or uniform per layer.
+"""Choosing ranks for a global budget (docs/MATH.md): allocated across layers, or uniform per layer.
 
 Allocated: minimize the sum of the layers' relative errors, each weighted by the layer's sensitivity (how much
 of it reaches the model output; 1 without weights), subject to the total cost. Each layer's

@@ -1,4 +1,4 @@
-"""Per-layer candidate tables (DESIGN.md 2.5): ranks -> cost and an estimate of the relative DA error.
+"""Per-layer candidate tables (docs/MATH.md): ranks -> cost and an estimate of the relative DA error.
 
 The estimates are cheap and are upper bounds of what the full solvers reach, because the solvers start from
 exactly the estimated point and never increase the error (each method's `estimate` says how it gets there).

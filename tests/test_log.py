@@ -1,0 +1,45 @@
+"""Progress reporting when stderr is not a terminal: periodic lines with the time left, start and end lines,
+and nothing before an error in the first unit."""
+
+import logging
+import time
+
+import pytest
+
+from onnx_dacomp import log
+
+
+@pytest.fixture(autouse=True)
+def propagating(monkeypatch):
+    """The CLI tests turn propagation off (the CLI has its own handler); caplog listens at the root."""
+    monkeypatch.setattr(log.logger, "propagate", True)
+
+
+def test_a_long_stage_logs_its_progress_and_time(monkeypatch, caplog):
+    monkeypatch.setattr(log, "LOG_INTERVAL", 0.05)
+    caplog.set_level(logging.INFO, logger="onnx_dacomp")
+    with log.progress(4, "fitting", "layer") as bar:
+        for _ in range(4):
+            time.sleep(0.06)
+            bar.update()
+        time.sleep(0.12)  # a slow tail: the timer keeps reporting while no unit finishes
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "fitting (4 layers) ..."
+    assert any(line.startswith("fitting: ") and "s elapsed" in line for line in lines[1:-1])
+    assert any("s left" in line for line in lines[1:-1])
+    assert lines[-1].startswith("fitting: 4 layers in ") and lines[-1].endswith(" s")
+
+
+def test_an_error_in_the_first_unit_is_the_only_line(caplog):
+    caplog.set_level(logging.INFO, logger="onnx_dacomp")
+    with pytest.raises(ValueError):
+        with log.progress(3, "calibrating", "sample"):
+            raise ValueError("bad batch")
+    assert caplog.records == []
+
+
+def test_disabled_progress_is_silent(caplog):
+    caplog.set_level(logging.INFO, logger="onnx_dacomp")
+    with log.progress(2, "verifying", "sample", enabled=False) as bar:
+        bar.update(2)
+    assert caplog.records == []
