@@ -27,6 +27,7 @@ from .ranks.candidates import candidate_tables
 from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows
 from .rewrite import replace_layers, with_provenance
+from .runtime import blas_threads
 from .search import preference, smallest_ratio
 from .sensitivity import sensitivities
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
@@ -60,6 +61,11 @@ def compress(
     give their first `config.verify.holdout` samples to verification and calibrate on the rest.
     `statistics`: precomputed statistics of this model (then `data`, if given, serves verification only).
     """
+    with blas_threads():
+        return _compress(model, data, config, statistics, progress)
+
+
+def _compress(model, data, config: CompressConfig, statistics: Statistics | None, progress: bool) -> CompressionResult:
     clock = [("start", time.perf_counter())]
     model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     runtime, covariance = config.runtime, config.fit.norm == "sigma"

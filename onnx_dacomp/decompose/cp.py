@@ -23,6 +23,9 @@ from .result import Decomposition, run_sweeps
 from .svd import _top_eigenvectors
 
 Callback = Callable[[int, float], None]
+# the input-factor step solves its S*R normal equations directly up to this size, else by warm-started
+# preconditioned CG: on ResNet-56 layers CG reached the same error (within 1e-5 relative) 10-26x faster
+DIRECT_LIMIT = 256
 DEFAULT_RIDGE = 1e-9
 _AXES = "hwxyz"
 
@@ -42,33 +45,59 @@ def cp_als(
     tensor = np.asarray(weight, np.float64)
     _check(tensor, rank)
     total = float(np.sum(tensor**2))
-    factors = _initial_factors(tensor, rank, init, seed)  # [U_S, U_1, ...]; U_T is solved first
-    modes = [None, *factors]
-
-    def solve_mode(mode: int) -> np.ndarray:
-        # MTTKRP as one GEMM: the mode-m unfolding times the Khatri-Rao product of the other factors
-        others = [m for m in range(tensor.ndim) if m != mode]
-        mttkrp = np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1) @ _khatri_rao([modes[m] for m in others])
-        gram = np.prod([modes[m].T @ modes[m] for m in others], axis=0)
-        return _ridge_solve(gram, mttkrp.T).T, mttkrp
-
-    modes[0], _ = solve_mode(0)
+    out_channels, in_channels, kernel = tensor.shape[0], tensor.shape[1], tensor.shape[2:]
+    matrix = tensor.reshape(out_channels, in_channels, -1)  # W[t, s, d]
+    input_factor, *spatial = _initial_factors(tensor, rank, init, seed)
+    output_factor = _ridge_solve(_gram([input_factor, *spatial]), _mttkrp_output(matrix, input_factor, spatial).T).T
     history, converged, sweep = [], False, 0
     for sweep in range(1, max_iter + 1):
-        for mode in range(1, tensor.ndim):
-            updated, _ = solve_mode(mode)
-            modes[mode], modes[0] = _normalized(updated, modes[0])
-        modes[0], mttkrp = solve_mode(0)
-        gram = np.prod([m.T @ m for m in modes], axis=0)
-        fit = total - 2 * float(np.sum(modes[0] * mttkrp)) + float(gram.sum())
+        # U_T is fixed until the end of the sweep: its contraction with W serves every other mode
+        by_output = (matrix.reshape(out_channels, -1).T @ output_factor).reshape(in_channels, -1, rank)  # (S,D,R)
+        taps = _khatri_rao(spatial)
+        updated = np.einsum("sdr,dr->sr", by_output, taps)
+        updated = _ridge_solve(_gram([output_factor, *spatial]), updated.T).T
+        input_factor, norms = _normalized_columns(updated)
+        output_factor, by_output = output_factor * norms, by_output * norms
+        for axis in range(len(spatial)):
+            reduced = np.einsum("sdr,sr->dr", by_output, input_factor).reshape(*kernel, rank)
+            updated = _contract_others(reduced, spatial, axis)
+            others = [output_factor, input_factor, *(f for a, f in enumerate(spatial) if a != axis)]
+            updated = _ridge_solve(_gram(others), updated.T).T
+            spatial[axis], norms = _normalized_columns(updated)
+            output_factor, by_output = output_factor * norms, by_output * norms
+        mttkrp = _mttkrp_output(matrix, input_factor, spatial)
+        output_factor = _ridge_solve(_gram([input_factor, *spatial]), mttkrp.T).T
+        gram = _gram([output_factor, input_factor, *spatial])
+        fit = total - 2 * float(np.sum(output_factor * mttkrp)) + float(gram.sum())
         history.append(max(0.0, fit / total) if total > 0 else 0.0)
         if callback:
             callback(sweep, history[-1])
         if history[-1] <= 1e-15 or (len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]):
             converged = True
             break
-    factors = CPFactors(modes[1], tuple(modes[2:]), modes[0])
+    factors = CPFactors(input_factor, tuple(spatial), output_factor)
     return Decomposition(factors, history[-1] if history else 1.0, tuple(history), sweep, converged)
+
+
+def _mttkrp_output(matrix: np.ndarray, input_factor: np.ndarray, spatial) -> np.ndarray:
+    """`W_(T) (U_S (.) U_1 (.) ...)` by successive contractions: (T, S*D) @ KR without forming the
+    Khatri-Rao product (memory T*D*R instead of S*D*R, one GEMM of T*S*D*R flops)."""
+    out_channels, in_channels, taps = matrix.shape
+    by_input = matrix.transpose(0, 2, 1).reshape(-1, in_channels) @ input_factor  # (T*D, R)
+    return np.einsum("tdr,dr->tr", by_input.reshape(out_channels, taps, -1), _khatri_rao(spatial))
+
+
+def _contract_others(reduced: np.ndarray, spatial, axis: int) -> np.ndarray:
+    """`reduced[k_1, ..., k_n, r]` contracted with every spatial factor but the one of `axis`: (k_axis, R)."""
+    letters = _AXES[: len(spatial)]
+    others = [a for a in range(len(spatial)) if a != axis]
+    spec = f"{letters}r," + ",".join(f"{letters[a]}r" for a in others) + f"->{letters[axis]}r"
+    return np.einsum(spec, reduced, *(spatial[a] for a in others))
+
+
+def _gram(factors) -> np.ndarray:
+    """Hadamard product of the factors' Gram matrices: the normal matrix of the remaining mode."""
+    return np.prod([f.T @ f for f in factors], axis=0)
 
 
 def da_cp(
@@ -82,19 +111,22 @@ def da_cp(
     seed: int = 0,
     floor: float = DEFAULT_FLOOR,
     ridge: float = DEFAULT_RIDGE,
-    direct_limit: int = 3072,
+    direct_limit: int = DIRECT_LIMIT,
     cg_iter: int = 6,
     callback: Callback | None = None,
+    prepared: CPProblem | None = None,
 ) -> Decomposition:
     """Distribution-aware CP: minimize `||(W1 - U_T M^T) L||^2` by alternating block updates.
 
     `init`: "frobenius" (CP-ALS first, so the result is never worse than it in the Sigma-norm), "svd",
     "random" (seeded), or a `CPFactors` to start from (for example a CP of a DA-Tucker-2 core expanded).
-    U_S has S*R unknowns: direct solve while `S*R <= direct_limit`, else warm-started preconditioned CG.
+    U_S has S*R unknowns: direct solve while `S*R <= direct_limit`, else warm-started preconditioned CG
+    (6 iterations reached the direct solve's error within 1e-4 relative on ResNet-56 layers). `prepared`:
+    `prepare_da_cp(weight, sigma)` computed once for several ranks of the same layer.
     """
     weight = np.asarray(weight, np.float64)
     _check(weight, rank)
-    out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    out_channels, _in_channels, _kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
     if isinstance(init, CPFactors):
         start = [init.input_factor, *init.spatial_factors]
     elif init == "frobenius":
@@ -103,7 +135,7 @@ def da_cp(
         start = [frob.input_factor, *frob.spatial_factors]
     else:
         start = _initial_factors(weight, rank, init, seed)
-    problem = _CPProblem(weight.reshape(out_channels, -1), regularize(sigma, floor), in_channels, kernel, ridge)
+    problem = prepared if prepared is not None else prepare_da_cp(weight, sigma, floor=floor, ridge=ridge)
     input_factor, spatial = np.array(start[0], np.float64), [np.array(f, np.float64) for f in start[1:]]
     output_factor = np.zeros((out_channels, rank))
     input_factor, output_factor = _normalized(input_factor, output_factor)
@@ -129,8 +161,18 @@ def da_cp(
     return Decomposition(factors, history[-1], tuple(history), sweeps, converged)
 
 
-class _CPProblem:
-    """Fixed data of one DA-CPD fit; caches `C = (U_S kron I)^T Sigma (U_S kron I)` for the current U_S."""
+def prepare_da_cp(
+    weight: np.ndarray, sigma: np.ndarray, *, floor: float = DEFAULT_FLOOR, ridge: float = DEFAULT_RIDGE
+) -> CPProblem:
+    """The rank-independent data of DA-CPD fits of one layer (the regularized Sigma and its products)."""
+    weight = np.asarray(weight, np.float64)
+    out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    return CPProblem(weight.reshape(out_channels, -1), regularize(sigma, floor), in_channels, kernel, ridge)
+
+
+class CPProblem:
+    """Fixed data of DA-CPD fits of one layer; caches `C = (U_S kron I)^T Sigma (U_S kron I)` for the
+    current U_S (so one object serves one fit at a time)."""
 
     def __init__(self, matrix, sigma, in_channels, kernel, ridge):
         self.matrix, self.sigma, self.channels, self.kernel, self.ridge = matrix, sigma, in_channels, kernel, ridge
@@ -224,16 +266,22 @@ def _khatri_rao(factors) -> np.ndarray:
 def _ridge_solve(gram: np.ndarray, rhs: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
     """`(gram + ridge * mean(diag) I)^-1 rhs` for a symmetric PSD gram."""
     gram = (gram + gram.T) / 2
-    shift = ridge * float(np.mean(np.diag(gram))) if np.any(np.diag(gram) > 0) else 1.0
-    regularized = gram + shift * np.eye(len(gram))
-    return solve_psd(regularized, rhs)
+    diagonal = np.diag(gram)
+    shift = ridge * float(np.mean(diagonal)) if np.any(diagonal > 0) else 1.0
+    gram[np.diag_indices_from(gram)] += shift
+    return solve_psd(gram, rhs)
 
 
 def _normalized(factor: np.ndarray, output_factor: np.ndarray):
     """Unit-norm columns; the norms move into the output factor so the product is unchanged."""
+    factor, norms = _normalized_columns(factor)
+    return factor, output_factor * norms
+
+
+def _normalized_columns(factor: np.ndarray):
     norms = np.linalg.norm(factor, axis=0)
     norms = np.where(norms > 0, norms, 1.0)
-    return factor / norms, output_factor * norms
+    return factor / norms, norms
 
 
 def _check(weight: np.ndarray, rank: int) -> None:

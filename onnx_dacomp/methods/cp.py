@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..decompose.cp import cp_als, da_cp
+from ..decompose.cp import cp_als, da_cp, prepare_da_cp
 from ..decompose.factors import CPFactors
 from ..geometry import Cost, LayerGeometry
 from .base import SingleRankMethod, Stage, pointwise
@@ -40,13 +40,14 @@ class CP(SingleRankMethod):
         return _chain_cost(g, layers)
 
     def estimate(self, weight, sigma, ranks, seed):
-        # a short run of the solver at each rank
+        # a short run of the solver at each rank, on one regularized Sigma for all of them
+        prepared = None if sigma is None else prepare_da_cp(weight, sigma)
         errors = []
         for (rank,) in ranks:
             if sigma is None:
                 result = cp_als(weight, rank, seed=seed, max_iter=FROBENIUS_ESTIMATE_SWEEPS)
             else:
-                result = da_cp(weight, sigma, rank, seed=seed, max_iter=ESTIMATE_SWEEPS)
+                result = da_cp(weight, sigma, rank, seed=seed, max_iter=ESTIMATE_SWEEPS, prepared=prepared)
             errors.append(result.rel_error)
         return errors
 
