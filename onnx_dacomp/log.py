@@ -89,3 +89,25 @@ class Progress:
 
 def progress(total: int | None, description: str, unit: str, *, enabled: bool = True) -> Progress:
     return Progress(total, description, unit, enabled=enabled)
+
+
+class StageClock:
+    """Wall and CPU time (all threads of the process) of consecutive stages."""
+
+    def __init__(self):
+        self.marks = [("start", time.perf_counter(), time.process_time())]
+
+    def mark(self, stage: str) -> None:
+        self.marks.append((stage, time.perf_counter(), time.process_time()))
+
+    def seconds(self) -> dict[str, float]:
+        return self._spans(1)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return self._spans(2)
+
+    def _spans(self, index: int) -> dict[str, float]:
+        spans = {
+            later[0]: round(later[index] - earlier[index], 3) for earlier, later in zip(self.marks, self.marks[1:])
+        }
+        return {**spans, "total": round(self.marks[-1][index] - self.marks[0][index], 3)}

@@ -6,33 +6,32 @@ report; the CLI's `compress` command calls it and saves the model.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import onnx
 
 from .calibration.collect import collect_statistics
-from .calibration.sources import IterableSource, Source, split
+from .calibration.sources import Source, split
 from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings, fit_all
 from .load import default_opset, load_model
-from .log import logger
+from .log import StageClock, logger
 from .problems import build_problems
-from .propagate import fit_propagated
+from .propagate import fit_propagated, keep_better
 from .ranks import overrides
 from .ranks.candidates import candidate_tables
 from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows
 from .rewrite import replace_layers, with_provenance
 from .runtime import blas_threads
-from .search import preference, smallest_ratio
-from .sensitivity import sensitivities
+from .search import smallest_ratio
+from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
 from .targets import find_targets, read_biases, read_weights, select
-from .verify import benchmark_batches, compare_models, measure_latency, random_batch
+from .verify import compare_models, end_to_end_latency
 
 NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
@@ -66,7 +65,7 @@ def compress(
 
 
 def _compress(model, data, config: CompressConfig, statistics: Statistics | None, progress: bool) -> CompressionResult:
-    clock = [("start", time.perf_counter())]
+    clock = StageClock()
     model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     runtime, covariance = config.runtime, config.fit.norm == "sigma"
     scan = find_targets(model, config.data.input_shapes)
@@ -90,7 +89,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         else:
             statistics.check_model(fitted, weights)
     moments = statistics.layers if covariance and statistics is not None else None
-    clock.append(("calibrate", time.perf_counter()))
+    clock.mark("calibrate")
 
     problems = build_problems(fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit)
     settings = FitSettings.of(config)
@@ -105,7 +104,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
             managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed, show_progress=progress
         )
         tables = {name: costs.timed(table) for name, table in tables.items()}
-        sensitivity = _sensitivities(model, layers, managed, calibration, settings, config, progress)
+        sensitivity = allocation_weights(model, layers, managed, calibration, settings, config, progress)
     original_costs = {layer.name: costs.original(layer.name) for layer in scan.layers if layer.geometry is not None}
     fit_cache: dict = {}
 
@@ -138,36 +137,21 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     if config.plan.require_speedup:
         rank_plan, slower = keep_faster(rank_plan, layers, timing, fixed)
         reasons.update(slower)
-    clock.append(("ranks", time.perf_counter()))
+    clock.mark("ranks")
     new_model, fits = build(rank_plan, config.fit.propagate)
-    clock.append(("decompose", time.perf_counter()))
+    clock.mark("decompose")
 
-    verification = propagation = None
-    if holdout is not None:
-        verification = verify(new_model)
-    if config.fit.propagate and verification is not None:
-        # propagation minimizes each layer's output error, which need not lower the model's: verify both
-        plain_model, plain_fits = build(rank_plan, False)
-        plain = verify(plain_model)
-        propagation = {"kept": "propagated", "propagated": asdict(verification), "plain": asdict(plain)}
-        if preference(plain, config.plan) > preference(verification, config.plan):
-            logger.warning(
-                "the propagated fit verifies worse than the plain fit on the held-out data (top-1 agreement "
-                "%.4f vs %.4f, output error %.4f vs %.4f): keeping the plain fit",
-                verification.top1_agreement, plain.top1_agreement,
-                verification.rel_output_error, plain.rel_output_error,
-            )  # fmt: skip
-            new_model, fits, verification = plain_model, plain_fits, plain
-            propagation["kept"] = "plain"
+    verification = verify(new_model) if holdout is not None else None
+    propagation = None
+    if config.fit.propagate and verification is not None:  # propagation need not lower the model's error
+        new_model, fits, verification, propagation = keep_better(
+            (new_model, fits, verification), lambda: build(rank_plan, False), verify, config.plan
+        )
     latency = ()
     if config.plan.require_speedup or config.verify.benchmark:
-        sizes = sorted({1, runtime.speed_batch})
-        source = holdout or calibration
-        batches = (benchmark_batches(source, sizes) if source else None) or [
-            random_batch(model, size, config.data.input_shapes, runtime.seed) for size in sizes
-        ]
-        latency = tuple(measure_latency(model, new_model, batch, device=runtime.device) for batch in batches)
-    clock.append(("verify", time.perf_counter()))
+        sizes, source = sorted({1, runtime.speed_batch}), holdout or calibration
+        latency = end_to_end_latency(model, new_model, source, sizes, config.data.input_shapes, runtime)
+    clock.mark("verify")
 
     report = CompressionReport(
         layers=layer_rows(
@@ -189,25 +173,10 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         propagation=propagation,
         latency=latency,
         calibration=statistics.source if statistics is not None else None,
-        seconds={stage: round(end - start, 3) for (_, start), (stage, end) in zip(clock, clock[1:])},
+        seconds=clock.seconds(),
+        cpu_seconds=clock.cpu_seconds(),
         settings={k: v for k, v in config.options().items() if k not in ("input_shapes",)},
     )
     logger.info("%s", report.table())
     provenance = {"method": config.plan.method, "budget": config.plan.budget, "ratio": ratio, "norm": config.fit.norm}
     return CompressionResult(with_provenance(new_model, provenance), report)
-
-
-def _sensitivities(model, layers, problems, calibration, settings, config: CompressConfig, progress: bool):
-    """The allocation's weights: measured output sensitivities (sensitivity.py); None where they cannot be
-    measured (Frobenius fit, no re-readable calibration data, or switched off)."""
-    if not config.plan.sensitivity or config.fit.norm != "sigma":
-        return None
-    rereadable = isinstance(calibration, (list, tuple)) or (
-        isinstance(calibration, Source) and not isinstance(calibration, IterableSource)
-    )
-    if not rereadable:
-        logger.info("no re-readable calibration data: layer errors are not weighted by output sensitivity")
-        return None
-    return sensitivities(
-        model, layers, problems, calibration, settings, device=config.runtime.device, show_progress=progress
-    )

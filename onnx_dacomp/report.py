@@ -43,7 +43,8 @@ class CompressionReport:
     latency: tuple[Latency, ...] = ()
     search: Mapping[str, object] | None = None  # the accuracy-targeted ratio search: target, ratio, probes
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
-    seconds: Mapping[str, float] = field(default_factory=dict)
+    seconds: Mapping[str, float] = field(default_factory=dict)  # wall time per stage, and in total
+    cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time (all threads) per stage
     settings: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -82,6 +83,7 @@ class CompressionReport:
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
+            "cpu_seconds": dict(self.cpu_seconds),
             "settings": dict(self.settings),
         }
 

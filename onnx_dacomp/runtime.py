@@ -18,10 +18,18 @@ CPU = "CPUExecutionProvider"
 
 
 def create_session(
-    model: onnx.ModelProto | bytes, device: str = "auto", *, optimize: bool = True, optimized_path: str | None = None
+    model: onnx.ModelProto | bytes,
+    device: str = "auto",
+    *,
+    optimize: bool = True,
+    optimized_path: str | None = None,
+    arena: bool = True,
+    spinning: bool = True,
 ):
     """An InferenceSession on `device`; `auto` takes CUDA when it really starts, else the CPU.
     `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
+    `arena=False`: release intermediate buffers instead of keeping the peak allocation (large graphs run
+    once per batch). `spinning=False`: worker threads sleep between runs instead of busy-waiting.
 
     onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
     CPU, so the provider is checked on the created session.
@@ -37,6 +45,10 @@ def create_session(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:
         options.optimized_model_filepath = optimized_path
+    options.enable_cpu_mem_arena = arena
+    options.enable_mem_pattern = arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
     if want_cuda:
         if device == "auto":

@@ -5,9 +5,9 @@ much of their error survives to the output: a layer inside a residual block is d
 the first block of a stage is not, and on EfficientNet-Lite0 the same relative error moves the logits
 between 0.1x and 11x as much. Each layer is therefore probed once: its closed-form DA-SVD at a rank whose
 error is near `PROBE_ERROR` replaces it alone, and the model output is compared with the original's on a
-few calibration samples. The sensitivity is `||Y~ - Y||^2 / ||Y||^2` divided by the layer's relative error;
-to first order the output error of several compressed layers is the sum of sensitivity times layer error,
-which is what the allocation then minimizes.
+few calibration samples (`--sensitivity-samples`). The sensitivity is `||Y~ - Y||^2 / ||Y||^2` divided
+by the layer's relative error; to first order the output error of several compressed layers is the sum of
+sensitivity times layer error, which is what the allocation then minimizes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 import onnx
 
 from .calibration.collect import batch_length
+from .calibration.sources import IterableSource, Source
 from .decompose.factors import Factors
 from .fit import FitSettings, LayerFit, fit_layer
 from .layers import Layer
-from .log import progress
+from .log import logger, progress
 from .methods import get
 from .problems import LayerProblem
 from .ranks.candidates import Candidate, estimate_errors
@@ -29,7 +30,6 @@ from .rewrite import replace_layers
 from .runtime import create_session
 
 PROBE_ERROR = 0.02  # relative layer error of the probe: small enough for the first-order picture
-PROBE_SAMPLES = 128  # calibration samples the probes run on
 PROBE_METHOD = "svd"  # closed form: exact rank errors and no iterations
 
 
@@ -52,7 +52,7 @@ def probe_fit(problem: LayerProblem, settings: FitSettings) -> LayerFit:
     return fit_layer(problem, choice, settings)
 
 
-def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int = PROBE_SAMPLES) -> list[dict]:
+def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int) -> list[dict]:
     """The first `samples` samples of `data` (whole batches)."""
     batches, count = [], 0
     for batch in data:
@@ -103,13 +103,32 @@ def sensitivities(
     data: Iterable[Mapping[str, np.ndarray]],
     settings: FitSettings,
     *,
+    samples: int,
     device: str = "auto",
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """The measured sensitivity of every layer in `problems`: one probe each, on the first samples of `data`."""
+    """The measured sensitivity of every layer in `problems`: one probe each, on the first `samples` samples
+    of `data` (whole batches)."""
     probes = {}
     for name, problem in problems.items():
         fit = probe_fit(problem, settings)
         probes[name] = (layers[name], fit.factors, fit.bias, fit.rel_error)
     with progress(len(probes), "layer sensitivity", "layer", enabled=show_progress) as bar:
-        return measure_sensitivities(model, probes, probe_batches(data), device=device, progress=bar)
+        return measure_sensitivities(model, probes, probe_batches(data, samples), device=device, progress=bar)
+
+
+def allocation_weights(model, layers, problems, calibration, settings: FitSettings, config, progress: bool = True):
+    """The allocation's weights for `problems`: their measured sensitivities; None where they cannot be
+    measured (Frobenius fit, no re-readable calibration data, or switched off in `config`)."""
+    if not config.plan.sensitivity or config.fit.norm != "sigma":
+        return None
+    rereadable = isinstance(calibration, (list, tuple)) or (
+        isinstance(calibration, Source) and not isinstance(calibration, IterableSource)
+    )
+    if not rereadable:
+        logger.info("no re-readable calibration data: layer errors are not weighted by output sensitivity")
+        return None
+    samples, device = config.plan.sensitivity_samples, config.runtime.device
+    return sensitivities(
+        model, layers, problems, calibration, settings, samples=samples, device=device, show_progress=progress
+    )

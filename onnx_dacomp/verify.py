@@ -170,6 +170,14 @@ def benchmark_batches(source: Source, sizes) -> list[dict[str, np.ndarray]]:
     return batches
 
 
+def end_to_end_latency(original, compressed, source, sizes, input_shapes, runtime) -> tuple[Latency, ...]:
+    """Both models timed at each batch size: on samples of `source` when there is one, else random data."""
+    batches = (benchmark_batches(source, sizes) if source else None) or [
+        random_batch(original, size, input_shapes, runtime.seed) for size in sizes
+    ]
+    return tuple(measure_latency(original, compressed, batch, device=runtime.device) for batch in batches)
+
+
 def random_batch(model: onnx.ModelProto, size: int, input_shapes, seed: int) -> dict[str, np.ndarray]:
     """A random input batch for timing when no data was given (latency does not depend on the values)."""
     shapes = concrete_input_shapes(model, input_shapes)

@@ -24,12 +24,22 @@ def augment(
     graph = new.graph
     opset = default_opset(model) or 13
     del graph.output[:]
+    # each layer's statistics nodes follow the node that produces its input, so that onnxruntime can release
+    # that activation early instead of holding every layer input until the end of the graph
+    after: dict[int, list] = {}
+    position = {output: index for index, node in enumerate(graph.node) for output in node.output}
     outputs = {}
     for layer in layers:
         nodes, initializers, sums = layer.statistics_graph(input_shapes[layer.name], opset)
-        graph.node.extend(nodes)
+        after.setdefault(position.get(layer.input, -1), []).extend(nodes)
         graph.initializer.extend(initializers)
         for name in sums.names:
             graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         outputs[layer.name] = sums
+    original = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(after.get(-1, []))
+    for index, node in enumerate(original):
+        graph.node.append(node)
+        graph.node.extend(after.get(index, []))
     return new, outputs

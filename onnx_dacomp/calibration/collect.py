@@ -27,6 +27,9 @@ from .augment import augment
 from .sources import IterableSource, Source
 from .statistics import Statistics, layer_fingerprint
 
+CHUNK = 8  # samples per run of the statistics graph (memory: see _Runner.run)
+STATISTICS_ARENA = False  # the statistics graph's intermediates are large and short-lived: no memory arena
+
 
 def collect_statistics(
     model: onnx.ModelProto,
@@ -153,6 +156,13 @@ class _Runner:
         self.pending_images = 0
 
     def run(self, batch: dict[str, np.ndarray]) -> None:
+        """Accumulate one batch, in chunks of at most `CHUNK` samples: onnxruntime holds every intermediate
+        tensor of the statistics graph for the samples of one run, so the chunk bounds its memory."""
+        size = batch_length(batch)
+        for start in range(0, size, CHUNK):
+            self._run({name: a[start : start + CHUNK] if np.ndim(a) else a for name, a in batch.items()})
+
+    def _run(self, batch: dict[str, np.ndarray]) -> None:
         key = tuple((name, array.shape[1:]) for name, array in sorted(batch.items()))
         if key != self.shape_key:
             self._flush()
@@ -166,33 +176,39 @@ class _Runner:
                 logger.warning("the statistics graph failed in onnxruntime (%s); exposing layer inputs instead", reason)
                 self.mode = "numpy"
                 self.shape_key = None
-                return self.run(batch)
+                return self._run(batch)
             raise UserError(f"onnxruntime failed to run the model on the calibration data: {reason}") from None
         values = dict(zip(self.output_names, results))
         if self.path == "graph":
-            for name, value in values.items():
-                self.pending[name] = self.pending.get(name, 0.0) + np.asarray(value, np.float64)
+            for name, value in values.items():  # in place: no temporaries of the (large) sums per run
+                if name in self.pending:
+                    np.add(self.pending[name], value, out=self.pending[name])
+                else:
+                    self.pending[name] = np.asarray(value, np.float64)
             self.pending_images += batch_length(batch)
         else:
             self._add({layer.name: vector_sums(layer.input_vectors(values[layer.input])) for layer in self.layers})
 
     def totals(self) -> dict[str, Moments]:
+        self.session = None  # the statistics graph's memory goes before the sums are assembled
         self._flush()
         return self.statistics
 
     def _flush(self) -> None:
         if self.pending_images:
-            self._add(
-                {
-                    layer.name: self.layer_outputs[layer.name].moments(self.pending, self.pending_images)
-                    for layer in self.layers
-                }
-            )
+            for layer in self.layers:  # one layer at a time, freeing its raw sums: memory stays near the result
+                outputs = self.layer_outputs[layer.name]
+                moments = outputs.moments(self.pending, self.pending_images)
+                for name in outputs.names:
+                    del self.pending[name]
+                self._add({layer.name: moments})
         self.pending, self.pending_images = {}, 0
 
     def _add(self, collected: dict[str, Moments]) -> None:
         for layer in self.layers:  # in graph order: the first layer whose input went non-finite is named
-            stats = collected[layer.name]
+            stats = collected.get(layer.name)
+            if stats is None:
+                continue
             if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
                 raise UserError(
                     f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
@@ -211,7 +227,7 @@ class _Runner:
         if use_graph:
             try:
                 augmented, self.layer_outputs = augment(self.model, self.layers, layer_inputs)
-                self.session = create_session(augmented, self.device)
+                self.session = create_session(augmented, self.device, arena=STATISTICS_ARENA)
                 self.output_names = [n for o in self.layer_outputs.values() for n in o.names]
                 self.path = "graph"
                 self.provider = provider_name(self.session)

@@ -51,7 +51,10 @@ class LayerOutputs:
     def moments(self, sums: Mapping[str, np.ndarray], images: int) -> Moments:
         """The layer's patch sums from the outputs `sums`, summed over batches of `images` in all."""
         kh, n = self.layer.kernel_shape[0], self.group_rows
-        seconds = []
+        kw = math.prod(self.layer.kernel_shape[1:])
+        channels = n // kw
+        # written straight into the (channel, kernel row, tap) patch order: no full-size temporaries
+        second = np.empty((len(self.blocks), channels, kh, kw, channels, kh, kw))
         for group, blocks in enumerate(self.blocks):
             combined = {}
             for key, terms in blocks.items():  # insertion order: every referenced block comes first
@@ -59,17 +62,13 @@ class LayerOutputs:
                     sign * (combined[name] if isinstance(name, tuple) else np.asarray(sums[name], np.float64))
                     for sign, name in terms
                 )
-            gram = np.empty((kh, kh, n, n))
             for (i, j), block in combined.items():
-                gram[i, j], gram[j, i] = block, block.T
-            kw = math.prod(self.layer.kernel_shape[1:])
-            channels = n // kw
-            # (kernel row, kernel row', channel, tap, channel', tap') -> (channel, row, tap) x (same)
-            gram = gram.reshape(kh, kh, channels, kw, channels, kw).transpose(2, 0, 3, 4, 1, 5)
-            seconds.append(gram.reshape(channels * kh * kw, channels * kh * kw))
+                second[group, :, i, :, :, j, :] = block.reshape(channels, kw, channels, kw)
+                second[group, :, j, :, :, i, :] = block.T.reshape(channels, kw, channels, kw)
         first = self._first(np.asarray(sums[self.input_sum], np.float64))
         count = images * math.prod(self.output_spatial)
-        return Moments(np.stack(seconds), first.reshape(self.layer.group, -1), count)
+        size = channels * kh * kw
+        return Moments(second.reshape(len(self.blocks), size, size), first.reshape(self.layer.group, -1), count)
 
     def _first(self, input_sum: np.ndarray) -> np.ndarray:
         """Sum of the patches from the input summed over images: one window of it per kernel tap."""

@@ -85,6 +85,10 @@ class Method(ABC):
         """Random factors of the right shapes for a group weight of `shape` (to time a chain: values do not
         change its speed)."""
 
+    def affordable_rank(self, geometry: LayerGeometry) -> int | None:
+        """The largest rank worth a candidate given the solver's cost on this layer (None: no limit)."""
+        return None
+
     def normalize_ranks(self, ranks: Ranks) -> Ranks:
         """Ranks as the user may write them (a single int for a two-rank method) -> the method's tuple."""
         return ranks
@@ -129,7 +133,7 @@ class SingleRankMethod(Method):
             (original.params - bias - 1) // max(per_rank.params - bias, 1),
             (original.macs - 1) // max(per_rank.macs, 1),
         )
-        largest = min(largest, limit)
+        largest = min(largest, limit, self.affordable_rank(geometry) or limit)
         if largest < 1:
             return []
         points = self.grid_points or largest

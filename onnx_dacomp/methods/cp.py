@@ -14,6 +14,10 @@ from .base import SingleRankMethod, Stage, pointwise
 from .svd import _chain_cost
 
 GRID_POINTS = 8  # CP needs an iterative solve per rank: a coarser grid
+# DA-CPD's input step multiplies Sigma ((S*D)^2) by an (S*D) x R matrix per CG iteration and holds a
+# (D*R)^2 Gram: candidates stop at the rank where one such product reaches WORK_LIMIT flops (rank 94 on a
+# 512-channel 3x3 layer, no limit up to 128 channels); Tucker-2 and SVD cover the larger ranks there
+WORK_LIMIT = 2e9
 ESTIMATE_SWEEPS = 1  # after the Frobenius CP start: the estimate is cheap, the full solve refines it
 FROBENIUS_ESTIMATE_SWEEPS = 20
 
@@ -38,6 +42,9 @@ class CP(SingleRankMethod):
             layers.append((rank * size, math.prod(spatial)))
         layers.append((g.group_out * rank, math.prod(g.output_spatial)))
         return _chain_cost(g, layers)
+
+    def affordable_rank(self, geometry: LayerGeometry) -> int:
+        return int(WORK_LIMIT // (geometry.group_in * geometry.taps) ** 2)
 
     def estimate(self, weight, sigma, ranks, seed):
         # a short run of the solver at each rank, on one regularized Sigma for all of them
