@@ -3,19 +3,21 @@ pipeline.py). Each takes a model (path or ModelProto) and plain config objects."
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import onnx
+from onnx import helper
 
 from .calibration.collect import collect_statistics
 from .calibration.sources import Source, open_data
 from .calibration.statistics import Statistics
 from .config import DataConfig, RuntimeConfig
 from .errors import UserError
+from .inputs import InputSignature, declared_dims, graph_inputs, input_signature, with_image_size
 from .load import load_model
-from .shapes import graph_inputs
 from .targets import TargetScan, find_targets
 from .verify import Comparison, Latency, benchmark_batches, compare_models, measure_latency
 
@@ -24,14 +26,44 @@ Data = Source | Iterable | str | os.PathLike
 
 
 @dataclass(frozen=True)
+class Inspection:
+    """What `inspect` finds: the layers (decomposable or why not), the inputs with their batch axes, the
+    outputs, and the parameters of the whole model (every initializer element)."""
+
+    scan: TargetScan
+    inputs: InputSignature
+    outputs: tuple[tuple[str, str, tuple], ...]  # (name, dtype, dims; None where dynamic)
+    params: int
+
+    @property
+    def layers(self):
+        return self.scan.layers
+
+    @property
+    def targets(self):
+        return self.scan.targets
+
+
+@dataclass(frozen=True)
 class Evaluation:
     comparison: Comparison
     latency: tuple[Latency, ...] = ()
 
 
-def inspect(model: Model, config: DataConfig = DataConfig()) -> TargetScan:
-    """Every layer of the kinds onnx-dacomp knows, decomposable or with the reason it is not."""
-    return find_targets(_model(model), config.input_shapes)
+def inspect(model: Model, config: DataConfig = DataConfig()) -> Inspection:
+    """Every layer of the kinds onnx-dacomp knows, decomposable or with the reason it is not, and the model's
+    inputs, outputs and parameter count."""
+    model = _model(model)
+    input_shapes = _input_shapes(model, config)
+    outputs = tuple(
+        (value.name, helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name, tuple(
+            d if isinstance(d, int) else None for d in declared_dims(value)
+        ))
+        for value in model.graph.output
+    )  # fmt: skip
+    params = sum(math.prod(init.dims) for init in model.graph.initializer)
+    signature = input_signature(model, input_shapes, config.batch_axes)
+    return Inspection(find_targets(model, input_shapes), signature, outputs, params)
 
 
 def calibrate(
@@ -46,9 +78,13 @@ def calibrate(
     """Statistics of every decomposable layer of `model` over `data` (a spec as `--data`, a `Source`, or an
     iterable of `{input_name: array}` batches); `config.limit` caps the samples of a spec."""
     model = _model(model)
-    scan = find_targets(model, config.input_shapes)
+    input_shapes = _input_shapes(model, config)
+    scan = find_targets(model, input_shapes)
+    signature = input_signature(model, input_shapes, config.batch_axes)
     source = _source(data, model, config, runtime)
-    return collect_statistics(model, scan.targets, source, device=runtime.device, mode=mode, progress=progress)
+    return collect_statistics(
+        model, scan.targets, source, device=runtime.device, mode=mode, progress=progress, signature=signature
+    )
 
 
 def evaluate(
@@ -70,11 +106,15 @@ def evaluate(
         raise UserError(
             f"the models have different inputs ({names[0]} and {names[1]}): compare a model with its own compression"
         )
+    signature = input_signature(original, _input_shapes(original, config), config.batch_axes)
     source = _source(data, original, config, runtime)
-    comparison = compare_models(original, compressed, source, device=runtime.device, progress=progress)
+    comparison = compare_models(
+        original, compressed, source, device=runtime.device, progress=progress, signature=signature
+    )
+    batches = benchmark_batches(source, benchmark_batch, signature) if benchmark_batch else []
     latency = tuple(
-        measure_latency(original, compressed, batch, device=runtime.device, repeats=repeats)
-        for batch in (benchmark_batches(source, benchmark_batch) if benchmark_batch else [])
+        measure_latency(original, compressed, batch, size, device=runtime.device, repeats=repeats)
+        for batch, size in zip(batches, benchmark_batch)
     )
     return Evaluation(comparison, latency)
 
@@ -87,3 +127,9 @@ def _source(data: Data, model: onnx.ModelProto, config: DataConfig, runtime: Run
     if isinstance(data, (str, os.PathLike)):
         return open_data(data, model, config, runtime.seed, limit=config.limit)
     return data
+
+
+def _input_shapes(model: onnx.ModelProto, config: DataConfig) -> dict:
+    """`--input-shape` plus what `--size` says of a single image input."""
+    layout = config.preprocessing.layout
+    return with_image_size(model, config.input_shapes, config.preprocessing.size, layout)

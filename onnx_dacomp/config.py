@@ -28,6 +28,7 @@ BUDGETS = ("params", "macs", "latency")
 ALLOCATIONS = ("allocated", "uniform")
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_RATIO = 0.5  # the target when no ratio, exact ranks or accuracy target is given
+CROP_FRACTION = 0.875  # final size / resized short side (torchvision and timm evaluation: 224 of 256)
 Shape = tuple[int, ...]
 
 
@@ -100,14 +101,29 @@ def input_shapes(specs) -> dict[str, Shape]:
     for spec in specs:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, sep, dims = item.rpartition(":")
-            try:
-                shape = tuple(int(d) for d in dims.lower().split("x"))
+            try:  # -1 or ? keeps a dim dynamic
+                shape = tuple(-1 if d in ("?", "-1") else int(d) for d in dims.lower().split("x"))
             except ValueError:
                 shape = ()
-            if not sep or not name or not shape or min(shape) < 1:
-                raise UserError(f"bad --input-shape {item!r}: expected NAME:DxDx...xD, e.g. input:1x3x224x224")
+            if not sep or not name or not shape or any(d == 0 or d < -1 for d in shape):
+                raise UserError(
+                    f"bad --input-shape {item!r}: expected NAME:D1xD2x... (-1 or ? for a dynamic dim), "
+                    f"e.g. input:1x3x224x224"
+                )
             shapes[name] = shape
     return shapes
+
+
+def batch_axes(specs) -> dict[str, int | None]:
+    """`name:1` or `name:none` strings (several per string separated by commas) -> {name: axis or None}."""
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, sep, axis = item.rpartition(":")
+            if not sep or not name or not (axis.isdigit() or axis.lower() == "none"):
+                raise UserError(f"bad --batch-axis {item!r}: expected NAME:AXIS or NAME:none, e.g. state:1")
+            axes[name] = None if axis.lower() == "none" else int(axis)
+    return axes
 
 
 def ranks_file(path: str) -> dict:
@@ -132,7 +148,8 @@ class ImagePreprocessing:
         None, "final image size H or HxW (default: the model input's)", parse=image_size, metavar="H|HxW"
     )
     resize: int | None = option(
-        None, "resize the short side to this before the center crop (default: just enough to cover --size)",
+        None, "resize the short side to this before the center crop (default: the final size / 0.875, 256 for 224, "
+        "as torchvision and timm evaluate; images already of the final size are used as they are)",
         parse=positive_int, metavar="N",
     )  # fmt: skip
     center_crop: bool = option(True, "resize straight to --size, ignoring the aspect ratio", flag="--no-center-crop")
@@ -160,8 +177,10 @@ class ImagePreprocessing:
 
         image = image.convert("L" if channels == 1 else "RGB")
         height, width = size
-        if self.center_crop:
-            short = self.resize or max(height, width)
+        if image.size == (width, height):
+            pass
+        elif self.center_crop:
+            short = self.resize or round(max(height, width) / CROP_FRACTION)
             factor = short / min(image.size)
             target = (max(width, round(image.size[0] * factor)), max(height, round(image.size[1] * factor)))
             if target != image.size:
@@ -195,8 +214,19 @@ class DataConfig:
         parse=positive_int, metavar="N",
     )  # fmt: skip
     input_shapes: Mapping[str, Shape] = option(
-        {}, "fix dynamic input dims (repeatable)", flag="--input-shape", parse=input_shapes, repeat=True,
-        metavar="NAME:NxCxHxW",
+        {}, "fix dynamic input dims; -1 keeps a dim dynamic (repeatable)", flag="--input-shape",
+        parse=input_shapes, repeat=True, metavar="NAME:D1xD2x...",
+    )  # fmt: skip
+    batch_axes: Mapping[str, int | None] = option(
+        {}, "the axis of an input that holds the samples, or none for an input given once (repeatable; default: "
+        "inferred from the model's dims)", flag="--batch-axis", parse=batch_axes, repeat=True, metavar="NAME:AXIS|none",
+    )  # fmt: skip
+    labels: str | None = option(
+        None, "class labels of an image folder: a CSV/TSV file of image file name and class index", metavar="FILE"
+    )
+    class_order: str | None = option(
+        None, "class sub-folder names in the model's class order, one per line (default: sorted names, used only "
+        "when every class has a folder)", metavar="FILE",
     )  # fmt: skip
     preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
 
@@ -255,7 +285,7 @@ class PlanConfig:
         flag="--no-sensitivity",
     )  # fmt: skip
     sensitivity_samples: int = option(
-        32, "calibration samples each layer's sensitivity probe runs on (whole batches)", parse=positive_int
+        64, "calibration samples each layer's sensitivity probe runs on (whole batches)", parse=positive_int
     )
     require_speedup: bool = option(
         False, "time each chain against its layer in onnxruntime; keep the layer where the chain is not faster"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -17,6 +17,7 @@ from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings, fit_all
+from .inputs import input_signature, with_image_size
 from .load import default_opset, load_model
 from .log import StageClock, logger
 from .problems import build_problems
@@ -30,7 +31,7 @@ from .runtime import blas_threads
 from .search import smallest_ratio
 from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
-from .targets import find_targets, read_biases, read_weights, select
+from .targets import find_targets, nothing_to_compress, read_biases, read_weights, select
 from .verify import compare_models, end_to_end_latency
 
 NATURAL_NOTICE = (
@@ -68,10 +69,15 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     clock = StageClock()
     model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     runtime, covariance = config.runtime, config.fit.norm == "sigma"
-    scan = find_targets(model, config.data.input_shapes)
+    preprocessing = config.data.preprocessing
+    input_shapes = with_image_size(model, config.data.input_shapes, preprocessing.size, preprocessing.layout)
+    signature = input_signature(model, input_shapes, config.data.batch_axes)
+    scan = find_targets(model, input_shapes)
     layers = {layer.name: layer for layer in scan.layers}
     overrides.check_names(config.plan.ranks, scan.layers)
-    fitted, reasons = select(scan, config.plan.exclude, covariance=covariance)
+    if not scan.targets:
+        raise UserError(f"no layer of the model can be decomposed: {nothing_to_compress(scan)}")
+    fitted, reasons = select(scan, config.plan.exclude, covariance=covariance, unknown=signature.unknown())
     if config.plan.rank_multiple is None:
         config = config.replace(rank_multiple=channel_multiple(runtime.device))
         logger.info("ranks in multiples of %d (the execution provider's channel block)", config.plan.rank_multiple)
@@ -79,13 +85,16 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     if covariance and fitted and statistics is None and data is None:
         logger.info(NATURAL_NOTICE)
         data = "natural"
-    calibration, holdout = split(data, model, config.data, config.verify.holdout, runtime.seed)
+    data_config = replace(config.data, input_shapes=input_shapes)
+    calibration, holdout = split(data, model, data_config, config.verify.holdout, runtime.seed)
     weights = read_weights(model, fitted)
     if covariance and fitted:
         if statistics is None:
             if calibration is None:
                 raise UserError("the calibration data left no samples to calibrate on after the held-out part")
-            statistics = collect_statistics(model, fitted, calibration, device=runtime.device, progress=progress)
+            statistics = collect_statistics(
+                model, fitted, calibration, device=runtime.device, progress=progress, signature=signature
+            )
         else:
             statistics.check_model(fitted, weights)
     moments = statistics.layers if covariance and statistics is not None else None
@@ -104,7 +113,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
             managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed, show_progress=progress
         )
         tables = {name: costs.timed(table) for name, table in tables.items()}
-        sensitivity = allocation_weights(model, layers, managed, calibration, settings, config, progress)
+        sensitivity = allocation_weights(model, layers, managed, calibration, settings, config, signature, progress)
     original_costs = {layer.name: costs.original(layer.name) for layer in scan.layers if layer.geometry is not None}
     fit_cache: dict = {}
 
@@ -126,7 +135,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         return replace_layers(model, {layers[n].output: (layers[n], f.factors, f.bias) for n, f in fits.items()}), fits
 
     def verify(candidate: onnx.ModelProto, show: bool = progress):
-        return compare_models(model, candidate, holdout, device=runtime.device, progress=show)
+        return compare_models(model, candidate, holdout, device=runtime.device, progress=show, signature=signature)
 
     ratio, search = config.plan.target_ratio, None
     if config.plan.targeted:
@@ -150,7 +159,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     latency = ()
     if config.plan.require_speedup or config.verify.benchmark:
         sizes, source = sorted({1, runtime.speed_batch}), holdout or calibration
-        latency = end_to_end_latency(model, new_model, source, sizes, config.data.input_shapes, runtime)
+        latency = end_to_end_latency(model, new_model, source, sizes, signature, runtime)
     clock.mark("verify")
 
     report = CompressionReport(

@@ -92,20 +92,32 @@ class CompressionReport:
 
     def table(self) -> str:
         """Per-layer table with totals, and the verification line."""
-        header = ("layer", "method", "ranks", "params", "", "MACs", "", f"rel.err ({self.error_norm})", "sensitivity")
+        header = (
+            "layer",
+            "method",
+            "ranks",
+            "params",
+            "",
+            "MACs",
+            "",
+            f"rel.err ({self.error_norm})",
+            "sensitivity",
+            "",
+        )
         rows = [header]
         for layer in self.layers:
             rows.append(
                 (
                     layer.name,
                     layer.method or "-",
-                    "x".join(map(str, layer.ranks)) if layer.ranks else (layer.reason or "")[:40],
+                    "x".join(map(str, layer.ranks)) if layer.ranks else "",
                     f"{layer.params_before:,}",
                     f"-> {layer.params_after:,}",
                     f"{layer.macs_before:,}",
                     f"-> {layer.macs_after:,}",
                     f"{layer.rel_error:.4g}" if layer.method else "",
                     f"{layer.sensitivity:.3g}" if layer.sensitivity is not None else "",
+                    layer.reason or "",
                 )
             )
         totals = self.totals
@@ -120,12 +132,14 @@ class CompressionReport:
                 f"-> {totals['macs_after']:,}",
                 "",
                 "",
+                "",
             )
         )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        rule = "-" * (sum(widths[:-1]) + 2 * (len(widths) - 1))  # the reasons (last column) run on
+        lines.insert(1, rule)
+        lines.insert(len(lines) - 1, rule)
         p_ratio = totals["params_after"] / max(totals["params_before"], 1)
         m_ratio = totals["macs_after"] / max(totals["macs_before"], 1)
         kept = f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%}"
@@ -224,6 +238,7 @@ def verification_line(comparison: Comparison | None) -> str:
     )
     if comparison.top1_original is not None:
         text += f", top-1 {comparison.top1_original:.2%} -> {comparison.top1_compressed:.2%}"
+        text += f" (labels: {comparison.labels_from})" if comparison.labels_from else ""
     return text
 
 

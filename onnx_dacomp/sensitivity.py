@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
-from .calibration.collect import batch_length
 from .calibration.sources import IterableSource, Source
 from .decompose.factors import Factors
 from .fit import FitSettings, LayerFit, fit_layer
+from .inputs import InputSignature
 from .layers import Layer
 from .log import logger, progress
 from .methods import get
@@ -52,12 +52,12 @@ def probe_fit(problem: LayerProblem, settings: FitSettings) -> LayerFit:
     return fit_layer(problem, choice, settings)
 
 
-def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int) -> list[dict]:
+def probe_batches(data: Iterable[Mapping[str, np.ndarray]], samples: int, signature: InputSignature) -> list[dict]:
     """The first `samples` samples of `data` (whole batches)."""
     batches, count = [], 0
     for batch in data:
         batches.append(dict(batch))
-        count += batch_length(batch)
+        count += signature.length(batch)
         if count >= samples:
             break
     return batches
@@ -104,6 +104,7 @@ def sensitivities(
     settings: FitSettings,
     *,
     samples: int,
+    signature: InputSignature,
     device: str = "auto",
     show_progress: bool = True,
 ) -> dict[str, float]:
@@ -114,10 +115,14 @@ def sensitivities(
         fit = probe_fit(problem, settings)
         probes[name] = (layers[name], fit.factors, fit.bias, fit.rel_error)
     with progress(len(probes), "layer sensitivity", "layer", enabled=show_progress) as bar:
-        return measure_sensitivities(model, probes, probe_batches(data, samples), device=device, progress=bar)
+        return measure_sensitivities(
+            model, probes, probe_batches(data, samples, signature), device=device, progress=bar
+        )
 
 
-def allocation_weights(model, layers, problems, calibration, settings: FitSettings, config, progress: bool = True):
+def allocation_weights(
+    model, layers, problems, calibration, settings: FitSettings, config, signature, progress: bool = True
+):
     """The allocation's weights for `problems`: their measured sensitivities; None where they cannot be
     measured (Frobenius fit, no re-readable calibration data, or switched off in `config`)."""
     if not config.plan.sensitivity or config.fit.norm != "sigma":
@@ -130,5 +135,6 @@ def allocation_weights(model, layers, problems, calibration, settings: FitSettin
         return None
     samples, device = config.plan.sensitivity_samples, config.runtime.device
     return sensitivities(
-        model, layers, problems, calibration, settings, samples=samples, device=device, show_progress=progress
-    )
+        model, layers, problems, calibration, settings, samples=samples, signature=signature, device=device,
+        show_progress=progress,
+    )  # fmt: skip

@@ -41,7 +41,7 @@ def layer_latency(
     shape = layer.geometry.weight_shape
     factors = [solver.placeholder(shape, ranks, np.random.default_rng(g)) for g in range(layer.geometry.group)]
     chain = replace_layers(model, {"y": (single, factors)})
-    return measure_latency(model, chain, feeds, device=device, repeats=repeats)
+    return measure_latency(model, chain, feeds, batch, device=device, repeats=repeats)
 
 
 class LatencyTable:

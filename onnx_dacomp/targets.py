@@ -40,23 +40,50 @@ class TargetScan:
 
 
 def find_targets(model: onnx.ModelProto, input_shapes: Mapping[str, Shape] | None = None) -> TargetScan:
-    """Scan the top-level graph for nodes of the known kinds; raise `UserError` if there is none."""
+    """Scan the graph for nodes of the known kinds (those inside If/Loop/Scan bodies are listed, with the
+    reason they are not compressed); raise `UserError` if there is none."""
     graph = model.graph
     nodes = [node for node in graph.node if node.op_type in KINDS]
-    if not nodes:
+    nested = list(_nested(graph))
+    if not nodes and not nested:
         raise UserError("the model has no Conv layer: nothing to compress")
     names = [name for node in nodes for name in KINDS[node.op_type].shape_names(node)]
-    shapes = infer_shapes(model, names, input_shapes)
+    shapes = infer_shapes(model, names, input_shapes) if names else {}
     resolver = ConstantResolver(graph)
     layers = [KINDS[node.op_type].discover(node, resolver, shapes) for node in nodes]
+    layers += [
+        KINDS[node.op_type].skipped(node, f"inside {where}: subgraphs are not compressed") for node, where in nested
+    ]
     return TargetScan(tuple(_unique_names(layers)))
 
 
+def _nested(graph: onnx.GraphProto, where: str = ""):
+    """(node, where) for every node of a known kind inside the subgraphs (If branches, Loop/Scan bodies)."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+            for subgraph in subgraphs:
+                place = f"{where}{node.op_type} {node.name or node.output[0]!r} {attribute.name}"
+                for inner in subgraph.node:
+                    if inner.op_type in KINDS:
+                        yield inner, place
+                yield from _nested(subgraph, place + " > ")
+
+
+def nothing_to_compress(scan: TargetScan) -> str:
+    """Why no layer can be decomposed, summed up by reason (e.g. all inside a Loop body)."""
+    counts: dict[str, int] = {}
+    for layer in scan.layers:
+        counts[layer.skip_reason] = counts.get(layer.skip_reason, 0) + 1
+    return "; ".join(f"{count} {'layer' if count == 1 else 'layers'} {reason}" for reason, count in counts.items())
+
+
 def select(
-    scan: TargetScan, exclude: Sequence[str] = (), *, covariance: bool = True
+    scan: TargetScan, exclude: Sequence[str] = (), *, covariance: bool = True, unknown: Sequence = ()
 ) -> tuple[list[Layer], dict[str, str]]:
     """The layers to fit (in graph order) and the reason each other layer is left as it is: not
-    decomposable, excluded by a glob pattern, or (with `covariance`) an input vector too long for one."""
+    decomposable, excluded by a glob pattern, or (with `covariance`) an input vector too long for one.
+    `unknown`: the model inputs with dynamic dims (`InputSpec`s), named in the error when shapes are unknown."""
     broken = [layer.name for layer in scan.layers if layer.skip_reason == NON_FINITE_WEIGHT]
     if broken:
         raise UserError(
@@ -70,7 +97,11 @@ def select(
         elif any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude):
             reasons[layer.name] = "excluded (--exclude)"
         elif layer.output_shape is None or layer.input_shape is None:
-            raise UserError(f"layer {layer.name} has no static shape: pass --input-shape NAME:NxCxHxW")
+            hints = " ".join(f"--input-shape {spec.hint()}" for spec in unknown) or "--input-shape NAME:D1xD2x..."
+            raise UserError(
+                f"layer {layer.name} has no static shape: the model's inputs have dynamic dims; pass {hints} "
+                f"(N: any batch size; --size HxW for an image input)"
+            )
         elif covariance and layer.vector_length > MAX_VECTOR_LENGTH:
             reasons[layer.name] = f"patch length {layer.vector_length} too large for a covariance"
     return [layer for layer in scan.targets if layer.name not in reasons], reasons

@@ -9,14 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from .calibration.collect import batch_length, check_batch
 from .calibration.sources import IterableSource, Source
 from .errors import UserError
+from .inputs import InputSignature, input_signature
 from .log import progress as log_progress
 from .runtime import create_session, provider_name
-from .shapes import concrete_input_shapes, graph_inputs
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,7 @@ class Comparison:
     rel_output_error: float
     top1_original: float | None = None
     top1_compressed: float | None = None
+    labels_from: str | None = None  # where the labels of the top-1 figures came from
 
     @property
     def top1_drop(self) -> float | None:
@@ -61,10 +60,11 @@ def compare_models(
     *,
     device: str = "auto",
     progress: bool = True,
+    signature: InputSignature | None = None,
 ) -> Comparison:
-    inputs = {value.name: value for value in graph_inputs(original)}
+    signature = signature or input_signature(original)
     if not isinstance(source, Source):
-        source = IterableSource(source, list(inputs))
+        source = IterableSource(source, signature.names)
     first, second = create_session(original, device), create_session(compressed, device)
     agree = positions = samples = 0
     squared_error = squared_norm = 0.0
@@ -72,7 +72,7 @@ def compare_models(
     labelled = True
     with log_progress(source.size, "verifying", "sample", enabled=progress) as bar:
         for index, (batch, labels) in enumerate(source.labelled()):
-            batch = check_batch(batch, inputs, index)
+            batch = signature.check(batch, index)
             reference = np.asarray(first.run(None, batch)[0], np.float64)
             output = np.asarray(second.run(None, batch)[0], np.float64)
             squared_error += float(np.sum((output - reference) ** 2))
@@ -80,13 +80,13 @@ def compare_models(
             predicted = [_classes(reference), _classes(output)]
             agree += int(np.sum(predicted[0] == predicted[1]))
             positions += predicted[0].size
-            samples += len(reference)
+            samples += signature.length(batch)
             if labels is None or predicted[0].ndim != 1:
                 labelled = False
             else:
                 for k in range(2):
                     correct[k] += int(np.sum(predicted[k] == np.asarray(labels)))
-            bar.update(len(reference))
+            bar.update(signature.length(batch))
     if samples == 0:
         raise UserError(f"the evaluation data ({getattr(source, 'description', 'data')}) yielded no samples")
     return Comparison(
@@ -95,6 +95,7 @@ def compare_models(
         rel_output_error=float(np.sqrt(squared_error / squared_norm)) if squared_norm > 0 else float(squared_error > 0),
         top1_original=correct[0] / samples if labelled else None,
         top1_compressed=correct[1] / samples if labelled else None,
+        labels_from=getattr(source, "labels_from", None) if labelled else None,
     )
 
 
@@ -102,6 +103,7 @@ def measure_latency(
     original: onnx.ModelProto,
     compressed: onnx.ModelProto,
     batch: dict[str, np.ndarray],
+    samples: int,
     *,
     device: str = "auto",
     warmup: int = 3,
@@ -117,7 +119,7 @@ def measure_latency(
     sessions = [create_session(original, device), create_session(compressed, device)]
     times = _block_times(sessions, batch, warmup, repeats, rounds)
     return Latency(
-        batch=batch_length(batch),
+        batch=samples,
         original_ms=1000 * stats.median(times[0]),
         compressed_ms=1000 * stats.median(times[1]),
         provider=provider_name(sessions[0]),
@@ -144,50 +146,41 @@ def _block_times(sessions, batch, warmup: int, repeats: int, rounds: int) -> lis
     return times
 
 
-def benchmark_batches(source: Source, sizes) -> list[dict[str, np.ndarray]]:
+def benchmark_batches(source: Source, sizes, signature: InputSignature) -> list[dict[str, np.ndarray]]:
     """Batches of each size from the first samples of `source` (repeated when the source is smaller)."""
     largest, parts, count = max(sizes), [], 0
     for batch in source:
         parts.append(batch)
-        count += batch_length(batch)
+        count += signature.length(batch)
         if count >= largest:
             break
     if not parts:
         raise UserError("the data yielded no samples to time the models with")
-    joined = {
-        name: np.concatenate([part[name] for part in parts]) if np.ndim(parts[0][name]) else parts[0][name]
-        for name in parts[0]
-    }
-    batches = []
-    for size in sizes:
-        repeat = -(-size // count)
-        batches.append(
-            {
-                name: np.concatenate([array] * repeat)[:size] if np.ndim(array) else array
-                for name, array in joined.items()
-            }
-        )
-    return batches
+    joined = signature.concatenate(parts)
+    return [signature.resized(joined, size) for size in sizes]
 
 
-def end_to_end_latency(original, compressed, source, sizes, input_shapes, runtime) -> tuple[Latency, ...]:
+def end_to_end_latency(original, compressed, source, sizes, signature: InputSignature, runtime) -> tuple[Latency, ...]:
     """Both models timed at each batch size: on samples of `source` when there is one, else random data."""
-    batches = (benchmark_batches(source, sizes) if source else None) or [
-        random_batch(original, size, input_shapes, runtime.seed) for size in sizes
+    batches = (benchmark_batches(source, sizes, signature) if source else None) or [
+        random_batch(signature, size, runtime.seed) for size in sizes
     ]
-    return tuple(measure_latency(original, compressed, batch, device=runtime.device) for batch in batches)
+    return tuple(
+        measure_latency(original, compressed, batch, size, device=runtime.device) for batch, size in zip(batches, sizes)
+    )
 
 
-def random_batch(model: onnx.ModelProto, size: int, input_shapes, seed: int) -> dict[str, np.ndarray]:
+def random_batch(signature: InputSignature, size: int, seed: int) -> dict[str, np.ndarray]:
     """A random input batch for timing when no data was given (latency does not depend on the values)."""
-    shapes = concrete_input_shapes(model, input_shapes)
-    if shapes is None:
-        raise UserError("timing the models needs fixed input dims: pass --input-shape or --data")
+    unknown = signature.unknown()
+    if unknown:
+        hints = " ".join(f"--input-shape {spec.hint()}" for spec in unknown)
+        raise UserError(f"timing the models needs fixed input dims: pass --data, or {hints}")
     rng = np.random.default_rng(seed)
     batch = {}
-    for value in graph_inputs(model):
-        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        batch[value.name] = rng.standard_normal((size, *shapes[value.name][1:])).astype(dtype)
+    for spec in signature.specs:
+        shape = [size if axis == spec.batch_axis else d for axis, d in enumerate(spec.dims)]
+        batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return batch
 
 

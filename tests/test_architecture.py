@@ -213,8 +213,9 @@ def test_public_functions_match_the_commands(tmp_path, capsys):
     model_path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
     onnx.save(model, model_path)
     np.savez(data, x=np.random.default_rng(0).standard_normal((24, 3, 12, 12)).astype(np.float32))
-    scan = onnx_dacomp.inspect(str(model_path))
-    assert [layer.name for layer in scan.layers] == [f"conv{i}" for i in range(6)]
+    found = onnx_dacomp.inspect(str(model_path))
+    assert [layer.name for layer in found.layers] == [f"conv{i}" for i in range(6)]
+    assert found.inputs.names == ["x"] and found.params == sum(layer.params for layer in found.layers)
     statistics = onnx_dacomp.calibrate(str(model_path), str(data), DataConfig(limit=16), progress=False)
     assert statistics.samples == 16
     command = ["calibrate", str(model_path), "--data", str(data), "--limit", "16", "-o", str(tmp_path / "s.npz")]

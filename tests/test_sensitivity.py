@@ -7,6 +7,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dacomp.calibration.collect import collect_statistics
 from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
+from onnx_dacomp.inputs import input_signature
 from onnx_dacomp.sensitivity import PROBE_ERROR, measure_sensitivities, probe_batches, probe_rank
 from onnx_dacomp.targets import find_targets, read_weights
 
@@ -84,5 +85,6 @@ def test_probe_rank_is_the_largest_rank_still_above_the_probe_error():
 
 def test_probe_batches_take_whole_batches_up_to_the_sample_count():
     batches = _batches(count=5)  # 2 samples each
-    assert len(probe_batches(batches, samples=3)) == 2
-    assert len(probe_batches(batches, samples=100)) == 5
+    signature = input_signature(conv_model(np.ones((6, 6, 3, 3)), input_shape=DECLARED, pads=[1, 1, 1, 1]))
+    assert len(probe_batches(batches, samples=3, signature=signature)) == 2
+    assert len(probe_batches(batches, samples=100, signature=signature)) == 5

@@ -109,6 +109,7 @@ def main() -> None:
     from onnx_dacomp.calibration.collect import collect_statistics
     from onnx_dacomp.calibration.natural import NaturalImageSource
     from onnx_dacomp.config import CompressConfig
+    from onnx_dacomp.inputs import input_signature
     from onnx_dacomp.load import load_model
     from onnx_dacomp.targets import find_targets
     from onnx_dacomp.verify import benchmark_batches, compare_models, measure_latency
@@ -133,7 +134,7 @@ def main() -> None:
             statistics[kind] = collect_statistics(model, targets, sources[kind], device="cpu", progress=False)
             seconds[kind] = time.perf_counter() - start
             print(f"{key}: {kind} statistics in {seconds[kind]:.1f} s", flush=True)
-        batches = benchmark_batches(evaluation, (1, 32))
+        batches = benchmark_batches(evaluation, (1, 32), input_signature(model))
         for ratio in map(float, args.ratios.split(",")):
             for name in methods:
                 fields, kind = METHODS[name]
@@ -146,7 +147,8 @@ def main() -> None:
                 elapsed = time.perf_counter() - start + seconds.get(kind, 0.0)
                 comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
                 latency = [
-                    measure_latency(model, result.model, batch, device="cpu", repeats=args.repeats) for batch in batches
+                    measure_latency(model, result.model, batch, size, device="cpu", repeats=args.repeats)
+                    for batch, size in zip(batches, (1, 32))
                 ]
                 totals = result.report.totals
                 row = {

@@ -9,19 +9,19 @@ are computed in numpy from the layer's input vectors. Memory is bounded by one b
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import UserError
+from ..inputs import InputSignature, input_signature
 from ..layers import Layer
 from ..log import logger
 from ..log import progress as log_progress
 from ..moments import Moments
 from ..runtime import create_session, provider_name
-from ..shapes import declared_shape, graph_inputs, infer_shapes
+from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
 from .augment import augment
 from .sources import IterableSource, Source
@@ -39,13 +39,15 @@ def collect_statistics(
     device: str = "auto",
     mode: str = "auto",
     progress: bool = True,
+    signature: InputSignature | None = None,
 ) -> Statistics:
     """Statistics of `layers` (decomposable targets of `model`) over all batches of `source`: a
     `Source`, any iterable of `{input_name: array}` (bare arrays for a single-input model), or an
     onnxruntime `CalibrationDataReader`.
 
     `mode`: "graph" (sums inside onnxruntime), "numpy" (layer inputs out, sums in numpy), or "auto"
-    (graph, falling back to numpy if the augmented model cannot be built or run).
+    (graph, falling back to numpy if the augmented model cannot be built or run). `signature`: the model's
+    inputs with their batch axes (default: inferred from the model's dims).
     """
     layers = [layer for layer in layers if layer.decomposable]
     for layer in layers:
@@ -54,17 +56,17 @@ def collect_statistics(
                 f"layer {layer.name}: patch length {layer.vector_length} would need a "
                 f"{layer.vector_length**2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)"
             )
-    inputs = {value.name: value for value in graph_inputs(model)}
+    signature = signature or input_signature(model)
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
-        source = IterableSource(source, list(inputs))
-    runner = _Runner(model, layers, device, mode)
+        source = IterableSource(source, signature.names)
+    runner = _Runner(model, layers, device, mode, signature)
     samples = 0
     description = getattr(source, "description", "user-supplied batches")
     start = time.perf_counter()
     with log_progress(getattr(source, "size", None), "calibrating", "sample", enabled=progress) as bar:
         for index, batch in enumerate(source):
-            batch = check_batch(batch, inputs, index)
-            batch_size = batch_length(batch)
+            batch = signature.check(batch, index)
+            batch_size = signature.length(batch)
             runner.run(batch)
             samples += batch_size
             bar.update(batch_size)
@@ -86,48 +88,6 @@ def collect_statistics(
     return Statistics(totals, fingerprints, samples, description)
 
 
-def check_batch(batch: Mapping, inputs: Mapping[str, onnx.ValueInfoProto], index: int) -> dict[str, np.ndarray]:
-    """Validate one batch against the model inputs; one-line errors name the input and the batch."""
-    if not isinstance(batch, Mapping):
-        raise UserError(f"batch {index} is a {type(batch).__name__}, expected a dict keyed by input name")
-    missing, unknown = set(inputs) - set(batch), set(batch) - set(inputs)
-    if missing or unknown:
-        raise UserError(f"batch {index} has inputs {sorted(batch)}, the model expects {sorted(inputs)}")
-    checked, lengths = {}, set()
-    for name, value in inputs.items():
-        array = np.asarray(batch[name])
-        expected = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if array.dtype != expected:
-            if array.dtype.kind == "f" and expected.kind == "f":
-                array = array.astype(expected)
-            else:
-                raise UserError(
-                    f"input {name!r} in batch {index}: got {array.dtype} data, the model expects "
-                    f"{expected}; convert or preprocess the data"
-                )
-        declared = declared_shape(value)
-        if array.ndim != len(declared) or any(
-            isinstance(d, int) and d != n for d, n in zip(declared[1:], array.shape[1:])
-        ):
-            raise UserError(
-                f"input {name!r} in batch {index}: shape {list(array.shape)} does not fit the model's "
-                f"{['?' if not isinstance(d, int) else d for d in declared]}"
-            )
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise UserError(f"input {name!r} in batch {index} contains NaN or Inf")
-        checked[name] = array
-        if array.ndim:  # scalar inputs (flags, thresholds) have no batch axis
-            lengths.add(array.shape[0])
-    if len(lengths) != 1 or 0 in lengths:
-        raise UserError(f"batch {index}: inputs must share one non-empty batch axis, got lengths {sorted(lengths)}")
-    return checked
-
-
-def batch_length(batch: Mapping[str, np.ndarray]) -> int:
-    """Samples in a checked batch: the first axis of its non-scalar inputs."""
-    return next(len(array) for array in batch.values() if np.ndim(array))
-
-
 def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` whose outputs are the tensors `names` (and nothing else)."""
     probe = onnx.ModelProto()
@@ -144,10 +104,11 @@ class _Runner:
     float64 as they come and turned into statistics once per session (`_flush`).
     """
 
-    def __init__(self, model, layers, device, mode):
+    def __init__(self, model, layers, device, mode, signature: InputSignature):
         if mode not in ("auto", "graph", "numpy"):
             raise UserError(f"unknown calibration mode {mode!r}: use auto, graph or numpy")
-        self.model, self.layers, self.device, self.mode = model, layers, device, mode
+        self.model, self.layers, self.device, self.mode, self.signature = model, layers, device, mode, signature
+        self.chunk = signature.fixed_batch or CHUNK
         self.shape_key = None
         self.provider = "none"
         self.path = None
@@ -158,12 +119,17 @@ class _Runner:
     def run(self, batch: dict[str, np.ndarray]) -> None:
         """Accumulate one batch, in chunks of at most `CHUNK` samples: onnxruntime holds every intermediate
         tensor of the statistics graph for the samples of one run, so the chunk bounds its memory."""
-        size = batch_length(batch)
-        for start in range(0, size, CHUNK):
-            self._run({name: a[start : start + CHUNK] if np.ndim(a) else a for name, a in batch.items()})
+        size = self.signature.length(batch)
+        if self.signature.fixed_batch is not None and size % self.chunk:
+            raise UserError(
+                f"the model takes exactly {self.chunk} samples per run and a batch holds {size}: "
+                f"use a --batch-size that is a multiple of {self.chunk}"
+            )
+        for start in range(0, size, self.chunk):
+            self._run(self.signature.slice(batch, start, start + self.chunk))
 
     def _run(self, batch: dict[str, np.ndarray]) -> None:
-        key = tuple((name, array.shape[1:]) for name, array in sorted(batch.items()))
+        key = tuple(sorted(self.signature.run_shapes(batch).items()))
         if key != self.shape_key:
             self._flush()
             self._prepare(batch)
@@ -185,7 +151,7 @@ class _Runner:
                     np.add(self.pending[name], value, out=self.pending[name])
                 else:
                     self.pending[name] = np.asarray(value, np.float64)
-            self.pending_images += batch_length(batch)
+            self.pending_images += self.signature.length(batch)
         else:
             self._add({layer.name: vector_sums(layer.input_vectors(values[layer.input])) for layer in self.layers})
 
@@ -218,7 +184,7 @@ class _Runner:
             self.statistics[layer.name] = known + stats if known is not None else stats
 
     def _prepare(self, batch):
-        shapes = {name: (1, *array.shape[1:]) if array.ndim else () for name, array in batch.items()}
+        shapes = self.signature.run_shapes(batch)
         input_shapes = infer_shapes(self.model, [layer.input for layer in self.layers], shapes)
         layer_inputs = {layer.name: input_shapes.get(layer.input) for layer in self.layers}
         use_graph = self.mode in ("auto", "graph") and all(shape is not None for shape in layer_inputs.values())

@@ -10,15 +10,15 @@ from __future__ import annotations
 import copy
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..config import DataConfig, ImagePreprocessing
 from ..errors import UserError
+from ..inputs import InputSignature, declared_dims, input_signature
 from ..log import logger
-from ..shapes import concrete_input_shapes, declared_shape, graph_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 ARRAY_SUFFIXES = {".npz", ".npy"}
@@ -30,6 +30,7 @@ class Source:
 
     description = "calibration data"
     size: int | None = None  # number of samples when known (for progress bars)
+    labels_from: str | None = None  # where the labels come from, when there are any
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         for batch in self:
@@ -46,7 +47,12 @@ class Source:
 
 
 class ImageFolderSource(Source):
-    """Images in class sub-folders (labels = sorted class index) or directly in the folder (no labels).
+    """Images in class sub-folders or directly in the folder, with labels from, in this order: a labels file
+    (`labels`: CSV/TSV of file name -> class index), a class order file (`class_order`: one class folder
+    name per line, the line number is the class index), or the sorted class folder names; a flat folder
+    without a labels file has none. Sorted folder names are the model's class index only when every class is
+    there: if `classes` (the model's output width) differs from the folders found, the labels are dropped
+    with a warning instead of reporting a top-1 of mislabelled images.
 
     `limit` takes that many images from a seeded shuffle (class folders are sorted, so the first N would
     all be one class); `offset` skips the first images of that shuffle, which gives disjoint splits.
@@ -62,27 +68,66 @@ class ImageFolderSource(Source):
         limit: int | None = None,
         offset: int = 0,
         seed: int = 0,
+        *,
+        labels: str | os.PathLike | None = None,
+        class_order: str | os.PathLike | None = None,
+        classes: int | None = None,
     ):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"image folder not found: {self.folder}")
         self.input_name, self.preprocessing, self.batch_size = input_name, preprocessing, batch_size
         self.layout_channels, self.image_size = image_geometry(input_shape, preprocessing)
-        classes = sorted(p.name for p in self.folder.iterdir() if p.is_dir() and _images_in(p))
-        if classes:
-            files = [(path, index) for index, name in enumerate(classes) for path in _images_in(self.folder / name)]
-        else:
-            files = [(path, -1) for path in _images_in(self.folder)]
-        if not files:
+        folders = sorted(p.name for p in self.folder.iterdir() if p.is_dir() and _images_in(p))
+        paths = [path for name in folders for path in _images_in(self.folder / name)] or _images_in(self.folder)
+        if not paths:
             raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {self.folder}")
+        indices, self.labels_from = self._labels(paths, folders, labels, class_order, classes)
+        files = list(zip(paths, indices))
         order = np.random.default_rng(seed).permutation(len(files))
         stop = None if limit is None else offset + limit
         self.files = [files[i] for i in order[offset:stop]]
         if not self.files:
             raise UserError(f"{self.folder} has {len(files)} images; offset {offset} leaves none")
-        self.has_labels = bool(classes)
-        self.classes = classes
+        self.classes = folders
         self._describe()
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels_from is not None
+
+    def _labels(self, paths, folders, labels, class_order, classes) -> tuple[list[int], str | None]:
+        if labels is not None:
+            table = read_labels(labels)
+            found = [table.get(str(path.relative_to(self.folder)), table.get(path.name)) for path in paths]
+            missing = [path.name for path, index in zip(paths, found) if index is None]
+            if missing:
+                raise UserError(
+                    f"the labels file {labels} has no class for {len(missing)} of {len(paths)} images "
+                    f"(e.g. {missing[0]}); list every image by file name"
+                )
+            return found, f"labels file {labels}"
+        if not folders:
+            return [-1] * len(paths), None
+        if class_order is not None:
+            order = {name: index for index, name in enumerate(_lines(class_order))}
+            unknown = sorted(set(folders) - set(order))
+            if unknown:
+                raise UserError(f"class folder {unknown[0]!r} is not in the class order file {class_order}")
+            source = f"class order file {class_order}"
+        else:
+            order = {name: index for index, name in enumerate(folders)}
+            if classes is not None and classes != len(folders):
+                logger.warning(
+                    "%s has %d class folders but the model scores %d classes: their sorted order is not the "
+                    "model's class index; pass --labels FILE or --class-order FILE (no top-1 is reported)",
+                    self.folder,
+                    len(folders),
+                    classes,
+                )
+                return [-1] * len(paths), None
+            source = "sorted class folder names"
+        return [order[path.parent.name] for path in paths], source
 
     def _describe(self) -> None:
         self.size = len(self.files)
@@ -109,20 +154,51 @@ class ImageFolderSource(Source):
                         arrays.append(self.preprocessing.apply(image, self.image_size, self.layout_channels))
                 except (UnidentifiedImageError, OSError, ValueError) as exc:
                     raise UserError(f"cannot read image {path}: {exc}") from None
-            labels = np.array([label for _, label in chunk]) if self.has_labels else None
+            labels = np.array([label for _, label in chunk]) if self.labels_from else None
             yield {self.input_name: np.stack(arrays)}, labels
 
 
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """A labels file: one image per line, its file name (or path in the folder) and its class index,
+    separated by a tab, a comma or spaces (further columns are ignored; a header line is skipped)."""
+    table = {}
+    for number, line in enumerate(_lines(path), start=1):
+        separated = line.split("\t") if "\t" in line else line.split(",") if "," in line else line.split()
+        fields = [field.strip() for field in separated]
+        if len(fields) < 2 or not fields[1].lstrip("-").isdigit():
+            if number == 1:
+                continue  # a header
+            raise UserError(f"{path}, line {number}: expected a file name and a class index, got {line!r}")
+        table[fields[0]] = int(fields[1])
+    if not table:
+        raise UserError(f"the labels file {path} lists no images")
+    return table
+
+
+def _lines(path: str | os.PathLike) -> list[str]:
+    try:
+        return [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
 class ArraySource(Source):
-    """`.npz` (arrays keyed by input name, optional `labels`) or `.npy` files, or a folder of them."""
+    """`.npz` (arrays keyed by input name, optional `labels`) or `.npy` files, or a folder of them.
+
+    Samples lie along each input's batch axis (`inputs`: the model's `InputSignature`, or input names, all
+    batched on axis 0); an input without a batch axis is stored once per file and fed to every batch.
+    `limit` and `offset` select from a seeded permutation of all samples (files are often sorted by class,
+    so the first N would miss classes); disjoint offsets give disjoint splits.
+    """
 
     def __init__(
         self,
         path: str | os.PathLike,
-        input_names: list[str],
+        inputs: InputSignature | Sequence[str],
         batch_size: int = 32,
         limit: int | None = None,
         offset: int = 0,
+        seed: int = 0,
     ):
         path = Path(path)
         if path.is_dir():
@@ -135,24 +211,49 @@ class ArraySource(Source):
             self.files = [path]
         else:
             raise UserError(f"calibration data not found: {path}")
-        self.input_names, self.batch_size, self.limit, self.offset = list(input_names), batch_size, limit, offset
-        self.path = path
-        available = sum(_array_length(file) for file in self.files)
-        self.size = max(0, min(available - offset, limit if limit is not None else available))
-        if self.size == 0:
+        self.path, self.batch_size = path, batch_size
+        self.axes = _batch_axes(inputs)
+        self.lengths = [self._length(file) for file in self.files]
+        labelled = all(file.suffix == ".npz" and "labels" in _array_shapes(file) for file in self.files)
+        self.labels_from = f"the labels arrays of {path}" if labelled else None
+        available = sum(self.lengths)
+        order = np.random.default_rng(seed).permutation(available)
+        self.chosen = order[offset : None if limit is None else offset + limit]
+        if len(self.chosen) == 0:
             raise UserError(f"{path} holds {available} samples; none are left after the first {offset}")
-        self.description = f"{self.size} samples from {path}"
+        self._describe(available)
+
+    def _describe(self, available: int) -> None:
+        self.size = len(self.chosen)
+        part = "" if self.size == available else f" (a seeded random {self.size} of {available})"
+        self.description = f"{self.size} samples from {self.path}{part}"
 
     def subset(self, offset: int, limit: int | None) -> ArraySource:
-        if limit is not None and self.limit is not None:
-            limit = min(limit, self.limit - offset)
-        elif limit is None:
-            limit = None if self.limit is None else self.limit - offset
-        return ArraySource(self.path, self.input_names, self.batch_size, limit, self.offset + offset)
+        part = copy.copy(self)
+        part.chosen = self.chosen[offset : None if limit is None else offset + limit]
+        if len(part.chosen) == 0:
+            raise UserError(f"{self.path} holds {self.size} samples; none are left after the first {offset}")
+        part._describe(sum(self.lengths))
+        return part
+
+    def _length(self, path: Path) -> int:
+        """Samples in one file, from the array headers (nothing is loaded)."""
+        shapes = _array_shapes(path)
+        shapes.pop("labels", None)
+        batched = [(name, axis) for name, axis in self.axes.items() if axis is not None]
+        if len(shapes) == 1 and len(self.axes) == 1:
+            shapes = {next(iter(self.axes)): next(iter(shapes.values()))}
+        for name, axis in batched:
+            if name in shapes and len(shapes[name]) > axis:
+                return shapes[name][axis]
+        raise UserError(
+            f"{path} holds arrays {sorted(shapes)} but the model's inputs are {list(self.axes)}: key the arrays "
+            f"by input name"
+        )
 
     def _arrays(self, path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         try:
-            loaded = np.load(path, allow_pickle=False)
+            loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
             if isinstance(loaded, np.ndarray):
                 content = {"": loaded}
             else:
@@ -161,50 +262,47 @@ class ArraySource(Source):
         except (OSError, ValueError, EOFError) as exc:
             raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
         labels = content.pop("labels", None)
-        if set(content) == set(self.input_names):
+        names = list(self.axes)
+        if set(content) == set(names):
             arrays = content
-        elif len(content) == 1 and len(self.input_names) == 1:
-            arrays = {self.input_names[0]: next(iter(content.values()))}
+        elif len(content) == 1 and len(names) == 1:
+            arrays = {names[0]: next(iter(content.values()))}
         else:
             raise UserError(
-                f"{path} holds arrays {sorted(content)} but the model's inputs are "
-                f"{self.input_names}: key the arrays by input name"
+                f"{path} holds arrays {sorted(content)} but the model's inputs are {names}: key the arrays by "
+                f"input name (inputs without a batch axis are stored once)"
             )
-        for name, array in arrays.items():
-            if array.dtype.kind in "fc" and not np.isfinite(array).all():
-                raise UserError(f"{path}: array for input {name!r} contains NaN or Inf")
-        lengths = {len(array) for array in arrays.values()} | ({len(labels)} if labels is not None else set())
-        if len(lengths) != 1:
-            raise UserError(f"{path}: arrays (and labels) have different lengths {sorted(lengths)} along axis 0")
+        lengths = {name: array.shape[axis] for name, array in arrays.items() if (axis := self.axes[name]) is not None}
+        if labels is not None:
+            lengths["labels"] = len(labels)
+        if len(set(lengths.values())) != 1:
+            sizes = ", ".join(f"{name} {length}" for name, length in lengths.items())
+            raise UserError(f"{path}: the arrays' batch axes (and labels) hold different numbers of samples: {sizes}")
         return arrays, labels
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
-        skip, remaining = self.offset, self.size
-        for path in self.files:
-            if remaining == 0:
-                return
-            length = _array_length(path)
-            if skip >= length:
-                skip -= length
+        start = 0
+        for path, length in zip(self.files, self.lengths):
+            picked = np.sort(self.chosen[(self.chosen >= start) & (self.chosen < start + length)]) - start
+            start += length
+            if len(picked) == 0:
                 continue
             arrays, labels = self._arrays(path)
-            stop_file = min(length, skip + remaining)
-            for start in range(skip, stop_file, self.batch_size):
-                stop = min(start + self.batch_size, stop_file)
-                yield (
-                    {name: array[start:stop] for name, array in arrays.items()},
-                    None if labels is None else labels[start:stop],
-                )
-            remaining -= stop_file - skip
-            skip = 0
+            for first in range(0, len(picked), self.batch_size):
+                indices = picked[first : first + self.batch_size]
+                batch = {name: _take(array, self.axes[name], indices) for name, array in arrays.items()}
+                for name, array in batch.items():
+                    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                        raise UserError(f"{path}: array for input {name!r} contains NaN or Inf")
+                yield batch, None if labels is None else np.asarray(labels[indices])
 
 
 class IterableSource(Source):
     """Any iterable of `{input_name: array}` (or bare arrays for a single-input model), or an onnxruntime
     `CalibrationDataReader` (anything with `get_next()` returning a dict, then None)."""
 
-    def __init__(self, data, input_names: list[str], description: str = "user-supplied batches"):
-        self.data, self.input_names, self.description = data, list(input_names), description
+    def __init__(self, data, inputs: InputSignature | Sequence[str], description: str = "user-supplied batches"):
+        self.data, self.input_names, self.description = data, list(_batch_axes(inputs)), description
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         items: Iterable = iter(self.data.get_next, None) if hasattr(self.data, "get_next") else self.data
@@ -222,48 +320,61 @@ class IterableSource(Source):
 class RandomSource(Source):
     """Standard normal batches. Data-free statistics defeat the distribution-aware method: only on request."""
 
-    def __init__(
-        self,
-        input_shapes: Mapping[str, tuple[int, ...]],
-        input_dtypes: Mapping[str, np.dtype],
-        batches: int = 8,
-        seed: int = 0,
-    ):
+    def __init__(self, signature: InputSignature, batch_size: int = 32, batches: int = 8, seed: int = 0):
+        unknown = signature.unknown()
+        if unknown:
+            hints = " ".join(f"--input-shape {spec.hint()}" for spec in unknown)
+            raise UserError(f"random data needs fixed input dims: pass {hints} (N: any batch size)")
         logger.warning(
             "calibrating on random data: the statistics do not describe real inputs, so the "
             "distribution-aware fit loses its advantage; pass --data with real samples"
         )
-        self.shapes, self.dtypes, self.batches, self.seed = dict(input_shapes), dict(input_dtypes), batches, seed
-        self.size = batches * next(iter(self.shapes.values()))[0]
+        self.signature, self.batch_size, self.batches, self.seed = signature, batch_size, batches, seed
+        self.size = batches * (signature.fixed_batch or batch_size)
         self.description = f"random normal data ({batches} batches, seed {seed})"
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         rng = np.random.default_rng(self.seed)
+        size = self.signature.fixed_batch or self.batch_size
         for _ in range(self.batches):
-            yield (
-                {name: rng.standard_normal(shape).astype(self.dtypes[name]) for name, shape in self.shapes.items()},
-                None,
-            )
+            batch = {}
+            for spec in self.signature.specs:
+                shape = [size if axis == spec.batch_axis else d for axis, d in enumerate(spec.dims)]
+                batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            yield batch, None
 
 
-def _array_length(path: Path) -> int:
-    """Samples in a .npy/.npz file (axis 0 of its first array), read from the array header only."""
+def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every array in a .npy/.npz file, read from the array headers only."""
     try:
         if path.suffix == ".npy":
-            return len(np.load(path, mmap_mode="r", allow_pickle=False))
+            return {"": np.load(path, mmap_mode="r", allow_pickle=False).shape}
+        shapes = {}
         with zipfile.ZipFile(path) as archive:
-            member = next((name for name in archive.namelist() if name != "labels.npy"), None)
-            if member is None:
-                return 0
-            with archive.open(member) as stream:
-                version = np.lib.format.read_magic(stream)
-                reader = (
-                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                )
-                shape = reader(stream)[0]
-        return shape[0] if shape else 0
-    except (OSError, ValueError, zipfile.BadZipFile, StopIteration) as exc:
+            for member in archive.namelist():
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shapes[member.removesuffix(".npy")] = reader(stream)[0]
+        return shapes
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _batch_axes(inputs: InputSignature | Sequence[str]) -> dict[str, int | None]:
+    if isinstance(inputs, InputSignature):
+        return {spec.name: spec.batch_axis for spec in inputs.specs}
+    return {name: 0 for name in inputs}
+
+
+def _take(array: np.ndarray, axis: int | None, indices) -> np.ndarray:
+    if axis is None:
+        return np.asarray(array)
+    return np.take(array, indices, axis=axis)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -296,62 +407,57 @@ def open_source(
     offset: int = 0,
     seed: int = 0,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
+    labels: str | os.PathLike | None = None,
+    class_order: str | os.PathLike | None = None,
 ) -> Source:
-    """A source from a command-line style spec: `random`, a .npz/.npy file, or a folder of arrays or images."""
-    from onnx import helper
-
-    inputs = graph_inputs(model)
-    names = [value.name for value in inputs]
-    if str(spec) == "natural":
-        from .natural import DEFAULT_SAMPLES, NaturalImageSource
-
-        if len(inputs) != 1:
-            raise UserError(f"natural images feed single-input models; this one has inputs {names}")
-        return NaturalImageSource(
-            names[0],
-            _input_shape(inputs[0], input_shapes),
-            preprocessing,
-            count=limit or DEFAULT_SAMPLES,
-            batch_size=batch_size,
-            seed=seed,
-        )
+    """A source from a command-line style spec: `natural`, `random`, a .npz/.npy file, or a folder of
+    arrays or images."""
+    signature = input_signature(model, input_shapes, batch_axes)
     if str(spec) == "random":
-        shapes = concrete_input_shapes(model, input_shapes or {})
-        if shapes is None:
-            raise UserError("random calibration data needs fixed input dims: pass --input-shape")
-        shapes = {name: (batch_size, *shape[1:]) for name, shape in shapes.items()}
-        dtypes = {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in inputs}
         batches = max(1, -(-(limit or 8 * batch_size) // batch_size))
-        return RandomSource(shapes, dtypes, batches=batches, seed=seed)
+        return RandomSource(signature, batch_size, batches=batches, seed=seed)
     path = Path(spec)
-    if not path.exists():
+    if str(spec) != "natural" and not path.exists():
         raise UserError(
             f"calibration data not found: {path} (give a folder of images, .npz/.npy files, 'natural' or 'random')"
         )
-    if path.is_file() or any(p.suffix in ARRAY_SUFFIXES for p in path.iterdir()):
-        return ArraySource(path, names, batch_size=batch_size, limit=limit, offset=offset)
-    if len(inputs) != 1:
-        raise UserError(f"image folders feed single-input models; this one has inputs {names}: use .npz files")
-    return ImageFolderSource(
-        path,
-        names[0],
-        _input_shape(inputs[0], input_shapes),
-        preprocessing,
-        batch_size=batch_size,
-        limit=limit,
-        offset=offset,
-        seed=seed,
-    )
+    if str(spec) == "natural" or path.is_dir() and not _holds_arrays(path):
+        images = [spec for spec in signature.specs if spec.rank == 4]
+        if len(images) != 1 or len(signature.specs) != 1:
+            raise UserError(f"images feed models with one 4-D image input; this one takes {_inputs(signature)}")
+        name, shape = images[0].name, images[0].dims
+        if str(spec) == "natural":
+            from .natural import DEFAULT_SAMPLES, NaturalImageSource
+
+            count = limit or DEFAULT_SAMPLES
+            return NaturalImageSource(name, shape, preprocessing, count=count, batch_size=batch_size, seed=seed)
+        return ImageFolderSource(
+            path, name, shape, preprocessing, batch_size=batch_size, limit=limit, offset=offset, seed=seed,
+            labels=labels, class_order=class_order, classes=output_classes(model),
+        )  # fmt: skip
+    if labels is not None or class_order is not None:
+        raise UserError("--labels and --class-order apply to image folders; .npz files carry a `labels` array")
+    return ArraySource(path, signature, batch_size=batch_size, limit=limit, offset=offset, seed=seed)
 
 
-def _input_shape(value, input_shapes) -> tuple:
-    if input_shapes and value.name in input_shapes:
-        return tuple(input_shapes[value.name])
-    return tuple(declared_shape(value))
+def output_classes(model) -> int | None:
+    """The number of classes the model scores, if its first output is `[N, C]` with a fixed C."""
+    dims = declared_dims(model.graph.output[0]) if model.graph.output else []
+    return dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
+
+
+def _holds_arrays(folder: Path) -> bool:
+    return any(p.suffix in ARRAY_SUFFIXES for p in folder.iterdir())
+
+
+def _inputs(signature: InputSignature) -> str:
+    return ", ".join(spec.describe() for spec in signature.specs)
 
 
 def open_data(spec: str | os.PathLike, model, config: DataConfig, seed: int, *, limit: int | None = None) -> Source:
-    """The source a spec names (as `--data`), with `config`'s preprocessing, batch size and input shapes."""
+    """The source a spec names (as `--data`), with `config`'s preprocessing, batch size, input shapes, batch
+    axes and labels."""
     return open_source(
         spec,
         model,
@@ -360,6 +466,9 @@ def open_data(spec: str | os.PathLike, model, config: DataConfig, seed: int, *, 
         limit=limit,
         seed=seed,
         input_shapes=config.input_shapes,
+        batch_axes=config.batch_axes,
+        labels=config.labels,
+        class_order=config.class_order,
     )
 
 

@@ -16,7 +16,14 @@ from .options import add_data_options, add_options, data_config, values
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("compress", help="write a smaller model: calibrate, decompose, rewrite, verify")
+    parser = commands.add_parser(
+        "compress",
+        help="write a smaller model: calibrate, decompose, rewrite, verify",
+        description="Calibrate on data, choose ranks for a budget or an accuracy target, fit each chosen layer "
+        "as a chain of smaller layers, rewrite, verify on held-out data and save.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="ONNX model file (never modified)")
     parser.add_argument("-o", "--output", required=True, help="compressed model to write")
     parser.add_argument("--report", metavar="REPORT.json", help="write the report as JSON")
@@ -31,6 +38,16 @@ def add_parser(commands) -> None:
     add_options(parser, FitConfig, title="fit")
     add_options(parser, VerifyConfig, title="verification")
     add_options(parser, RuntimeConfig, title="runtime")
+
+
+EXAMPLES = """examples:
+  onnx-dacomp compress model.onnx -o small.onnx --data images/ --ratio 0.5
+  onnx-dacomp compress model.onnx -o small.onnx --data images/ --mean 0.485,0.456,0.406 \\
+      --std 0.229,0.224,0.225 --method auto --max-drop 1.0 --report report.json
+  onnx-dacomp compress model.onnx -o small.onnx --data samples.npz --input-shape input:-1x512 \\
+      --batch-axis state:1 --budget macs --ratio 0.6
+  onnx-dacomp compress model.onnx -o small.onnx --stats stats.npz --ranks ranks.json
+"""
 
 
 def config_from_args(args: argparse.Namespace) -> CompressConfig:

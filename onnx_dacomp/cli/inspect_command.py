@@ -1,4 +1,5 @@
-"""`onnx-dacomp inspect MODEL.onnx [--json]`: the Conv layers of a model, what can be decomposed and why not."""
+"""`onnx-dacomp inspect MODEL.onnx [--json]`: the layers of a model, what can be decomposed and why not, its
+inputs (with their batch axes) and outputs, and its parameters."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import argparse
 import json
 import sys
 
-from ..api import inspect
+from ..api import Inspection, inspect
 from ..config import DataConfig
-from ..targets import TargetScan
 from .options import add_options, values
 
 
@@ -16,16 +16,16 @@ def add_parser(commands) -> None:
     parser = commands.add_parser("inspect", help="list the Conv layers of a model with params and MACs")
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_options(parser, DataConfig, only=("input_shapes",))
+    add_options(parser, DataConfig, only=("input_shapes", "batch_axes"))
 
 
 def run(args: argparse.Namespace) -> int:
-    scan = inspect(args.model, DataConfig(**values(args, DataConfig)))
+    found = inspect(args.model, DataConfig(**values(args, DataConfig)))
     if args.json:
-        json.dump(scan_to_json(args.model, scan), sys.stdout, indent=2)
+        json.dump(to_json(args.model, found), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_table(scan))
+        sys.stdout.write(format_table(found))
     return 0
 
 
@@ -39,13 +39,19 @@ def _totals(layers) -> dict:
     }
 
 
-def scan_to_json(model_path: str, scan: TargetScan) -> dict:
+def to_json(model_path: str, found: Inspection) -> dict:
     return {
         "model": str(model_path),
-        "layers": [layer.describe() for layer in scan.layers],
+        "inputs": [
+            {"name": s.name, "dtype": s.dtype.name, "dims": list(s.dims), "batch_axis": s.batch_axis}
+            for s in found.inputs.specs
+        ],
+        "outputs": [{"name": name, "dtype": dtype, "dims": list(dims)} for name, dtype, dims in found.outputs],
+        "layers": [layer.describe() for layer in found.layers],
         "totals": {
-            "all": _totals(scan.layers),
-            "decomposable": _totals(scan.targets),
+            "model": {"params": found.params},
+            "all": _totals(found.layers),
+            "decomposable": _totals(found.targets),
         },
     }
 
@@ -54,7 +60,8 @@ def _fmt(value) -> str:
     return "?" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def format_table(scan: TargetScan) -> str:
+def format_table(found: Inspection) -> str:
+    scan = found.scan
     header = ("layer", "kernel", "in", "out", "stride", "group", "params", "MACs", "decomposable")
     rows = []
     for layer in scan.layers:
@@ -82,12 +89,17 @@ def format_table(scan: TargetScan) -> str:
 
     out = [line(header), line(tuple("-" * w for w in widths) + ("-" * 12,))]
     out += [line(row) for row in rows]
-    out.append("\n")
-    for label, total in totals.items():
+    out.append(f"\n{'model':>13}: {found.params:,} parameters in all (every initializer)\n")
+    for label, total in (("conv layers", totals["all"]), ("decomposable", totals["decomposable"])):
         out.append(
             f"{label:>13}: {total['layers']} layers, {_fmt(total['params'])} params, "
-            f"{_fmt(total['macs'])} MACs per image\n"
+            f"{_fmt(total['macs'])} MACs per sample\n"
         )
+    out.append("\ninputs:\n" + "".join(f"  {spec.describe()}\n" for spec in found.inputs.specs))
+    out.append("outputs:\n")
+    for name, dtype, dims in found.outputs:
+        out.append(f"  {name} {dtype} [{', '.join('?' if d is None else str(d) for d in dims)}]\n")
     if totals["all"]["macs"] is None:
-        out.append("MACs marked ? depend on dynamic input dims: pass --input-shape NAME:NxCxHxW\n")
+        hints = " ".join(f"--input-shape {spec.hint()}" for spec in found.inputs.unknown()) or "--input-shape"
+        out.append(f"MACs marked ? depend on dynamic input dims: pass {hints}\n")
     return "".join(out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..config import DataConfig, ImagePreprocessing, default_of
+from ..config import DataConfig, ImagePreprocessing, default_of, positive_int
 
 
 def add_options(parser, config_class, *, only=None, title: str | None = None) -> None:
@@ -24,7 +24,8 @@ def add_options(parser, config_class, *, only=None, title: str | None = None) ->
             continue
         shown = meta.get("shown", default)
         text = meta["help"] + ("" if shown in (None, (), {}) else f" (default {_text(shown)})")
-        kwargs = dict(help=text, metavar=meta.get("metavar"), choices=meta.get("choices"), nargs=meta.get("nargs"))
+        metavar = meta.get("metavar") or ("N" if meta.get("parse") in (int, positive_int) else None)
+        kwargs = dict(help=text, metavar=metavar, choices=meta.get("choices"), nargs=meta.get("nargs"))
         if meta.get("repeat"):
             kwargs["action"] = "append"
         elif meta.get("parse") in (int, float):

@@ -1,5 +1,6 @@
 """Layer kinds: what can be decomposed. One module per kind; `KINDS` maps each ONNX op type to the module
-that discovers such nodes (`discover(node, resolver, shapes) -> Layer`, `shape_names(node)`).
+that discovers such nodes (`discover(node, resolver, shapes) -> Layer`, `shape_names(node)`,
+`skipped(node, reason) -> Layer`).
 
 To add a kind: a module like conv.py whose layers implement `base.Layer`, and its op types in `KINDS`.
 """

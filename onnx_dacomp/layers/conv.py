@@ -212,15 +212,14 @@ def shape_names(node: onnx.NodeProto) -> list[str]:
     return [node.input[0], node.output[0]] if node.op_type == "Conv" else []
 
 
+def skipped(node: onnx.NodeProto, reason: str) -> ConvLayer:
+    """A node of this kind listed with the reason it is not decomposed."""
+    return ConvLayer(node.name or node.output[0], node.op_type, node.output[0], node.input[0], skip_reason=reason)
+
+
 def discover(node: onnx.NodeProto, resolver: ConstantResolver, shapes: Mapping[str, Shape | None]) -> ConvLayer:
     if node.op_type != "Conv":
-        return ConvLayer(
-            node.name or node.output[0],
-            node.op_type,
-            node.output[0],
-            node.input[0],
-            skip_reason=_unsupported_op_reason(node.op_type),
-        )
+        return skipped(node, _unsupported_op_reason(node.op_type))
     attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
     weight_name = node.input[1]
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
