@@ -97,9 +97,10 @@ def evaluate(
     benchmark_batch: Sequence[int] = (),
     repeats: int = 30,
     progress: bool = True,
+    classifier_outputs: Sequence[str] = (),
 ) -> Evaluation:
-    """Compare `compressed` with `original` on `data` (agreement, output error, top-1 with labels) and, for
-    each size in `benchmark_batch`, time both in onnxruntime."""
+    """Compare `compressed` with `original` on `data` (every output's error, cosine and SNR; top-1 of
+    class-score outputs, see `verify.compare_models`) and, for each size in `benchmark_batch`, time both."""
     original, compressed = _model(original), _model(compressed)
     names = [[value.name for value in graph_inputs(model)] for model in (original, compressed)]
     if names[0] != names[1]:
@@ -109,8 +110,9 @@ def evaluate(
     signature = input_signature(original, _input_shapes(original, config), config.batch_axes)
     source = _source(data, original, config, runtime)
     comparison = compare_models(
-        original, compressed, source, device=runtime.device, progress=progress, signature=signature
-    )
+        original, compressed, source, device=runtime.device, progress=progress, signature=signature,
+        classifier_outputs=classifier_outputs,
+    )  # fmt: skip
     batches = benchmark_batches(source, benchmark_batch, signature) if benchmark_batch else []
     latency = tuple(
         measure_latency(original, compressed, batch, size, device=runtime.device, repeats=repeats)

@@ -270,6 +270,13 @@ class PlanConfig:
     min_agreement: float | None = option(
         None, "instead of --ratio: the smallest model with this top-1 agreement", parse=number, metavar="FRACTION"
     )
+    max_error: float | None = option(
+        None, "instead of --ratio: the smallest model whose held-out relative output error (worst output, or "
+        "--target-output) is at most this; needs no labels", parse=number, metavar="E",
+    )  # fmt: skip
+    target_output: str | None = option(
+        None, "the output --max-error applies to (default: the worst of all outputs)", metavar="NAME"
+    )
     budget: str = option("params", "what --ratio counts", choices=BUDGETS)
     allocation: str = option("allocated", "ranks across layers", choices=ALLOCATIONS)
     ranks: Mapping[str, object] = option(
@@ -297,10 +304,17 @@ class PlanConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise UserError(f"--ratio must lie in (0, 1], got {self.ratio}")
-        if self.max_drop is not None and self.min_agreement is not None:
-            raise UserError("give --max-drop or --min-agreement, not both")
+        targets = [self.max_drop, self.min_agreement, self.max_error]
+        if sum(target is not None for target in targets) > 1:
+            raise UserError("give one of --max-drop, --min-agreement and --max-error")
         if self.targeted and self.ratio is not None:
-            raise UserError("--ratio and --max-drop/--min-agreement exclude each other: the search sets the ratio")
+            raise UserError(
+                "--ratio and --max-drop/--min-agreement/--max-error exclude each other: the search sets the ratio"
+            )
+        if self.max_error is not None and not 0 < self.max_error <= 1:
+            raise UserError(f"--max-error is a relative output error in (0, 1], got {self.max_error}")
+        if self.target_output is not None and self.max_error is None:
+            raise UserError("--target-output names the output --max-error applies to: give --max-error too")
         if self.max_drop is not None and not 0 <= self.max_drop <= 100:
             raise UserError(f"--max-drop is in top-1 points (0 to 100), got {self.max_drop}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
@@ -315,7 +329,7 @@ class PlanConfig:
     @property
     def targeted(self) -> bool:
         """Whether an accuracy target sets the ratio (by search)."""
-        return self.max_drop is not None or self.min_agreement is not None
+        return self.max_drop is not None or self.min_agreement is not None or self.max_error is not None
 
     @property
     def target_ratio(self) -> float | None:
@@ -353,6 +367,11 @@ class VerifyConfig:
         500, "samples kept out of calibration for verification (a fifth of the data at most)", parse=int
     )
     benchmark: bool = option(False, "time both models end to end (in the report)")
+    classifier_outputs: tuple[str, ...] = option(
+        (), "score this output as class scores (top-1; a map [N, C, ...] per position) whatever its shape and "
+        "producer (repeatable; default: [N, C] outputs of a linear layer or softmax)", flag="--classifier-output",
+        parse=tuple, repeat=True, metavar="NAME",
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.holdout < 0:

@@ -135,12 +135,15 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         return replace_layers(model, {layers[n].output: (layers[n], f.factors, f.bias) for n, f in fits.items()}), fits
 
     def verify(candidate: onnx.ModelProto, show: bool = progress):
-        return compare_models(model, candidate, holdout, device=runtime.device, progress=show, signature=signature)
+        return compare_models(
+            model, candidate, holdout, device=runtime.device, progress=show, signature=signature,
+            classifier_outputs=config.verify.classifier_outputs,
+        )  # fmt: skip
 
     ratio, search = config.plan.target_ratio, None
     if config.plan.targeted:
         if holdout is None:
-            raise UserError("--max-drop/--min-agreement need held-out data: pass --data and a --holdout above 0")
+            raise UserError("--max-drop/--min-agreement/--max-error need held-out data: pass --data and --holdout N")
         ratio, search = smallest_ratio(lambda r: verify(build(plan_at(r), False)[0], False), config.plan)
     rank_plan = plan_at(ratio)
     if config.plan.require_speedup:

@@ -5,7 +5,6 @@ wave share one onnxruntime pass for their cross statistics."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 
 import numpy as np
 import onnx
@@ -86,11 +85,11 @@ def keep_better(propagated: tuple, build_plain: Callable, verify: Callable, conf
     model, fits, verification = propagated
     plain_model, plain_fits = build_plain()
     plain = verify(plain_model)
-    record = {"kept": "propagated", "propagated": asdict(verification), "plain": asdict(plain)}
+    record = {"kept": "propagated", "propagated": verification.to_dict(), "plain": plain.to_dict()}
     if preference(plain, config) > preference(verification, config):
         logger.warning(
             "the propagated fit verifies worse than the plain fit on the held-out data (top-1 agreement "
-            "%.4f vs %.4f, output error %.4f vs %.4f): keeping the plain fit",
+            "%s vs %s, output error %.4f vs %.4f): keeping the plain fit",
             verification.top1_agreement,
             plain.top1_agreement,
             verification.rel_output_error,

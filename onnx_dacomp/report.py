@@ -71,7 +71,7 @@ class CompressionReport:
     def to_dict(self) -> dict:
         verification = None
         if self.verification is not None:
-            verification = {**asdict(self.verification), "top1_drop": self.verification.top1_drop}
+            verification = self.verification.to_dict()
         return {
             "layers": [asdict(layer) | {"ranks": list(layer.ranks) if layer.ranks else None} for layer in self.layers],
             "totals": self.totals,
@@ -153,10 +153,10 @@ class CompressionReport:
             )
         lines.append(verification_line(self.verification))
         if self.propagation:
-            agreements = {fit: self.propagation[fit]["top1_agreement"] for fit in ("propagated", "plain")}
+            fits = {fit: self.propagation[fit] for fit in ("propagated", "plain")}
             lines.append(
-                f"--propagate: top-1 agreement {agreements['propagated']:.2%} propagated, {agreements['plain']:.2%} "
-                f"plain: kept the {self.propagation['kept']} fit"
+                f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} propagated, "
+                f"{fits['plain']['rel_output_error']:.4f} plain: kept the {self.propagation['kept']} fit"
             )
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
@@ -230,16 +230,22 @@ def layer_rows(
 
 
 def verification_line(comparison: Comparison | None) -> str:
+    """One line per model output: relative error, cosine, SNR; top-1 figures for class-score outputs."""
     if comparison is None:
         return "verification: none (no held-out data)"
-    text = (
-        f"verification on {comparison.samples} held-out samples: top-1 agreement {comparison.top1_agreement:.2%}, "
-        f"relative output error {comparison.rel_output_error:.4f}"
-    )
-    if comparison.top1_original is not None:
-        text += f", top-1 {comparison.top1_original:.2%} -> {comparison.top1_compressed:.2%}"
-        text += f" (labels: {comparison.labels_from})" if comparison.labels_from else ""
-    return text
+    lines = [f"verification on {comparison.samples} held-out samples:"]
+    for output in comparison.outputs:
+        text = (
+            f"  output {output.name}: relative error {output.rel_error:.4f}, cosine {output.cosine:.4f}, "
+            f"SNR {output.snr_db:.1f} dB"
+        )
+        if output.top1_agreement is not None:
+            text += f", top-1 agreement {output.top1_agreement:.2%}"
+        if output.top1_original is not None:
+            text += f", top-1 {output.top1_original:.2%} -> {output.top1_compressed:.2%}"
+            text += f" (labels: {comparison.labels_from})" if comparison.labels_from else ""
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def latency_line(latency: Latency, macs_kept: float | None = None) -> str:

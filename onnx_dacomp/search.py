@@ -19,17 +19,30 @@ def meets(comparison: Comparison | None, config: PlanConfig) -> bool:
         return False
     if config.max_drop is not None:
         return comparison.top1_drop is not None and 100 * comparison.top1_drop <= config.max_drop
-    return comparison.top1_agreement >= config.min_agreement
+    if config.max_error is not None:
+        return error_of(comparison, config) <= config.max_error
+    return comparison.top1_agreement is not None and comparison.top1_agreement >= config.min_agreement
+
+
+def error_of(comparison: Comparison, config: PlanConfig) -> float:
+    """The relative output error --max-error bounds: of --target-output, else of the worst output."""
+    if config.target_output is not None:
+        return comparison.output(config.target_output).rel_error
+    return comparison.rel_output_error
 
 
 def preference(comparison: Comparison, config: PlanConfig) -> tuple:
-    """Order of held-out results: meeting the search target first, then top-1 agreement, then output error."""
-    return (not config.targeted or meets(comparison, config), comparison.top1_agreement, -comparison.rel_output_error)
+    """Order of held-out results: meeting the search target first, then top-1 agreement (of a classifier),
+    then output error."""
+    agreement = comparison.top1_agreement if comparison.top1_agreement is not None else 0.0
+    return (not config.targeted or meets(comparison, config), agreement, -error_of(comparison, config))
 
 
 def target_text(config: PlanConfig) -> str:
     if config.max_drop is not None:
         return f"top-1 drop <= {config.max_drop} points"
+    if config.max_error is not None:
+        return f"relative output error of {config.target_output or 'every output'} <= {config.max_error}"
     return f"top-1 agreement >= {config.min_agreement}"
 
 
@@ -43,16 +56,31 @@ def smallest_ratio(probe: Callable[[float], Comparison], config: PlanConfig) -> 
         ratio = (low + high) / 2
         comparison = probe(ratio)
         if config.max_drop is not None and comparison.top1_drop is None:
-            raise UserError("--max-drop needs labeled data (class folders, .npz with labels); use --min-agreement")
+            raise UserError(
+                "--max-drop needs labeled data (class folders, .npz with labels) and a class-score output; "
+                "use --min-agreement, or --max-error for any model"
+            )
+        if config.min_agreement is not None and comparison.top1_agreement is None:
+            raise UserError(
+                "--min-agreement needs a class-score output ([N, C], or --classifier-output NAME); use --max-error"
+            )
         met = meets(comparison, config)
+        error = error_of(comparison, config)
         probes.append(
-            {"ratio": ratio, "top1_drop": comparison.top1_drop, "top1_agreement": comparison.top1_agreement, "met": met}
+            {
+                "ratio": ratio,
+                "top1_drop": comparison.top1_drop,
+                "top1_agreement": comparison.top1_agreement,
+                "rel_output_error": error,
+                "met": met,
+            }
         )
         logger.info(
-            "probe at ratio %.4f: top-1 agreement %.4f, top-1 drop %s: %s",
+            "probe at ratio %.4f: top-1 agreement %s, top-1 drop %s, relative output error %.4f: %s",
             ratio,
-            comparison.top1_agreement,
+            "n/a" if comparison.top1_agreement is None else f"{comparison.top1_agreement:.4f}",
             "n/a" if comparison.top1_drop is None else f"{100 * comparison.top1_drop:.2f} points",
+            error,
             "meets the target" if met else "misses it",
         )
         low, high = (low, ratio) if met else (ratio, high)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics as stats
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -18,25 +18,71 @@ from .runtime import create_session, provider_name
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """Outputs of two models on the same samples (first model output; classes along axis 1).
+class OutputComparison:
+    """One model output, original against compressed, over all compared samples.
 
-    `rel_output_error` = ||Y~ - Y||_F / ||Y||_F over all samples; `top1_agreement` = share of samples (and
-    positions, for dense outputs) where both argmaxes agree; top-1 accuracies only when labels exist.
+    `rel_error` = ||Y~ - Y|| / ||Y||; `cosine`: the mean over samples of the cosine similarity of the two
+    outputs (flattened per sample); `snr_db` = 10 log10(||Y||^2 / ||Y~ - Y||^2). Class-score outputs (`[N, C]`
+    after squeezing, from a linear layer or a softmax, or declared with --classifier-output) also get top-1
+    agreement, and top-1 of both models when the data has labels.
     """
 
-    samples: int
-    top1_agreement: float
-    rel_output_error: float
+    name: str
+    rel_error: float
+    cosine: float
+    snr_db: float
+    classes: bool = False
+    top1_agreement: float | None = None
     top1_original: float | None = None
     top1_compressed: float | None = None
-    labels_from: str | None = None  # where the labels of the top-1 figures came from
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every output of two models on the same samples, and where the labels (if any) came from."""
+
+    samples: int
+    outputs: tuple[OutputComparison, ...]
+    labels_from: str | None = None
+
+    def output(self, name: str) -> OutputComparison:
+        for output in self.outputs:
+            if output.name == name:
+                return output
+        raise UserError(f"the model has no output {name!r}; its outputs are {[o.name for o in self.outputs]}")
+
+    @property
+    def classifier(self) -> OutputComparison | None:
+        """The first class-score output, which the top-1 figures refer to."""
+        return next((output for output in self.outputs if output.classes), None)
+
+    @property
+    def rel_output_error(self) -> float:
+        """The worst output's relative error."""
+        return max(output.rel_error for output in self.outputs)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.classifier.top1_agreement if self.classifier else None
+
+    @property
+    def top1_original(self) -> float | None:
+        return self.classifier.top1_original if self.classifier else None
+
+    @property
+    def top1_compressed(self) -> float | None:
+        return self.classifier.top1_compressed if self.classifier else None
 
     @property
     def top1_drop(self) -> float | None:
         if self.top1_original is None or self.top1_compressed is None:
             return None
         return self.top1_original - self.top1_compressed
+
+    def to_dict(self) -> dict:
+        summary = {key: getattr(self, key) for key in ("rel_output_error", "top1_agreement", "top1_drop")}
+        summary |= {"top1_original": self.top1_original, "top1_compressed": self.top1_compressed}
+        return {**asdict(self), **summary}
 
 
 @dataclass(frozen=True)
@@ -61,42 +107,106 @@ def compare_models(
     device: str = "auto",
     progress: bool = True,
     signature: InputSignature | None = None,
+    classifier_outputs: Sequence[str] = (),
 ) -> Comparison:
+    """Both models on every sample of `source`; each output compared (see `OutputComparison`).
+    `classifier_outputs`: outputs to score as class scores whatever their producer (a map `[N, C, ...]` per
+    position)."""
     signature = signature or input_signature(original)
     if not isinstance(source, Source):
         source = IterableSource(source, signature.names)
     first, second = create_session(original, device), create_session(compressed, device)
-    agree = positions = samples = 0
-    squared_error = squared_norm = 0.0
-    correct = [0, 0]
-    labelled = True
+    names = [output.name for output in first.get_outputs()]
+    unknown = sorted(set(classifier_outputs) - set(names))
+    if unknown:
+        raise UserError(f"--classifier-output names {unknown}, but the model's outputs are {names}")
+    producers = class_producers(original)
+    sums = {name: np.zeros(4) for name in names}  # error energy, reference energy, cosine sum, samples
+    agree, positions, correct, samples, labelled, classes = {}, {}, {}, 0, True, {}
     with log_progress(source.size, "verifying", "sample", enabled=progress) as bar:
         for index, (batch, labels) in enumerate(source.labelled()):
             batch = signature.check(batch, index)
-            reference = np.asarray(first.run(None, batch)[0], np.float64)
-            output = np.asarray(second.run(None, batch)[0], np.float64)
-            squared_error += float(np.sum((output - reference) ** 2))
-            squared_norm += float(np.sum(reference**2))
-            predicted = [_classes(reference), _classes(output)]
-            agree += int(np.sum(predicted[0] == predicted[1]))
-            positions += predicted[0].size
-            samples += signature.length(batch)
-            if labels is None or predicted[0].ndim != 1:
-                labelled = False
-            else:
-                for k in range(2):
-                    correct[k] += int(np.sum(predicted[k] == np.asarray(labels)))
-            bar.update(signature.length(batch))
+            size = signature.length(batch)
+            for name, reference, output in zip(names, first.run(None, batch), second.run(None, batch)):
+                reference, output = np.asarray(reference, np.float64), np.asarray(output, np.float64)
+                sums[name] += _energies(reference, output, size)
+                declared = name in classifier_outputs
+                scores = _class_scores(reference, size, dense=declared)
+                if name not in classes:
+                    classes[name] = declared or (scores is not None and name in producers)
+                if classes[name] and scores is not None:
+                    predicted = scores.argmax(axis=1), _class_scores(output, size, dense=declared).argmax(axis=1)
+                    agree[name] = agree.get(name, 0) + int(np.sum(predicted[0] == predicted[1]))
+                    positions[name] = positions.get(name, 0) + len(scores)
+                    if labels is not None and len(scores) == size:
+                        hits = [int(np.sum(p == np.asarray(labels))) for p in predicted]
+                        correct[name] = [a + b for a, b in zip(correct.get(name, [0, 0]), hits)]
+            labelled = labelled and labels is not None
+            samples += size
+            bar.update(size)
     if samples == 0:
         raise UserError(f"the evaluation data ({getattr(source, 'description', 'data')}) yielded no samples")
-    return Comparison(
-        samples=samples,
-        top1_agreement=agree / positions,
-        rel_output_error=float(np.sqrt(squared_error / squared_norm)) if squared_norm > 0 else float(squared_error > 0),
-        top1_original=correct[0] / samples if labelled else None,
-        top1_compressed=correct[1] / samples if labelled else None,
-        labels_from=getattr(source, "labels_from", None) if labelled else None,
-    )
+    outputs = []
+    for name in names:
+        error, energy, cosines, count = sums[name]
+        top1 = correct.get(name) if labelled else None
+        outputs.append(
+            OutputComparison(
+                name=name,
+                rel_error=float(np.sqrt(error / energy)) if energy > 0 else float(error > 0),
+                cosine=float(cosines / max(count, 1)),
+                snr_db=float(10 * np.log10(energy / error)) if error > 0 else float("inf"),
+                classes=bool(classes.get(name)),
+                top1_agreement=agree[name] / positions[name] if name in agree else None,
+                top1_original=top1[0] / samples if top1 else None,
+                top1_compressed=top1[1] / samples if top1 else None,
+            )
+        )
+    has_top1 = any(output.top1_original is not None for output in outputs)
+    return Comparison(samples, tuple(outputs), getattr(source, "labels_from", None) if has_top1 else None)
+
+
+CLASS_PRODUCERS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Conv", "Add", "Sigmoid"}
+SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Identity", "Cast"}
+
+
+def class_producers(model: onnx.ModelProto) -> set[str]:
+    """Outputs computed by a layer that scores classes (a linear layer, a 1x1 conv, a softmax; looked
+    through reshapes), unlike features from a pooling or a map from a conv stack's middle."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found = set()
+    for value in model.graph.output:
+        node = producers.get(value.name)
+        while node is not None and node.op_type in SHAPE_ONLY:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type in CLASS_PRODUCERS:
+            found.add(value.name)
+    return found
+
+
+def _class_scores(array: np.ndarray, samples: int, dense: bool = False) -> np.ndarray | None:
+    """The output as `[samples, C]` when it is one (singleton dims squeezed); with `dense` (a declared
+    classifier output), a map `[N, C, ...]` as one row of class scores per position; else None."""
+    if array.ndim == 0 or array.shape[0] != samples:
+        return None
+    kept = [n for n in array.shape[1:] if n != 1]
+    if len(kept) == 1 and kept[0] > 1:
+        return array.reshape(samples, kept[0])
+    if dense and array.ndim > 2 and array.shape[1] > 1:
+        return np.moveaxis(array, 1, -1).reshape(-1, array.shape[1])
+    return None
+
+
+def _energies(reference: np.ndarray, output: np.ndarray, samples: int) -> np.ndarray:
+    """(error energy, reference energy, sum of per-sample cosines, samples) of one batch of one output."""
+    error, energy = float(np.sum((output - reference) ** 2)), float(np.sum(reference**2))
+    if reference.ndim and reference.shape[0] == samples and samples > 0:
+        left, right = reference.reshape(samples, -1), output.reshape(samples, -1)
+        norms = np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1)
+        cosines = np.where(norms > 0, np.sum(left * right, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+        return np.array([error, energy, float(np.sum(cosines)), samples])
+    norm = np.linalg.norm(reference) * np.linalg.norm(output)
+    return np.array([error, energy, float(np.sum(reference * output) / norm) if norm > 0 else 1.0, 1])
 
 
 def measure_latency(
@@ -182,10 +292,3 @@ def random_batch(signature: InputSignature, size: int, seed: int) -> dict[str, n
         shape = [size if axis == spec.batch_axis else d for axis, d in enumerate(spec.dims)]
         batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return batch
-
-
-def _classes(output: np.ndarray) -> np.ndarray:
-    """Argmax over the class axis (axis 1): (N,) for logits, (N, positions) for dense predictions."""
-    if output.ndim <= 2:
-        return output.reshape(len(output), -1).argmax(axis=1)
-    return output.reshape(output.shape[0], output.shape[1], -1).argmax(axis=1)

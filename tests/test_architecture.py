@@ -195,7 +195,7 @@ def test_output_records_provenance_and_kept_layers_say_why_under_a_search(tmp_pa
     path = tmp_path / "d.npz"
     base = rng.standard_normal((192, 3, 4, 4)).repeat(3, axis=2).repeat(3, axis=3)
     np.savez(path, x=(base + 0.05 * rng.standard_normal((192, 3, 12, 12))).astype(np.float32))
-    config = CompressConfig(min_agreement=0.95, holdout=48, max_iter=5, method="svd")
+    config = CompressConfig(min_agreement=0.95, holdout=48, max_iter=5, method="svd", classifier_outputs=("r5",))
     result = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False)
     props = {prop.key: prop.value for prop in result.model.metadata_props}
     assert props["author"] == "someone" and props["onnx_dacomp.version"] == onnx_dacomp.__version__
@@ -225,5 +225,7 @@ def test_public_functions_match_the_commands(tmp_path, capsys):
     saved = load_statistics(tmp_path / "s.npz")
     for name, moments in statistics.layers.items():
         assert np.array_equal(moments.second, saved.layers[name].second)
-    evaluation = onnx_dacomp.evaluate(str(model_path), str(model_path), str(data), progress=False)
+    evaluation = onnx_dacomp.evaluate(
+        str(model_path), str(model_path), str(data), progress=False, classifier_outputs=["r5"]
+    )
     assert evaluation.comparison.top1_agreement == 1.0 and evaluation.comparison.rel_output_error == 0.0

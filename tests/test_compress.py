@@ -248,6 +248,8 @@ def test_cli_evaluate_reports_accuracy_agreement_and_latency(tmp_path, data_file
             "1,8",
             "--repeats",
             "3",
+            "--classifier-output",
+            "r5",
         ]
     )
     assert code == 0
@@ -257,7 +259,17 @@ def test_cli_evaluate_reports_accuracy_agreement_and_latency(tmp_path, data_file
     assert 0 <= result["top1_agreement"] <= 1 and result["rel_output_error"] > 0
     assert [entry["batch"] for entry in result["latency"]] == [1, 8]
     assert all(entry["ratio"] > 0 for entry in result["latency"])
-    assert main(["evaluate", str(model_path), str(model_path), "--data", str(data_file), "--json"]) == 0
+    argv = [
+        "evaluate",
+        str(model_path),
+        str(model_path),
+        "--data",
+        str(data_file),
+        "--json",
+        "--classifier-output",
+        "r5",
+    ]
+    assert main(argv) == 0
     same = json.loads(capsys.readouterr().out)
     assert same["top1_agreement"] == 1.0 and same["rel_output_error"] == 0.0
 

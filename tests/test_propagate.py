@@ -135,7 +135,7 @@ def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path):
 def test_min_agreement_search_meets_the_target_and_reports_its_probes(tmp_path):
     model = conv_stack(channels=12, size=(12, 12), input_channels=3)
     path = _npz(tmp_path)
-    config = CompressConfig(ratio=None, min_agreement=0.9, holdout=48, max_iter=5)
+    config = CompressConfig(ratio=None, min_agreement=0.9, holdout=48, max_iter=5, classifier_outputs=("r5",))
     result = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False)
     report = result.report
     assert report.verification.top1_agreement >= 0.9

@@ -50,6 +50,58 @@ def conv_stack(path: Path, *, weight_fill=None, channels=8, size=16) -> Path:
     return path
 
 
+def two_inputs(path: Path) -> Path:
+    """A 1-D conv over `signal [B, T]` (T dynamic) plus a `state [2, B, 8]` with the batch on axis 1."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        numpy_helper.from_array(np.array([0, 2], np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", ["signal", "axis"], ["s3"]),
+        helper.make_node("Conv", ["s3", "w"], ["c"], name="conv", pads=[1, 1]),
+        helper.make_node("ReduceSum", ["state", "axes"], ["total"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("signal", onnx.TensorProto.FLOAT, ["B", "T"]),
+            helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, [2, "B", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("total", 1, None),
+        ],
+        inits,
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+    return path
+
+
+def looped(path: Path) -> Path:
+    """Its only Convs inside a Loop body."""
+    inner = onnx.load(str(conv_stack(path)))
+    body = helper.make_graph(
+        list(inner.graph.node),
+        "body",
+        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []), helper.make_tensor_value_info("c", 9, [])],
+        [helper.make_tensor_value_info("c", 9, []), helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, None)],
+        list(inner.graph.initializer),
+    )
+    nodes = [helper.make_node("Loop", ["count", ""], ["stacked"], name="loop", body=body)]
+    graph = helper.make_graph(
+        nodes,
+        "looped",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("stacked", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(2, np.int64), "count")],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
 def images(folder: Path, count: int, *, broken: bool = False) -> Path:
     from PIL import Image
 
@@ -139,6 +191,40 @@ def cases(root: Path) -> list[tuple[str, list[str], list[Path], Path | None, flo
         output=root / "nowhere")  # fmt: skip
     add("output folder not writable", ["compress", model, "-o", "/proc/out.onnx", "--data", data], [model],
         output=Path("/proc/out.onnx"))  # fmt: skip
+    pair = two_inputs(root / "two_inputs.onnx")
+    pair_data = root / "pair.npz"
+    np.savez(pair_data, signal=np.zeros((16, 32), np.float32), state=np.zeros((2, 16, 8), np.float32))
+    add(
+        "two inputs, dynamic T, no --input-shape", ["compress", pair, "-o", out, "--data", pair_data], [pair, pair_data]
+    )
+    swapped = root / "swapped.npz"
+    np.savez(swapped, signal=np.zeros((16, 32), np.float32), state=np.zeros((16, 2, 8), np.float32))
+    add("state stored with the batch on the wrong axis",
+        ["compress", pair, "-o", out, "--data", swapped, "--input-shape", "signal:-1x32"], [pair, swapped])  # fmt: skip
+    add("--input-shape with the wrong rank", ["compress", pair, "-o", out, "--data", pair_data, "--input-shape",
+        "signal:1x1x32"], [pair])  # fmt: skip
+    add("--input-shape of an unknown input", ["compress", model, "-o", out, "--data", data, "--input-shape",
+        "image:1x3x16x16"], [model])  # fmt: skip
+    add("--batch-axis beyond the input's rank", ["compress", pair, "-o", out, "--data", pair_data, "--input-shape",
+        "signal:-1x32", "--batch-axis", "state:5"], [pair])  # fmt: skip
+    add("--batch-axis malformed", ["compress", model, "-o", out, "--data", data, "--batch-axis", "x=0"], [model])
+    add("image folder for a two-input model", ["compress", pair, "-o", out, "--data", images(root / "imgs", 4)], [pair])
+    classes = root / "classes"
+    images(classes / "cat", 3), images(classes / "dog", 3)
+    partial = root / "partial_labels.tsv"
+    partial.write_text("file\tclass_index\n0.png\t3\n")
+    add("labels file missing images", ["compress", model, "-o", out, "--data", classes, "--labels", partial],
+        [model, partial])  # fmt: skip
+    order = root / "order.txt"
+    order.write_text("cat\nbird\n")
+    add("class order without a folder's class", ["compress", model, "-o", out, "--data", classes, "--class-order",
+        order], [model, order])  # fmt: skip
+    add("labels file that does not exist", ["compress", model, "-o", out, "--data", classes, "--labels",
+        root / "none.tsv"], [model])  # fmt: skip
+    loop = looped(root / "looped.onnx")
+    add("every Conv inside a Loop body", ["compress", loop, "-o", out, "--data", "random", "--limit", "8"], [loop])
+    add("--scale not a number", ["compress", model, "-o", out, "--data", data, "--scale", "one/255"], [model])
+    add("--size malformed", ["compress", model, "-o", out, "--data", data, "--size", "16x"], [model])
     slow = conv_stack(root / "slow.onnx", channels=64, size=32)
     interrupted = ["compress", slow, "-o", out, "--data", "natural", "--limit", "4000", "--method", "cp"]
     add("Ctrl-C during compress", interrupted, [slow], interrupt=4.0)

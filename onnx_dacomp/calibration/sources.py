@@ -276,8 +276,14 @@ class ArraySource(Source):
         if labels is not None:
             lengths["labels"] = len(labels)
         if len(set(lengths.values())) != 1:
-            sizes = ", ".join(f"{name} {length}" for name, length in lengths.items())
-            raise UserError(f"{path}: the arrays' batch axes (and labels) hold different numbers of samples: {sizes}")
+            sizes = ", ".join(
+                f"{name} {length}" + (f" (axis {self.axes[name]})" if name in self.axes else "")
+                for name, length in lengths.items()
+            )
+            raise UserError(
+                f"{path}: the inputs' batch axes hold different numbers of samples: {sizes}; store the samples "
+                f"along each input's batch axis or pass --batch-axis NAME:AXIS"
+            )
         return arrays, labels
 
     def labelled(self) -> Iterator[tuple[Batch, np.ndarray | None]]:

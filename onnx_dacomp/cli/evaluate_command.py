@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 
 from ..api import evaluate
-from ..config import RuntimeConfig, positive_int
+from ..config import RuntimeConfig, VerifyConfig, positive_int
 from ..report import latency_line, verification_line
 from .calibrate_command import DATA_HELP
 from .options import add_data_options, add_options, data_config, values
@@ -25,6 +25,7 @@ def add_parser(commands) -> None:
         "--benchmark-batch", type=_sizes, default=(1, 32), metavar="N[,N...]", help="batch sizes to time (1,32)"
     )
     parser.add_argument("--repeats", type=_positive, default=30, help="timed runs per model and batch (30)")
+    add_options(parser, VerifyConfig, only=("classifier_outputs",))
     add_data_options(parser)
     add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed"))
 
@@ -40,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
         benchmark_batch=args.benchmark_batch if args.benchmark else (),
         repeats=args.repeats,
         progress=not args.quiet,
+        classifier_outputs=VerifyConfig(**values(args, VerifyConfig)).classifier_outputs,
     )
     comparison = result.comparison
     if args.json:
         output = {
-            **asdict(comparison),
-            "top1_drop": comparison.top1_drop,
+            **comparison.to_dict(),
             "latency": [asdict(latency) | {"ratio": latency.ratio} for latency in result.latency],
         }
         json.dump(output, sys.stdout, indent=2)
