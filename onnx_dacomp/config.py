@@ -242,7 +242,7 @@ class FitConfig:
     """What each layer's fit minimizes and how long its solver runs."""
 
     norm: str = option("sigma", "sigma: distribution-aware; frobenius: data-free", choices=NORMS)
-    max_iter: int = option(100, "ALS sweeps per layer at most", parse=int)
+    max_iter: int = option(20, "ALS sweeps per layer at most", parse=int)
     bias_refit: bool = option(False, "refit biases (fit in the centered covariance); never worse")
     propagate: bool = option(False, "fit each layer on the input the compressed layers before it give")
 
@@ -292,7 +292,7 @@ class PlanConfig:
         flag="--no-sensitivity",
     )  # fmt: skip
     sensitivity_samples: int = option(
-        64, "calibration samples each layer's sensitivity probe runs on (whole batches)", parse=positive_int
+        128, "calibration samples each layer's sensitivity probe runs on (whole batches)", parse=positive_int
     )
     require_speedup: bool = option(
         False, "time each chain against its layer in onnxruntime; keep the layer where the chain is not faster"

@@ -30,6 +30,7 @@ class LayerReport:
     latency_before: float | None = None  # ms of the layer alone in onnxruntime (with the latency budget)
     latency_after: float | None = None  # ms of its chain, or of the layer when left as it is
     sensitivity: float | None = None  # output error energy per unit of layer error (the allocation's weight)
+    op_type: str | None = None  # the layer's node (Conv, Gemm, MatMul)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,14 @@ class CompressionReport:
         kept = f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%}"
         if "latency_before" in totals:
             kept += f", summed layer latency kept {totals['latency_after'] / totals['latency_before']:.1%}"
-        lines.append(f"{kept} (target {self.budget} ratio {self.target_ratio})")
+        kinds: dict[str, int] = {}
+        for layer in self.layers:
+            kinds[layer.op_type] = kinds.get(layer.op_type, 0) + 1
+        counted = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if kind)
+        lines.append(
+            f"{kept} (target {self.budget} ratio {self.target_ratio} of the {len(self.layers)} layers above: "
+            f"{counted})"
+        )
         if self.search:
             lines.append(
                 f"ratio search: {self.search['target']} met at ratio {self.search['ratio']:.4f} "
@@ -225,7 +233,7 @@ def layer_rows(
             reason = reasons.get(layer.name) or kept_reason(layer.geometry, method, budget, ratio)
             row = kept_row(layer.name, layer.geometry, reason)
         row = timed(row, choice) if timed is not None else row
-        rows.append(replace(row, sensitivity=(sensitivity or {}).get(layer.name)))
+        rows.append(replace(row, sensitivity=(sensitivity or {}).get(layer.name), op_type=layer.op_type))
     return tuple(rows)
 
 

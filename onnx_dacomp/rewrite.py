@@ -34,8 +34,11 @@ def replace_layers(model: onnx.ModelProto, replacements: Mapping[str, tuple]) ->
     graph = new.graph
     taken = _all_names(graph)
     nodes = list(graph.node)
+    absorbed = {name for layer, *_ in replacements.values() for name in layer.absorbed}
     del graph.node[:]
     for node in nodes:
+        if node.output and node.output[0] in absorbed:
+            continue  # part of a layer whose chain replaces it (a MatMul before its bias Add)
         if node.output and node.output[0] in replacements:
             layer, factors, *bias = replacements[node.output[0]]
             factors = _check_factors(layer, factors)

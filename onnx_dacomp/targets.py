@@ -50,7 +50,12 @@ def find_targets(model: onnx.ModelProto, input_shapes: Mapping[str, Shape] | Non
     names = [name for node in nodes for name in KINDS[node.op_type].shape_names(node)]
     shapes = infer_shapes(model, names, input_shapes) if names else {}
     resolver = ConstantResolver(graph)
-    layers = [KINDS[node.op_type].discover(node, resolver, shapes) for node in nodes]
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = (KINDS[node.op_type].discover(node, resolver, shapes, consumers) for node in nodes)
+    layers = [layer for layer in found if layer is not None]
     layers += [
         KINDS[node.op_type].skipped(node, f"inside {where}: subgraphs are not compressed") for node, where in nested
     ]
@@ -108,15 +113,15 @@ def select(
 
 
 def read_weights(model: onnx.ModelProto, layers: Sequence[Layer]) -> dict[str, np.ndarray]:
-    """The constant weight of each decomposable layer, keyed by layer name."""
+    """The constant weight of each decomposable layer as its kind reads it, `(T, S / G, *kernel)`."""
     resolver = ConstantResolver(model.graph)
-    return {layer.name: resolver.value(layer.weight) for layer in layers if layer.decomposable}
+    return {layer.name: layer.weight_matrix(resolver.value(layer.weight)) for layer in layers if layer.decomposable}
 
 
 def read_biases(model: onnx.ModelProto, layers: Sequence[Layer]) -> dict[str, np.ndarray | None]:
     """The constant bias of each layer as float64, or None where it has none."""
     resolver = ConstantResolver(model.graph)
-    return {layer.name: np.asarray(resolver.value(layer.bias), np.float64) if layer.bias else None for layer in layers}
+    return {layer.name: layer.bias_vector(resolver.value(layer.bias)) if layer.bias else None for layer in layers}
 
 
 def _unique_names(layers: list[Layer]) -> list[Layer]:

@@ -17,9 +17,15 @@ needs_shared = pytest.mark.skipif(not RESNET56.is_file(), reason="../shared/mode
 def test_inspect_json(capsys):
     assert main(["inspect", str(RESNET56), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert len(report["layers"]) == 55
+    assert len(report["layers"]) == 56  # 55 Conv and the classifier Gemm
+    assert [layer["op_type"] for layer in report["layers"]].count("Conv") == 55
+    assert report["layers"][-1] | {"name": None} == {
+        "name": None, "op_type": "Gemm", "kernel": [], "in_channels": 64, "out_channels": 10, "stride": [],
+        "dilation": [], "group": 1, "dtype": "float32", "params": 650, "macs": 640, "decomposable": True,
+        "reason": None,
+    }  # fmt: skip
     assert report["totals"]["all"] == {
-        "layers": 55,
+        "layers": 56,
         "params": sum(layer["params"] for layer in report["layers"]),
         "macs": sum(layer["macs"] for layer in report["layers"]),
     }
@@ -52,4 +58,5 @@ def test_inspect_table_via_python_m():
     assert lines[0].split()[:3] == ["layer", "kernel", "in"]
     depthwise = [line for line in lines if "/_depthwise_conv/Conv" in line]
     assert len(depthwise) == 16 and all("no: depthwise convolution" in line for line in depthwise)
-    assert any(line.strip().startswith("decomposable: 33 layers") for line in lines)
+    assert any(line.strip().startswith("decomposable: 34 layers") for line in lines)  # 33 Conv and the classifier
+    assert any(line.startswith("/_fc/Gemm") and line.rstrip().endswith("yes") for line in lines)

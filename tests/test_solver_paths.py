@@ -88,7 +88,7 @@ def test_cg_input_steps_fit_as_well_as_exact_solves_on_real_layers(cifar_train):
     if not path.is_file():
         pytest.skip("../shared/models is absent")
     model = load_model(path)
-    layers = [layer for layer in find_targets(model).targets if layer.kernel_shape == (3, 3)]
+    layers = [layer for layer in find_targets(model).targets if layer.geometry.kernel == (3, 3)]
     chosen = [layers[2], layers[9]]  # 16 and 32 channels (exact dense solves of 64-channel layers take minutes)
     pre = ImagePreprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     source = ImageFolderSource(cifar_train, "input", (1, 3, 32, 32), pre, limit=128)

@@ -15,7 +15,9 @@ needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../s
 @needs_shared
 def test_resnet56_layers_and_macs_by_hand():
     scan = find_targets(load_model(SHARED / "models" / "cifar10_resnet56.onnx"))
-    assert len(scan.layers) == 55 and len(scan.targets) == 55
+    assert len(scan.layers) == 56 and len(scan.targets) == 56 and scan.layers[-1].op_type == "Gemm"
+    assert scan.layers[-1].macs == 64 * 10 and scan.layers[-1].params == 64 * 10 + 10
+    scan = type(scan)(scan.layers[:-1])  # the 55 Conv layers
 
     # stem 3->16 at 32x32; 3 stages of 18 3x3 convs (16@32x32, 32@16x16, 64@8x8), the first of stages 2-3
     # with stride 2 and half the input channels; option-A shortcuts have no conv
@@ -33,7 +35,8 @@ def test_resnet56_layers_and_macs_by_hand():
 @needs_shared
 def test_efficientnet_depthwise_convs_are_skipped_with_reason():
     scan = find_targets(load_model(SHARED / "models" / "efficientnet_lite0_imagenet.onnx"))
-    assert len(scan.layers) == 49
+    assert len(scan.layers) == 50 and scan.layers[-1].op_type == "Gemm"  # 49 Conv and the classifier
+    scan = type(scan)(scan.layers[:-1])
     depthwise = [layer for layer in scan.layers if layer.group > 1]
     assert len(depthwise) == 16 and all("depthwise" in layer.skip_reason for layer in depthwise)
     # shapes behind the computed Pad nodes come from an onnxruntime run: every layer has its MACs

@@ -69,10 +69,10 @@ def format_table(found: Inspection) -> str:
         rows.append(
             (
                 info["name"],
-                "x".join(map(str, info["kernel"])) or "?",
+                "x".join(map(str, info["kernel"])) or ("-" if info["params"] is not None else "?"),
                 _fmt(info["in_channels"]),
                 _fmt(info["out_channels"]),
-                "x".join(map(str, info["stride"])) or "?",
+                "x".join(map(str, info["stride"])) or ("-" if info["params"] is not None else "?"),
                 str(info["group"]),
                 _fmt(info["params"]),
                 _fmt(info["macs"]),
@@ -90,7 +90,7 @@ def format_table(found: Inspection) -> str:
     out = [line(header), line(tuple("-" * w for w in widths) + ("-" * 12,))]
     out += [line(row) for row in rows]
     out.append(f"\n{'model':>13}: {found.params:,} parameters in all (every initializer)\n")
-    for label, total in (("conv layers", totals["all"]), ("decomposable", totals["decomposable"])):
+    for label, total in (("layers", totals["all"]), ("decomposable", totals["decomposable"])):
         out.append(
             f"{label:>13}: {total['layers']} layers, {_fmt(total['params'])} params, "
             f"{_fmt(total['macs'])} MACs per sample\n"

@@ -102,8 +102,16 @@ class ConvLayer:
     def timing_key(self) -> tuple:
         return (*self.signature, tuple(self.input_shape[1:]), self.dtype, self.bias is not None)
 
+    absorbed = ()  # a conv replaces its own node only
+
     def renamed(self, name: str) -> ConvLayer:
         return replace(self, name=name)
+
+    def weight_matrix(self, raw: np.ndarray) -> np.ndarray:
+        return raw
+
+    def bias_vector(self, raw: np.ndarray) -> np.ndarray:
+        return np.asarray(raw, np.float64)
 
     def input_vectors(self, x: np.ndarray) -> np.ndarray:
         return patches(x, self)
@@ -115,7 +123,7 @@ class ConvLayer:
         dtype = np.dtype(self.dtype)
         base = f"{node.name or node.output[0]}/dacomp_{method}"
         nodes, initializers = [], []
-        current = node.input[0]
+        current = self.input
         for index, stage in enumerate(stages):
             last = index == len(stages) - 1
             weight_name = unique_name(f"{base}_{index}.weight", taken)
@@ -217,7 +225,9 @@ def skipped(node: onnx.NodeProto, reason: str) -> ConvLayer:
     return ConvLayer(node.name or node.output[0], node.op_type, node.output[0], node.input[0], skip_reason=reason)
 
 
-def discover(node: onnx.NodeProto, resolver: ConstantResolver, shapes: Mapping[str, Shape | None]) -> ConvLayer:
+def discover(
+    node: onnx.NodeProto, resolver: ConstantResolver, shapes: Mapping[str, Shape | None], consumers: Mapping
+) -> ConvLayer:
     if node.op_type != "Conv":
         return skipped(node, _unsupported_op_reason(node.op_type))
     attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}

@@ -1,0 +1,146 @@
+"""Dense layers: Gemm and MatMul (+ Add) as a layer kind: discovery, statistics, exact chains at full rank for
+every attribute variant, fp16, and the DA-SVD optimum against a brute-force (whitened) solution."""
+
+import numpy as np
+import pytest
+from builders import IR_VERSION, relative_error, run
+from onnx import helper, numpy_helper
+
+import onnx_dacomp
+from onnx_dacomp.calibration.collect import collect_statistics
+from onnx_dacomp.decompose.svd import da_svd
+from onnx_dacomp.targets import find_targets
+
+
+def _model(nodes, x_shape, inits, dtype=np.float32, output="y"):
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("x", elem, ["N", *x_shape[1:]])],
+        [helper.make_tensor_value_info(output, elem, None)],
+        [
+            numpy_helper.from_array(np.asarray(v).astype(dtype) if v.dtype.kind == "f" else v, k)
+            for k, v in inits.items()
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def gemm(trans_b=1, alpha=1.0, beta=1.0, bias="vector", dtype=np.float32, k=12, n=9, seed=0):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((n, k) if trans_b else (k, n))
+    inits = {"W": weight}
+    inputs = ["x", "W"]
+    if bias is not None:
+        inits["C"] = rng.standard_normal(n if bias == "vector" else (1, n))
+        inputs.append("C")
+    node = helper.make_node("Gemm", inputs, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
+    return _model([node], (1, k), inits, dtype)
+
+
+def matmul(x_shape, bias=True, dtype=np.float32, n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    k = x_shape[-1]
+    inits = {"W": rng.standard_normal((k, n))}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m" if bias else "y"], name="proj")]
+    if bias:
+        inits["B"] = rng.standard_normal(n)
+        nodes.append(helper.make_node("Add", ["m", "B"], ["y"], name="proj_bias"))
+    return _model(nodes, x_shape, inits, dtype)
+
+
+def _data(shape, count=48, dtype=np.float32, seed=1):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((shape[-1], shape[-1])) * np.logspace(0, -1.5, shape[-1])
+    return (rng.standard_normal((count, *shape[1:])) @ mixing).astype(dtype)
+
+
+VARIANTS = {
+    "gemm transB=1": (lambda dt: gemm(1, dtype=dt), (1, 12)),
+    "gemm transB=0, alpha, beta": (lambda dt: gemm(0, alpha=0.5, beta=2.0, dtype=dt), (1, 12)),
+    "gemm without C": (lambda dt: gemm(1, bias=None, dtype=dt), (1, 12)),
+    "gemm with C [1, N]": (lambda dt: gemm(0, bias="row", dtype=dt), (1, 12)),
+    "matmul 2-D + Add": (lambda dt: matmul((1, 12), dtype=dt), (1, 12)),
+    "matmul 3-D": (lambda dt: matmul((1, 5, 12), bias=False, dtype=dt), (1, 5, 12)),
+    "matmul 4-D + Add": (lambda dt: matmul((1, 3, 4, 12), dtype=dt), (1, 3, 4, 12)),
+}
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 1e-5), (np.float16, 1e-2)])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_full_rank_chains_reproduce_every_dense_variant(variant, dtype, tolerance):
+    build, shape = VARIANTS[variant]
+    model = build(dtype)
+    (layer,) = find_targets(model).targets
+    x = _data(shape, dtype=dtype)
+    full = min(layer.out_features, layer.in_features)
+    result = onnx_dacomp.compress(model, [{"x": x}], ratio=None, ranks={layer.name: full}, holdout=0, progress=False)
+    assert [row.method for row in result.report.layers] == ["svd"]
+    assert not any(node.op_type in ("Gemm",) for node in result.model.graph.node)
+    assert relative_error(run(result.model, {"x": x})[0], run(model, {"x": x})[0]) < tolerance
+
+
+def test_statistics_of_dense_layers_are_the_row_moments():
+    model = matmul((1, 3, 4, 12))
+    (layer,) = find_targets(model).targets
+    x = _data((1, 3, 4, 12), count=20)
+    rows = x.reshape(-1, 12).astype(np.float64)
+    for mode in ("graph", "numpy"):
+        moments = collect_statistics(model, [layer], [{"x": x[:7]}, {"x": x[7:]}], mode=mode, progress=False)
+        got = moments.layers[layer.name]
+        assert got.count == len(rows) == 20 * 12
+        np.testing.assert_allclose(got.second[0], rows.T @ rows, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got.first[0], rows.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_da_svd_of_a_dense_layer_is_the_whitened_optimum():
+    """Brute force: the best rank-R fit in the Sigma-norm is the truncated SVD of W L (Sigma = L L^T), mapped
+    back; no inverse of Sigma in da_svd, so this is an independent computation."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((20, 15))
+    samples = rng.standard_normal((400, 15)) @ (rng.standard_normal((15, 15)) * np.logspace(0, -2, 15))
+    sigma = samples.T @ samples / len(samples)
+    values, vectors = np.linalg.eigh(sigma)
+    root = vectors * np.sqrt(values)
+    for rank in (1, 4, 9):
+        left, singular, _ = np.linalg.svd(weight @ root)
+        best = float(np.sum(singular[rank:] ** 2) / np.sum(singular**2))
+        assert da_svd(weight, sigma, rank).rel_error == pytest.approx(best, rel=1e-8, abs=1e-12)
+
+
+def test_dense_layers_share_the_budget_with_the_convolutions():
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((16, 3, 3, 3)), "head": rng.standard_normal((16 * 36, 64)) * 0.05}
+    inits["shape"] = np.array([0, -1], np.int64)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "head"], ["features"], name="head"),
+        helper.make_node("Transpose", ["features"], ["features_t"]),
+        helper.make_node("MatMul", ["features", "features_t"], ["y"], name="scores"),  # two activations
+    ]
+    model = _model(nodes, (1, 3, 12, 12), inits)
+    layers = {layer.name: layer for layer in find_targets(model).layers}
+    assert set(layers) == {"conv", "head"}  # a product of two activations is no layer
+    x = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
+    report = onnx_dacomp.compress(model, [{"x": x}], ratio=0.5, holdout=0, rank_multiple=1, progress=False).report
+    rows = {row.name: row for row in report.layers}
+    assert rows["head"].method == "svd" and report.totals["params_before"] == layers["conv"].params + 16 * 36 * 64
+    assert report.ratio <= 0.5 + 1e-9
+
+
+def test_unsupported_dense_layers_are_listed_with_a_reason():
+    rng = np.random.default_rng(0)
+    transposed = helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transA=1)
+    assert (
+        "transA"
+        in find_targets(_model([transposed], (1, 12), {"W": rng.standard_normal((12, 4))})).layers[0].skip_reason
+    )
+    batched = helper.make_node("MatMul", ["x", "W"], ["y"], name="batched")
+    layer = find_targets(_model([batched], (1, 2, 5, 12), {"W": rng.standard_normal((2, 12, 4))})).layers[0]
+    assert "batched weight of rank 3" in layer.skip_reason
+    left = helper.make_node("MatMul", ["W", "x"], ["y"], name="left")
+    layer = find_targets(_model([left], (1, 12, 3), {"W": rng.standard_normal((4, 12))})).layers[0]
+    assert "left operand" in layer.skip_reason
