@@ -27,6 +27,7 @@ NORMS = ("sigma", "frobenius")
 BUDGETS = ("params", "macs", "latency")
 ALLOCATIONS = ("allocated", "uniform")
 DEVICES = ("auto", "cuda", "cpu")
+KINDS = ("conv", "dense")  # the layer kinds of layers/ by their `kind`
 DEFAULT_RATIO = 0.5  # the target when no ratio, exact ranks or accuracy target is given
 CROP_FRACTION = 0.875  # final size / resized short side (torchvision and timm evaluation: 224 of 256)
 Shape = tuple[int, ...]
@@ -124,6 +125,13 @@ def batch_axes(specs) -> dict[str, int | None]:
                 raise UserError(f"bad --batch-axis {item!r}: expected NAME:AXIS or NAME:none, e.g. state:1")
             axes[name] = None if axis.lower() == "none" else int(axis)
     return axes
+
+
+def kinds(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not chosen or set(chosen) - set(KINDS):
+        raise ValueError(f"expected layer kinds from {', '.join(KINDS)}, comma-separated, got {text!r}")
+    return chosen
 
 
 def ranks_file(path: str) -> dict:
@@ -283,6 +291,10 @@ class PlanConfig:
         {}, 'exact ranks per layer, e.g. {"conv1": [16, 8]}', parse=ranks_file, deferred=True, metavar="RANKS.json"
     )
     exclude: tuple[str, ...] = option((), "glob patterns of layers to keep", nargs="+", metavar="PATTERN")
+    layer_kinds: tuple[str, ...] = option(
+        KINDS, "the kinds of layer to compress and to count in the budget", parse=kinds, metavar="conv,dense",
+        shown=",".join(KINDS),
+    )  # fmt: skip
     rank_multiple: int | None = option(
         None, "round ranks to multiples of N", parse=rank_multiple, metavar="N|auto",
         shown="auto: the execution provider's channel block",
@@ -302,6 +314,8 @@ class PlanConfig:
         _check_choice("method", self.method, METHOD_CHOICES)
         _check_choice("budget", self.budget, BUDGETS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
+        if not self.layer_kinds or set(self.layer_kinds) - set(KINDS):
+            raise UserError(f"--layer-kinds takes {', '.join(KINDS)}, got {list(self.layer_kinds)}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise UserError(f"--ratio must lie in (0, 1], got {self.ratio}")
         targets = [self.max_drop, self.min_agreement, self.max_error]

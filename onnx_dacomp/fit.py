@@ -93,7 +93,7 @@ def fit_all(
     cache = {} if cache is None else cache
     keys = {name: (name, choice.method, choice.ranks) for name in problems if (choice := choices.get(name)) is not None}
     missing = [name for name, key in keys.items() if key not in cache]
-    tasks = [FitTask(problems[name], choices[name], settings) for name in missing]
+    tasks = (FitTask(problems[name], choices[name], settings) for name in missing)  # built as they run
     with progress(len(keys), "decomposing", "layer", enabled=show_progress) as bar:
         bar.update(len(keys) - len(missing))
         for name, fit in zip(missing, map(run_task, tasks)):

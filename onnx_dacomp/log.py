@@ -92,13 +92,17 @@ def progress(total: int | None, description: str, unit: str, *, enabled: bool = 
 
 
 class StageClock:
-    """Wall and CPU time (all threads of the process) of consecutive stages."""
+    """Wall and CPU time (all threads of the process) of consecutive stages, and the peak memory so far."""
 
     def __init__(self):
-        self.marks = [("start", time.perf_counter(), time.process_time())]
+        self.marks = [("start", time.perf_counter(), time.process_time(), _peak_rss())]
 
     def mark(self, stage: str) -> None:
-        self.marks.append((stage, time.perf_counter(), time.process_time()))
+        self.marks.append((stage, time.perf_counter(), time.process_time(), _peak_rss()))
+
+    def peak_rss(self) -> dict[str, float]:
+        """GiB: the process's peak resident memory by the end of each stage."""
+        return {stage: round(peak / 2**30, 3) for stage, _, _, peak in self.marks[1:]}
 
     def seconds(self) -> dict[str, float]:
         return self._spans(1)
@@ -111,3 +115,13 @@ class StageClock:
             later[0]: round(later[index] - earlier[index], 3) for earlier, later in zip(self.marks, self.marks[1:])
         }
         return {**spans, "total": round(self.marks[-1][index] - self.marks[0][index], 3)}
+
+
+def _peak_rss() -> int:
+    """Bytes of the process's peak resident memory (0 where the platform does not say)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return 0

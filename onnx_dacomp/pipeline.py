@@ -13,7 +13,7 @@ import onnx
 
 from .calibration.collect import collect_statistics
 from .calibration.sources import Source, split
-from .calibration.statistics import Statistics
+from .calibration.statistics import Statistics, too_few_vectors
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings, fit_all
@@ -31,7 +31,7 @@ from .runtime import blas_threads
 from .search import smallest_ratio
 from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
-from .targets import find_targets, nothing_to_compress, read_biases, read_weights, select
+from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
 from .verify import compare_models, end_to_end_latency
 
 NATURAL_NOTICE = (
@@ -73,6 +73,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     input_shapes = with_image_size(model, config.data.input_shapes, preprocessing.size, preprocessing.layout)
     signature = input_signature(model, input_shapes, config.data.batch_axes)
     scan = find_targets(model, input_shapes)
+    scan = TargetScan(tuple(layer for layer in scan.layers if layer.kind in config.plan.layer_kinds))
     layers = {layer.name: layer for layer in scan.layers}
     overrides.check_names(config.plan.ranks, scan.layers)
     if not scan.targets:
@@ -98,6 +99,9 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         else:
             statistics.check_model(fitted, weights)
     moments = statistics.layers if covariance and statistics is not None else None
+    if moments is not None:
+        reasons.update(too_few_vectors(statistics, fitted))
+        fitted = [layer for layer in fitted if layer.name not in reasons]
     clock.mark("calibrate")
 
     problems = build_problems(fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit)
@@ -105,7 +109,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     timing = LatencyTable(batch=runtime.speed_batch, device=runtime.device, opset=default_opset(model) or 17)
     costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
-    managed = {name: problem for name, problem in problems.items() if name not in fixed}
+    managed = problems.restricted([name for name in problems if name not in fixed])
     budgeted = config.plan.target_ratio is not None or config.plan.targeted
     tables, sensitivity = {}, None
     if budgeted and managed and config.plan.allocation == "allocated":
@@ -187,6 +191,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         calibration=statistics.source if statistics is not None else None,
         seconds=clock.seconds(),
         cpu_seconds=clock.cpu_seconds(),
+        peak_rss_gib=clock.peak_rss(),
         settings={k: v for k, v in config.options().items() if k not in ("input_shapes",)},
     )
     logger.info("%s", report.table())

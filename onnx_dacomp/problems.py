@@ -95,6 +95,38 @@ class LayerProblem:
         )
 
 
+class Problems(Mapping):
+    """The plain problem of each layer (in order), built when it is looked up: a problem holds its own copy of
+    the layer's covariance (a ResNet-50 has 0.9 GB of them), so the stages, which take one layer at a time,
+    hold one copy at a time instead of one per layer."""
+
+    def __init__(self, layers, weights, biases, statistics, bias_refit: bool, names: Sequence[str] | None = None):
+        self.layers = {layer.name: layer for layer in layers}
+        self.weights, self.biases, self.statistics, self.bias_refit = weights, biases, statistics, bias_refit
+        self.names = list(self.layers) if names is None else list(names)
+
+    def __getitem__(self, name: str) -> LayerProblem:
+        if name not in self.names:
+            raise KeyError(name)
+        return LayerProblem.plain(
+            name,
+            self.layers[name].geometry,
+            self.weights[name],
+            self.biases[name],
+            None if self.statistics is None else self.statistics[name],
+            bias_refit=self.bias_refit,
+        )
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def restricted(self, names: Sequence[str]) -> Problems:
+        return Problems(self.layers.values(), self.weights, self.biases, self.statistics, self.bias_refit, names)
+
+
 def build_problems(
     layers: Sequence,
     weights: Mapping[str, np.ndarray],
@@ -102,16 +134,6 @@ def build_problems(
     statistics: Mapping[str, Moments] | None,
     *,
     bias_refit: bool = False,
-) -> dict[str, LayerProblem]:
+) -> Problems:
     """The plain problem of each layer, in order (`statistics` None: the Frobenius norm)."""
-    return {
-        layer.name: LayerProblem.plain(
-            layer.name,
-            layer.geometry,
-            weights[layer.name],
-            biases[layer.name],
-            None if statistics is None else statistics[layer.name],
-            bias_refit=bias_refit,
-        )
-        for layer in layers
-    }
+    return Problems(layers, weights, biases, statistics, bias_refit)

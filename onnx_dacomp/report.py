@@ -46,6 +46,7 @@ class CompressionReport:
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
     seconds: Mapping[str, float] = field(default_factory=dict)  # wall time per stage, and in total
     cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time (all threads) per stage
+    peak_rss_gib: Mapping[str, float] = field(default_factory=dict)  # peak memory by the end of each stage
     settings: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -85,6 +86,7 @@ class CompressionReport:
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
             "cpu_seconds": dict(self.cpu_seconds),
+            "peak_rss_gib": dict(self.peak_rss_gib),
             "settings": dict(self.settings),
         }
 
@@ -151,8 +153,7 @@ class CompressionReport:
             kinds[layer.op_type] = kinds.get(layer.op_type, 0) + 1
         counted = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if kind)
         lines.append(
-            f"{kept} (target {self.budget} ratio {self.target_ratio} of the {len(self.layers)} layers above: "
-            f"{counted})"
+            f"{kept} (target {self.budget} ratio {self.target_ratio} of the {len(self.layers)} layers above: {counted})"
         )
         if self.search:
             lines.append(

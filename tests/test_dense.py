@@ -111,7 +111,7 @@ def test_da_svd_of_a_dense_layer_is_the_whitened_optimum():
 
 def test_dense_layers_share_the_budget_with_the_convolutions():
     rng = np.random.default_rng(0)
-    inits = {"w": rng.standard_normal((16, 3, 3, 3)), "head": rng.standard_normal((16 * 36, 64)) * 0.05}
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)), "head": rng.standard_normal((4 * 36, 64)) * 0.05}
     inits["shape"] = np.array([0, -1], np.int64)
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4, strides=[2, 2]),
@@ -124,10 +124,10 @@ def test_dense_layers_share_the_budget_with_the_convolutions():
     model = _model(nodes, (1, 3, 12, 12), inits)
     layers = {layer.name: layer for layer in find_targets(model).layers}
     assert set(layers) == {"conv", "head"}  # a product of two activations is no layer
-    x = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
+    x = rng.standard_normal((200, 3, 12, 12)).astype(np.float32)  # more samples than the head's 144 inputs
     report = onnx_dacomp.compress(model, [{"x": x}], ratio=0.5, holdout=0, rank_multiple=1, progress=False).report
     rows = {row.name: row for row in report.layers}
-    assert rows["head"].method == "svd" and report.totals["params_before"] == layers["conv"].params + 16 * 36 * 64
+    assert rows["head"].method == "svd" and report.totals["params_before"] == layers["conv"].params + 4 * 36 * 64
     assert report.ratio <= 0.5 + 1e-9
 
 
@@ -144,3 +144,13 @@ def test_unsupported_dense_layers_are_listed_with_a_reason():
     left = helper.make_node("MatMul", ["W", "x"], ["y"], name="left")
     layer = find_targets(_model([left], (1, 12, 3), {"W": rng.standard_normal((4, 12))})).layers[0]
     assert "left operand" in layer.skip_reason
+
+
+def test_a_layer_with_fewer_calibration_vectors_than_dims_is_left_with_a_reason():
+    model = matmul((1, 40), bias=False)  # one 40-dim vector per sample
+    (layer,) = find_targets(model).targets
+    few = onnx_dacomp.compress(model, [{"x": _data((1, 40), count=30)}], ratio=0.5, holdout=0, progress=False)
+    (row,) = few.report.layers
+    assert row.method is None and "30 calibration vectors for 40 input dims" in row.reason
+    enough = onnx_dacomp.compress(model, [{"x": _data((1, 40), count=60)}], ratio=0.5, holdout=0, progress=False)
+    assert enough.report.layers[0].method == "svd"

@@ -34,6 +34,7 @@ class Layer(Protocol):
     """One node that may be decomposed. `skip_reason` is None exactly when it can be."""
 
     name: str  # node name, or its output name when the node has none (as `inspect` prints it)
+    kind: str  # the layer kind (conv, dense): what --layer-kinds selects
     op_type: str
     output: str  # the node's output tensor: unique in the graph, the key used by later stages
     input: str  # the tensor whose vectors the statistics describe

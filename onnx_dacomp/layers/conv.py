@@ -103,6 +103,7 @@ class ConvLayer:
         return (*self.signature, tuple(self.input_shape[1:]), self.dtype, self.bias is not None)
 
     absorbed = ()  # a conv replaces its own node only
+    kind = "conv"
 
     def renamed(self, name: str) -> ConvLayer:
         return replace(self, name=name)

@@ -47,6 +47,8 @@ class DenseLayer:
     output_shape: Shape | None = None
     skip_reason: str | None = None
 
+    kind = "dense"
+
     @property
     def decomposable(self) -> bool:
         return self.skip_reason is None
