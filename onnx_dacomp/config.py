@@ -366,9 +366,19 @@ class RuntimeConfig:
     )
     seed: int = option(0, "seed of everything random (data subsets, natural crops, solver starts)", parse=int)
     speed_batch: int = option(1, "batch size of the latency measurements", parse=positive_int)
+    workers: int | None = option(
+        None, "processes for the per-layer work (candidate tables, fits)", parse=positive_int,
+        shown="the machine's cores",
+    )  # fmt: skip
+    cache_dir: str | None = option(
+        None, "keep statistics, candidate tables, sensitivities and fits here: a rerun resumes and reuses them",
+        metavar="DIR",
+    )  # fmt: skip
 
     def __post_init__(self):
         _check_choice("device", self.device, DEVICES)
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be a positive integer, got {self.workers}")
         if self.speed_batch < 1:
             raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
 

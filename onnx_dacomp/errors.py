@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class InternalError(RuntimeError):
     """A broken invariant inside onnx-dacomp (for example a rewritten model that fails the checker)."""
+
+
+class WorkerLost(UserError):
+    """A worker process died twice on the same units (killed, or out of memory)."""

@@ -12,7 +12,7 @@ from .decompose.covariance import output_energy
 from .decompose.factors import Factors, reconstruct
 from .log import progress
 from .methods import get
-from .problems import LayerProblem
+from .problems import LayerProblem, largest_first
 from .ranks.candidates import Candidate
 
 
@@ -71,8 +71,8 @@ def fit_layer(problem: LayerProblem, choice: Candidate, settings: FitSettings) -
     return LayerFit(factors, bias, float(error), max(result.iterations for result in results))
 
 
-def run_task(task: FitTask) -> LayerFit:
-    return fit_layer(task.problem, task.choice, task.settings)
+def run_task(task: FitTask) -> tuple[str, LayerFit]:
+    return task.problem.name, fit_layer(task.problem, task.choice, task.settings)
 
 
 Map = Callable[[Callable, Iterable], Iterable]
@@ -85,18 +85,36 @@ def fit_all(
     *,
     map: Map = map,
     cache: MutableMapping[tuple, LayerFit] | None = None,
+    store=None,
     show_progress: bool = True,
 ) -> dict[str, LayerFit]:
-    """Fits of every problem with a planned choice, in the order of `problems`. `map` runs the tasks (the
-    builtin map, or a process pool's or cluster's); `cache` holds fits by (layer, method, ranks) across
-    calls (the ratio search revisits the same choices)."""
+    """Fits of every problem with a planned choice, in the order of `problems`. `map` runs the units, largest
+    first (the builtin map, a `workers.Workers` map, any other executor's); `cache` holds fits by (layer,
+    method, ranks) across calls (the ratio search revisits the same choices); `store` (a `cache.Cache`) keeps
+    them on disk."""
     cache = {} if cache is None else cache
     keys = {name: (name, choice.method, choice.ranks) for name in problems if (choice := choices.get(name)) is not None}
-    missing = [name for name, key in keys.items() if key not in cache]
-    tasks = (FitTask(problems[name], choices[name], settings) for name in missing)  # built as they run
+    stored = {}
     with progress(len(keys), "decomposing", "layer", enabled=show_progress) as bar:
-        bar.update(len(keys) - len(missing))
-        for name, fit in zip(missing, map(run_task, tasks)):
+
+        def pending():
+            for name in largest_first(problems):
+                if name not in keys or keys[name] in cache:
+                    continue
+                problem = problems[name]
+                if store is not None:
+                    stored[name] = problem.digest("fit", choices[name].method, choices[name].ranks, settings)
+                    found = store.fit(stored[name])
+                    if found is not None:
+                        cache[keys[name]] = found
+                        bar.update()
+                        continue
+                yield FitTask(problem, choices[name], settings)
+
+        bar.update(sum(key in cache for key in keys.values()))
+        for name, fit in map(run_task, pending()):
             cache[keys[name]] = fit
+            if store is not None:
+                store.put_fit(stored[name], fit)
             bar.update()
     return {name: cache[key] for name, key in keys.items()}

@@ -51,3 +51,11 @@ def original_cost(geometry: LayerGeometry) -> Cost:
     g = geometry
     weights = g.out_channels * g.group_in * g.taps
     return Cost(weights + (g.out_channels if g.bias else 0), weights * math.prod(g.output_spatial))
+
+
+def solver_work(geometry: LayerGeometry) -> int:
+    """A layer's solver cost in arbitrary units (eigen- and least-squares problems of the group's fan-in),
+    to schedule the largest units first and to judge whether a stage is worth a process pool."""
+    g = geometry
+    fan_in = g.group_in * g.taps
+    return g.group * (fan_in**3 + g.group_out * fan_in**2)

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import onnx
 
+from .cache import Cache, digest, statistics_key
 from .calibration.collect import collect_statistics
 from .calibration.sources import Source, split
 from .calibration.statistics import Statistics, too_few_vectors
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings, fit_all
+from .geometry import solver_work
 from .inputs import input_signature, with_image_size
 from .load import default_opset, load_model
 from .log import StageClock, logger
@@ -33,6 +35,7 @@ from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
 from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
 from .verify import compare_models, end_to_end_latency
+from .workers import Workers, default_workers
 
 NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
@@ -61,14 +64,31 @@ def compress(
     give their first `config.verify.holdout` samples to verification and calibrate on the rest.
     `statistics`: precomputed statistics of this model (then `data`, if given, serves verification only).
     """
-    with blas_threads():
-        return _compress(model, data, config, statistics, progress)
+    with blas_threads(), Workers(config.runtime.workers or default_workers()) as workers:
+        return _compress(model, data, config, statistics, progress, workers)
 
 
-def _compress(model, data, config: CompressConfig, statistics: Statistics | None, progress: bool) -> CompressionResult:
+def calibrated(model, layers, calibration, config: CompressConfig, signature, store: Cache | None, progress: bool):
+    """The statistics of `layers` on `calibration`: from `store` where it holds them, else collected (and
+    kept there)."""
+    runtime, data = config.runtime, config.data
+    settings = (asdict(data), signature, runtime.device, runtime.seed, config.verify.holdout)
+    key = statistics_key(digest(model.SerializeToString()), layers, calibration, settings) if store else None
+    statistics = store.statistics(key) if key else None
+    if statistics is None:
+        statistics = collect_statistics(
+            model, layers, calibration, device=runtime.device, progress=progress, signature=signature
+        )
+        if key:
+            store.put_statistics(key, statistics)
+    return statistics
+
+
+def _compress(model, data, config: CompressConfig, statistics, progress: bool, workers: Workers) -> CompressionResult:
     clock = StageClock()
     model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     runtime, covariance = config.runtime, config.fit.norm == "sigma"
+    store = Cache(runtime.cache_dir) if runtime.cache_dir is not None else None
     preprocessing = config.data.preprocessing
     input_shapes = with_image_size(model, config.data.input_shapes, preprocessing.size, preprocessing.layout)
     signature = input_signature(model, input_shapes, config.data.batch_axes)
@@ -93,9 +113,7 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         if statistics is None:
             if calibration is None:
                 raise UserError("the calibration data left no samples to calibrate on after the held-out part")
-            statistics = collect_statistics(
-                model, fitted, calibration, device=runtime.device, progress=progress, signature=signature
-            )
+            statistics = calibrated(model, fitted, calibration, config, signature, store, progress)
         else:
             statistics.check_model(fitted, weights)
     moments = statistics.layers if covariance and statistics is not None else None
@@ -110,14 +128,18 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
     costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
     managed = problems.restricted([name for name in problems if name not in fixed])
+    pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))
     budgeted = config.plan.target_ratio is not None or config.plan.targeted
     tables, sensitivity = {}, None
     if budgeted and managed and config.plan.allocation == "allocated":
         tables = candidate_tables(
-            managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed, show_progress=progress
-        )
+            managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed,
+            show_progress=progress, map=pooled, cache=store,
+        )  # fmt: skip
         tables = {name: costs.timed(table) for name, table in tables.items()}
-        sensitivity = allocation_weights(model, layers, managed, calibration, settings, config, signature, progress)
+        sensitivity = allocation_weights(
+            model, layers, managed, calibration, settings, config, signature, progress, store=store
+        )
     original_costs = {layer.name: costs.original(layer.name) for layer in scan.layers if layer.geometry is not None}
     fit_cache: dict = {}
 
@@ -135,7 +157,9 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
                 model, fitted, rank_plan, problems, statistics.layers, batches, settings,
                 bias_refit=config.fit.bias_refit, device=runtime.device, show_progress=progress,
             )  # fmt: skip
-        fits = fit_all(problems, rank_plan.choices, settings, cache=fit_cache, show_progress=progress)
+        fits = fit_all(
+            problems, rank_plan.choices, settings, map=pooled, cache=fit_cache, store=store, show_progress=progress
+        )
         return replace_layers(model, {layers[n].output: (layers[n], f.factors, f.bias) for n, f in fits.items()}), fits
 
     def verify(candidate: onnx.ModelProto, show: bool = progress):
@@ -168,6 +192,8 @@ def _compress(model, data, config: CompressConfig, statistics: Statistics | None
         sizes, source = sorted({1, runtime.speed_batch}), holdout or calibration
         latency = end_to_end_latency(model, new_model, source, sizes, signature, runtime)
     clock.mark("verify")
+    if store is not None:
+        logger.info("cache %s: %s", runtime.cache_dir, store.summary() or "nothing to keep")
 
     report = CompressionReport(
         layers=layer_rows(

@@ -6,6 +6,7 @@ and the fits read nothing else, so they can run in any process.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from .decompose.bias import centered_covariance
 from .decompose.covariance import output_energy, regularize, solve_psd
-from .geometry import LayerGeometry
+from .geometry import LayerGeometry, solver_work
 from .moments import Moments
 
 
@@ -36,6 +37,15 @@ class LayerProblem:
     bias_shift: list[np.ndarray] | None = None  # per group: b~ = b + shift - W~ mu~ (the refit), else None
     fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
     residual: float = 0.0  # per-layer constant part of the error numerator
+
+    def digest(self, *settings) -> str:
+        """A digest of everything a result computed from this problem depends on, and of `settings`."""
+        hasher = hashlib.sha256(repr((self.name, self.geometry, self.residual, settings)).encode())
+        for part in (self.weights, self.targets, self.fit_sigmas, self.reference_sigmas, [self.bias],
+                     self.bias_shift, self.fit_means):  # fmt: skip
+            for array in part or []:
+                hasher.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+        return hasher.hexdigest()[:40]
 
     @classmethod
     def plain(
@@ -125,6 +135,17 @@ class Problems(Mapping):
 
     def restricted(self, names: Sequence[str]) -> Problems:
         return Problems(self.layers.values(), self.weights, self.biases, self.statistics, self.bias_refit, names)
+
+    def geometry(self, name: str) -> LayerGeometry:
+        """The layer's geometry, without building its problem."""
+        return self.layers[name].geometry
+
+
+def largest_first(problems: Mapping[str, LayerProblem]) -> list[str]:
+    """The names of `problems` by decreasing solver work (ties in their order): long units start first, so
+    a pool does not wait on one late large layer."""
+    geometry = problems.geometry if isinstance(problems, Problems) else (lambda name: problems[name].geometry)
+    return sorted(problems, key=lambda name: -solver_work(geometry(name)))
 
 
 def build_problems(

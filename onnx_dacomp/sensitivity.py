@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
-from .calibration.sources import IterableSource, Source
+from .cache import digest
+from .calibration.sources import rereadable
 from .decompose.factors import Factors
 from .fit import FitSettings, LayerFit, fit_layer
 from .inputs import InputSignature
@@ -70,18 +71,24 @@ def measure_sensitivities(
     *,
     device: str = "auto",
     progress=None,
+    known: Mapping[str, float] | None = None,
+    record=None,
 ) -> dict[str, float]:
     """Output error energy per unit of layer error, per layer name.
 
     `probes[name] = (layer, factors, bias, rel_error)`: the layer's probe chain and its relative DA error.
-    A probe whose error is zero (a layer of rank one) or whose output is not finite tells nothing: such layers
-    get the median sensitivity.
+    A probe whose error is zero (a layer of rank one) or whose output is not finite tells nothing (NaN):
+    such layers get the median sensitivity. `known`: figures measured before (NaN where they told nothing),
+    part of the result; `record(name, figure)` is called as each figure is measured (to keep it on disk).
     """
-    reference_session = create_session(model, device)
-    references = [[np.asarray(y, np.float64) for y in reference_session.run(None, batch)] for batch in batches]
-    energy = sum(float(np.sum(y**2)) for outputs in references for y in outputs)
-    measured = {}
+    references, energy = [], 0.0
+    if probes:
+        reference_session = create_session(model, device)
+        references = [[np.asarray(y, np.float64) for y in reference_session.run(None, batch)] for batch in batches]
+        energy = sum(float(np.sum(y**2)) for outputs in references for y in outputs)
+    measured = dict(known or {})
     for name, (layer, factors, bias, rel_error) in probes.items():
+        measured[name] = float("nan")
         if rel_error > 0 and energy > 0:
             session = create_session(replace_layers(model, {layer.output: (layer, factors, bias)}), device)
             squared = 0.0
@@ -90,10 +97,13 @@ def measure_sensitivities(
                     squared += float(np.sum((np.asarray(y, np.float64) - reference) ** 2))
             if np.isfinite(squared):
                 measured[name] = squared / energy / rel_error
+        if record is not None:
+            record(name, measured[name])
         if progress is not None:
             progress.update()
-    fallback = float(np.median(list(measured.values()))) if measured else 1.0
-    return {name: measured.get(name, fallback) for name in probes}
+    told = [value for value in measured.values() if np.isfinite(value)]
+    fallback = float(np.median(told)) if told else 1.0
+    return {name: value if np.isfinite(value) else fallback for name, value in measured.items()}
 
 
 def sensitivities(
@@ -107,34 +117,44 @@ def sensitivities(
     signature: InputSignature,
     device: str = "auto",
     show_progress: bool = True,
+    store=None,
 ) -> dict[str, float]:
     """The measured sensitivity of every layer in `problems`: one probe each, on the first `samples` samples
-    of `data` (whole batches)."""
-    probes = {}
-    for name, problem in problems.items():
+    of `data` (whole batches). `store` (a `cache.Cache`) keeps each layer's figure on disk, keyed by the
+    layer's problem, the model and the probe samples."""
+    batches = probe_batches(data, samples, signature)
+    found, keys, probes = {}, {}, {}
+    context = digest(model.SerializeToString(), [sorted(batch.items()) for batch in batches], device) if store else ""
+    for name in problems:
+        problem = problems[name]
+        if store is not None:
+            keys[name] = problem.digest("sensitivity", context)
+            if (value := store.number("sensitivities", keys[name])) is not None:
+                found[name] = value
+                continue
         fit = probe_fit(problem, settings)
         probes[name] = (layers[name], fit.factors, fit.bias, fit.rel_error)
-    with progress(len(probes), "layer sensitivity", "layer", enabled=show_progress) as bar:
-        return measure_sensitivities(
-            model, probes, probe_batches(data, samples, signature), device=device, progress=bar
+    record = (lambda name, value: store.put_number("sensitivities", keys[name], value)) if store else None
+    with progress(len(problems), "layer sensitivity", "layer", enabled=show_progress) as bar:
+        bar.update(len(found))
+        measured = measure_sensitivities(
+            model, probes, batches, device=device, progress=bar, known=found, record=record
         )
+    return {name: measured[name] for name in problems}
 
 
 def allocation_weights(
-    model, layers, problems, calibration, settings: FitSettings, config, signature, progress: bool = True
+    model, layers, problems, calibration, settings: FitSettings, config, signature, progress: bool = True, store=None
 ):
     """The allocation's weights for `problems`: their measured sensitivities; None where they cannot be
     measured (Frobenius fit, no re-readable calibration data, or switched off in `config`)."""
     if not config.plan.sensitivity or config.fit.norm != "sigma":
         return None
-    rereadable = isinstance(calibration, (list, tuple)) or (
-        isinstance(calibration, Source) and not isinstance(calibration, IterableSource)
-    )
-    if not rereadable:
+    if not rereadable(calibration):
         logger.info("no re-readable calibration data: layer errors are not weighted by output sensitivity")
         return None
     samples, device = config.plan.sensitivity_samples, config.runtime.device
     return sensitivities(
         model, layers, problems, calibration, settings, samples=samples, signature=signature, device=device,
-        show_progress=progress,
+        show_progress=progress, store=store,
     )  # fmt: skip

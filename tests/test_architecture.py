@@ -2,7 +2,6 @@
 picklable fit work, the rewrite's own checks and provenance."""
 
 import ast
-import concurrent.futures
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from onnx_dacomp.problems import build_problems
 from onnx_dacomp.ranks.candidates import Candidate
 from onnx_dacomp.rewrite import replace_layers
 from onnx_dacomp.targets import find_targets, read_biases, read_weights
+from onnx_dacomp.workers import Workers
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_dacomp"
 MATH = {"decompose", "methods", "ranks", "geometry", "moments", "problems", "errors", "log"}
@@ -156,7 +156,7 @@ def test_fits_run_the_same_in_a_process_pool():
     }
     settings = FitSettings(max_iter=5, seed=1)
     local = fit_all(problems, choices, settings, show_progress=False)
-    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+    with Workers(2) as pool:
         pooled = fit_all(problems, choices, settings, map=pool.map, show_progress=False)
     assert list(local) == list(pooled) == list(choices)
     for name in choices:

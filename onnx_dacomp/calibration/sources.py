@@ -478,6 +478,12 @@ def open_data(spec: str | os.PathLike, model, config: DataConfig, seed: int, *, 
     )
 
 
+def rereadable(data) -> bool:
+    """Whether iterating `data` again gives the same samples (files, generated data, lists), unlike a
+    one-pass iterable or a calibration data reader."""
+    return isinstance(data, (list, tuple)) or (isinstance(data, Source) and not isinstance(data, IterableSource))
+
+
 def split(
     data: Source | Iterable | str | os.PathLike | None, model, config: DataConfig, holdout: int, seed: int
 ) -> tuple[Source | Iterable | None, Source | None]:

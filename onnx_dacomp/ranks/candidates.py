@@ -7,7 +7,7 @@ Weights and covariances come per group; errors are combined weighted by each gro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +16,7 @@ from ..decompose.covariance import output_energy
 from ..geometry import Cost, LayerGeometry, original_cost
 from ..log import progress
 from ..methods import Ranks, get, methods_for
-from ..problems import LayerProblem
+from ..problems import LayerProblem, largest_first
 
 
 @dataclass(frozen=True)
@@ -86,22 +86,64 @@ def candidate_table(
     return CandidateTable(name, original_cost(geometry), tuple(candidates))
 
 
+@dataclass(frozen=True, eq=False)
+class TableTask:
+    """One layer's candidate table as a picklable unit of work."""
+
+    problem: LayerProblem
+    method: str
+    multiple: int
+    seed: int
+
+    def run(self) -> CandidateTable:
+        problem = self.problem
+        return candidate_table(
+            problem.name,
+            problem.geometry,
+            problem.targets,
+            problem.fit_sigmas,
+            self.method,
+            reference_sigmas=problem.reference_sigmas,
+            multiple=self.multiple,
+            seed=self.seed,
+        )
+
+
 def candidate_tables(
-    problems: Mapping[str, LayerProblem], method: str, *, multiple: int, seed: int, show_progress: bool = True
+    problems: Mapping[str, LayerProblem],
+    method: str,
+    *,
+    multiple: int,
+    seed: int,
+    show_progress: bool = True,
+    map: Callable = map,
+    cache=None,
 ) -> dict[str, CandidateTable]:
-    """The candidate table of every problem (`method` may be `auto`)."""
-    tables = {}
+    """The candidate table of every problem (`method` may be `auto`), in the order of `problems`. `map` runs
+    the units, largest first (the builtin map, or a `workers.Workers` map); `cache` (a `cache.Cache`) keeps
+    them on disk. Problems are built as the units are handed out, not all at once."""
+    tables, keys = {}, {}
     with progress(len(problems), "rank candidates", "layer", enabled=show_progress) as bar:
-        for name, problem in problems.items():
-            tables[name] = candidate_table(
-                name,
-                problem.geometry,
-                problem.targets,
-                problem.fit_sigmas,
-                method,
-                reference_sigmas=problem.reference_sigmas,
-                multiple=multiple,
-                seed=seed,
-            )
+
+        def pending():
+            for name in largest_first(problems):
+                problem = problems[name]
+                if cache is not None:
+                    keys[name] = problem.digest("table", method, multiple, seed)
+                    found = cache.table(keys[name])
+                    if found is not None:
+                        tables[name] = found
+                        bar.update()
+                        continue
+                yield TableTask(problem, method, multiple, seed)
+
+        for table in map(_run, pending()):
+            tables[table.name] = table
+            if cache is not None:
+                cache.put_table(keys[table.name], table)
             bar.update()
-    return tables
+    return {name: tables[name] for name in problems}
+
+
+def _run(task: TableTask) -> CandidateTable:
+    return task.run()

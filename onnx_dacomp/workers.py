@@ -1,0 +1,105 @@
+"""Where per-layer work runs: in this process, or in a pool of worker processes (`--workers N`).
+
+The work units (candidate tables, layer fits) are pure functions of picklable arguments, so any executor
+can run them; results come back in the order of the tasks, whatever order they finish in, so the output is
+the same for any number of workers. At most two tasks per worker are in flight: a task carries its layer's
+covariance, and the parent builds them as the window moves. Each worker runs one BLAS thread
+(runtime.SOLVER_BLAS_THREADS): workers x threads = cores.
+"""
+
+from __future__ import annotations
+
+import builtins
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from .errors import WorkerLost
+from .log import logger
+from .runtime import SOLVER_BLAS_THREADS
+
+_limits = None  # the worker's BLAS thread limit, kept for the life of the process
+
+# Solver work (geometry.solver_work units) below which a stage runs in this process: starting a worker
+# (a fresh interpreter importing numpy, scipy and onnx) costs about a second, more than such stages take.
+POOL_MIN_WORK = 10**9
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class Workers:
+    """`map(function, tasks)` over a process pool of `count` workers (in this process for 1), started on
+    first use."""
+
+    def __init__(self, count: int = 1):
+        self.count = max(1, count)
+        self.pool = None
+
+    def map_for(self, work: int) -> Callable:
+        """The map for a stage of `work` solver units: the pool's, or the builtin one for small stages."""
+        return self.map if self.count > 1 and work >= POOL_MIN_WORK else builtins.map
+
+    def map(self, function: Callable, tasks: Iterable) -> Iterator:
+        """`function(task)` for every task, in order, with a bounded window of tasks in flight. A worker that
+        dies (killed, out of memory) takes the pool with it: the pool is started again and the unfinished
+        units run once more; a second loss is a `WorkerLost` error."""
+        if self.count == 1:
+            yield from builtins.map(function, tasks)
+            return
+        window: deque = deque()  # (task, future), oldest first
+        retried = False
+        for task in tasks:
+            window.append((task, self._submit(function, task)))
+            while len(window) >= 2 * self.count:
+                result, retried = self._first_result(function, window, retried)
+                yield result
+        while window:
+            result, retried = self._first_result(function, window, retried)
+            yield result
+
+    def _submit(self, function: Callable, task):
+        if self.pool is None:
+            context = multiprocessing.get_context("spawn")  # no fork of a process with running threads
+            self.pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_initialize)
+        return self.pool.submit(function, task)
+
+    def _first_result(self, function: Callable, window: deque, retried: bool):
+        try:
+            result = window[0][1].result()
+        except BrokenProcessPool:
+            if retried:
+                self.close()
+                raise WorkerLost(
+                    "a worker process died twice (killed, or out of memory): run with fewer --workers; "
+                    "with --cache-dir a rerun keeps the finished units"
+                ) from None
+            logger.warning("a worker process died: restarting the pool and running its units again")
+            self.close()
+            for index, (task, _) in enumerate(window):
+                window[index] = (task, self._submit(function, task))
+            return self._first_result(function, window, True)
+        window.popleft()
+        return result, retried
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _initialize() -> None:
+    global _limits
+    from threadpoolctl import threadpool_limits
+
+    _limits = threadpool_limits(limits=SOLVER_BLAS_THREADS, user_api="blas")

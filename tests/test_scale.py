@@ -1,0 +1,126 @@
+"""Scale-out: per-layer work in a process pool gives the same bytes; a dead worker is replaced once, then
+reported; `--cache-dir` resumes an interrupted run, reuses what another ratio can, and never trusts a bad
+entry."""
+
+import logging
+import os
+import re
+
+import numpy as np
+import pytest
+from builders import conv_stack
+
+import onnx_dacomp
+from onnx_dacomp import fit as fit_module
+from onnx_dacomp import log, workers
+from onnx_dacomp.calibration.sources import ArraySource
+from onnx_dacomp.config import CompressConfig
+from onnx_dacomp.errors import WorkerLost
+
+BASE = dict(method="auto", ratio=0.5, holdout=0, max_iter=4, sensitivity_samples=32)
+
+
+@pytest.fixture(autouse=True)
+def propagating(monkeypatch):
+    monkeypatch.setattr(log.logger, "propagate", True)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = rng.standard_normal((96, 3, 4, 4)).repeat(3, axis=2).repeat(3, axis=3)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=(smooth + 0.05 * rng.standard_normal((96, 3, 12, 12))).astype(np.float32))
+    return path
+
+
+def _compress(data_file, **options):
+    model = conv_stack(channels=16, size=(12, 12), input_channels=3)
+    config = CompressConfig(**{**BASE, **options})
+    return onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).model
+
+
+def _cache_counts(caplog) -> dict[str, tuple[int, int]]:
+    """`{kind: (reused, new)}` from the run's cache log line."""
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache ")][-1]
+    return {kind: (int(a), int(b)) for kind, a, b in re.findall(r"(\w+): (\d+) reused, (\d+) new", line)}
+
+
+def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
+    monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)  # pool even this small model's stages
+    submitted, submit = [], workers.Workers._submit
+    monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(t) or submit(self, f, t))
+    alone = _compress(data_file, workers=1)
+    assert not submitted
+    pooled = _compress(data_file, workers=2)
+    assert len(submitted) >= 6  # tables and fits of the three layers went to the pool
+    assert pooled.SerializeToString() == alone.SerializeToString()
+
+
+def _die_on_first_run(marker: str) -> int:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)  # as if killed: no exception, the process is gone
+    return os.getpid()
+
+
+def _always_die(_) -> None:
+    os._exit(3)
+
+
+def test_a_dead_worker_is_replaced_once_then_reported(tmp_path):
+    with workers.Workers(2) as pool:
+        marker = str(tmp_path / "died")
+        assert len(list(pool.map(_die_on_first_run, [marker] * 5))) == 5
+        assert os.path.exists(marker)
+    with workers.Workers(2) as pool, pytest.raises(WorkerLost, match="fewer --workers"):
+        list(pool.map(_always_die, range(3)))
+
+
+def test_the_cache_resumes_an_interrupted_run_and_serves_another_ratio(data_file, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="onnx_dacomp")
+    uncached = _compress(data_file).SerializeToString()
+    cache = tmp_path / "cache"
+
+    calls = []
+    real_fit = fit_module.fit_layer
+
+    def interrupted(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C after two fits
+        calls.append(args)
+        return real_fit(*args)
+
+    monkeypatch.setattr(fit_module, "fit_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(data_file, cache_dir=str(cache))
+    monkeypatch.setattr(fit_module, "fit_layer", real_fit)
+    assert len(list((cache / "fits").iterdir())) == 2
+
+    resumed = _compress(data_file, cache_dir=str(cache))
+    assert resumed.SerializeToString() == uncached
+    counts = _cache_counts(caplog)
+    assert counts["statistics"] == (1, 0) and counts["tables"][1] == counts["sensitivities"][1] == 0
+    assert counts["fits"][0] == 2 and counts["fits"][1] >= 1
+
+    other = _compress(data_file, cache_dir=str(cache), ratio=0.35)
+    assert other.SerializeToString() == _compress(data_file, ratio=0.35).SerializeToString()
+    counts = _cache_counts(caplog)
+    assert counts["statistics"] == (1, 0) and counts["tables"][1] == counts["sensitivities"][1] == 0
+    assert counts["tables"][0] == 6
+
+
+def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning(data_file, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="onnx_dacomp")
+    cache = tmp_path / "cache"
+    first = _compress(data_file, cache_dir=str(cache)).SerializeToString()
+    tables = sorted((cache / "tables").iterdir())
+    tables[0].write_bytes(b"not an archive")
+    fits = sorted((cache / "fits").iterdir())
+    fits[1].write_bytes(fits[0].read_bytes())  # a valid entry under another key
+    again = _compress(data_file, cache_dir=str(cache)).SerializeToString()
+    assert again == first
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(tables[0].name in w for w in warnings) and any(fits[1].name in w for w in warnings)
+    counts = _cache_counts(caplog)
+    assert counts["tables"] == (len(tables) - 1, 1) and counts["fits"] == (len(fits) - 1, 1)
