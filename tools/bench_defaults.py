@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import MODELS, SHARED, cifar_sources, imagenet_sources  # noqa: E402
+from benchmark import MODELS, cifar_sources, imagenet_sources  # noqa: E402
 
 RATIOS = {"resnet20": 0.5, "resnet56": 0.5, "efficientnet": 0.75}
 
@@ -43,7 +43,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = ["| model | method | setting | top-1 | change | compress time |", "|---|---|---|---|---|---|"]
     for key in args.models.split(","):
-        model = load_model(SHARED / "models" / MODELS[key])
+        model = load_model(MODELS[key])
         if key == "efficientnet":
             calibration, evaluation, _ = imagenet_sources(args.workdir, model)
         else:

@@ -5,9 +5,11 @@
                                [--methods frobenius-uniform,da-uniform,da-allocated,da-cp,auto,...] [--out bench/]
 
 Data (`../shared/data`, extracted to a temporary folder): CIFAR-10 models calibrate on 2000 `train/` images
-and are evaluated on all 10,000 `test/` images; EfficientNet-Lite0 uses disjoint halves of the ImageNet
-sample (even class indices calibrate, odd ones evaluate). Statistics are gathered once per model and data
-and reused by every row. Each row: params and MACs kept (convolution part), top-1, drop against the
+and are evaluated on all 10,000 `test/` images (the project's ConvNeXt-style model, models/, likewise);
+EfficientNet-Lite0 uses disjoint halves of the ImageNet sample (even class indices calibrate, odd ones
+evaluate). Statistics are gathered once per model and data and reused by every row; every row runs the
+defaults but for its method's options and `holdout=0` (the test data verifies). Each row: params and MACs
+kept (of the decomposable layers: convolutions and dense), top-1, drop against the
 original, top-1 agreement, onnxruntime CPU latency ratio (compressed / original, median of interleaved
 runs) at batch 1 and 32, and the compression time. Writes `results.md`, `results.json` (rows are merged
 by model/ratio/method, so methods can be run separately) and `results.png` (top-1 versus MACs kept).
@@ -33,9 +35,10 @@ SHARED = ROOT.parent / "shared"
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 MODELS = {
-    "resnet20": "cifar10_resnet20.onnx",
-    "resnet56": "cifar10_resnet56.onnx",
-    "efficientnet": "efficientnet_lite0_imagenet.onnx",
+    "resnet20": SHARED / "models" / "cifar10_resnet20.onnx",
+    "resnet56": SHARED / "models" / "cifar10_resnet56.onnx",
+    "efficientnet": SHARED / "models" / "efficientnet_lite0_imagenet.onnx",
+    "convnext": ROOT / "models" / "dacomp_cifar_convnext.onnx",  # MatMul pointwise layers (dense layers)
 }
 # name -> (CompressConfig fields, statistics: "in-domain" | "natural" | None)
 METHODS = {
@@ -50,12 +53,14 @@ METHODS = {
     # the ratio counts the summed onnxruntime latency of the layers at batch 32 (every candidate timed)
     "da-latency": (dict(method="auto", budget="latency", speed_batch=32), "in-domain"),
     "da-macs": (dict(method="auto", budget="macs"), "in-domain"),  # the ratio counts multiply-accumulates
+    "da-svd": (dict(method="svd"), "in-domain"),  # dense layers' DA-SVD against ...
+    "frobenius-svd": (dict(method="svd", norm="frobenius"), None),  # ... the data-free truncated SVD
 }
 DEFAULT_METHODS = "frobenius-uniform,da-uniform,da-allocated,da-cp,auto"
 
 
 def cifar_sources(workdir: Path, model, calibration: int):
-    from onnx_dacomp.calibration.sources import ImageFolderSource, ImagePreprocessing
+    from onnx_dacomp.calibration.sources import ArraySource, ImageFolderSource, ImagePreprocessing
 
     root = workdir / "cifar10"
     if not root.is_dir():
@@ -63,8 +68,12 @@ def cifar_sources(workdir: Path, model, calibration: int):
             tar.extractall(workdir, filter="data")
     pre = ImagePreprocessing(mean=CIFAR_MEAN, std=CIFAR_STD)
     train = ImageFolderSource(root / "train", "input", (1, 3, 32, 32), pre, limit=calibration, seed=0)
-    test = ImageFolderSource(root / "test", "input", (1, 3, 32, 32), pre)
-    return train, test, pre
+    cached = workdir / "cifar10_test.npz"  # the test images decoded once: every row evaluates on them
+    if not cached.exists():
+        test = ImageFolderSource(root / "test", "input", (1, 3, 32, 32), pre)
+        images, labels = zip(*[(batch["input"], labels) for batch, labels in test.labelled()])
+        np.savez(cached, input=np.concatenate(images), labels=np.concatenate(labels))
+    return train, ArraySource(cached, ["input"], batch_size=256), pre
 
 
 def imagenet_sources(workdir: Path, model):
@@ -99,7 +108,6 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.75,0.5,0.35")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--calibration", type=int, default=2000, help="CIFAR-10 calibration images (2000)")
-    parser.add_argument("--max-iter", type=int, default=30, help="ALS sweeps per layer at most (30)")
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per model and batch size (15)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dacomp-bench")
@@ -120,7 +128,7 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": [], "baselines": {}}
     methods = args.methods.split(",")
     for key in args.models.split(","):
-        model = load_model(SHARED / "models" / MODELS[key])
+        model = load_model(MODELS[key])
         if key == "efficientnet":
             calibration, evaluation, pre = imagenet_sources(args.workdir, model)
         else:
@@ -138,7 +146,7 @@ def main() -> None:
         for ratio in map(float, args.ratios.split(",")):
             for name in methods:
                 fields, kind = METHODS[name]
-                config = CompressConfig(ratio=ratio, holdout=0, max_iter=args.max_iter, device="cpu", **fields)
+                config = CompressConfig(ratio=ratio, holdout=0, device="cpu", **fields)  # otherwise the defaults
                 start = time.perf_counter()
                 # the statistics are given; the data serves the layer sensitivities and the propagated fit
                 result = onnx_dacomp.compress(
