@@ -370,6 +370,10 @@ class RuntimeConfig:
         None, "processes for the per-layer work (candidate tables, fits)", parse=positive_int,
         shown="the machine's cores",
     )  # fmt: skip
+    ray: str | None = option(
+        None, "run the per-layer work on a Ray cluster: auto (the running one), local, or ray://HOST:PORT "
+        "(pip install 'onnx-dacomp[ray]')", metavar="ADDRESS",
+    )  # fmt: skip
     cache_dir: str | None = option(
         None, "keep statistics, candidate tables, sensitivities and fits here: a rerun resumes and reuses them",
         metavar="DIR",

@@ -35,7 +35,7 @@ from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
 from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
 from .verify import compare_models, end_to_end_latency
-from .workers import Workers, default_workers
+from .workers import Workers, executor
 
 NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
@@ -64,7 +64,7 @@ def compress(
     give their first `config.verify.holdout` samples to verification and calibrate on the rest.
     `statistics`: precomputed statistics of this model (then `data`, if given, serves verification only).
     """
-    with blas_threads(), Workers(config.runtime.workers or default_workers()) as workers:
+    with blas_threads(), executor(config.runtime.workers, config.runtime.ray) as workers:
         return _compress(model, data, config, statistics, progress, workers)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from .errors import WorkerLost
+from .errors import UserError, WorkerLost
 from .log import logger
 from .runtime import SOLVER_BLAS_THREADS
 
@@ -96,6 +96,68 @@ class Workers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RayWorkers(Workers):
+    """The same units as Ray tasks on a cluster (`--ray ADDRESS`: `auto` for the running cluster, `local` to
+    start one in this process, or a `ray://` address). Ray places the tasks, moves their arguments through
+    its object store and retries a unit whose worker died; what still fails is a `WorkerLost` error."""
+
+    def __init__(self, address: str):
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--ray needs Ray: pip install 'onnx-dacomp[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                reason = (str(exc) or type(exc).__name__).splitlines()[0]
+                raise UserError(f"cannot connect to the Ray cluster at {address!r}: {reason}") from None
+            self.owned = True
+        else:
+            self.owned = False
+        super().__init__(max(1, int(ray.cluster_resources().get("CPU", 1))))
+        self.remote = ray.remote(num_cpus=1, max_retries=2)(_run_limited)
+
+    def map_for(self, work: int) -> Callable:
+        return self.map if work >= POOL_MIN_WORK else builtins.map
+
+    def map(self, function: Callable, tasks: Iterable) -> Iterator:
+        window: deque = deque()
+        for task in tasks:
+            window.append(self.remote.remote(function, task))
+            while len(window) >= 2 * self.count:
+                yield self._get(window.popleft())
+        while window:
+            yield self._get(window.popleft())
+
+    def _get(self, reference):
+        try:
+            return self.ray.get(reference)
+        except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError,
+                self.ray.exceptions.ObjectLostError) as exc:  # fmt: skip
+            raise WorkerLost(
+                f"a Ray worker died and its retries failed ({type(exc).__name__}): check the cluster's memory; "
+                "with --cache-dir a rerun keeps the finished units"
+            ) from None
+
+    def close(self) -> None:
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.owned = False
+
+
+def executor(count: int | None, ray_address: str | None) -> Workers:
+    """Where the per-layer units run: a Ray cluster, else `count` local processes (default: the cores)."""
+    return RayWorkers(ray_address) if ray_address else Workers(count or default_workers())
+
+
+def _run_limited(function: Callable, task):
+    if _limits is None:
+        _initialize()
+    return function(task)
 
 
 def _initialize() -> None:

@@ -57,6 +57,16 @@ def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
     assert pooled.SerializeToString() == alone.SerializeToString()
 
 
+def test_a_ray_cluster_gives_the_same_bytes(data_file, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)
+    submitted, remote = [], workers.RayWorkers.map
+    monkeypatch.setattr(workers.RayWorkers, "map", lambda self, f, t: submitted.append(f) or remote(self, f, t))
+    on_ray = _compress(data_file, ray="local")
+    assert len(submitted) >= 2  # the tables and the fits ran as Ray tasks
+    assert on_ray.SerializeToString() == _compress(data_file, workers=1).SerializeToString()
+
+
 def _die_on_first_run(marker: str) -> int:
     if not os.path.exists(marker):
         open(marker, "w").close()
@@ -75,6 +85,21 @@ def test_a_dead_worker_is_replaced_once_then_reported(tmp_path):
         assert os.path.exists(marker)
     with workers.Workers(2) as pool, pytest.raises(WorkerLost, match="fewer --workers"):
         list(pool.map(_always_die, range(3)))
+
+
+def test_ray_retries_a_unit_whose_worker_died(tmp_path):
+    pytest.importorskip("ray")
+    marker = str(tmp_path / "died")
+
+    def die_on_first_run(marker):  # defined here: Ray ships it by value (its workers cannot import tests)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(3)
+        return os.getpid()
+
+    with workers.RayWorkers("local") as pool:
+        assert len(list(pool.map(die_on_first_run, [marker] * 3))) == 3
+    assert os.path.exists(marker)
 
 
 def test_the_cache_resumes_an_interrupted_run_and_serves_another_ratio(data_file, tmp_path, monkeypatch, caplog):
