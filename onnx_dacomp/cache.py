@@ -21,6 +21,7 @@ from . import __version__
 from .calibration.sources import rereadable
 from .calibration.statistics import Statistics, load_statistics, save_statistics
 from .decompose import factors as factor_types
+from .errors import UserError
 from .fit import LayerFit
 from .geometry import Cost
 from .log import logger
@@ -73,7 +74,10 @@ class Cache:
         self.reused: dict[str, int] = {}
         self.stored: dict[str, int] = {}
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"--cache-dir {folder}: cannot use it as a folder ({exc.strerror})") from None
 
     @property
     def enabled(self) -> bool:

@@ -117,9 +117,9 @@ def _compress(model, data, config: CompressConfig, statistics, progress: bool, w
         else:
             statistics.check_model(fitted, weights)
     moments = statistics.layers if covariance and statistics is not None else None
-    if moments is not None:
-        reasons.update(too_few_vectors(statistics, fitted))
-        fitted = [layer for layer in fitted if layer.name not in reasons]
+    unfittable = too_few_vectors(statistics, fitted) if moments is not None else {}
+    reasons.update(unfittable)
+    fitted = [layer for layer in fitted if layer.name not in unfittable]
     clock.mark("calibrate")
 
     problems = build_problems(fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit)
@@ -140,7 +140,11 @@ def _compress(model, data, config: CompressConfig, statistics, progress: bool, w
         sensitivity = allocation_weights(
             model, layers, managed, calibration, settings, config, signature, progress, store=store
         )
-    original_costs = {layer.name: costs.original(layer.name) for layer in scan.layers if layer.geometry is not None}
+    original_costs = {
+        layer.name: costs.original(layer.name)
+        for layer in scan.layers
+        if layer.geometry is not None and layer.name not in unfittable
+    }
     fit_cache: dict = {}
 
     def plan_at(ratio: float | None) -> RankPlan:
@@ -206,6 +210,7 @@ def _compress(model, data, config: CompressConfig, statistics, progress: bool, w
             ratio=ratio,
             sensitivity=sensitivity,
             timed=costs.timed_row if config.plan.budget == "latency" else None,
+            uncounted=unfittable,
         ),  # fmt: skip
         error_norm="sigma" if moments is not None else "frobenius",
         budget=config.plan.budget,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from .geometry import LayerGeometry, original_cost
@@ -31,6 +31,7 @@ class LayerReport:
     latency_after: float | None = None  # ms of its chain, or of the layer when left as it is
     sensitivity: float | None = None  # output error energy per unit of layer error (the allocation's weight)
     op_type: str | None = None  # the layer's node (Conv, Gemm, MatMul)
+    counted: bool = True  # in the budget's total; False for a layer the calibration data could not fit
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,9 @@ class CompressionReport:
     @property
     def totals(self) -> dict[str, float]:
         keys = ("params_before", "params_after", "macs_before", "macs_after")
-        totals = {key: sum(getattr(layer, key) for layer in self.layers) for key in keys}
-        timed = [layer for layer in self.layers if layer.latency_before is not None]
+        counted = [layer for layer in self.layers if layer.counted]
+        totals = {key: sum(getattr(layer, key) for layer in counted) for key in keys}
+        timed = [layer for layer in counted if layer.latency_before is not None]
         if timed:
             totals["latency_before"] = sum(layer.latency_before for layer in timed)
             totals["latency_after"] = sum(layer.latency_after for layer in timed)
@@ -149,12 +151,13 @@ class CompressionReport:
         if "latency_before" in totals:
             kept += f", summed layer latency kept {totals['latency_after'] / totals['latency_before']:.1%}"
         kinds: dict[str, int] = {}
-        for layer in self.layers:
+        counted_layers = [layer for layer in self.layers if layer.counted]
+        for layer in counted_layers:
             kinds[layer.op_type] = kinds.get(layer.op_type, 0) + 1
         counted = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if kind)
-        lines.append(
-            f"{kept} (target {self.budget} ratio {self.target_ratio} of the {len(self.layers)} layers above: {counted})"
-        )
+        left_out = len(self.layers) - len(counted_layers)
+        which = f"{len(self.layers)} layers above" if not left_out else f"{len(counted_layers)} counted layers above"
+        lines.append(f"{kept} (target {self.budget} ratio {self.target_ratio} of the {which}: {counted})")
         if self.search:
             lines.append(
                 f"ratio search: {self.search['target']} met at ratio {self.search['ratio']:.4f} "
@@ -220,9 +223,12 @@ def layer_rows(
     ratio: float | None,
     sensitivity: Mapping[str, float] | None = None,
     timed: Callable | None = None,
+    uncounted: Iterable[str] = (),
 ) -> tuple[LayerReport, ...]:
     """The report rows of every layer of known size, in graph order: fitted ones with their chain, the others
-    with the reason they were kept. `timed(row, choice)` adds measured latencies (the latency budget)."""
+    with the reason they were kept. `timed(row, choice)` adds measured latencies (the latency budget);
+    `uncounted` names the layers outside the budget's total."""
+    uncounted = set(uncounted)
     rows = []
     for layer in layers:
         if layer.geometry is None:
@@ -234,7 +240,14 @@ def layer_rows(
             reason = reasons.get(layer.name) or kept_reason(layer.geometry, method, budget, ratio)
             row = kept_row(layer.name, layer.geometry, reason)
         row = timed(row, choice) if timed is not None else row
-        rows.append(replace(row, sensitivity=(sensitivity or {}).get(layer.name), op_type=layer.op_type))
+        rows.append(
+            replace(
+                row,
+                sensitivity=(sensitivity or {}).get(layer.name),
+                op_type=layer.op_type,
+                counted=layer.name not in uncounted,
+            )
+        )
     return tuple(rows)
 
 

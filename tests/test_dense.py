@@ -129,6 +129,12 @@ def test_dense_layers_share_the_budget_with_the_convolutions():
     rows = {row.name: row for row in report.layers}
     assert rows["head"].method == "svd" and report.totals["params_before"] == layers["conv"].params + 4 * 36 * 64
     assert report.ratio <= 0.5 + 1e-9
+    # with fewer samples than the head's inputs the head is left, out of the total: the ratio is the conv's
+    few = onnx_dacomp.compress(model, [{"x": x[:100]}], ratio=0.5, holdout=0, rank_multiple=1, progress=False).report
+    rows = {row.name: row for row in few.layers}
+    assert rows["head"].method is None and not rows["head"].counted and "not counted" in rows["head"].reason
+    assert few.totals["params_before"] == layers["conv"].params and few.ratio <= 0.5 + 1e-9
+    assert rows["conv"].method is not None
 
 
 def test_unsupported_dense_layers_are_listed_with_a_reason():

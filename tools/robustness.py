@@ -186,6 +186,10 @@ def cases(root: Path) -> list[tuple[str, list[str], list[Path], Path | None, flo
     add("ranks larger than the layer", ["compress", model, "-o", out, "--data", data, "--ranks", ranks], [model, ranks])
     for ratio in ("0", "1.5", "-0.2", "abc"):
         add(f"ratio {ratio}", ["compress", model, "-o", out, "--data", data, "--ratio", ratio], [model])
+    for bound in ("0", "-0.1", "1.5", "abc"):
+        add(f"--max-error {bound}", ["compress", model, "-o", out, "--data", data, "--max-error", bound], [model])
+    add("--workers 0", ["compress", model, "-o", out, "--data", data, "--workers", "0"], [model])
+    add("--cache-dir is a file", ["compress", model, "-o", out, "--data", data, "--cache-dir", model], [model])
     add("output path equal to the input", ["compress", model, "-o", model, "--data", data], [model], output=None)
     add("output folder missing", ["compress", model, "-o", root / "nowhere" / "out.onnx", "--data", data], [model],
         output=root / "nowhere")  # fmt: skip

@@ -58,14 +58,17 @@ class Statistics:
 
 
 def too_few_vectors(statistics: Statistics, layers: Iterable[Layer]) -> dict[str, str]:
-    """The layers whose statistics hold too few input vectors for a distribution-aware fit, with the reason."""
+    """The layers whose statistics hold too few input vectors for a distribution-aware fit, with the reason.
+    Such a layer stays as it is and out of the budget's total: a shortfall of data must not move its share
+    of the cut onto the other layers (EfficientNet-Lite0 at 0.5 with its 1280-input classifier counted and
+    500 images: 6 % top-1 instead of 57 %)."""
     reasons = {}
     for layer in layers:
         count, needed = statistics.layers[layer.name].count, MIN_VECTORS_PER_DIMENSION * layer.vector_length
         if count < needed:
             reasons[layer.name] = (
                 f"{count} calibration vectors for {layer.vector_length} input dims: a fit needs {needed} or more "
-                f"(more data)"
+                f"(more data); not counted in the ratio"
             )
     return reasons
 
