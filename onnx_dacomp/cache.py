@@ -67,21 +67,17 @@ def statistics_key(model_digest: str, layers, data, settings) -> str | None:
 
 
 class Cache:
-    """Entries under `folder/<kind>/<key>.npz`; with `folder` None nothing is stored (every lookup misses)."""
+    """Entries under `folder/<kind>/<digest of the key and the tool's version>.npz`, and what a run reused and
+    stored of each kind."""
 
-    def __init__(self, folder: str | Path | None):
-        self.folder = Path(folder) if folder is not None else None
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
         self.reused: dict[str, int] = {}
         self.stored: dict[str, int] = {}
-        if self.folder is not None:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"--cache-dir {folder}: cannot use it as a folder ({exc.strerror})") from None
-
-    @property
-    def enabled(self) -> bool:
-        return self.folder is not None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--cache-dir {folder}: cannot use it as a folder ({exc.strerror})") from None
 
     def table(self, key: str) -> CandidateTable | None:
         found = self._read("tables", key)
@@ -144,8 +140,8 @@ class Cache:
         self._write("fits", key, value, arrays)
 
     def statistics(self, key: str) -> Statistics | None:
-        path = self._path("statistics", key) if self.folder is not None else None
-        if path is None or not path.is_file():
+        path = self._path("statistics", key)
+        if not path.is_file():
             return None
         try:
             found = load_statistics(path)
@@ -159,8 +155,6 @@ class Cache:
         return found
 
     def put_statistics(self, key: str, statistics: Statistics) -> None:
-        if self.folder is None:
-            return
         (self.folder / "statistics").mkdir(exist_ok=True)
         keyed = dataclasses.replace(statistics, extra={**statistics.extra, "cache_key": key})
         save_statistics(keyed, self._path("statistics", key))
@@ -171,12 +165,12 @@ class Cache:
         return ", ".join(f"{kind}: {self.reused.get(kind, 0)} reused, {self.stored.get(kind, 0)} new" for kind in kinds)
 
     def _path(self, kind: str, key: str) -> Path:
-        return self.folder / kind / f"{key}.npz"
+        return self.folder / kind / f"{digest(key)}.npz"  # another version of the tool misses, never misreads
 
     def _read(self, kind: str, key: str):
-        if self.folder is None or not self._path(kind, key).is_file():
-            return None
         path = self._path(kind, key)
+        if not path.is_file():
+            return None
         try:
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(str(archive["meta"]))
@@ -191,8 +185,6 @@ class Cache:
         return meta, arrays
 
     def _write(self, kind: str, key: str, value, arrays: dict) -> None:
-        if self.folder is None:
-            return
         (self.folder / kind).mkdir(exist_ok=True)
         meta = json.dumps({"format": FORMAT, "kind": kind, "key": key, "value": value})
         write_atomically(self._path(kind, key), lambda stream: np.savez(stream, meta=np.array(meta), **arrays))
