@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .geometry import Cost, original_cost
-from .layers import Layer
+from .layers import Layer, one_layer_model
 from .log import logger
 from .methods import Ranks, get
 from .ranks.candidates import CandidateTable
@@ -27,8 +27,6 @@ from .report import LayerReport
 from .rewrite import replace_layers
 from .runtime import create_session, provider_name
 from .verify import Latency, measure_latency, session_latency
-
-IR_VERSION = 8
 
 
 def layer_latency(
@@ -103,14 +101,7 @@ def _optimized_chain(width: int, device: str) -> onnx.ModelProto | None:
         helper.make_node("Conv", ["a", "w1"], ["b"], pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["b", "w2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "probe",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        weights,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=IR_VERSION)
+    model, _ = one_layer_model(nodes, weights, [1, 64, 8, 8], np.float32, 13)
     if provider_name(create_session(model, device)) != "CPU":
         return None
     with tempfile.TemporaryDirectory() as folder:

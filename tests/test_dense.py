@@ -1,7 +1,10 @@
 """Dense layers: Gemm and MatMul (+ Add) as a layer kind: discovery, statistics, exact chains at full rank for
 every attribute variant, fp16, and the DA-SVD optimum against a brute-force (whitened) solution."""
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 from builders import IR_VERSION, relative_error, run
 from onnx import helper, numpy_helper
@@ -160,3 +163,18 @@ def test_a_layer_with_fewer_calibration_vectors_than_dims_is_left_with_a_reason(
     assert row.method is None and "30 calibration vectors for 40 input dims" in row.reason
     enough = onnx_dacomp.compress(model, [{"x": _data((1, 40), count=60)}], ratio=0.5, holdout=0, progress=False)
     assert enough.report.layers[0].method == "svd"
+
+
+def test_the_bundled_convnext_has_its_pointwise_layers_as_dense_targets_and_full_rank_reproduces_it():
+    path = Path(__file__).resolve().parents[1] / "models" / "dacomp_cifar_convnext.onnx"
+    model = onnx.load(path)
+    layers = find_targets(model).layers
+    dense = [layer for layer in layers if layer.kind == "dense"]
+    assert len(dense) == 9 and all(layer.skip_reason is None for layer in dense)  # 8 pointwise MatMuls + classifier
+    assert sum(layer.params for layer in dense) > 0.8 * sum(layer.params for layer in layers)
+    x = np.random.default_rng(0).random((160, 3, 32, 32), dtype=np.float32)  # >= 128: the classifier's inputs
+    full = {layer.name: min(layer.in_features, layer.out_features) for layer in dense}
+    result = onnx_dacomp.compress(model, [{"input": x}], ratio=None, ranks=full, holdout=0, progress=False)
+    assert sum(row.method == "svd" for row in result.report.layers) == 9
+    assert sum(node.op_type in ("MatMul", "Gemm") for node in result.model.graph.node) == 18
+    assert relative_error(run(result.model, {"input": x})[0], run(model, {"input": x})[0]) < 1e-4

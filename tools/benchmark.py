@@ -59,16 +59,19 @@ METHODS = {
 DEFAULT_METHODS = "frobenius-uniform,da-uniform,da-allocated,da-cp,auto"
 
 
-def cifar_sources(workdir: Path, model, calibration: int):
+def cifar_sources(workdir: Path, model, calibration: int, normalized: bool = True):
+    """`normalized`: mean/std applied here (the shared ResNets); else images in [0, 1], as the project's own
+    models take them (their normalization is inside the graph)."""
     from onnx_dacomp.calibration.sources import ArraySource, ImageFolderSource, ImagePreprocessing
 
     root = workdir / "cifar10"
     if not root.is_dir():
         with tarfile.open(SHARED / "data" / "cifar10_jpeg.tar.gz") as tar:
             tar.extractall(workdir, filter="data")
-    pre = ImagePreprocessing(mean=CIFAR_MEAN, std=CIFAR_STD)
+    pre = ImagePreprocessing(mean=CIFAR_MEAN, std=CIFAR_STD) if normalized else ImagePreprocessing()
     train = ImageFolderSource(root / "train", "input", (1, 3, 32, 32), pre, limit=calibration, seed=0)
-    cached = workdir / "cifar10_test.npz"  # the test images decoded once: every row evaluates on them
+    # the test images decoded once: every row evaluates on them
+    cached = workdir / ("cifar10_test.npz" if normalized else "cifar10_test_unit.npz")
     if not cached.exists():
         test = ImageFolderSource(root / "test", "input", (1, 3, 32, 32), pre)
         images, labels = zip(*[(batch["input"], labels) for batch, labels in test.labelled()])
@@ -132,7 +135,8 @@ def main() -> None:
         if key == "efficientnet":
             calibration, evaluation, pre = imagenet_sources(args.workdir, model)
         else:
-            calibration, evaluation, pre = cifar_sources(args.workdir, model, args.calibration)
+            normalized = MODELS[key].parent != ROOT / "models"
+            calibration, evaluation, pre = cifar_sources(args.workdir, model, args.calibration, normalized)
         targets = find_targets(model).targets
         statistics, seconds, sources = {}, {}, {"in-domain": calibration}
         for kind in {METHODS[m][1] for m in methods} - {None}:

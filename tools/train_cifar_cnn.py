@@ -59,11 +59,13 @@ def build_model():
     return Net()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def train_and_export(build, optimizer_for, epochs: int, description: str) -> None:
+    """The command line, training loop and ONNX export shared by the project's CIFAR-10 models: `build()` makes
+    the network, `optimizer_for(parameters)` its optimizer with the schedule's (peak rate, warm-up share)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/ and test/")
     parser.add_argument("-o", "--output", required=True, type=Path)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -82,10 +84,10 @@ def main() -> None:
     def tensor(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
 
-    model = build_model()
+    model = build()
     steps = args.epochs * (len(train_x) // args.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=steps, pct_start=0.25)
+    optimizer, peak, warmup = optimizer_for(model.parameters())
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=warmup)
     start = time.time()
     for epoch in range(args.epochs):
         model.train()
@@ -124,6 +126,16 @@ def main() -> None:
         dynamo=False,
     )
     print(f"wrote {args.output}; test top-1 {evaluate(model, tensor, test_x, test_y):.2%}", flush=True)
+
+
+def sgd(parameters):
+    import torch
+
+    return torch.optim.SGD(parameters, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True), 0.1, 0.25
+
+
+def main() -> None:
+    train_and_export(build_model, sgd, 8, __doc__.splitlines()[0])
 
 
 def evaluate(model, tensor, images, labels) -> float:

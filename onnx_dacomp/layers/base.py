@@ -100,3 +100,23 @@ def unique_name(name: str, taken: set[str]) -> str:
         candidate, suffix = f"{name}_{suffix}", suffix + 1
     taken.add(candidate)
     return candidate
+
+
+TIMING_IR_VERSION = 8  # of the one-layer timing models: what every supported onnxruntime loads
+
+
+def one_layer_model(
+    nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorProto], shape: Sequence, dtype, opset: int
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model of `nodes` from input "x" of `shape` to output "y", and a seeded random input for it."""
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = onnx.helper.make_graph(
+        nodes,
+        "layer",
+        [onnx.helper.make_tensor_value_info("x", elem, list(shape))],
+        [onnx.helper.make_tensor_value_info("y", elem, [None] * len(shape))],
+        initializers,
+    )
+    opsets = [onnx.helper.make_opsetid("", opset)]
+    model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=TIMING_IR_VERSION)
+    return model, {"x": np.random.default_rng(0).standard_normal(shape).astype(dtype)}

@@ -13,14 +13,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..geometry import LayerGeometry
-from .base import NON_FINITE_WEIGHT, unique_name
+from .base import NON_FINITE_WEIGHT, one_layer_model, unique_name
 from .constants import ConstantResolver
 from .conv_patches import patches
 from .conv_statistics import patch_sum_nodes
 
 OP_TYPES = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
 SUPPORTED_DTYPES = ("float32", "float16")
-IR_VERSION = 8  # of the one-layer timing models: what every supported onnxruntime loads
 Shape = tuple[int, ...]
 
 
@@ -173,7 +172,6 @@ class ConvLayer:
     def timing_model(self, batch: int, opset: int):
         rng = np.random.default_rng(0)
         dtype = np.dtype(self.dtype)
-        elem = helper.np_dtype_to_tensor_dtype(dtype)
         weight = rng.standard_normal((self.out_channels, self.in_channels // self.group, *self.kernel_shape))
         initializers = [numpy_helper.from_array(weight.astype(dtype), "W")]
         inputs = ["x", "W"]
@@ -187,16 +185,7 @@ class ConvLayer:
         else:
             attributes["pads"] = list(self.pads)
         node = helper.make_node("Conv", inputs, ["y"], name="conv", **attributes)
-        shape = [batch, *self.input_shape[1:]]
-        graph = helper.make_graph(
-            [node],
-            "layer",
-            [helper.make_tensor_value_info("x", elem, shape)],
-            [helper.make_tensor_value_info("y", elem, [None] * len(shape))],
-            initializers,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
-        return model, {"x": rng.standard_normal(shape).astype(dtype)}
+        return one_layer_model([node], initializers, [batch, *self.input_shape[1:]], dtype, opset)
 
     def describe(self) -> dict:
         return {

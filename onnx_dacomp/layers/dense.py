@@ -16,12 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..geometry import LayerGeometry
 from ..moments import Moments
-from .base import NON_FINITE_WEIGHT, unique_name
+from .base import NON_FINITE_WEIGHT, one_layer_model, unique_name
 from .constants import ConstantResolver
 
 OP_TYPES = ("Gemm", "MatMul")
 SUPPORTED_DTYPES = ("float32", "float16")
-IR_VERSION = 8
 Shape = tuple[int, ...]
 
 
@@ -156,23 +155,13 @@ class DenseLayer:
     def timing_model(self, batch: int, opset: int):
         rng = np.random.default_rng(0)
         dtype = np.dtype(self.dtype)
-        elem = helper.np_dtype_to_tensor_dtype(dtype)
         weight = rng.standard_normal((self.in_features, self.out_features)).astype(dtype)
         initializers = [numpy_helper.from_array(weight, "W")]
         nodes = [helper.make_node("MatMul", ["x", "W"], ["m" if self.bias else "y"])]
         if self.bias:
             initializers.append(numpy_helper.from_array(rng.standard_normal(self.out_features).astype(dtype), "B"))
             nodes.append(helper.make_node("Add", ["m", "B"], ["y"]))
-        shape = [batch, *self.input_shape[1:]]
-        graph = helper.make_graph(
-            nodes,
-            "layer",
-            [helper.make_tensor_value_info("x", elem, shape)],
-            [helper.make_tensor_value_info("y", elem, [None] * len(shape))],
-            initializers,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
-        return model, {"x": rng.standard_normal(shape).astype(dtype)}
+        return one_layer_model(nodes, initializers, [batch, *self.input_shape[1:]], dtype, opset)
 
     def describe(self) -> dict:
         return {
