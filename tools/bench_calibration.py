@@ -43,7 +43,7 @@ def part(name: str, model_path: str, folder: str, images: int, batch_size: int) 
     from onnx_dacomp.targets import find_targets
 
     model = load_model(model_path)
-    layers = find_targets(model).targets
+    layers = [layer for layer in find_targets(model).targets if layer.kind == "conv"]  # the patch Grams
     batches = load_batches(Path(folder), model, images, batch_size)
     start = time.perf_counter()
     if name == "inference":

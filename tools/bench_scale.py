@@ -125,13 +125,17 @@ def sha(path: Path) -> str:
 
 
 def ray_cluster(workdir: Path):
-    """Start a two-node Ray cluster (one CPU each) on this machine; returns its address."""
+    """Start a two-node Ray cluster (one CPU each) on this machine; returns its address. Token
+    authentication on every process (recent Ray's head takes ~/.ray/auth_token when there is one, and a
+    node joining without it is refused), set here so that the runs started from this script inherit it."""
     port = 6391
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    ray_stop()
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True)
     subprocess.run(["ray", "start", "--head", "--num-cpus", "1", "--port", str(port), "--include-dashboard", "false"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
+                   check=True, capture_output=True)  # fmt: skip
     subprocess.run(["ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
+                   check=True, capture_output=True)  # fmt: skip
     return f"127.0.0.1:{port}"
 
 
@@ -176,7 +180,8 @@ def main() -> None:
             address = ray_cluster(args.workdir)
             runs["--ray (two nodes)"] = ["--ray", address]
         except (OSError, subprocess.CalledProcessError) as exc:
-            print(f"no Ray cluster: {exc}")
+            print(f"no Ray cluster: {exc}: {getattr(exc, 'stderr', b'')[-300:]}")
+            ray_stop()
         print("\n## ResNet-20 --method cp --ratio 0.5: output sha256\n")
         for name, extra in runs.items():
             path = out / f"{name.replace(' ', '_').strip('-()')}.onnx"
@@ -211,13 +216,13 @@ def main() -> None:
             child.wait()
         killed_after = time.perf_counter() - start
         stored = len(list((cache / "fits").glob("*.npz")))
+        left = (out / "cached.onnx").exists()
         resumed = cli([*base, "-o", str(out / "cached.onnx"), "--cache-dir", str(cache)], out / "resumed.log")
         other = cli([*base[:-1], "0.4", "-o", str(out / "other.onnx"), "--cache-dir", str(cache)], out / "other.log")
         other_line = [line for line in (out / "other.log").read_text().splitlines() if "cache " in line]
         print("\n## ResNet-56 --method auto --ratio 0.5 with --cache-dir\n")
         print(f"uncached run: {uncached:.1f} s")
-        print(f"cached run killed after {killed_after:.1f} s with {stored} fits stored (no output written: "
-              f"{not (out / 'cached.onnx').exists() or 'see resumed'})")  # fmt: skip
+        print(f"cached run killed after {killed_after:.1f} s with {stored} fits stored; output file left: {left}")
         print(f"resumed run: {resumed:.1f} s = {resumed / uncached:.0%} of the uncached run; same bytes: "
               f"{sha(out / 'cached.onnx') == sha(out / 'uncached.onnx')}")  # fmt: skip
         reuse = other_line[-1] if other_line else ""
