@@ -52,6 +52,30 @@ def test_statistics_match_im2col_reference(mode, dtype):
         assert np.abs(got.mean - mean).max() <= tolerance * np.abs(mean).max(), layer.name
 
 
+def test_samples_per_run_follow_the_layer_input_size_and_leave_the_statistics_unchanged(monkeypatch):
+    from onnx_dacomp.calibration import collect
+
+    model = conv_stack()
+    scan = find_targets(model)
+    batches = batches_of(np.random.default_rng(4), (24, 4, 9, 11), 2)
+    runs = []
+    original = collect._Runner._run
+
+    def counted(self, batch):
+        runs.append(len(batch["x"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(collect._Runner, "_run", counted)
+    whole = collect_statistics(model, scan.targets, batches, progress=False)
+    assert runs == [24, 24]  # small inputs: whole batches
+    runs.clear()
+    monkeypatch.setattr(collect, "RUN_BYTES", 1)  # every sample over the budget: the minimum per run
+    chunked = collect_statistics(model, scan.targets, batches, progress=False)
+    assert runs == [collect.CHUNK] * 6
+    for name, layer in whole.layers.items():
+        assert np.abs(chunked.layers[name].second - layer.second).max() <= 1e-5 * np.abs(layer.second).max()
+
+
 def test_merging_halves_equals_one_pass_and_statistics_round_trip(tmp_path):
     model = conv_stack()
     scan = find_targets(model)
