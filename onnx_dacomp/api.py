@@ -20,6 +20,7 @@ from .inputs import InputSignature, declared_dims, graph_inputs, input_signature
 from .load import load_model
 from .targets import TargetScan, find_targets
 from .verify import Comparison, Latency, benchmark_batches, compare_models, measure_latency
+from .workers import executor
 
 Model = onnx.ModelProto | str | os.PathLike
 Data = Source | Iterable | str | os.PathLike
@@ -82,9 +83,11 @@ def calibrate(
     scan = find_targets(model, input_shapes)
     signature = input_signature(model, input_shapes, config.batch_axes)
     source = _source(data, model, config, runtime)
-    return collect_statistics(
-        model, scan.targets, source, device=runtime.device, mode=mode, progress=progress, signature=signature
-    )
+    with executor(runtime.workers, runtime.ray) as workers:
+        return collect_statistics(
+            model, scan.targets, source, device=runtime.device, mode=mode, progress=progress, signature=signature,
+            workers=workers,
+        )  # fmt: skip
 
 
 def evaluate(

@@ -367,8 +367,8 @@ class RuntimeConfig:
     seed: int = option(0, "seed of everything random (data subsets, natural crops, solver starts)", parse=int)
     speed_batch: int = option(1, "batch size of the latency measurements", parse=positive_int)
     workers: int | None = option(
-        None, "processes for the per-layer work (candidate tables, fits)", parse=positive_int,
-        shown="the machine's cores",
+        None, "processes for calibration shards and per-layer work (candidate tables, probes, fits)",
+        parse=positive_int, shown="the machine's cores",
     )  # fmt: skip
     ray: str | None = option(
         None, "run the per-layer work on a Ray cluster: auto (the running one), local, or ray://HOST:PORT "

@@ -68,16 +68,18 @@ def compress(
         return _compress(model, data, config, statistics, progress, workers)
 
 
-def calibrated(model, layers, calibration, config: CompressConfig, signature, store: Cache | None, progress: bool):
-    """The statistics of `layers` on `calibration`: from `store` where it holds them, else collected (and
-    kept there)."""
+def calibrated(
+    model, layers, calibration, config: CompressConfig, signature, store: Cache | None, workers: Workers, progress: bool
+):
+    """The statistics of `layers` on `calibration`: from `store` where it holds them, else collected on
+    `workers` (and kept there)."""
     runtime, data = config.runtime, config.data
     settings = (asdict(data), signature, runtime.device, runtime.seed, config.verify.holdout)
     key = statistics_key(digest(model.SerializeToString()), layers, calibration, settings) if store else None
     statistics = store.statistics(key) if key else None
     if statistics is None:
         statistics = collect_statistics(
-            model, layers, calibration, device=runtime.device, progress=progress, signature=signature
+            model, layers, calibration, device=runtime.device, progress=progress, signature=signature, workers=workers
         )
         if key:
             store.put_statistics(key, statistics)
@@ -113,7 +115,7 @@ def _compress(model, data, config: CompressConfig, statistics, progress: bool, w
         if statistics is None:
             if calibration is None:
                 raise UserError("the calibration data left no samples to calibrate on after the held-out part")
-            statistics = calibrated(model, fitted, calibration, config, signature, store, progress)
+            statistics = calibrated(model, fitted, calibration, config, signature, store, workers, progress)
         else:
             statistics.check_model(fitted, weights)
     moments = statistics.layers if covariance and statistics is not None else None
@@ -138,7 +140,7 @@ def _compress(model, data, config: CompressConfig, statistics, progress: bool, w
         )  # fmt: skip
         tables = {name: costs.timed(table) for name, table in tables.items()}
         sensitivity = allocation_weights(
-            model, layers, managed, calibration, settings, config, signature, progress, store=store
+            model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers
         )
     original_costs = {
         layer.name: costs.original(layer.name)

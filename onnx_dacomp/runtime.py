@@ -25,14 +25,19 @@ def create_session(
     optimized_path: str | None = None,
     arena: bool = True,
     spinning: bool = True,
+    threads: int | None = None,
+    tf32: bool = True,
 ):
     """An InferenceSession on `device`; `auto` takes CUDA when it really starts, else the CPU.
-    `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
-    `arena=False`: release intermediate buffers instead of keeping the peak allocation (large graphs run
-    once per batch). `spinning=False`: worker threads sleep between runs instead of busy-waiting.
+        `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
+        `arena=False`: release intermediate buffers instead of keeping the peak allocation (large graphs run
+        once per batch). `spinning=False`: worker threads sleep between runs instead of busy-waiting. `threads`:
+    intra-op threads (default: onnxruntime's, one per core), fewer where several processes share the cores.
+    `tf32=False`: full float32 products on CUDA (TF32 rounds inputs to 10 mantissa bits: fine for inference, not
+    for sums of squares).
 
-    onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
-    CPU, so the provider is checked on the created session.
+        onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
+        CPU, so the provider is checked on the created session.
     """
     import onnxruntime as ort  # deferred: importing onnxruntime costs a second on every CLI start
 
@@ -47,6 +52,8 @@ def create_session(
         options.optimized_model_filepath = optimized_path
     options.enable_cpu_mem_arena = arena
     options.enable_mem_pattern = arena
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
@@ -54,7 +61,8 @@ def create_session(
         if device == "auto":
             ort.set_default_logger_severity(4)  # a failed CUDA start is expected on CPU-only machines
         try:
-            session = _session(ort, payload, options, [CUDA, CPU])
+            cuda = (CUDA, {} if tf32 else {"use_tf32": "0"})
+            session = _session(ort, payload, options, [cuda, CPU])
         finally:
             ort.set_default_logger_severity(2)
         if session.get_providers()[0] == CUDA:

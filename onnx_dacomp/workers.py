@@ -4,7 +4,8 @@ The work units (candidate tables, layer fits) are pure functions of picklable ar
 can run them; results come back in the order of the tasks, whatever order they finish in, so the output is
 the same for any number of workers. At most two tasks per worker are in flight: a task carries its layer's
 covariance, and the parent builds them as the window moves. Each worker runs one BLAS thread
-(runtime.SOLVER_BLAS_THREADS): workers x threads = cores.
+(runtime.SOLVER_BLAS_THREADS): workers x threads = cores. A large value that every task reads (the model)
+goes to the workers once, through `share`: a file for the local pool, Ray's object store on a cluster.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import builtins
 import multiprocessing
 import os
+import pickle
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 
 from .errors import UserError, WorkerLost
 from .log import logger
@@ -32,22 +37,69 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
+@dataclass(frozen=True, eq=False)
+class Shared:
+    """A large value stored once for all tasks that read it, instead of travelling with each: held here (in
+    this process), in a file (local pool) or in Ray's object store; `key` names it (a digest)."""
+
+    key: str
+    value: object = None
+    path: str | None = None
+    reference: object = field(default=None, repr=False)
+
+    @property
+    def held(self) -> bool:
+        """Whether the value is held in this process (no copy to load)."""
+        return self.path is None and self.reference is None
+
+    def get(self):
+        """The value (read again on each call: callers keep what they build from it)."""
+        if self.path is not None:
+            with open(self.path, "rb") as file:
+                return pickle.load(file)
+        if self.reference is not None:
+            import ray
+
+            return ray.get(self.reference)
+        return self.value
+
+
 class Workers:
     """`map(function, tasks)` over a process pool of `count` workers (in this process for 1), started on
     first use."""
 
+    cluster = False  # whether the workers are other machines' (Ray), not this one's cores
+
     def __init__(self, count: int = 1):
         self.count = max(1, count)
         self.pool = None
+        self.folder = None  # where shared values are written for the pool
+
+    @property
+    def threads(self) -> int:
+        """Threads per worker (onnxruntime's intra-op threads): workers x threads = cores."""
+        return max(1, default_workers() // self.count)
+
+    def share(self, value, key: str) -> Shared:
+        """`value` as the workers will read it; `key` names it (a digest of its content)."""
+        if self.count == 1:
+            return Shared(key, value)
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="onnx-dacomp-shared-")
+        path = os.path.join(self.folder, key)
+        if not os.path.exists(path):
+            with open(path, "wb") as file:
+                pickle.dump(value, file, protocol=pickle.HIGHEST_PROTOCOL)
+        return Shared(key, path=path)
 
     def map_for(self, work: int) -> Callable:
         """The map for a stage of `work` solver units: the pool's, or the builtin one for small stages."""
         return self.map if self.count > 1 and work >= POOL_MIN_WORK else builtins.map
 
-    def map(self, function: Callable, tasks: Iterable) -> Iterator:
-        """`function(task)` for every task, in order, with a bounded window of tasks in flight. A worker that
-        dies (killed, out of memory) takes the pool with it: the pool is started again and the unfinished
-        units run once more; a second loss is a `WorkerLost` error."""
+    def map(self, function: Callable, tasks: Iterable, per_worker: int = 2) -> Iterator:
+        """`function(task)` for every task, in order, with at most `per_worker` tasks per worker in flight. A
+        worker that dies (killed, out of memory) takes the pool with it: the pool is started again and the
+        unfinished units run once more; a second loss is a `WorkerLost` error."""
         if self.count == 1:
             yield from builtins.map(function, tasks)
             return
@@ -55,12 +107,14 @@ class Workers:
         retried = False
         for task in tasks:
             window.append((task, self._submit(function, task)))
-            while len(window) >= 2 * self.count:
+            while len(window) >= per_worker * self.count:
                 result, retried = self._first_result(function, window, retried)
                 yield result
+                del result  # not held while waiting for the next one
         while window:
             result, retried = self._first_result(function, window, retried)
             yield result
+            del result
 
     def _submit(self, function: Callable, task):
         if self.pool is None:
@@ -90,6 +144,9 @@ class Workers:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
             self.pool = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
     def __enter__(self) -> Workers:
         return self
@@ -102,6 +159,8 @@ class RayWorkers(Workers):
     """The same units as Ray tasks on a cluster (`--ray ADDRESS`: `auto` for the running cluster, `local` to
     start one in this process, or a `ray://` address). Ray places the tasks, moves their arguments through
     its object store and retries a unit whose worker died; what still fails is a `WorkerLost` error."""
+
+    cluster = True
 
     def __init__(self, address: str):
         try:
@@ -124,11 +183,18 @@ class RayWorkers(Workers):
     def map_for(self, work: int) -> Callable:
         return self.map if work >= POOL_MIN_WORK else builtins.map
 
-    def map(self, function: Callable, tasks: Iterable) -> Iterator:
+    @property
+    def threads(self) -> int:
+        return 1  # a task holds one CPU (num_cpus=1)
+
+    def share(self, value, key: str) -> Shared:
+        return Shared(key, reference=self.ray.put(value))
+
+    def map(self, function: Callable, tasks: Iterable, per_worker: int = 2) -> Iterator:
         window: deque = deque()
         for task in tasks:
             window.append(self.remote.remote(function, task))
-            while len(window) >= 2 * self.count:
+            while len(window) >= per_worker * self.count:
                 yield self._get(window.popleft())
         while window:
             yield self._get(window.popleft())

@@ -76,6 +76,31 @@ def test_samples_per_run_follow_the_layer_input_size_and_leave_the_statistics_un
         assert np.abs(chunked.layers[name].second - layer.second).max() <= 1e-5 * np.abs(layer.second).max()
 
 
+def test_shards_in_a_worker_pool_give_the_same_bits_as_this_process(monkeypatch):
+    from onnx_dacomp import workers
+    from onnx_dacomp.calibration import collect
+
+    model = conv_stack()
+    scan = find_targets(model)
+    batches = batches_of(np.random.default_rng(6), (5, 4, 9, 11), 9)  # 45 samples
+    monkeypatch.setattr(collect, "SHARD_SAMPLES", 12)  # shards of 15, 15 and 15 samples (whole batches)
+    submitted, submit = [], workers.Workers._submit
+    monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(t) or submit(self, f, t))
+    alone = collect_statistics(model, scan.targets, batches, device="cpu", progress=False)
+    assert not submitted
+    with workers.Workers(2) as pool:
+        pooled = collect_statistics(model, scan.targets, batches, device="cpu", progress=False, workers=pool)
+    assert [sum(len(batch["x"]) for batch in task.batches) for task in submitted] == [15, 15, 15]
+    assert pooled.samples == alone.samples == 45
+    for layer in scan.targets:
+        got, reference = pooled.layers[layer.name], alone.layers[layer.name]
+        assert np.array_equal(got.second, reference.second) and np.array_equal(got.first, reference.first)
+        assert got.count == reference.count
+        sigma, mean = reference_statistics(model, layer, batches)  # and both are right
+        assert np.abs(got.covariance - sigma).max() <= 1e-4 * np.abs(sigma).max(), layer.name
+        assert np.abs(got.mean - mean).max() <= 1e-4 * np.abs(mean).max(), layer.name
+
+
 def test_merging_halves_equals_one_pass_and_statistics_round_trip(tmp_path):
     model = conv_stack()
     scan = find_targets(model)

@@ -13,6 +13,7 @@ from builders import conv_stack
 import onnx_dacomp
 from onnx_dacomp import fit as fit_module
 from onnx_dacomp import log, workers
+from onnx_dacomp.calibration import collect
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.errors import WorkerLost
@@ -48,22 +49,29 @@ def _cache_counts(caplog) -> dict[str, tuple[int, int]]:
 
 def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)  # pool even this small model's stages
+    monkeypatch.setattr(collect, "SHARD_SAMPLES", 16)  # and calibrate it in several shards
     submitted, submit = [], workers.Workers._submit
-    monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(t) or submit(self, f, t))
+    monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(f) or submit(self, f, t))
     alone = _compress(data_file, workers=1)
     assert not submitted
     pooled = _compress(data_file, workers=2)
-    assert len(submitted) >= 6  # tables and fits of the three layers went to the pool
+    units = {function.__name__ for function in submitted}
+    assert units == {"run_shard", "probe_error", "_run", "run_task"}, units
+    assert submitted.count(collect.run_shard) == 3  # 96 samples in batches of 32: each batch a shard
     assert pooled.SerializeToString() == alone.SerializeToString()
 
 
 def test_a_ray_cluster_gives_the_same_bytes(data_file, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)
+    monkeypatch.setattr(collect, "SHARD_SAMPLES", 16)
     submitted, remote = [], workers.RayWorkers.map
-    monkeypatch.setattr(workers.RayWorkers, "map", lambda self, f, t: submitted.append(f) or remote(self, f, t))
+    monkeypatch.setattr(
+        workers.RayWorkers, "map", lambda self, f, t, **kw: submitted.append(f) or remote(self, f, t, **kw)
+    )
     on_ray = _compress(data_file, ray="local")
-    assert len(submitted) >= 2  # the tables and the fits ran as Ray tasks
+    units = {function.__name__ for function in submitted}
+    assert units == {"run_shard", "probe_error", "_run", "run_task"}, units  # all ran as Ray tasks
     assert on_ray.SerializeToString() == _compress(data_file, workers=1).SerializeToString()
 
 

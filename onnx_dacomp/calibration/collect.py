@@ -3,14 +3,22 @@ vectors (a conv's patches).
 
 The default path runs an augmented model that computes each layer's per-batch sums inside the runtime
 (`augment.py`); where that graph cannot be built or run, the layer inputs are exposed instead and the sums
-are computed in numpy from the layer's input vectors. Memory is bounded by one batch.
+are computed in numpy from the layer's input vectors.
+
+The data is cut into shards of consecutive batches (at least SHARD_SAMPLES samples each). Each shard is
+summed from zero, by this process or by a worker (`--workers`, `--ray`: data-parallel calibration), and the
+shard sums are added in shard order: the same float64 additions in the same order whoever ran a shard, so the
+statistics are bit-identical for any number of workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import onnx
@@ -24,6 +32,7 @@ from ..moments import Moments
 from ..runtime import create_session, provider_name
 from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
+from ..workers import Shared, Workers
 from .augment import augment
 from .sources import IterableSource, Source
 from .statistics import Statistics, layer_fingerprint
@@ -35,6 +44,14 @@ from .statistics import Statistics, layer_fingerprint
 CHUNK = 8
 RUN_BYTES = 96 * 2**20
 STATISTICS_ARENA = False  # the statistics graph's intermediates are large and short-lived: no memory arena
+# Samples per shard (at least; whole batches): the unit of data-parallel calibration. Fixed, not derived from
+# the worker count, so that the shard sums, and thus the statistics, do not depend on it.
+SHARD_SAMPLES = 128
+# Local calibration sends shards to the worker pool only where the statistics are small: each worker holds a
+# session and a shard's sums, and sends the sums back. Measured (2 cores, 2 workers vs this process): ResNet-56
+# (57 MiB of moments) 1.11x faster; ResNet-50-shaped (951 MiB) 0.92x, with 2.2x the memory. A Ray cluster,
+# asked for explicitly, always gets the shards.
+POOL_MAX_MOMENT_BYTES = 256 * 2**20
 
 
 def collect_statistics(
@@ -46,6 +63,7 @@ def collect_statistics(
     mode: str = "auto",
     progress: bool = True,
     signature: InputSignature | None = None,
+    workers: Workers | None = None,
 ) -> Statistics:
     """Statistics of `layers` (decomposable targets of `model`) over all batches of `source`: a
     `Source`, any iterable of `{input_name: array}` (bare arrays for a single-input model), or an
@@ -53,7 +71,8 @@ def collect_statistics(
 
     `mode`: "graph" (sums inside onnxruntime), "numpy" (layer inputs out, sums in numpy), or "auto"
     (graph, falling back to numpy if the augmented model cannot be built or run). `signature`: the model's
-    inputs with their batch axes (default: inferred from the model's dims).
+    inputs with their batch axes (default: inferred from the model's dims). `workers`: where the shards run
+    (default: in this process).
     """
     layers = [layer for layer in layers if layer.decomposable]
     for layer in layers:
@@ -62,23 +81,24 @@ def collect_statistics(
                 f"layer {layer.name}: patch length {layer.vector_length} would need a "
                 f"{layer.vector_length**2 * 8 / 2**30:.1f} GiB covariance; exclude it (--exclude)"
             )
+    if mode not in ("auto", "graph", "numpy"):
+        raise UserError(f"unknown calibration mode {mode!r}: use auto, graph or numpy")
     signature = signature or input_signature(model)
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
         source = IterableSource(source, signature.names)
-    runner = _Runner(model, layers, device, mode, signature)
-    samples = 0
+    job = _Job(tuple(layers), device, mode, signature)
+    totals = _Totals(layers)
+    samples, path, provider = 0, None, "none"
     description = getattr(source, "description", "user-supplied batches")
     start = time.perf_counter()
     with log_progress(getattr(source, "size", None), "calibrating", "sample", enabled=progress) as bar:
-        for index, batch in enumerate(source):
-            batch = signature.check(batch, index)
-            batch_size = signature.length(batch)
-            runner.run(batch)
-            samples += batch_size
-            bar.update(batch_size)
+        for sums in _shard_sums(model, job, _shards(source, signature), workers, bar.update):
+            totals.add(sums)
+            samples, path, provider = samples + sums.samples, sums.path, sums.provider
+            del sums  # not held while the next shard runs: a shard's sums are as large as the totals
     if samples == 0:
         raise UserError(f"the calibration data ({description}) yielded no samples")
-    totals = runner.totals()
+    statistics = totals.result()
     elapsed = time.perf_counter() - start
     logger.info(
         "calibrated %d layers on %d samples in %.1f s (%.0f img/s, patch sums in %s, %s provider)",
@@ -86,12 +106,156 @@ def collect_statistics(
         samples,
         elapsed,
         samples / max(elapsed, 1e-9),
-        runner.path,
-        runner.provider,
+        path,
+        provider,
     )
     weights = read_weights(model, layers)
     fingerprints = {layer.name: layer_fingerprint(layer, weights[layer.name]) for layer in layers}
-    return Statistics(totals, fingerprints, samples, description)
+    return Statistics(statistics, fingerprints, samples, description)
+
+
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """What every shard of one calibration shares, besides the model."""
+
+    layers: tuple[Layer, ...]
+    device: str
+    mode: str
+    signature: InputSignature
+
+    @property
+    def key(self) -> tuple:
+        return tuple(layer.name for layer in self.layers), self.device, self.mode, repr(self.signature)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """The sums of consecutive runs of one shard: raw statistics-graph outputs (`outputs`: how they combine,
+    per layer; `key`: the input shapes they were computed for) or, on the numpy path, moments per layer."""
+
+    key: tuple | None
+    outputs: dict | None
+    sums: dict
+    images: int
+
+
+@dataclass(frozen=True)
+class ShardSums:
+    parts: tuple[_Part, ...]
+    samples: int
+    path: str | None
+    provider: str
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard for a worker: the model is shared (sent once per worker), the batches travel with it."""
+
+    model: Shared
+    job: _Job
+    batches: tuple[dict, ...]
+    threads: int
+
+
+def _shards(source: Iterable, signature: InputSignature) -> Iterator[list[dict]]:
+    """The checked batches of `source`, in shards of at least SHARD_SAMPLES samples."""
+    shard, count = [], 0
+    for index, batch in enumerate(source):
+        shard.append(signature.check(batch, index))
+        count += signature.length(shard[-1])
+        if count >= SHARD_SAMPLES:
+            yield shard
+            shard, count = [], 0
+    if shard:
+        yield shard
+
+
+def _shard_sums(model, job: _Job, shards: Iterator[list[dict]], workers: Workers | None, update: Callable):
+    """The sums of every shard, in order: in this process (progress per batch), or on `workers` when there
+    are two shards or more and the pool pays (POOL_MAX_MOMENT_BYTES; progress per shard)."""
+    first, second = next(shards, None), next(shards, None)
+    if first is None:
+        return
+    shards = chain([first], [second] if second is not None else [], shards)
+    moment_bytes = sum(8 * layer.vector_length**2 for layer in job.layers)
+    pays = workers is not None and (workers.cluster or moment_bytes <= POOL_MAX_MOMENT_BYTES)
+    if not pays or workers.count == 1 or second is None:
+        runner = _Runner(model, job)
+        for shard in shards:
+            yield runner.shard_sums(shard, update)
+        return
+    payload = model.SerializeToString()
+    shared = workers.share(payload, hashlib.sha256(payload).hexdigest())
+    del payload
+    tasks = (ShardTask(shared, job, tuple(shard), workers.threads) for shard in shards)
+    for sums in workers.map(run_shard, tasks, per_worker=1):  # one shard's sums in flight per worker
+        update(sums.samples)
+        yield sums
+        del sums
+
+
+_worker_runner: tuple | None = None  # (shared model key, job, threads), runner: a worker keeps its sessions
+
+
+def run_shard(task: ShardTask) -> ShardSums:
+    """A shard's sums, in a worker."""
+    global _worker_runner
+    key = (task.model.key, task.job.key, task.threads)
+    if _worker_runner is None or _worker_runner[0] != key:
+        _worker_runner = None  # the previous job's sessions go first
+        _worker_runner = key, _Runner(onnx.load_from_string(task.model.get()), task.job, task.threads)
+    return _worker_runner[1].shard_sums(task.batches)
+
+
+class _Totals:
+    """The statistics of all shards so far: raw graph sums are added while the input shapes stay the same
+    and turned into moments (`_flush`) when they change and at the end."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = layers
+        self.statistics: dict[str, Moments] = {}
+        self.key, self.outputs, self.sums, self.images = None, None, {}, 0
+
+    def add(self, shard: ShardSums) -> None:
+        for part in shard.parts:
+            if part.key is not None and part.key == self.key:
+                for name, value in part.sums.items():  # in place: no temporaries of the (large) sums
+                    np.add(self.sums[name], value, out=self.sums[name])
+                self.images += part.images
+                continue
+            self._flush()
+            if part.key is None:
+                self._add(part.sums)
+            else:
+                # the first sums become the totals (arrays from Ray's object store are read-only: copied)
+                sums = {name: value if value.flags.writeable else value.copy() for name, value in part.sums.items()}
+                self.key, self.outputs, self.sums, self.images = part.key, part.outputs, sums, part.images
+
+    def result(self) -> dict[str, Moments]:
+        self._flush()
+        return self.statistics
+
+    def _flush(self) -> None:
+        for layer in self.layers if self.images else ():  # a layer at a time, freeing its raw sums
+            outputs = self.outputs[layer.name]
+            moments = outputs.moments(self.sums, self.images)
+            for name in outputs.names:
+                del self.sums[name]
+            self._add({layer.name: moments})
+        self.key, self.outputs, self.sums, self.images = None, None, {}, 0
+
+    def _add(self, collected: dict[str, Moments]) -> None:
+        for layer in self.layers:  # in graph order: the first layer whose input went non-finite is named
+            stats = collected.get(layer.name)
+            if stats is None:
+                continue
+            if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
+                raise UserError(
+                    f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
+                    f"overflow on this data; check the preprocessing)"
+                )
+            known = self.statistics.get(layer.name)
+            self.statistics[layer.name] = known + stats if known is not None else stats
 
 
 def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -104,23 +268,35 @@ def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
 
 
 class _Runner:
-    """Sessions for one model, rebuilt only when the spatial input shape changes, and the running sums.
+    """Sessions for one model, rebuilt only when the spatial input shape changes, and the sums of the shard
+    being run.
 
     On the graph path the session outputs are themselves sums over the batch: they are accumulated in
-    float64 as they come and turned into statistics once per session (`_flush`).
+    float64 as they come; the numpy path accumulates moments per layer.
     """
 
-    def __init__(self, model, layers, device, mode, signature: InputSignature):
-        if mode not in ("auto", "graph", "numpy"):
-            raise UserError(f"unknown calibration mode {mode!r}: use auto, graph or numpy")
-        self.model, self.layers, self.device, self.mode, self.signature = model, layers, device, mode, signature
+    def __init__(self, model: onnx.ModelProto, job: _Job, threads: int | None = None):
+        self.model, self.layers, self.device, self.mode = model, job.layers, job.device, job.mode
+        self.signature, self.threads = job.signature, threads
         self.chunks: dict[tuple, int] = {}  # samples per run, by input shapes
         self.shape_key = None
         self.provider = "none"
         self.path = None
-        self.statistics: dict[str, Moments] = {}
-        self.pending: dict[str, np.ndarray] = {}
+        self.parts: list[_Part] = []
+        self.pending: dict = {}
         self.pending_images = 0
+
+    def shard_sums(self, batches: Iterable[dict], update: Callable[[int], object] | None = None) -> ShardSums:
+        """The sums of `batches` (one shard), from zero; `update(samples)` after each batch."""
+        samples = 0
+        for batch in batches:
+            self.run(batch)
+            samples += self.signature.length(batch)
+            if update is not None:
+                update(self.signature.length(batch))
+        self._close_part()
+        parts, self.parts = tuple(self.parts), []
+        return ShardSums(parts, samples, self.path, self.provider)
 
     def run(self, batch: dict[str, np.ndarray]) -> None:
         """Accumulate one batch, in runs of `_samples_per_run` samples (see RUN_BYTES)."""
@@ -149,7 +325,7 @@ class _Runner:
     def _run(self, batch: dict[str, np.ndarray]) -> None:
         key = tuple(sorted(self.signature.run_shapes(batch).items()))
         if key != self.shape_key:
-            self._flush()
+            self._close_part()
             self._prepare(batch)
             self.shape_key = key
         try:
@@ -169,37 +345,19 @@ class _Runner:
                     np.add(self.pending[name], value, out=self.pending[name])
                 else:
                     self.pending[name] = np.asarray(value, np.float64)
-            self.pending_images += self.signature.length(batch)
         else:
-            self._add({layer.name: vector_sums(layer.input_vectors(values[layer.input])) for layer in self.layers})
+            for layer in self.layers:
+                stats = vector_sums(layer.input_vectors(values[layer.input]))
+                known = self.pending.get(layer.name)
+                self.pending[layer.name] = known + stats if known is not None else stats
+        self.pending_images += self.signature.length(batch)
 
-    def totals(self) -> dict[str, Moments]:
-        self.session = None  # the statistics graph's memory goes before the sums are assembled
-        self._flush()
-        return self.statistics
-
-    def _flush(self) -> None:
+    def _close_part(self) -> None:
         if self.pending_images:
-            for layer in self.layers:  # one layer at a time, freeing its raw sums: memory stays near the result
-                outputs = self.layer_outputs[layer.name]
-                moments = outputs.moments(self.pending, self.pending_images)
-                for name in outputs.names:
-                    del self.pending[name]
-                self._add({layer.name: moments})
+            graph = self.path == "graph"
+            key, outputs = (self.shape_key, self.layer_outputs) if graph else (None, None)
+            self.parts.append(_Part(key, outputs, self.pending, self.pending_images))
         self.pending, self.pending_images = {}, 0
-
-    def _add(self, collected: dict[str, Moments]) -> None:
-        for layer in self.layers:  # in graph order: the first layer whose input went non-finite is named
-            stats = collected.get(layer.name)
-            if stats is None:
-                continue
-            if not (np.isfinite(stats.first).all() and np.isfinite(stats.second).all()):
-                raise UserError(
-                    f"layer {layer.name}: the statistics of its input are NaN or Inf (activations "
-                    f"overflow on this data; check the preprocessing)"
-                )
-            known = self.statistics.get(layer.name)
-            self.statistics[layer.name] = known + stats if known is not None else stats
 
     def _prepare(self, batch):
         shapes = self.signature.run_shapes(batch)
@@ -208,10 +366,11 @@ class _Runner:
         use_graph = self.mode in ("auto", "graph") and all(shape is not None for shape in layer_inputs.values())
         if self.mode == "graph" and not use_graph:
             raise UserError("cannot build the statistics graph: some layer input shapes are unknown")
+        self.session = None  # the previous shape's session goes first
         if use_graph:
             try:
                 augmented, self.layer_outputs = augment(self.model, self.layers, layer_inputs)
-                self.session = create_session(augmented, self.device, arena=STATISTICS_ARENA)
+                self.session = self._session(augmented, STATISTICS_ARENA)
                 self.output_names = [n for o in self.layer_outputs.values() for n in o.names]
                 self.path = "graph"
                 self.provider = provider_name(self.session)
@@ -223,9 +382,12 @@ class _Runner:
                     "cannot build the statistics graph (%s); exposing layer inputs instead", str(exc).splitlines()[0]
                 )
         self.output_names = list(dict.fromkeys(layer.input for layer in self.layers))
-        self.session = create_session(exposing(self.model, self.output_names), self.device)
+        self.session = self._session(exposing(self.model, self.output_names), True)
         self.path = "numpy"
         self.provider = provider_name(self.session)
+
+    def _session(self, model: onnx.ModelProto, arena: bool):
+        return create_session(model, self.device, arena=arena, threads=self.threads, tf32=False)
 
 
 def vector_sums(vectors: np.ndarray) -> Moments:

@@ -18,7 +18,7 @@ def add_parser(commands) -> None:
     parser.add_argument("-o", "--output", required=True, help="statistics file to write (.npz)")
     parser.add_argument("--data", required=True, metavar="SOURCE", help=DATA_HELP)
     add_data_options(parser)
-    add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed"))
+    add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed", "workers", "ray"))
     parser.add_argument(
         "--mode",
         choices=("auto", "graph", "numpy"),
