@@ -12,6 +12,7 @@ sensitivity times layer error, which is what the allocation then minimizes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from .problems import LayerProblem
 from .ranks.candidates import Candidate, estimate_errors
 from .rewrite import replace_layers
 from .runtime import create_session
-from .workers import Shared, Workers
+from .workers import POOL_MIN_SECONDS, Shared, Workers
 
 PROBE_ERROR = 0.02  # relative layer error of the probe: small enough for the first-order picture
 PROBE_METHOD = "svd"  # closed form: exact rank errors and no iterations
@@ -107,6 +108,28 @@ def probe_error(task: ProbeTask) -> float:
     return squared
 
 
+def _probe_errors(model, probes, names, batches, references, device: str, workers: Workers | None):
+    """The squared output error of each probe in `names`, in order. The first runs in this process; the rest
+    go to `workers` where that pays: they would take long enough here (POOL_MIN_SECONDS), and the model is
+    small enough (POOL_MAX_MODEL_BYTES) or the workers are a cluster."""
+
+    def tasks(where: Workers, chosen: list[str], model_key: str = "", data_key: str = ""):
+        shared_model, shared_data = where.share(model, model_key), where.share((batches, references), data_key)
+        threads = where.threads if where.count > 1 else None
+        return (ProbeTask(shared_model, shared_data, *probes[name][:3], device, threads) for name in chosen)
+
+    here, rest = Workers(1), names[1:]
+    start = time.perf_counter()
+    yield from map(probe_error, tasks(here, names[:1]))
+    elapsed = time.perf_counter() - start
+    pays = workers is not None and workers.count > 1 and (workers.cluster or model.ByteSize() <= POOL_MAX_MODEL_BYTES)
+    if not pays or elapsed * len(rest) < POOL_MIN_SECONDS:
+        yield from map(probe_error, tasks(here, rest))
+        return
+    keys = digest(model.SerializeToString()), digest([sorted(batch.items()) for batch in batches])
+    yield from workers.map(probe_error, tasks(workers, rest, *keys))
+
+
 def measure_sensitivities(
     model: onnx.ModelProto,
     probes: Mapping[str, tuple[Layer, list[Factors], np.ndarray | None, float]],
@@ -136,14 +159,9 @@ def measure_sensitivities(
     for name in probes:
         measured[name] = float("nan")
     if informative:
-        pays = workers is not None and (workers.cluster or model.ByteSize() <= POOL_MAX_MODEL_BYTES)
-        workers = workers if pays and workers.count > 1 else Workers(1)
-        shared_model = workers.share(model, digest(model.SerializeToString()))
-        data_key = digest([sorted(batch.items()) for batch in batches])
-        shared_data = workers.share((batches, references), data_key)
-        threads = workers.threads if workers.count > 1 else None
-        tasks = (ProbeTask(shared_model, shared_data, *probes[name][:3], device, threads) for name in informative)
-        for name, squared in zip(informative, workers.map(probe_error, tasks)):
+        for name, squared in zip(
+            informative, _probe_errors(model, probes, informative, batches, references, device, workers)
+        ):
             if np.isfinite(squared):
                 measured[name] = squared / energy / probes[name][3]
             if record is not None:

@@ -31,6 +31,9 @@ _limits = None  # the worker's BLAS thread limit, kept for the life of the proce
 # Solver work (geometry.solver_work units) below which a stage runs in this process: starting a worker
 # (a fresh interpreter importing numpy, scipy and onnx) costs about a second, more than such stages take.
 POOL_MIN_WORK = 10**9
+# Where the work is measured instead (calibration shards, sensitivity probes: the first unit runs here), the
+# rest goes to the workers only if it would take this long here.
+POOL_MIN_SECONDS = 2.0
 
 
 def default_workers() -> int:

@@ -12,7 +12,7 @@ from builders import conv_stack
 
 import onnx_dacomp
 from onnx_dacomp import fit as fit_module
-from onnx_dacomp import log, workers
+from onnx_dacomp import log, sensitivity, workers
 from onnx_dacomp.calibration import collect
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
@@ -49,6 +49,8 @@ def _cache_counts(caplog) -> dict[str, tuple[int, int]]:
 
 def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)  # pool even this small model's stages
+    monkeypatch.setattr(collect, "POOL_MIN_SECONDS", 0)
+    monkeypatch.setattr(sensitivity, "POOL_MIN_SECONDS", 0)
     monkeypatch.setattr(collect, "SHARD_SAMPLES", 16)  # and calibrate it in several shards
     submitted, submit = [], workers.Workers._submit
     monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(f) or submit(self, f, t))
@@ -57,13 +59,15 @@ def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
     pooled = _compress(data_file, workers=2)
     units = {function.__name__ for function in submitted}
     assert units == {"run_shard", "probe_error", "_run", "run_task"}, units
-    assert submitted.count(collect.run_shard) == 3  # 96 samples in batches of 32: each batch a shard
+    assert submitted.count(collect.run_shard) == 2  # 96 samples in batches of 32: each a shard; the first here
     assert pooled.SerializeToString() == alone.SerializeToString()
 
 
 def test_a_ray_cluster_gives_the_same_bytes(data_file, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)
+    monkeypatch.setattr(collect, "POOL_MIN_SECONDS", 0)
+    monkeypatch.setattr(sensitivity, "POOL_MIN_SECONDS", 0)
     monkeypatch.setattr(collect, "SHARD_SAMPLES", 16)
     submitted, remote = [], workers.RayWorkers.map
     monkeypatch.setattr(

@@ -32,7 +32,7 @@ from ..moments import Moments
 from ..runtime import create_session, provider_name
 from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
-from ..workers import Shared, Workers
+from ..workers import POOL_MIN_SECONDS, Shared, Workers
 from .augment import augment
 from .sources import IterableSource, Source
 from .statistics import Statistics, layer_fingerprint
@@ -44,9 +44,13 @@ from .statistics import Statistics, layer_fingerprint
 CHUNK = 8
 RUN_BYTES = 96 * 2**20
 STATISTICS_ARENA = False  # the statistics graph's intermediates are large and short-lived: no memory arena
-# Samples per shard (at least; whole batches): the unit of data-parallel calibration. Fixed, not derived from
-# the worker count, so that the shard sums, and thus the statistics, do not depend on it.
+# Samples per shard (at least; whole batches): the unit of data-parallel calibration. A function of the model
+# only, never of the worker count, so that the shard sums, and thus the statistics, do not depend on it: at
+# least SHARD_SAMPLES, and one sample per SHARD_MOMENT_BYTES of statistics (rounded up to a power of two), so
+# that a shard's work outweighs moving its sums, and this process holds a second copy of the sums (the shard's
+# beside the totals) only for long calibrations (ResNet-56: 128 samples; ResNet-50-shaped: 1024).
 SHARD_SAMPLES = 128
+SHARD_MOMENT_BYTES = 2**20
 # Local calibration sends shards to the worker pool only where the statistics are small: each worker holds a
 # session and a shard's sums, and sends the sums back. Measured (2 cores, 2 workers vs this process): ResNet-56
 # (57 MiB of moments) 1.11x faster; ResNet-50-shaped (951 MiB) 0.92x, with 2.2x the memory. A Ray cluster,
@@ -87,12 +91,16 @@ def collect_statistics(
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
         source = IterableSource(source, signature.names)
     job = _Job(tuple(layers), device, mode, signature)
+    moment_bytes = sum(8 * layer.vector_length**2 for layer in layers)
+    shard_size = max(SHARD_SAMPLES, 2 ** math.ceil(math.log2(max(1, moment_bytes / SHARD_MOMENT_BYTES))))
     totals = _Totals(layers)
     samples, path, provider = 0, None, "none"
     description = getattr(source, "description", "user-supplied batches")
     start = time.perf_counter()
     with log_progress(getattr(source, "size", None), "calibrating", "sample", enabled=progress) as bar:
-        for sums in _shard_sums(model, job, _shards(source, signature), workers, bar.update):
+        size = getattr(source, "size", None)
+        shards = _shards(source, signature, shard_size)
+        for sums in _shard_sums(model, job, shards, size, moment_bytes, workers, bar.update):
             totals.add(sums)
             samples, path, provider = samples + sums.samples, sums.path, sums.provider
             del sums  # not held while the next shard runs: a shard's sums are as large as the totals
@@ -157,37 +165,45 @@ class ShardTask:
     threads: int
 
 
-def _shards(source: Iterable, signature: InputSignature) -> Iterator[list[dict]]:
-    """The checked batches of `source`, in shards of at least SHARD_SAMPLES samples."""
+def _shards(source: Iterable, signature: InputSignature, size: int) -> Iterator[list[dict]]:
+    """The checked batches of `source`, in shards of at least `size` samples."""
     shard, count = [], 0
     for index, batch in enumerate(source):
         shard.append(signature.check(batch, index))
         count += signature.length(shard[-1])
-        if count >= SHARD_SAMPLES:
+        if count >= size:
             yield shard
             shard, count = [], 0
     if shard:
         yield shard
 
 
-def _shard_sums(model, job: _Job, shards: Iterator[list[dict]], workers: Workers | None, update: Callable):
-    """The sums of every shard, in order: in this process (progress per batch), or on `workers` when there
-    are two shards or more and the pool pays (POOL_MAX_MOMENT_BYTES; progress per shard)."""
-    first, second = next(shards, None), next(shards, None)
+def _shard_sums(
+    model, job: _Job, shards: Iterator, size: int | None, moment_bytes: int, workers: Workers | None, update: Callable
+):
+    """The sums of every shard, in order. The first runs in this process (progress per batch); the rest go to
+    `workers` where that pays: the rest of the `size` samples would take long enough here (POOL_MIN_SECONDS),
+    and the sums are small enough (POOL_MAX_MOMENT_BYTES) or the workers are a cluster (progress per shard)."""
+    runner = _Runner(model, job)
+    start = time.perf_counter()
+    first = next(shards, None)
     if first is None:
         return
-    shards = chain([first], [second] if second is not None else [], shards)
-    moment_bytes = sum(8 * layer.vector_length**2 for layer in job.layers)
-    pays = workers is not None and (workers.cluster or moment_bytes <= POOL_MAX_MOMENT_BYTES)
-    if not pays or workers.count == 1 or second is None:
-        runner = _Runner(model, job)
-        for shard in shards:
+    yield runner.shard_sums(first, update)
+    elapsed = time.perf_counter() - start
+    pays = workers is not None and workers.count > 1 and (workers.cluster or moment_bytes <= POOL_MAX_MOMENT_BYTES)
+    second = next(shards, None) if pays else None
+    samples = sum(job.signature.length(batch) for batch in first)
+    left = size - samples if size else samples  # unknown size: at least one more shard
+    if second is None or elapsed * left / samples < POOL_MIN_SECONDS:
+        for shard in chain([second] if second is not None else [], shards):
             yield runner.shard_sums(shard, update)
         return
+    del runner  # its sessions: the workers build their own
     payload = model.SerializeToString()
     shared = workers.share(payload, hashlib.sha256(payload).hexdigest())
     del payload
-    tasks = (ShardTask(shared, job, tuple(shard), workers.threads) for shard in shards)
+    tasks = (ShardTask(shared, job, tuple(shard), workers.threads) for shard in chain([second], shards))
     for sums in workers.map(run_shard, tasks, per_worker=1):  # one shard's sums in flight per worker
         update(sums.samples)
         yield sums
