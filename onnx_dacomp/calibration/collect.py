@@ -99,7 +99,7 @@ def collect_statistics(
     start = time.perf_counter()
     with log_progress(getattr(source, "size", None), "calibrating", "sample", enabled=progress) as bar:
         size = getattr(source, "size", None)
-        shards = _shards(source, signature, shard_size)
+        shards = iter(_Shards(source, signature, shard_size))
         for sums in _shard_sums(model, job, shards, size, moment_bytes, workers, bar.update):
             totals.add(sums)
             samples, path, provider = samples + sums.samples, sums.path, sums.provider
@@ -165,17 +165,27 @@ class ShardTask:
     threads: int
 
 
-def _shards(source: Iterable, signature: InputSignature, size: int) -> Iterator[list[dict]]:
-    """The checked batches of `source`, in shards of at least `size` samples."""
-    shard, count = [], 0
-    for index, batch in enumerate(source):
-        shard.append(signature.check(batch, index))
-        count += signature.length(shard[-1])
-        if count >= size:
-            yield shard
-            shard, count = [], 0
-    if shard:
-        yield shard
+class _Shards:
+    """The checked batches of `source` in shards of at least `size` samples. Each shard is an iterator that
+    reads its batches as they are consumed (a shard of a large model holds a thousand images), and must be
+    consumed whole before the next."""
+
+    def __init__(self, source: Iterable, signature: InputSignature, size: int):
+        self.signature, self.size = signature, size
+        self.batches = (signature.check(batch, index) for index, batch in enumerate(source))
+        self.next = next(self.batches, None)
+
+    def __iter__(self) -> Iterator[Iterator[dict]]:
+        while self.next is not None:
+            yield self._shard()
+
+    def _shard(self) -> Iterator[dict]:
+        count = 0
+        while self.next is not None and count < self.size:
+            batch = self.next
+            count += self.signature.length(batch)
+            yield batch
+            self.next = next(self.batches, None)
 
 
 def _shard_sums(
@@ -189,11 +199,12 @@ def _shard_sums(
     first = next(shards, None)
     if first is None:
         return
-    yield runner.shard_sums(first, update)
-    elapsed = time.perf_counter() - start
+    sums = runner.shard_sums(first, update)
+    elapsed, samples = time.perf_counter() - start, sums.samples
+    yield sums
+    del sums
     pays = workers is not None and workers.count > 1 and (workers.cluster or moment_bytes <= POOL_MAX_MOMENT_BYTES)
     second = next(shards, None) if pays else None
-    samples = sum(job.signature.length(batch) for batch in first)
     left = size - samples if size else samples  # unknown size: at least one more shard
     if second is None or elapsed * left / samples < POOL_MIN_SECONDS:
         for shard in chain([second] if second is not None else [], shards):
