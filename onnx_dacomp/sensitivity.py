@@ -91,10 +91,10 @@ _probe_inputs: tuple | None = None  # (model key, data key), (model, batches, re
 def probe_error(task: ProbeTask) -> float:
     """Squared output error of the model with `task.layer` replaced by its probe chain."""
     global _probe_inputs
-    key = (task.model.key, task.data.key)
     if task.model.held:
         model, (batches, references) = task.model.get(), task.data.get()
     else:  # in a worker: loaded once per job
+        key = (task.model.key, task.data.key)
         if _probe_inputs is None or _probe_inputs[0] != key:
             _probe_inputs = None
             _probe_inputs = key, (task.model.get(), *task.data.get())
@@ -156,24 +156,15 @@ def measure_sensitivities(
         energy = sum(float(np.sum(y**2)) for outputs in references for y in outputs)
     measured = dict(known or {})
     informative = [name for name, probe in probes.items() if probe[3] > 0 and energy > 0]
-    for name in probes:
+    errors = _probe_errors(model, probes, informative, batches, references, device, workers) if informative else None
+    for name, (_, _, _, rel_error) in probes.items():  # `informative` keeps this order
         measured[name] = float("nan")
-    if informative:
-        for name, squared in zip(
-            informative, _probe_errors(model, probes, informative, batches, references, device, workers)
-        ):
-            if np.isfinite(squared):
-                measured[name] = squared / energy / probes[name][3]
-            if record is not None:
-                record(name, measured[name])
-            if progress is not None:
-                progress.update()
-    for name in probes:
-        if name not in informative:
-            if record is not None:
-                record(name, measured[name])
-            if progress is not None:
-                progress.update()
+        if name in informative and np.isfinite(squared := next(errors)):
+            measured[name] = squared / energy / rel_error
+        if record is not None:
+            record(name, measured[name])
+        if progress is not None:
+            progress.update()
     told = [value for value in measured.values() if np.isfinite(value)]
     fallback = float(np.median(told)) if told else 1.0
     return {name: value if np.isfinite(value) else fallback for name, value in measured.items()}
