@@ -29,15 +29,15 @@ def create_session(
     tf32: bool = True,
 ):
     """An InferenceSession on `device`; `auto` takes CUDA when it really starts, else the CPU.
-        `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
-        `arena=False`: release intermediate buffers instead of keeping the peak allocation (large graphs run
-        once per batch). `spinning=False`: worker threads sleep between runs instead of busy-waiting. `threads`:
+    `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
+    `arena=False`: release intermediate buffers instead of keeping the peak allocation (large graphs run
+    once per batch). `spinning=False`: worker threads sleep between runs instead of busy-waiting. `threads`:
     intra-op threads (default: onnxruntime's, one per core), fewer where several processes share the cores.
-    `tf32=False`: full float32 products on CUDA (TF32 rounds inputs to 10 mantissa bits: fine for inference, not
-    for sums of squares).
+    `tf32=False`: full float32 products on CUDA (TF32 rounds inputs to 10 mantissa bits: fine for inference,
+    not for sums of squares).
 
-        onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
-        CPU, so the provider is checked on the created session.
+    onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries and silently runs on the
+    CPU, so the provider is checked on the created session.
     """
     import onnxruntime as ort  # deferred: importing onnxruntime costs a second on every CLI start
 
