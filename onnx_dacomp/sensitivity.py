@@ -31,7 +31,7 @@ from .problems import LayerProblem
 from .ranks.candidates import Candidate, estimate_errors
 from .rewrite import replace_layers
 from .runtime import create_session
-from .workers import POOL_MIN_SECONDS, Shared, Workers
+from .workers import Shared, Workers
 
 PROBE_ERROR = 0.02  # relative layer error of the probe: small enough for the first-order picture
 PROBE_METHOD = "svd"  # closed form: exact rank errors and no iterations
@@ -110,8 +110,8 @@ def probe_error(task: ProbeTask) -> float:
 
 def _probe_errors(model, probes, names, batches, references, device: str, workers: Workers | None):
     """The squared output error of each probe in `names`, in order. The first runs in this process; the rest
-    go to `workers` where that pays: they would take long enough here (POOL_MIN_SECONDS), and the model is
-    small enough (POOL_MAX_MODEL_BYTES) or the workers are a cluster."""
+    go to `workers` where that pays (`Workers.pays`: they would take long enough here, and the model is within
+    POOL_MAX_MODEL_BYTES or the workers are a cluster)."""
 
     def tasks(where: Workers, chosen: list[str], model_key: str = "", data_key: str = ""):
         shared_model, shared_data = where.share(model, model_key), where.share((batches, references), data_key)
@@ -122,8 +122,7 @@ def _probe_errors(model, probes, names, batches, references, device: str, worker
     start = time.perf_counter()
     yield from map(probe_error, tasks(here, names[:1]))
     elapsed = time.perf_counter() - start
-    pays = workers is not None and workers.count > 1 and (workers.cluster or model.ByteSize() <= POOL_MAX_MODEL_BYTES)
-    if not pays or elapsed * len(rest) < POOL_MIN_SECONDS:
+    if workers is None or not workers.pays(elapsed * len(rest), model.ByteSize(), POOL_MAX_MODEL_BYTES):
         yield from map(probe_error, tasks(here, rest))
         return
     keys = digest(model.SerializeToString()), digest([sorted(batch.items()) for batch in batches])

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -77,6 +78,12 @@ class Workers:
         self.count = max(1, count)
         self.pool = None
         self.folder = None  # where shared values are written for the pool
+
+    def pays(self, seconds_here: float, size: int, local_limit: int) -> bool:
+        """Whether units measured to take `seconds_here` more seconds in this process should go to the
+        workers: enough work (POOL_MIN_SECONDS), and, for local workers, which hold a copy of what the units
+        read (a model, its sums), a `size` within `local_limit` bytes."""
+        return self.count > 1 and seconds_here >= POOL_MIN_SECONDS and (self.cluster or size <= local_limit)
 
     @property
     def threads(self) -> int:
@@ -172,6 +179,7 @@ class RayWorkers(Workers):
             raise UserError("--ray needs Ray: pip install 'onnx-dacomp[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
+            _check_reachable(address)
             try:
                 ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -216,6 +224,20 @@ class RayWorkers(Workers):
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
         self.owned = False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT address (or ray://HOST:PORT) must accept a connection: against a dead address Ray retries
+    for minutes and logs every attempt instead of failing."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # auto, local: Ray fails fast itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot connect to the Ray cluster at {address!r}: {exc.strerror or exc} (is a head node running there?)"
+        ) from None
 
 
 def executor(count: int | None, ray_address: str | None) -> Workers:

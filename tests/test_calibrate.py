@@ -84,7 +84,7 @@ def test_shards_in_a_worker_pool_give_the_same_bits_as_this_process(monkeypatch)
     scan = find_targets(model)
     batches = batches_of(np.random.default_rng(6), (5, 4, 9, 11), 9)  # 45 samples
     monkeypatch.setattr(collect, "SHARD_SAMPLES", 12)  # shards of 15, 15 and 15 samples (whole batches)
-    monkeypatch.setattr(collect, "POOL_MIN_SECONDS", 0)
+    monkeypatch.setattr(workers, "POOL_MIN_SECONDS", 0)
     submitted, submit = [], workers.Workers._submit
     monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(t) or submit(self, f, t))
     alone = collect_statistics(model, scan.targets, batches, device="cpu", progress=False)

@@ -12,11 +12,11 @@ from builders import conv_stack
 
 import onnx_dacomp
 from onnx_dacomp import fit as fit_module
-from onnx_dacomp import log, sensitivity, workers
+from onnx_dacomp import log, workers
 from onnx_dacomp.calibration import collect
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
-from onnx_dacomp.errors import WorkerLost
+from onnx_dacomp.errors import UserError, WorkerLost
 
 BASE = dict(method="auto", ratio=0.5, holdout=0, max_iter=4, sensitivity_samples=32)
 
@@ -49,8 +49,7 @@ def _cache_counts(caplog) -> dict[str, tuple[int, int]]:
 
 def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)  # pool even this small model's stages
-    monkeypatch.setattr(collect, "POOL_MIN_SECONDS", 0)
-    monkeypatch.setattr(sensitivity, "POOL_MIN_SECONDS", 0)
+    monkeypatch.setattr(workers, "POOL_MIN_SECONDS", 0)  # shards and probes too
     monkeypatch.setattr(collect, "SHARD_SAMPLES", 16)  # and calibrate it in several shards
     submitted, submit = [], workers.Workers._submit
     monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(f) or submit(self, f, t))
@@ -66,8 +65,7 @@ def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
 def test_a_ray_cluster_gives_the_same_bytes(data_file, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)
-    monkeypatch.setattr(collect, "POOL_MIN_SECONDS", 0)
-    monkeypatch.setattr(sensitivity, "POOL_MIN_SECONDS", 0)
+    monkeypatch.setattr(workers, "POOL_MIN_SECONDS", 0)  # shards and probes too
     monkeypatch.setattr(collect, "SHARD_SAMPLES", 16)
     submitted, remote = [], workers.RayWorkers.map
     monkeypatch.setattr(
@@ -161,3 +159,17 @@ def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning(data_file, tmp_pat
     assert any(tables[0].name in w for w in warnings) and any(fits[1].name in w for w in warnings)
     counts = _cache_counts(caplog)
     assert counts["tables"] == (len(tables) - 1, 1) and counts["fits"] == (len(fits) - 1, 1)
+
+
+def test_an_unreachable_ray_address_is_a_one_line_error():
+    import socket
+
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(UserError, match="cannot connect to the Ray cluster") as error:
+        workers.RayWorkers(f"127.0.0.1:{port}")
+    assert "\n" not in str(error.value)

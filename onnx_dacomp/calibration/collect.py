@@ -32,7 +32,7 @@ from ..moments import Moments
 from ..runtime import create_session, provider_name
 from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
-from ..workers import POOL_MIN_SECONDS, Shared, Workers
+from ..workers import Shared, Workers
 from .augment import augment
 from .sources import IterableSource, Source
 from .statistics import Statistics, layer_fingerprint
@@ -97,8 +97,8 @@ def collect_statistics(
     samples, path, provider = 0, None, "none"
     description = getattr(source, "description", "user-supplied batches")
     start = time.perf_counter()
-    with log_progress(getattr(source, "size", None), "calibrating", "sample", enabled=progress) as bar:
-        size = getattr(source, "size", None)
+    size = getattr(source, "size", None)
+    with log_progress(size, "calibrating", "sample", enabled=progress) as bar:
         shards = iter(_Shards(source, signature, shard_size))
         for sums in _shard_sums(model, job, shards, size, moment_bytes, workers, bar.update):
             totals.add(sums)
@@ -192,8 +192,8 @@ def _shard_sums(
     model, job: _Job, shards: Iterator, size: int | None, moment_bytes: int, workers: Workers | None, update: Callable
 ):
     """The sums of every shard, in order. The first runs in this process (progress per batch); the rest go to
-    `workers` where that pays: the rest of the `size` samples would take long enough here (POOL_MIN_SECONDS),
-    and the sums are small enough (POOL_MAX_MOMENT_BYTES) or the workers are a cluster (progress per shard)."""
+    `workers` where that pays (`Workers.pays`: the rest of the `size` samples would take long enough here, and
+    the sums are within POOL_MAX_MOMENT_BYTES or the workers are a cluster; progress per shard)."""
     runner = _Runner(model, job)
     start = time.perf_counter()
     first = next(shards, None)
@@ -203,10 +203,10 @@ def _shard_sums(
     elapsed, samples = time.perf_counter() - start, sums.samples
     yield sums
     del sums
-    pays = workers is not None and workers.count > 1 and (workers.cluster or moment_bytes <= POOL_MAX_MOMENT_BYTES)
-    second = next(shards, None) if pays else None
     left = size - samples if size else samples  # unknown size: at least one more shard
-    if second is None or elapsed * left / samples < POOL_MIN_SECONDS:
+    pays = workers is not None and workers.pays(elapsed * left / samples, moment_bytes, POOL_MAX_MOMENT_BYTES)
+    second = next(shards, None) if pays else None
+    if second is None:
         for shard in chain([second] if second is not None else [], shards):
             yield runner.shard_sums(shard, update)
         return
