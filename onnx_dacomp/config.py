@@ -27,6 +27,7 @@ NORMS = ("sigma", "frobenius")
 BUDGETS = ("params", "macs", "latency")
 ALLOCATIONS = ("allocated", "uniform")
 DEVICES = ("auto", "cuda", "cpu")
+POSITIONS = ("sampled", "all")
 KINDS = ("conv", "dense")  # the layer kinds of layers/ by their `kind`
 DEFAULT_RATIO = 0.5  # the target when no ratio, exact ranks or accuracy target is given
 CROP_FRACTION = 0.875  # final size / resized short side (torchvision and timm evaluation: 224 of 256)
@@ -236,9 +237,15 @@ class DataConfig:
         None, "class sub-folder names in the model's class order, one per line (default: sorted names, used only "
         "when every class has a folder)", metavar="FILE",
     )  # fmt: skip
+    positions: str = option(
+        "sampled", "output positions of a conv whose patch statistics are summed: sampled (a random grid per run "
+        "on large feature maps, at least 7 rows per axis: unbiased, several times cheaper) or all (exact)",
+        choices=POSITIONS,
+    )  # fmt: skip
     preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
 
     def __post_init__(self):
+        _check_choice("positions", self.positions, POSITIONS)
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:

@@ -43,6 +43,10 @@ class FitTask:
     choice: Candidate
     settings: FitSettings
 
+    @property
+    def nbytes(self) -> int:  # what the task carries (workers.Workers.map bounds the bytes in flight)
+        return self.problem.nbytes
+
 
 def fit_layer(problem: LayerProblem, choice: Candidate, settings: FitSettings) -> LayerFit:
     """The full solver at the chosen ranks for every group, the refitted bias, and the relative error."""

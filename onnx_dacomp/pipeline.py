@@ -79,8 +79,9 @@ def calibrated(
     statistics = store.statistics(key) if key else None
     if statistics is None:
         statistics = collect_statistics(
-            model, layers, calibration, device=runtime.device, progress=progress, signature=signature, workers=workers
-        )
+            model, layers, calibration, device=runtime.device, progress=progress, signature=signature, workers=workers,
+            positions=data.positions, seed=runtime.seed,
+        )  # fmt: skip
         if key:
             store.put_statistics(key, statistics)
     return statistics

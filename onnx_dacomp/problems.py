@@ -38,6 +38,14 @@ class LayerProblem:
     fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
     residual: float = 0.0  # per-layer constant part of the error numerator
 
+    @property
+    def nbytes(self) -> int:
+        """The size of its arrays (each counted once: the plain problem's two Sigma lists are one)."""
+        parts = (self.weights, self.targets, self.fit_sigmas, self.reference_sigmas, [self.bias], self.bias_shift,
+                 self.fit_means)  # fmt: skip
+        arrays = {id(array): array for part in parts for array in part or [] if array is not None}
+        return sum(array.nbytes for array in arrays.values())
+
     def digest(self, *settings) -> str:
         """A digest of everything a result computed from this problem depends on, and of `settings`."""
         hasher = hashlib.sha256(repr((self.name, self.geometry, self.residual, settings)).encode())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import onnx
 
 from .config import DEVICES
@@ -92,3 +94,13 @@ def blas_threads(count: int = SOLVER_BLAS_THREADS):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=count, user_api="blas")
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the operating system (glibc's `malloc_trim`; elsewhere
+    nothing). Calibration frees hundreds of MB of onnxruntime outputs, run after run, that the allocator would
+    otherwise keep mapped for the rest of the process (0.3 GB on a ResNet-50 at 224x224)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

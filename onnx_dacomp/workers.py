@@ -2,8 +2,9 @@
 
 The work units (candidate tables, layer fits) are pure functions of picklable arguments, so any executor
 can run them; results come back in the order of the tasks, whatever order they finish in, so the output is
-the same for any number of workers. At most two tasks per worker are in flight: a task carries its layer's
-covariance, and the parent builds them as the window moves. Each worker runs one BLAS thread
+the same for any number of workers. At most two tasks per worker are in flight, and beyond one per worker
+only while the tasks in flight carry at most WINDOW_BYTES: a task carries its layer's covariance (`nbytes`),
+and the parent builds them as the window moves. Each worker runs one BLAS thread
 (runtime.SOLVER_BLAS_THREADS): workers x threads = cores. A large value that every task reads (the model)
 goes to the workers once, through `share`: a file for the local pool, Ray's object store on a cluster.
 """
@@ -35,6 +36,10 @@ POOL_MIN_WORK = 10**9
 # Where the work is measured instead (calibration shards, sensitivity probes: the first unit runs here), the
 # rest goes to the workers only if it would take this long here.
 POOL_MIN_SECONDS = 2.0
+# Bytes of tasks in flight (their `nbytes`) above which a worker gets no second task before its first is done:
+# the parent holds each task until its result is back (ResNet-50-shaped: 170 MB covariances; two per worker
+# put the parent 0.35 GB higher, while a worker waits about 0.2 s for its next one)
+WINDOW_BYTES = 256 * 2**20
 
 
 def default_workers() -> int:
@@ -117,7 +122,9 @@ class Workers:
         retried = False
         for task in tasks:
             window.append((task, self._submit(function, task)))
-            while len(window) >= per_worker * self.count:
+            while len(window) >= per_worker * self.count or (
+                len(window) >= self.count and sum(getattr(t, "nbytes", 0) for t, _ in window) > WINDOW_BYTES
+            ):
                 result, retried = self._first_result(function, window, retried)
                 yield result
                 del result  # not held while waiting for the next one

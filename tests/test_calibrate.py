@@ -1,5 +1,7 @@
 """Patch statistics equal an independent float64 im2col reference; sources and errors behave."""
 
+import math
+
 import numpy as np
 import pytest
 from builders import SHARED, conv_model, conv_stack, reference_patches
@@ -273,10 +275,14 @@ def test_real_model_graph_path_matches_numpy_path(cifar_train):
     scan = find_targets(model)
     pre = ImagePreprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     source = ImageFolderSource(cifar_train, "input", (None, 3, 32, 32), pre, batch_size=16, limit=48)
-    graph = collect_statistics(model, scan.targets, source, mode="graph", progress=False)
+    graph = collect_statistics(model, scan.targets, source, mode="graph", progress=False, positions="all")
     numpy = collect_statistics(model, scan.targets, source, mode="numpy", progress=False)
+    sampled = collect_statistics(model, scan.targets, source, mode="graph", progress=False)
     for name, layer in numpy.layers.items():
         assert np.abs(graph.layers[name].covariance - layer.covariance).max() <= 1e-5 * np.abs(layer.covariance).max()
+        # layer1 (32x32) sums 1/16 of its positions, layer2 1/4, layer3 (8x8) all: an estimate of the same moments
+        error = np.linalg.norm(sampled.layers[name].covariance - layer.covariance) / np.linalg.norm(layer.covariance)
+        assert error < 0.3 if sampled.layers[name].count < layer.count else error < 1e-6, (name, error)
 
 
 def test_cuda_device_is_used_or_refused_clearly():
@@ -360,7 +366,8 @@ def test_shift_structured_gram_matches_loops(kernel, attrs):
     model = conv_model(rng.standard_normal((4, 4 // group, *kernel)), input_shape=("n", 4, *spatial), **attrs)
     layer = find_targets(model).targets[0]
     batches = batches_of(rng, (2, 4, *spatial), 2)
-    stats = collect_statistics(model, [layer], batches, mode="graph", device="cpu", progress=False).layers[layer.name]
+    stats = collect_statistics(model, [layer], batches, mode="graph", device="cpu", progress=False, positions="all")
+    stats = stats.layers[layer.name]
     strides, dilations = attrs.get("strides", [1] * len(kernel)), attrs.get("dilations", [1] * len(kernel))
     pads = attrs["pads"]
     rows = []
@@ -391,3 +398,92 @@ def test_shift_structured_gram_matches_loops(kernel, attrs):
     assert stats.count == len(patches)
     np.testing.assert_allclose(stats.covariance, sigma, rtol=0, atol=1e-5 * np.abs(sigma).max())
     np.testing.assert_allclose(stats.mean, patches.mean(0), rtol=0, atol=1e-5 * np.abs(patches).max())
+
+
+def _graph_sums(model, layers, batch, seeds):
+    """The statistics-graph outputs of `layers` for `batch`, summed over runs with the position seeds `seeds`."""
+    import onnxruntime as ort
+
+    from onnx_dacomp.calibration.augment import augment
+    from onnx_dacomp.layers import POSITION_SEED
+
+    shapes = {layer.name: (1, *layer.input_shape[1:]) for layer in layers}
+    augmented, outputs = augment(model, layers, shapes)
+    session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [value.name for value in augmented.graph.output]
+    total = {}
+    for seed in seeds:
+        feed = {**batch, POSITION_SEED: np.array([seed], np.int64)}
+        for name, value in zip(names, session.run(names, feed)):
+            total[name] = total.get(name, 0) + np.asarray(value, np.float64)
+    return outputs, total
+
+
+def _sampled_layers():
+    rng = np.random.default_rng(11)
+    stack = conv_stack(size=(60, 62))  # steps from 8 down to 2: strided, dilated, grouped, auto-padded, 1x1
+    pointwise = conv_model(rng.standard_normal((6, 2, 1, 1)), input_shape=("n", 4, 30, 29), strides=[2, 1], group=2)
+    return [(stack, (2, 4, 60, 62)), (pointwise, (3, 4, 30, 29))]
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_sampled_positions_partition_the_output_positions(case):
+    """A sampled layer sums the grid of output positions its run's phase picks: each phase matches the loop
+    reference restricted to that grid, and all phases together give every position exactly once."""
+    from onnx_dacomp.layers.conv_statistics import position_steps
+
+    model, shape = _sampled_layers()[case]
+    batch = {"x": np.random.default_rng(12).standard_normal(shape).astype(np.float32)}
+    layers = find_targets(model, {"x": shape}).targets
+    steps = {layer.name: position_steps(layer.output_shape[2:]) for layer in layers}
+    assert all(max(step) > 1 for step in steps.values())  # every layer here is sampled
+    phases = max(math.prod(step) for step in steps.values())  # seeds 0.. cover each layer's phases equally
+    outputs, total = _graph_sums(model, layers, batch, range(phases))
+    for layer in layers:
+        (step_y, step_x), (out_y, out_x) = steps[layer.name], layer.output_shape[2:]
+        patches = reference_patches(model, layer, batch)  # (n, y, x) order
+        grid = np.indices((shape[0], out_y, out_x)).reshape(3, -1)
+        everything = outputs[layer.name].moments(total, shape[0])
+        repeats = phases // (step_y * step_x)
+        assert everything.count == repeats * len(patches)
+        sigma = np.einsum("pgi,pgj->gij", patches, patches) / len(patches)
+        assert np.abs(everything.covariance - sigma).max() <= 1e-5 * np.abs(sigma).max(), layer.name
+        assert np.abs(everything.mean - patches.mean(0)).max() <= 1e-5 * np.abs(patches).max(), layer.name
+        seed = 5
+        one = outputs[layer.name].moments(_graph_sums(model, [layer], batch, [seed])[1], shape[0])
+        phase_y, phase_x = seed % step_y, seed // step_y % step_x
+        picked = patches[((grid[1] - phase_y) % step_y == 0) & ((grid[2] - phase_x) % step_x == 0)]
+        assert one.count == len(picked)
+        second = np.einsum("pgi,pgj->gij", picked, picked)
+        assert np.abs(one.second - second).max() <= 1e-5 * np.abs(second).max(), layer.name
+        assert np.abs(one.first - picked.sum(0)).max() <= 1e-5 * np.abs(picked).sum(0).max(), layer.name
+
+
+def test_sampled_statistics_are_seeded_the_same_in_a_pool_and_exact_with_all_positions(monkeypatch):
+    from onnx_dacomp import workers
+    from onnx_dacomp.calibration import collect
+
+    model, shape = _sampled_layers()[0]
+    scan = find_targets(model, {"x": shape})
+    batches = batches_of(np.random.default_rng(13), shape, 6)
+    monkeypatch.setattr(collect, "SHARD_SAMPLES", 4)  # shards of 4 samples: two batches each
+    monkeypatch.setattr(workers, "POOL_MIN_SECONDS", 0)
+    sampled = collect_statistics(model, scan.targets, batches, device="cpu", progress=False)
+    again = collect_statistics(model, scan.targets, batches, device="cpu", progress=False)
+    other = collect_statistics(model, scan.targets, batches, device="cpu", progress=False, seed=1)
+    with workers.Workers(2) as pool:
+        pooled = collect_statistics(model, scan.targets, batches, device="cpu", progress=False, workers=pool)
+    exact = collect_statistics(model, scan.targets, batches, device="cpu", progress=False, positions="all")
+    for layer in scan.targets:
+        name = layer.name
+        assert np.array_equal(sampled.layers[name].second, again.layers[name].second)
+        assert np.array_equal(sampled.layers[name].second, pooled.layers[name].second)
+        assert np.array_equal(sampled.layers[name].first, pooled.layers[name].first)
+        assert not np.array_equal(sampled.layers[name].second, other.layers[name].second)
+        sigma, mean = reference_statistics(model, layer, batches)
+        assert np.abs(exact.layers[name].covariance - sigma).max() <= 1e-4 * np.abs(sigma).max(), name
+        assert exact.layers[name].count == 12 * math.prod(layer.output_shape[2:])
+        assert sampled.layers[name].count < exact.layers[name].count / 3
+        # a sample of the same positions: near the exact moments, and not equal to them
+        error = np.linalg.norm(sampled.layers[name].covariance - sigma) / np.linalg.norm(sigma)
+        assert 0 < error < 0.5, (name, error)  # a count normalisation off by the step would be >= 0.75

@@ -5,6 +5,7 @@ entry."""
 import logging
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -95,6 +96,36 @@ def test_a_dead_worker_is_replaced_once_then_reported(tmp_path):
         assert os.path.exists(marker)
     with workers.Workers(2) as pool, pytest.raises(WorkerLost, match="fewer --workers"):
         list(pool.map(_always_die, range(3)))
+
+
+@dataclass(frozen=True)
+class _Sized:
+    value: int
+    nbytes: int
+
+
+def _value(task: _Sized) -> int:
+    return task.value
+
+
+def test_tasks_carrying_large_arrays_go_one_per_worker(monkeypatch):
+    """Two tasks per worker in flight, but only one while the tasks in flight carry over WINDOW_BYTES."""
+    in_flight, peak, submit = [0], [0], workers.Workers._submit
+
+    def counted(self, function, task):
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        return submit(self, function, task)
+
+    monkeypatch.setattr(workers.Workers, "_submit", counted)
+    with workers.Workers(2) as pool:
+        for size, most in ((1, 4), (workers.WINDOW_BYTES // 2 + 1, 2)):
+            in_flight[0] = peak[0] = 0
+            results = []
+            for result in pool.map(_value, [_Sized(i, size) for i in range(8)]):
+                in_flight[0] -= 1
+                results.append(result)
+            assert results == list(range(8)) and peak[0] == most
 
 
 def test_ray_retries_a_unit_whose_worker_died(tmp_path):

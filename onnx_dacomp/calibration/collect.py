@@ -23,13 +23,14 @@ from itertools import chain
 import numpy as np
 import onnx
 
+from ..config import POSITIONS
 from ..errors import UserError
 from ..inputs import InputSignature, input_signature
-from ..layers import Layer
+from ..layers import POSITION_SEED, Layer
 from ..log import logger
 from ..log import progress as log_progress
 from ..moments import Moments
-from ..runtime import create_session, provider_name
+from ..runtime import create_session, provider_name, release_freed_memory
 from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
 from ..workers import Shared, Workers
@@ -68,6 +69,8 @@ def collect_statistics(
     progress: bool = True,
     signature: InputSignature | None = None,
     workers: Workers | None = None,
+    positions: str = "sampled",
+    seed: int = 0,
 ) -> Statistics:
     """Statistics of `layers` (decomposable targets of `model`) over all batches of `source`: a
     `Source`, any iterable of `{input_name: array}` (bare arrays for a single-input model), or an
@@ -76,7 +79,8 @@ def collect_statistics(
     `mode`: "graph" (sums inside onnxruntime), "numpy" (layer inputs out, sums in numpy), or "auto"
     (graph, falling back to numpy if the augmented model cannot be built or run). `signature`: the model's
     inputs with their batch axes (default: inferred from the model's dims). `workers`: where the shards run
-    (default: in this process).
+    (default: in this process). `positions`: "sampled" (conv layers with large outputs sum a seeded random grid
+    of their output positions per run: `layers.conv_statistics`) or "all"; `seed` draws the grids.
     """
     layers = [layer for layer in layers if layer.decomposable]
     for layer in layers:
@@ -87,10 +91,12 @@ def collect_statistics(
             )
     if mode not in ("auto", "graph", "numpy"):
         raise UserError(f"unknown calibration mode {mode!r}: use auto, graph or numpy")
+    if positions not in POSITIONS:
+        raise UserError(f"unknown positions {positions!r}: use {' or '.join(POSITIONS)}")
     signature = signature or input_signature(model)
     if not isinstance(source, Source):  # plain iterables, bare arrays, CalibrationDataReaders
         source = IterableSource(source, signature.names)
-    job = _Job(tuple(layers), device, mode, signature)
+    job = _Job(tuple(layers), device, mode, signature, positions == "sampled", seed)
     moment_bytes = sum(8 * layer.vector_length**2 for layer in layers)
     shard_size = max(SHARD_SAMPLES, 2 ** math.ceil(math.log2(max(1, moment_bytes / SHARD_MOMENT_BYTES))))
     totals = _Totals(layers)
@@ -107,6 +113,7 @@ def collect_statistics(
     if samples == 0:
         raise UserError(f"the calibration data ({description}) yielded no samples")
     statistics = totals.result()
+    release_freed_memory()
     elapsed = time.perf_counter() - start
     logger.info(
         "calibrated %d layers on %d samples in %.1f s (%.0f img/s, patch sums in %s, %s provider)",
@@ -130,10 +137,15 @@ class _Job:
     device: str
     mode: str
     signature: InputSignature
+    sampled: bool
+    seed: int
 
     @property
     def key(self) -> tuple:
-        return tuple(layer.name for layer in self.layers), self.device, self.mode, repr(self.signature)
+        return (
+            tuple(layer.name for layer in self.layers), self.device, self.mode, repr(self.signature), self.sampled,
+            self.seed,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,29 +173,32 @@ class ShardTask:
 
     model: Shared
     job: _Job
+    first_sample: int  # the index of the shard's first sample in the data
     batches: tuple[dict, ...]
     threads: int
 
 
 class _Shards:
-    """The checked batches of `source` in shards of at least `size` samples. Each shard is an iterator that
-    reads its batches as they are consumed (a shard of a large model holds a thousand images), and must be
-    consumed whole before the next."""
+    """The checked batches of `source` in shards of at least `size` samples, each with the index of its first
+    sample. Each shard is an iterator that reads its batches as they are consumed (a shard of a large model
+    holds a thousand images), and must be consumed whole before the next."""
 
     def __init__(self, source: Iterable, signature: InputSignature, size: int):
         self.signature, self.size = signature, size
         self.batches = (signature.check(batch, index) for index, batch in enumerate(source))
         self.next = next(self.batches, None)
+        self.samples = 0
 
-    def __iter__(self) -> Iterator[Iterator[dict]]:
+    def __iter__(self) -> Iterator[tuple[int, Iterator[dict]]]:
         while self.next is not None:
-            yield self._shard()
+            yield self.samples, self._shard()
 
     def _shard(self) -> Iterator[dict]:
         count = 0
         while self.next is not None and count < self.size:
             batch = self.next
             count += self.signature.length(batch)
+            self.samples += self.signature.length(batch)
             yield batch
             self.next = next(self.batches, None)
 
@@ -199,7 +214,7 @@ def _shard_sums(
     first = next(shards, None)
     if first is None:
         return
-    sums = runner.shard_sums(first, update)
+    sums = runner.shard_sums(*first, update)
     elapsed, samples = time.perf_counter() - start, sums.samples
     yield sums
     del sums
@@ -207,14 +222,17 @@ def _shard_sums(
     pays = workers is not None and workers.pays(elapsed * left / samples, moment_bytes, POOL_MAX_MOMENT_BYTES)
     second = next(shards, None) if pays else None
     if second is None:
-        for shard in chain([second] if second is not None else [], shards):
-            yield runner.shard_sums(shard, update)
+        for first_sample, shard in chain([second] if second is not None else [], shards):
+            yield runner.shard_sums(first_sample, shard, update)
         return
     del runner  # its sessions: the workers build their own
     payload = model.SerializeToString()
     shared = workers.share(payload, hashlib.sha256(payload).hexdigest())
     del payload
-    tasks = (ShardTask(shared, job, tuple(shard), workers.threads) for shard in chain([second], shards))
+    tasks = (
+        ShardTask(shared, job, first_sample, tuple(shard), workers.threads)
+        for first_sample, shard in chain([second], shards)
+    )
     for sums in workers.map(run_shard, tasks, per_worker=1):  # one shard's sums in flight per worker
         update(sums.samples)
         yield sums
@@ -231,7 +249,7 @@ def run_shard(task: ShardTask) -> ShardSums:
     if _worker_runner is None or _worker_runner[0] != key:
         _worker_runner = None  # the previous job's sessions go first
         _worker_runner = key, _Runner(onnx.load_from_string(task.model.get()), task.job, task.threads)
-    return _worker_runner[1].shard_sums(task.batches)
+    return _worker_runner[1].shard_sums(task.first_sample, task.batches)
 
 
 class _Totals:
@@ -312,10 +330,15 @@ class _Runner:
         self.parts: list[_Part] = []
         self.pending: dict = {}
         self.pending_images = 0
+        self.sample = 0  # the index in the data of the next sample run
+        self.sampled, self.seed = job.sampled, job.seed
 
-    def shard_sums(self, batches: Iterable[dict], update: Callable[[int], object] | None = None) -> ShardSums:
-        """The sums of `batches` (one shard), from zero; `update(samples)` after each batch."""
-        samples = 0
+    def shard_sums(
+        self, first_sample: int, batches: Iterable[dict], update: Callable[[int], object] | None = None
+    ) -> ShardSums:
+        """The sums of `batches` (one shard, from sample `first_sample` of the data on), from zero;
+        `update(samples)` after each batch."""
+        samples, self.sample = 0, first_sample
         for batch in batches:
             self.run(batch)
             samples += self.signature.length(batch)
@@ -355,8 +378,12 @@ class _Runner:
             self._close_part()
             self._prepare(batch)
             self.shape_key = key
+        feed = batch
+        if self.seeded:  # the positions sampled in this run: drawn from where the run starts in the data
+            rng = np.random.default_rng((self.seed, self.sample))
+            feed = {**batch, POSITION_SEED: rng.integers(0, 2**31, size=1, dtype=np.int64)}
         try:
-            results = self.session.run(self.output_names, batch)
+            results = self.session.run(self.output_names, feed)
         except Exception as exc:
             reason = str(exc).splitlines()[0]
             if self.mode == "auto" and self.path == "graph":
@@ -378,6 +405,7 @@ class _Runner:
                 known = self.pending.get(layer.name)
                 self.pending[layer.name] = known + stats if known is not None else stats
         self.pending_images += self.signature.length(batch)
+        self.sample += self.signature.length(batch)
 
     def _close_part(self) -> None:
         if self.pending_images:
@@ -396,8 +424,9 @@ class _Runner:
         self.session = None  # the previous shape's session goes first
         if use_graph:
             try:
-                augmented, self.layer_outputs = augment(self.model, self.layers, layer_inputs)
+                augmented, self.layer_outputs = augment(self.model, self.layers, layer_inputs, self.sampled)
                 self.session = self._session(augmented, STATISTICS_ARENA)
+                self.seeded = POSITION_SEED in {value.name for value in self.session.get_inputs()}
                 self.output_names = [n for o in self.layer_outputs.values() for n in o.names]
                 self.path = "graph"
                 self.provider = provider_name(self.session)
@@ -410,6 +439,7 @@ class _Runner:
                 )
         self.output_names = list(dict.fromkeys(layer.input for layer in self.layers))
         self.session = self._session(exposing(self.model, self.output_names), True)
+        self.seeded = False
         self.path = "numpy"
         self.provider = provider_name(self.session)
 

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg
 
 from .cg import conjugate_gradients
-from .covariance import DEFAULT_FLOOR, regularize, sandwich, solve_psd, tap_major, whiten
+from .covariance import DEFAULT_FLOOR, regularize, sandwich, solve_psd, symmetrized, tap_major, whiten
 from .factors import Tucker2Factors
 from .result import Decomposition, run_sweeps
 from .svd import _sign_fixed, _top_eigenvectors
@@ -126,11 +126,10 @@ class _Problem:
     def regression(self, input_factor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`M = W1 Sigma P A^-1` (the unconstrained optimum given U_S) and `M A M^T`, `A = P^T Sigma P`."""
         channels, taps, rank = self.channels, self.taps, input_factor.shape[1]
-        gram = sandwich(self.blocks, input_factor).transpose(1, 0, 3, 2).reshape(rank * taps, -1)
-        gram = (gram + gram.T) / 2
+        gram = symmetrized(sandwich(self.blocks, input_factor).transpose(1, 0, 3, 2).reshape(rank * taps, -1))
         cross = np.einsum("tsd,sr->trd", self.weighted.reshape(-1, channels, taps), input_factor, optimize=True)
         cross = cross.reshape(len(self.matrix), -1)  # W1 Sigma P
-        regression = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram), cross.T).T
+        regression = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram, overwrite_a=True), cross.T).T
         explained = regression @ cross.T
         return regression, (explained + explained.T) / 2
 
@@ -214,6 +213,7 @@ def tucker2_rank_errors(
     taps = math.prod(weight.shape[2:])
     covariance = np.eye(in_channels * taps) if sigma is None else regularize(sigma, floor)
     problem = _Problem(weight.reshape(out_channels, -1), covariance, in_channels, taps)
+    problem.sigma = covariance = None  # only regressions run here: they read the tap-major copy
     errors = np.ones((len(ranks_in), out_channels))
     if problem.total <= 0:
         return np.zeros_like(errors)

@@ -10,9 +10,18 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import conv, dense
-from .base import NON_FINITE_WEIGHT, GraphSums, Layer, one_layer_model, unique_name
+from .base import NON_FINITE_WEIGHT, POSITION_SEED, GraphSums, Layer, one_layer_model, unique_name
 from .constants import ConstantResolver
 
 KINDS: dict[str, ModuleType] = {op_type: kind for kind in (conv, dense) for op_type in kind.OP_TYPES}
 
-__all__ = ["KINDS", "NON_FINITE_WEIGHT", "ConstantResolver", "GraphSums", "Layer", "one_layer_model", "unique_name"]
+__all__ = [
+    "KINDS",
+    "NON_FINITE_WEIGHT",
+    "POSITION_SEED",
+    "ConstantResolver",
+    "GraphSums",
+    "Layer",
+    "one_layer_model",
+    "unique_name",
+]

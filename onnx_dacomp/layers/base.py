@@ -18,6 +18,8 @@ from ..moments import Moments
 
 Shape = tuple[int, ...]
 NON_FINITE_WEIGHT = "weight contains NaN or Inf"  # a skip reason that means the model itself is broken
+# the statistics graph's input (int64 [1]) from which sampled layers draw the phase of their sample, per run
+POSITION_SEED = "dacomp_position_seed"
 
 
 class GraphSums(Protocol):
@@ -72,9 +74,10 @@ class Layer(Protocol):
     def input_vectors(self, x: np.ndarray) -> np.ndarray:
         """The input vectors of a batch of the layer's input: `(group, n, vectors)` in float64."""
 
-    def statistics_graph(self, input_shape: Shape, opset: int) -> tuple[list, list, GraphSums]:
+    def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True) -> tuple[list, list, GraphSums]:
         """Nodes and initializers that compute the layer's per-batch moment sums inside onnxruntime for an
-        input of `input_shape` (batch 1), and how their outputs combine."""
+        input of `input_shape` (batch 1), and how their outputs combine. `sampled`: the layer may sum a random
+        sample of its input vectors (phases drawn from the graph input `POSITION_SEED`) instead of all."""
 
     def chain_nodes(
         self, node: onnx.NodeProto, stages: Sequence, method: str, bias: np.ndarray | None, taken: set[str]

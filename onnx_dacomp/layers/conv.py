@@ -116,8 +116,8 @@ class ConvLayer:
     def input_vectors(self, x: np.ndarray) -> np.ndarray:
         return patches(x, self)
 
-    def statistics_graph(self, input_shape: Shape, opset: int):
-        return patch_sum_nodes(self, tuple(input_shape[2:]), opset)
+    def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True):
+        return patch_sum_nodes(self, tuple(input_shape[2:]), opset, sampled)
 
     def chain_nodes(self, node, stages, method, bias, taken):
         dtype = np.dtype(self.dtype)

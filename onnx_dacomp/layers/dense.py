@@ -101,7 +101,7 @@ class DenseLayer:
     def input_vectors(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float64).reshape(-1, self.in_features).T[None]
 
-    def statistics_graph(self, input_shape: Shape, opset: int):
+    def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True):
         prefix = f"{self.output}/dacomp_stats"
         shape, axis = f"{prefix}/rows_shape", f"{prefix}/batch_axis"
         initializers = [

@@ -95,6 +95,10 @@ class TableTask:
     multiple: int
     seed: int
 
+    @property
+    def nbytes(self) -> int:  # what the task carries (workers.Workers.map bounds the bytes in flight)
+        return self.problem.nbytes
+
     def run(self) -> CandidateTable:
         problem = self.problem
         return candidate_table(
