@@ -6,6 +6,7 @@ report; the CLI's `compress` command calls it and saves the model.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
@@ -14,7 +15,7 @@ import onnx
 from .cache import Cache, digest, statistics_key
 from .calibration.collect import collect_statistics
 from .calibration.sources import Source, split
-from .calibration.statistics import Statistics, too_few_vectors
+from .calibration.statistics import Statistics, spilled, too_few_vectors
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings, fit_all
@@ -65,7 +66,8 @@ def compress(
     `statistics`: precomputed statistics of this model (then `data`, if given, serves verification only).
     """
     with blas_threads(), executor(config.runtime.workers, config.runtime.ray) as workers:
-        return _compress(model, data, config, statistics, progress, workers)
+        with tempfile.TemporaryDirectory(prefix="onnx-dacomp-") as scratch:  # large statistics wait here
+            return _compress(model, data, config, statistics, progress, workers, scratch)
 
 
 def calibrated(
@@ -87,7 +89,9 @@ def calibrated(
     return statistics
 
 
-def _compress(model, data, config: CompressConfig, statistics, progress: bool, workers: Workers) -> CompressionResult:
+def _compress(
+    model, data, config: CompressConfig, statistics, progress: bool, workers: Workers, scratch: str
+) -> CompressionResult:
     clock = StageClock()
     model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     runtime, covariance = config.runtime, config.fit.norm == "sigma"
@@ -119,6 +123,7 @@ def _compress(model, data, config: CompressConfig, statistics, progress: bool, w
             statistics = calibrated(model, fitted, calibration, config, signature, store, workers, progress)
         else:
             statistics.check_model(fitted, weights)
+        statistics = spilled(statistics, scratch)
     moments = statistics.layers if covariance and statistics is not None else None
     unfittable = too_few_vectors(statistics, fitted) if moments is not None else {}
     reasons.update(unfittable)

@@ -63,6 +63,24 @@ def test_a_process_pool_gives_the_same_bytes(data_file, monkeypatch):
     assert pooled.SerializeToString() == alone.SerializeToString()
 
 
+def test_statistics_kept_on_disk_give_the_same_bytes(data_file, monkeypatch):
+    from onnx_dacomp.calibration import statistics
+
+    in_memory = _compress(data_file, workers=1)
+    mapped, load = [], np.load
+
+    def recorded(path, **options):
+        if options.get("mmap_mode"):
+            mapped.append(path)
+        return load(path, **options)
+
+    monkeypatch.setattr(statistics, "SPILL_BYTES", 0)  # this model's statistics go to disk too
+    monkeypatch.setattr(np, "load", recorded)
+    on_disk = _compress(data_file, workers=1)
+    assert {path.name for path in mapped} >= {"second_0.npy", "first_0.npy"}
+    assert on_disk.SerializeToString() == in_memory.SerializeToString()
+
+
 def test_a_ray_cluster_gives_the_same_bytes(data_file, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setattr(workers, "POOL_MIN_WORK", 0)
@@ -126,6 +144,21 @@ def test_tasks_carrying_large_arrays_go_one_per_worker(monkeypatch):
                 in_flight[0] -= 1
                 results.append(result)
             assert results == list(range(8)) and peak[0] == most
+
+
+def test_a_problem_carries_its_covariance_once():
+    from onnx_dacomp.moments import Moments
+    from onnx_dacomp.problems import LayerProblem
+    from onnx_dacomp.targets import find_targets, read_weights
+
+    model = conv_stack()
+    layer = find_targets(model).targets[0]  # 4 -> 4 channels, 3x3: 36-dim patches
+    weight = read_weights(model, [layer])[layer.name]
+    moments = Moments(np.eye(36)[None], np.zeros((1, 36)), 10)
+    problem = LayerProblem.plain(layer.name, layer.geometry, weight, None, moments)
+    assert problem.nbytes == 36 * 36 * 8 + weight.size * 8  # Sigma once, and the weight (its own target) once
+    refit = LayerProblem.plain(layer.name, layer.geometry, weight, None, moments, bias_refit=True)
+    assert refit.nbytes == problem.nbytes + 36 * 36 * 8 + 4 * 8 + 36 * 8  # + centered Sigma, shift, mean
 
 
 def test_ray_retries_a_unit_whose_worker_died(tmp_path):
