@@ -126,7 +126,7 @@ def collect_statistics(
     )
     weights = read_weights(model, layers)
     fingerprints = {layer.name: layer_fingerprint(layer, weights[layer.name]) for layer in layers}
-    return Statistics(statistics, fingerprints, samples, description)
+    return Statistics(statistics, fingerprints, samples, description, {"positions": positions})
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,7 +222,7 @@ def _shard_sums(
     pays = workers is not None and workers.pays(elapsed * left / samples, moment_bytes, POOL_MAX_MOMENT_BYTES)
     second = next(shards, None) if pays else None
     if second is None:
-        for first_sample, shard in chain([second] if second is not None else [], shards):
+        for first_sample, shard in shards:
             yield runner.shard_sums(first_sample, shard, update)
         return
     del runner  # its sessions: the workers build their own
@@ -330,7 +330,7 @@ class _Runner:
         self.parts: list[_Part] = []
         self.pending: dict = {}
         self.pending_images = 0
-        self.sample = 0  # the index in the data of the next sample run
+        self.sample = 0  # the index in the data of the next sample to run
         self.sampled, self.seed = job.sampled, job.seed
 
     def shard_sums(
