@@ -86,7 +86,7 @@ def calibrate(
     with executor(runtime.workers, runtime.ray) as workers:
         return collect_statistics(
             model, scan.targets, source, device=runtime.device, mode=mode, progress=progress, signature=signature,
-            workers=workers, positions=config.positions, seed=runtime.seed,
+            workers=workers, positions=config.positions or "sampled", seed=runtime.seed,
         )  # fmt: skip
 
 

@@ -237,15 +237,16 @@ class DataConfig:
         None, "class sub-folder names in the model's class order, one per line (default: sorted names, used only "
         "when every class has a folder)", metavar="FILE",
     )  # fmt: skip
-    positions: str = option(
-        "sampled", "output positions of a conv whose patch statistics are summed: sampled (a random grid per run "
+    positions: str | None = option(
+        None, "output positions of a conv whose patch statistics are summed: sampled (a random grid per run "
         "on large feature maps, at least 7 rows per axis: unbiased, several times cheaper) or all (exact)",
-        choices=POSITIONS,
+        choices=POSITIONS, shown="sampled; all with --propagate, whose cross statistics take every position",
     )  # fmt: skip
     preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
 
     def __post_init__(self):
-        _check_choice("positions", self.positions, POSITIONS)
+        if self.positions is not None:
+            _check_choice("positions", self.positions, POSITIONS)
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:

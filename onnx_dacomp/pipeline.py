@@ -76,13 +76,15 @@ def calibrated(
     """The statistics of `layers` on `calibration`: from `store` where it holds them, else collected on
     `workers` (and kept there)."""
     runtime, data = config.runtime, config.data
-    settings = (asdict(data), signature, runtime.device, runtime.seed, config.verify.holdout)
+    # propagation's cross statistics take every position: its plain statistics do too, unless asked otherwise
+    positions = data.positions or ("all" if config.fit.propagate else "sampled")
+    settings = (asdict(data), positions, signature, runtime.device, runtime.seed, config.verify.holdout)
     key = statistics_key(digest(model.SerializeToString()), layers, calibration, settings) if store else None
     statistics = store.statistics(key) if key else None
     if statistics is None:
         statistics = collect_statistics(
             model, layers, calibration, device=runtime.device, progress=progress, signature=signature, workers=workers,
-            positions=data.positions, seed=runtime.seed,
+            positions=positions, seed=runtime.seed,
         )  # fmt: skip
         if key:
             store.put_statistics(key, statistics)

@@ -121,7 +121,16 @@ def _npz(tmp_path, count=192):
     return path
 
 
-def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path):
+def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path, monkeypatch):
+    from onnx_dacomp import pipeline
+
+    positions, collect = [], pipeline.collect_statistics
+
+    def recorded(*args, **options):
+        positions.append(options["positions"])
+        return collect(*args, **options)
+
+    monkeypatch.setattr(pipeline, "collect_statistics", recorded)
     model = conv_stack(channels=12, size=(12, 12), input_channels=3)
     path = _npz(tmp_path)
     errors = {}
@@ -130,6 +139,7 @@ def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path):
         report = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False).report
         errors[bool(options)] = report.verification.rel_output_error
     assert errors[True] < errors[False]
+    assert positions == ["sampled", "all"]  # the cross statistics take every position: with them, the plain ones
 
 
 def test_min_agreement_search_meets_the_target_and_reports_its_probes(tmp_path):
