@@ -12,7 +12,7 @@ from .decompose.covariance import output_energy
 from .decompose.factors import Factors, reconstruct
 from .log import progress
 from .methods import get
-from .problems import LayerProblem, largest_first
+from .problems import LayerProblem, largest_first, solver_works
 from .ranks.candidates import Candidate
 
 
@@ -98,8 +98,9 @@ def fit_all(
     them on disk."""
     cache = {} if cache is None else cache
     keys = {name: (name, choice.method, choice.ranks) for name in problems if (choice := choices.get(name)) is not None}
-    stored = {}
-    with progress(len(keys), "decomposing", "layer", enabled=show_progress) as bar:
+    stored, works = {}, solver_works(problems)
+    work = sum(works[name] for name in keys)
+    with progress(len(keys), "decomposing", "layer", work=work, enabled=show_progress) as bar:
 
         def pending():
             for name in largest_first(problems):
@@ -111,14 +112,15 @@ def fit_all(
                     found = store.fit(stored[name])
                     if found is not None:
                         cache[keys[name]] = found
-                        bar.update()
+                        bar.update(work=works[name])
                         continue
                 yield FitTask(problem, choices[name], settings)
 
-        bar.update(sum(key in cache for key in keys.values()))
+        done = [name for name, key in keys.items() if key in cache]
+        bar.update(len(done), work=sum(works[name] for name in done))
         for name, fit in map(run_task, pending()):
             cache[keys[name]] = fit
             if store is not None:
                 store.put_fit(stored[name], fit)
-            bar.update()
+            bar.update(work=works[name])
     return {name: cache[key] for name, key in keys.items()}

@@ -2,8 +2,10 @@
 
 `progress(...)` is what every long loop reports to: a tqdm bar when stderr is a terminal, else a log line
 every `LOG_INTERVAL` seconds (from a timer, so a long single unit still shows the run is alive) with the
-count, the elapsed time and the time left. A stage announces itself once its first unit is done or the
-first interval has passed (so an error in the first unit stays the only line), and logs its total time.
+count, the elapsed time and the time left (from the share of the stage's work done, where its units say how
+much they weigh: per-layer stages run their largest layers first). A stage announces itself once its first
+unit is done or the first interval has passed (so an error in the first unit stays the only line), and logs
+its total time.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ LOG_INTERVAL = 10.0  # seconds between progress lines when stderr is not a termi
 class Progress:
     """Counts units of a stage; reports as a bar (terminal) or as periodic log lines (anything else)."""
 
-    def __init__(self, total: int | None, description: str, unit: str, *, enabled: bool = True):
+    def __init__(
+        self, total: int | None, description: str, unit: str, *, work: float | None = None, enabled: bool = True
+    ):
         self.total, self.description, self.unit, self.enabled = total, description, unit, enabled
+        self.work, self.work_done = work, 0.0
         self.count, self.start, self.announced = 0, time.monotonic(), False
         self.lock, self.timer = threading.Lock(), None
         terminal = enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
@@ -33,9 +38,11 @@ class Progress:
         if enabled and self.bar is None:
             self._schedule()
 
-    def update(self, count: int = 1) -> None:
+    def update(self, count: int = 1, work: float = 0.0) -> None:
+        """`count` more units done, weighing `work` (of the stage's `work`, where it was given)."""
         with self.lock:
             self.count += count
+            self.work_done += work
             self._announce()
         if self.bar is not None:
             self.bar.update(count)
@@ -45,7 +52,8 @@ class Progress:
         text = f"{self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}s"
         text += f", {elapsed:.0f} s elapsed"
         if self.total is not None and 0 < self.count < self.total:
-            text += f", about {(self.total - self.count) * elapsed / self.count:.0f} s left"
+            done, total = (self.work_done, self.work) if self.work and self.work_done > 0 else (self.count, self.total)
+            text += f", about {max(total - done, 0) * elapsed / done:.0f} s left"
         return text
 
     def close(self, finished: bool = True) -> None:
@@ -87,8 +95,10 @@ class Progress:
         self.close(finished=kind is None)
 
 
-def progress(total: int | None, description: str, unit: str, *, enabled: bool = True) -> Progress:
-    return Progress(total, description, unit, enabled=enabled)
+def progress(
+    total: int | None, description: str, unit: str, *, work: float | None = None, enabled: bool = True
+) -> Progress:
+    return Progress(total, description, unit, work=work, enabled=enabled)
 
 
 class StageClock:

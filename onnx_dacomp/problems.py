@@ -149,11 +149,17 @@ class Problems(Mapping):
         return self.layers[name].geometry
 
 
+def solver_works(problems: Mapping[str, LayerProblem]) -> dict[str, int]:
+    """The solver work (`geometry.solver_work`) of each of `problems`, without building them."""
+    geometry = problems.geometry if isinstance(problems, Problems) else (lambda name: problems[name].geometry)
+    return {name: solver_work(geometry(name)) for name in problems}
+
+
 def largest_first(problems: Mapping[str, LayerProblem]) -> list[str]:
     """The names of `problems` by decreasing solver work (ties in their order): long units start first, so
     a pool does not wait on one late large layer."""
-    geometry = problems.geometry if isinstance(problems, Problems) else (lambda name: problems[name].geometry)
-    return sorted(problems, key=lambda name: -solver_work(geometry(name)))
+    works = solver_works(problems)
+    return sorted(works, key=lambda name: -works[name])
 
 
 def build_problems(

@@ -43,3 +43,14 @@ def test_disabled_progress_is_silent(caplog):
     with log.progress(2, "verifying", "sample", enabled=False) as bar:
         bar.update(2)
     assert caplog.records == []
+
+
+def test_the_time_left_follows_the_work_done_where_units_weigh_differently():
+    bar = log.Progress(4, "rank candidates", "layer", work=100.0, enabled=False)
+    bar.start -= 60.0  # a minute in
+    bar.update(work=75.0)  # the largest unit, three quarters of the work
+    assert bar.status().endswith("about 20 s left")  # not 180 s, as a count of units would say
+    plain = log.Progress(4, "calibrating", "batch", enabled=False)
+    plain.start -= 60.0
+    plain.update()
+    assert plain.status().endswith("about 180 s left")

@@ -16,7 +16,7 @@ from ..decompose.covariance import output_energy
 from ..geometry import Cost, LayerGeometry, original_cost
 from ..log import progress
 from ..methods import Ranks, get, methods_for
-from ..problems import LayerProblem, largest_first
+from ..problems import LayerProblem, largest_first, solver_works
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ def candidate_tables(
     """The candidate table of every problem (`method` may be `auto`), in the order of `problems`. `map` runs
     the units, largest first (the builtin map, or a `workers.Workers` map); `cache` (a `cache.Cache`) keeps
     them on disk. Problems are built as the units are handed out, not all at once."""
-    tables, keys = {}, {}
-    with progress(len(problems), "rank candidates", "layer", enabled=show_progress) as bar:
+    tables, keys, works = {}, {}, solver_works(problems)
+    with progress(len(problems), "rank candidates", "layer", work=sum(works.values()), enabled=show_progress) as bar:
 
         def pending():
             for name in largest_first(problems):
@@ -137,7 +137,7 @@ def candidate_tables(
                     found = cache.table(keys[name])
                     if found is not None:
                         tables[name] = found
-                        bar.update()
+                        bar.update(work=works[name])
                         continue
                 yield TableTask(problem, method, multiple, seed)
 
@@ -145,7 +145,7 @@ def candidate_tables(
             tables[table.name] = table
             if cache is not None:
                 cache.put_table(keys[table.name], table)
-            bar.update()
+            bar.update(work=works[table.name])
     return {name: tables[name] for name in problems}
 
 
