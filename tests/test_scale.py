@@ -237,3 +237,17 @@ def test_an_unreachable_ray_address_is_a_one_line_error():
     with pytest.raises(UserError, match="cannot connect to the Ray cluster") as error:
         workers.RayWorkers(f"127.0.0.1:{port}")
     assert "\n" not in str(error.value)
+
+
+def test_a_full_temporary_disk_is_a_one_line_error(data_file, monkeypatch):
+    from onnx_dacomp.calibration import statistics
+
+    def full(*args, **options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(statistics, "SPILL_BYTES", 0)
+    monkeypatch.setattr(statistics.np, "save", full)
+    model = conv_stack(channels=16, size=(12, 12), input_channels=3)
+    with pytest.raises(UserError, match="No space left on device.*TMPDIR") as caught:
+        onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**BASE), progress=False)
+    assert "\n" not in str(caught.value)

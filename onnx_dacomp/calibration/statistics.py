@@ -68,10 +68,16 @@ def spilled(statistics: Statistics, folder: str | os.PathLike) -> Statistics:
         return statistics
     folder = Path(folder)
     counts = {}
-    for index, (name, moments) in enumerate(statistics.layers.items()):
-        np.save(folder / f"second_{index}.npy", moments.second)
-        np.save(folder / f"first_{index}.npy", moments.first)
-        counts[name] = moments.count
+    try:
+        for index, (name, moments) in enumerate(statistics.layers.items()):
+            np.save(folder / f"second_{index}.npy", moments.second)
+            np.save(folder / f"first_{index}.npy", moments.first)
+            counts[name] = moments.count
+    except OSError as exc:
+        raise UserError(
+            f"cannot keep the statistics in the temporary folder {folder.parent} ({exc.strerror or exc}): "
+            f"free some disk space there or point TMPDIR at a folder with more"
+        ) from None
     return replace(statistics, layers=_StoredMoments(folder, counts))
 
 
