@@ -48,3 +48,10 @@ class Moments:
             raise ValueError("cannot merge plain and cross moments")
         cross = None if self.cross is None else self.cross + other.cross
         return Moments(self.second + other.second, self.first + other.first, self.count + other.count, cross)
+
+
+def vector_sums(vectors: np.ndarray) -> Moments:
+    """Float64 sums of `x x^T` and `x` over input vectors `(group, n, count)`."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller, per layer
+        second = np.matmul(vectors, vectors.transpose(0, 2, 1))
+    return Moments(second, vectors.sum(axis=2), vectors.shape[2])

@@ -356,6 +356,8 @@ def test_natural_photograph_crops_are_seeded_preprocessed_and_splittable():
         ((4,), dict(pads=[0, 3], strides=[2])),
         ((5, 3), dict(pads=[4, 1, 0, 1], dilations=[1, 2])),  # strips that hold only padding
         ((2, 2), dict(pads=[3, 0, 3, 0], dilations=[3, 1], group=2)),  # pads wider than the kernel reach
+        ((9,), dict(pads=[2, 3], strides=[3])),  # 45 row blocks: one stacked Gram
+        ((7, 2), dict(pads=[3, 0, 3, 1], group=2)),  # stride 1, 49 products: stacked
     ],
 )
 def test_shift_structured_gram_matches_loops(kernel, attrs):
@@ -363,6 +365,8 @@ def test_shift_structured_gram_matches_loops(kernel, attrs):
     rng = np.random.default_rng(7)
     group = attrs.get("group", 1)
     spatial = (13,) if len(kernel) == 1 else (10, 7)
+    if kernel == (9,):
+        spatial = (20,)
     model = conv_model(rng.standard_normal((4, 4 // group, *kernel)), input_shape=("n", 4, *spatial), **attrs)
     layer = find_targets(model).targets[0]
     batches = batches_of(rng, (2, 4, *spatial), 2)
@@ -487,3 +491,66 @@ def test_sampled_statistics_are_seeded_the_same_in_a_pool_and_exact_with_all_pos
         # a sample of the same positions: near the exact moments, and not equal to them
         error = np.linalg.norm(sampled.layers[name].covariance - sigma) / np.linalg.norm(sigma)
         assert 0 < error < 0.5, (name, error)  # a count normalisation off by the step would be >= 0.75
+
+
+def _stft_model(rng, frames: int = 4):
+    """Reflect-padded audio -> a 1-D conv of kernel 256, stride 128 (an STFT front end) -> a 3-tap conv."""
+    from onnx import TensorProto, helper
+
+    length = 128 * frames
+    nodes = [
+        helper.make_node("Unsqueeze", ["audio", "axis"], ["channel"]),
+        helper.make_node("Pad", ["channel", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("Conv", ["padded", "basis"], ["spectrum"], name="stft", kernel_shape=[256], strides=[128]),
+        helper.make_node("Relu", ["spectrum"], ["magnitude"]),
+        helper.make_node("Conv", ["magnitude", "w"], ["y"], name="conv", kernel_shape=[3], pads=[1, 1]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        numpy_helper.from_array(np.array([0, 0, 64, 0, 0, 64], np.int64), "pads"),
+        numpy_helper.from_array(rng.standard_normal((40, 1, 256)).astype(np.float32) / 16, "basis"),
+        numpy_helper.from_array(rng.standard_normal((8, 40, 3)).astype(np.float32), "w"),
+    ]
+    graph = helper.make_graph(
+        nodes, "stft", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["n", length])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), length
+
+
+@pytest.mark.parametrize("exposed", [False, True])
+def test_stft_front_end_statistics_start_at_once_and_match_loops(monkeypatch, exposed):
+    """A kernel of 256 taps at stride 128 on reflect-padded audio: a bounded statistics graph (one stacked
+    Gram, or, past the node limit, the layer input summed in numpy) equal to explicit loops over frames."""
+    import time
+
+    from onnx_dacomp.calibration import augment
+
+    if exposed:
+        monkeypatch.setattr(augment, "MAX_LAYER_NODES", 20)
+    rng = np.random.default_rng(3)
+    model, length = _stft_model(rng)
+    layers = find_targets(model).targets
+    batches = [{"audio": rng.standard_normal((5, length)).astype(np.float32)} for _ in range(2)]
+    shapes = {layer.name: (1, *layer.input_shape[1:]) for layer in layers}
+    graph, outputs = augment.augment(model, layers, shapes)
+    assert len(graph.graph.node) < 1200  # was 33,000 Gemms for the 256-tap layer alone
+    assert isinstance(outputs["stft"], augment.ExposedInput) == exposed
+    start = time.perf_counter()
+    stats = collect_statistics(model, layers, batches, mode="graph", device="cpu", progress=False)
+    assert time.perf_counter() - start < 30  # the graph took minutes to load before
+    frames = []
+    for batch in batches:
+        padded = np.pad(batch["audio"].astype(np.float64), [(0, 0), (64, 64)], mode="reflect")
+        frames.extend(sample[start : start + 256] for sample in padded for start in range(0, len(sample) - 255, 128))
+    frames = np.array(frames)
+    got = stats.layers["stft"]
+    assert got.count == len(frames) == 2 * 5 * 4
+    sigma = frames.T @ frames / len(frames)
+    np.testing.assert_allclose(got.covariance[0], sigma, rtol=0, atol=1e-5 * np.abs(sigma).max())
+    np.testing.assert_allclose(got.mean[0], frames.mean(0), rtol=0, atol=1e-5 * np.abs(frames).max())
+    # the next layer's statistics are unaffected by the first one's path
+    reference = collect_statistics(model, layers, batches, mode="numpy", device="cpu", progress=False)
+    np.testing.assert_allclose(
+        stats.layers["conv"].covariance, reference.layers["conv"].covariance, rtol=1e-4, atol=1e-6
+    )

@@ -100,6 +100,29 @@ def test_voice_activity_model_compresses_from_npz_on_the_cli(tmp_path, capsys):
     assert np.array_equal(state, state_out) and relative_error(output, reference) < 0.35
 
 
+def test_stft_voice_model_with_lstm_state_compresses_in_seconds(tmp_path, capsys):
+    """The Silero-shaped model of tools/make_voice_model.py (an STFT conv of 256 taps at stride 128, 1-D convs,
+    an LSTM over the state): its statistics graph took minutes to load; now the whole run takes seconds."""
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_voice_model
+
+    model_path, data, out = tmp_path / "voice.onnx", tmp_path / "voice.npz", tmp_path / "small.onnx"
+    onnx.save(make_voice_model.build(), model_path)
+    np.savez(data, **make_voice_model.calibration_data(160))
+    start = time.perf_counter()
+    assert main(["compress", str(model_path), "-o", str(out), "--data", str(data), "--ratio", "0.75"]) == 0
+    assert time.perf_counter() - start < 60
+    err = capsys.readouterr().err
+    assert "patch sums in graph" in err and "stft" in err
+    feeds = make_voice_model.calibration_data(32, seed=7)
+    reference, compressed = run(onnx.load(model_path), feeds), run(onnx.load(out), feeds)
+    assert relative_error(compressed[0], reference[0]) < 0.2
+
+
 def test_voice_activity_model_compresses_from_python_at_full_rank_exactly(tmp_path):
     model = voice_activity_model()
     ranks = {"conv1": [24, 16], "conv2": [24, 24]}

@@ -29,12 +29,12 @@ from ..inputs import InputSignature, input_signature
 from ..layers import POSITION_SEED, Layer
 from ..log import logger
 from ..log import progress as log_progress
-from ..moments import Moments
+from ..moments import Moments, vector_sums
 from ..runtime import create_session, provider_name, release_freed_memory
 from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
 from ..workers import Shared, Workers
-from .augment import augment
+from .augment import ExposedInput, augment
 from .sources import IterableSource, Source
 from .statistics import Statistics, layer_fingerprint
 
@@ -394,6 +394,11 @@ class _Runner:
             raise UserError(f"onnxruntime failed to run the model on the calibration data: {reason}") from None
         values = dict(zip(self.output_names, results))
         if self.path == "graph":
+            for outputs in self.layer_outputs.values():
+                if isinstance(outputs, ExposedInput):
+                    values.update(outputs.sums(values))
+            for name in self.exposed:
+                del values[name]  # the layer inputs: summed above
             for name, value in values.items():  # in place: no temporaries of the (large) sums per run
                 if name in self.pending:
                     np.add(self.pending[name], value, out=self.pending[name])
@@ -427,7 +432,9 @@ class _Runner:
                 augmented, self.layer_outputs = augment(self.model, self.layers, layer_inputs, self.sampled)
                 self.session = self._session(augmented, STATISTICS_ARENA)
                 self.seeded = POSITION_SEED in {value.name for value in self.session.get_inputs()}
-                self.output_names = [n for o in self.layer_outputs.values() for n in o.names]
+                self.output_names = [output.name for output in augmented.graph.output]
+                inputs = {layer.input for layer in self.layers}
+                self.exposed = [output.name for output in augmented.graph.output if output.name in inputs]
                 self.path = "graph"
                 self.provider = provider_name(self.session)
                 return
@@ -445,10 +452,3 @@ class _Runner:
 
     def _session(self, model: onnx.ModelProto, arena: bool):
         return create_session(model, self.device, arena=arena, threads=self.threads, tf32=False)
-
-
-def vector_sums(vectors: np.ndarray) -> Moments:
-    """Float64 sums of `x x^T` and `x` over input vectors `(group, n, count)`."""
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller, per layer
-        second = np.matmul(vectors, vectors.transpose(0, 2, 1))
-    return Moments(second, vectors.sum(axis=2), vectors.shape[2])

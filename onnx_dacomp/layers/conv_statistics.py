@@ -45,6 +45,12 @@ from .conv_patches import explicit_pads, output_spatial
 # top-1 within 0.1 points of the all-position statistics' (README, Results).
 MIN_SAMPLED_ROWS = 7
 MAX_POSITION_STEP = 8
+# Row-block products per group above which a layer's Gram is one product of its stacked kernel rows instead:
+# a kernel of kh rows has kh (kh + 1) / 2 blocks (stride > 1) or kh full blocks plus up to kh (kh - 1) thin
+# strips (stride 1), each a node: an STFT front end (a 1-D kernel of 256 taps) had 33,000 Gemms, and
+# onnxruntime spent minutes creating the session. The stacked Gram costs up to twice the arithmetic of the
+# blocks, in one large Gemm. Up to 7x7 stride 2 (a ResNet stem: 28 blocks) keeps the blocks.
+MAX_BLOCK_PRODUCTS = 32
 
 
 def position_steps(output_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -60,12 +66,24 @@ def position_steps(output_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(steps)
 
 
+STACKED = "stacked"  # the key of a Gram computed in one product (see MAX_BLOCK_PRODUCTS)
+
+
+def block_products(kernel_rows: int, stride: int) -> int:
+    """Row-block products (Gemm nodes) per group of the shift-structured Gram, at most."""
+    if stride != 1:
+        return kernel_rows * (kernel_rows + 1) // 2
+    return kernel_rows + kernel_rows * (kernel_rows - 1)
+
+
 @dataclass(frozen=True)
 class LayerOutputs:
     """The augmented outputs of one layer and how they combine into its patch sums.
 
     `blocks[g][(i, j)]` (i <= j, kernel rows) is a list of `(sign, output name)` terms, where a term may
-    also name an earlier block as `(sign, (i', j'))`; `input_sum` is the batch sum of the layer input. A
+    also name an earlier block as `(sign, (i', j'))`; a stacked layer has one entry `blocks[g][STACKED]`, the
+    Gram of all kernel rows at once (rows ordered kernel row, channel, tap); `input_sum` is the batch sum of
+    the layer input. A
     sampled layer has instead `row_sums[g][i]`, the sums of the sampled patches' kernel row `i`, and `count`,
     the number of patches summed.
     """
@@ -94,6 +112,10 @@ class LayerOutputs:
         second = np.empty((len(self.blocks), channels, kh, kw, channels, kh, kw))
         for group, blocks in enumerate(self.blocks):
             combined = {}
+            if STACKED in blocks:
+                full = np.asarray(sums[blocks[STACKED][0][1]], np.float64).reshape(kh, channels, kw, kh, channels, kw)
+                second[group] = full.transpose(1, 0, 2, 4, 3, 5)
+                continue
             for key, terms in blocks.items():  # insertion order: every referenced block comes first
                 combined[key] = sum(
                     sign * (combined[name] if isinstance(name, tuple) else np.asarray(sums[name], np.float64))
@@ -221,6 +243,11 @@ def patch_sum_nodes(layer, spatial_in: tuple[int, ...], opset: int, sampled: boo
             sums = (reduce_sum(rows, 1, f"g{group}_row_{i}_sum") for i, rows in enumerate(tap_rows))
             row_sums_per_group.append(tuple(sums))
         blocks: dict = {}
+        if block_products(kh, stride) > MAX_BLOCK_PRODUCTS:
+            stacked = node("Concat", tap_rows, f"g{group}_stacked_rows", axis=0)
+            blocks[STACKED] = [(1, node("Gemm", [stacked, stacked], f"g{group}_stacked_gram", transB=1))]
+            blocks_per_group.append(blocks)
+            continue
         for i in range(kh):
             for j in range(i, kh):
                 if i == 0 or stride != 1:
