@@ -163,8 +163,12 @@ class ImagePreprocessing:
     )  # fmt: skip
     center_crop: bool = option(True, "resize straight to --size, ignoring the aspect ratio", flag="--no-center-crop")
     scale: float = option(1 / 255, "pixel multiplier before mean/std", parse=number, shown="1/255")
-    mean: tuple[float, ...] = option((0.0, 0.0, 0.0), "per-channel mean, e.g. 0.485,0.456,0.406", parse=numbers)
-    std: tuple[float, ...] = option((1.0, 1.0, 1.0), "per-channel std, e.g. 0.229,0.224,0.225", parse=numbers)
+    mean: tuple[float, ...] = option(
+        (0.0,), "mean subtracted after --scale: one value, or one per channel, e.g. 0.485,0.456,0.406", parse=numbers
+    )
+    std: tuple[float, ...] = option(
+        (1.0,), "std divided by after the mean: one value, or one per channel, e.g. 0.229,0.224,0.225", parse=numbers
+    )
     channel_order: str = option(
         "RGB", "channel order fed to the model", choices=("RGB", "BGR"), shorthand={"--bgr": "BGR"}
     )
@@ -179,6 +183,16 @@ class ImagePreprocessing:
             raise UserError(f"layout must be NCHW or NHWC, not {self.layout!r}")
         if any(s == 0 for s in self.std):
             raise UserError("--std values must be non-zero")
+
+    def check_channels(self, channels: int) -> None:
+        """--mean and --std give one value or one per channel of the model's images."""
+        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            if len(values) not in (1, channels):
+                given = ",".join(f"{value:g}" for value in values)
+                raise UserError(
+                    f"{flag} {given} has {len(values)} values for a {channels}-channel image input: give one value "
+                    f"for every channel or exactly {channels}"
+                )
 
     def apply(self, image, size: tuple[int, int], channels: int) -> np.ndarray:
         """A PIL image -> float32 array (C, H, W) or (H, W, C)."""
@@ -207,8 +221,9 @@ class ImagePreprocessing:
             array = array[:, :, None]
         if self.channel_order == "BGR":
             array = array[:, :, ::-1]
-        mean = np.asarray(self.mean[:channels] if len(self.mean) >= channels else self.mean[:1] * channels, np.float32)
-        std = np.asarray(self.std[:channels] if len(self.std) >= channels else self.std[:1] * channels, np.float32)
+        self.check_channels(channels)
+        mean = np.broadcast_to(np.asarray(self.mean, np.float32), (channels,))
+        std = np.broadcast_to(np.asarray(self.std, np.float32), (channels,))
         array = (array - mean) / std
         return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "NCHW" else array)
 

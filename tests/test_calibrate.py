@@ -267,6 +267,33 @@ def test_image_folder_errors(tmp_path):
         ImageFolderSource(tmp_path / "flat", "x", ("n", 3, "h", "w"))
 
 
+def test_mean_and_std_take_one_value_or_one_per_channel(tmp_path, capsys):
+    from onnx_dacomp.cli import main
+
+    _write_images(tmp_path / "flat", 2, size=(8, 8))  # the model's size: used as they are
+    for pre in (ImagePreprocessing(mean=(127.0, 127.0)), ImagePreprocessing(std=(1.0, 2.0, 3.0, 4.0))):
+        with pytest.raises(UserError, match="for a 3-channel image input: give one value for every channel"):
+            ImageFolderSource(tmp_path / "flat", "x", ("n", 3, 8, 8), preprocessing=pre)
+    with pytest.raises(UserError, match="--mean 0.5,0.5,0.5 has 3 values for a 1-channel"):
+        ImageFolderSource(tmp_path / "flat", "x", ("n", 1, 8, 8), preprocessing=ImagePreprocessing(mean=(0.5,) * 3))
+    # (x - 127) / 128 on raw pixels: one value for every channel, against a hand computation
+    pre = ImagePreprocessing(scale=1.0, mean=(127.0,), std=(128.0,))
+    batch = next(iter(ImageFolderSource(tmp_path / "flat", "x", ("n", 3, 8, 8), preprocessing=pre, batch_size=2)))
+    from PIL import Image
+
+    first = sorted((tmp_path / "flat").iterdir())[0]
+    pixels = np.asarray(Image.open(first).convert("RGB"), np.float32)
+    expected = ((pixels - 127) / 128).transpose(2, 0, 1)
+    assert np.abs(batch["x"][0] - expected).max() < 1e-5
+    # on the command line: exit 2 before any work, no output
+    model, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    import onnx
+
+    onnx.save(conv_model(np.ones((4, 3, 3, 3)), input_shape=("n", 3, 8, 8)), model)
+    assert main(["compress", str(model), "-o", str(out), "--data", str(tmp_path / "flat"), "--mean", "127,127"]) == 2
+    assert "--mean 127,127 has 2 values" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared is absent")
 def test_real_model_graph_path_matches_numpy_path(cifar_train):
     from onnx_dacomp.load import load_model

@@ -400,6 +400,7 @@ def image_geometry(input_shape: tuple[int, ...], preprocessing: ImagePreprocessi
         raise UserError("the model input has dynamic height/width: pass --size H or --size HxW")
     if channels not in (1, 3):
         raise UserError(f"image folders feed 1 or 3 channels, the model input has {channels}; check --layout")
+    preprocessing.check_channels(channels)
     return channels, (int(size[0]), int(size[1]))
 
 
