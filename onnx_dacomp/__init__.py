@@ -36,30 +36,66 @@ __all__ = [
 
 def compress(model, data=None, config: CompressConfig | None = None, **options):
     """Compress `model` (path or ModelProto) with calibration `data` as `config` (and/or flat `options`, e.g.
-    `ratio=0.5`) says; returns a `CompressionResult` with `.model` and `.report`. See `pipeline.compress`."""
+    `ratio=0.5`) says; returns a `CompressionResult` with `.model` and `.report`. See `pipeline.compress`.
+    `progress=False`: only warnings on stderr (where the program configured no logging of its own)."""
     from .pipeline import compress as run  # deferred: the package imports fast for `--help`
 
     statistics, progress = options.pop("statistics", None), options.pop("progress", True)
-    config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
-    return run(model, data, config, statistics=statistics, progress=progress)
+    with _logging(progress):  # first: the choice of workers may log
+        return run(model, data, _configured(config, options, workers=True), statistics=statistics, progress=progress)
 
 
-def calibrate(model, data, *args, **kwargs):
-    """Statistics of every decomposable layer; see `api.calibrate`."""
+def calibrate(model, data, config=None, *, mode: str = "auto", progress: bool = True, **options):
+    """Statistics of every decomposable layer (save them with `calibration.statistics.save_statistics`); the
+    same flat options as `compress` (`limit=`, `mean=`, `workers=`, ...). See `api.calibrate`."""
     from .api import calibrate as run
 
-    return run(model, data, *args, **kwargs)
+    with _logging(progress):
+        config = _configured(config, options, workers=True)
+        return run(model, data, config.data, config.runtime, mode=mode, progress=progress)
 
 
-def evaluate(original, compressed, data, *args, **kwargs):
-    """Compare a compressed model with its original; see `api.evaluate`."""
+def evaluate(original, compressed, data, config=None, *, benchmark_batch=(), repeats=30, progress=True, **options):
+    """Compare a compressed model with its original on `data`, with the same flat options as `compress`
+    (`mean=`, `std=`, `scale=`, `limit=`, `classifier_outputs=`, ...); see `api.evaluate`."""
     from .api import evaluate as run
 
-    return run(original, compressed, data, *args, **kwargs)
+    config = _configured(config, options)
+    with _logging(progress):
+        return run(
+            original, compressed, data, config.data, config.runtime, benchmark_batch=benchmark_batch,
+            repeats=repeats, progress=progress, classifier_outputs=config.verify.classifier_outputs,
+        )  # fmt: skip
 
 
-def inspect(model, *args, **kwargs):
+def inspect(model, config=None, **options):
     """The layers of a model and what can be decomposed; see `api.inspect`."""
     from .api import inspect as run
 
-    return run(model, *args, **kwargs)
+    return run(model, _configured(config, options).data)
+
+
+def _configured(config, options: dict, workers: bool = False) -> CompressConfig:
+    """A `CompressConfig` from `config` (one, a stage's config such as `DataConfig`, or None), stage configs
+    given by group name (`runtime=RuntimeConfig(...)`) and flat options. `workers`: the call may start worker
+    processes, which a script without a main guard cannot (`workers.workers_for_script`)."""
+    from .config import GROUPS
+
+    groups = {name: options.pop(name) for name in list(options) if name in GROUPS and name != "data"}
+    if isinstance(config, CompressConfig):
+        groups = {**{name: getattr(config, name) for name in GROUPS}, **groups}
+    elif config is not None:
+        groups.update({name: config for name, cls in GROUPS.items() if isinstance(config, cls)})
+    config = CompressConfig(**groups, **options)
+    if workers:
+        from .workers import workers_for_script
+
+        count = workers_for_script(config.runtime.workers, config.runtime.ray)
+        config = config.replace(workers=count) if count != config.runtime.workers else config
+    return config
+
+
+def _logging(progress: bool):
+    from .log import api_logging
+
+    return api_logging(progress)

@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -21,6 +22,49 @@ logger = logging.getLogger("onnx_dacomp")
 logger.addHandler(logging.NullHandler())
 
 LOG_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (it may be replaced later)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def stderr_handler(level: int) -> logging.Handler:
+    """The command-line's handler: bare messages, or level and logger name when debugging."""
+    handler = StderrHandler()
+    handler.setLevel(level)
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s")
+    )
+    return handler
+
+
+@contextmanager
+def api_logging(show: bool = True):
+    """For a call of the Python API: where the program configured no logging (no handler on this package's
+    logger nor on the root), its messages and progress go to stderr as the command line shows them (only
+    warnings when `show` is false); a program that configured logging gets the records through its handlers."""
+    configured = logging.getLogger().handlers or any(
+        not isinstance(handler, logging.NullHandler) for handler in logger.handlers
+    )
+    if configured:
+        yield
+        return
+    handler, level = stderr_handler(logging.INFO if show else logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, handler.level))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 class Progress:

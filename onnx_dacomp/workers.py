@@ -11,12 +11,14 @@ goes to the workers once, through `share`: a file for the local pool, Ray's obje
 
 from __future__ import annotations
 
+import ast
 import builtins
 import multiprocessing
 import os
 import pickle
 import shutil
 import socket
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -146,8 +148,9 @@ class Workers:
             if retried:
                 self.close()
                 raise WorkerLost(
-                    "a worker process died twice (killed, or out of memory): run with fewer --workers; "
-                    "with --cache-dir a rerun keeps the finished units"
+                    "a worker process died twice (killed, out of memory, or it could not start: a script must call "
+                    'onnx_dacomp under `if __name__ == "__main__":`): run with fewer --workers; with --cache-dir a '
+                    "rerun keeps the finished units"
                 ) from None
             logger.warning("a worker process died: restarting the pool and running its units again")
             self.close()
@@ -250,6 +253,55 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def executor(count: int | None, ray_address: str | None) -> Workers:
     """Where the per-layer units run: a Ray cluster, else `count` local processes (default: the cores)."""
     return RayWorkers(ray_address) if ray_address else Workers(count or default_workers())
+
+
+def script_without_main_guard() -> str | None:
+    """The main script's path when the running call comes from its top level outside an
+    `if __name__ == "__main__":` block; None otherwise (guarded, inside a function, interactive, `python -m`).
+    Worker processes are spawned: each imports the main script again, so such a script would run the call
+    once more in every worker, which then dies starting workers of its own."""
+    frame, caller = sys._getframe(), None
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__":
+            caller = frame
+        frame = frame.f_back
+    path = caller.f_code.co_filename if caller is not None else None
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if path is None or not os.path.isfile(path) or (spec is not None and spec.name.endswith("__main__")):
+        return None  # multiprocessing does not import a package's __main__ again
+    try:
+        with open(path, "rb") as file:
+            tree = ast.parse(file.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    guarded = (
+        range(statement.lineno, statement.end_lineno + 1)
+        for statement in tree.body
+        if isinstance(statement, ast.If) and _is_main_test(statement.test)
+    )
+    return None if any(caller.f_lineno in lines for lines in guarded) else path
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """Whether `test` is `__name__ == "__main__"` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = {ast.dump(test.left), ast.dump(test.comparators[0])}
+    return sides == {ast.dump(ast.Name("__name__", ast.Load())), ast.dump(ast.Constant("__main__"))}
+
+
+def workers_for_script(count: int | None, ray_address: str | None) -> int | None:
+    """`count`, unless the call comes from the top level of a script without a main guard
+    (`script_without_main_guard`): then 1 (this process) where no count was asked for, and a one-line error
+    naming the fix where one was."""
+    script = None if ray_address or count == 1 else script_without_main_guard()
+    if script is None:
+        return count
+    fix = f'put the call in {os.path.basename(script)} under `if __name__ == "__main__":`'
+    if count is not None:
+        raise UserError(f"workers={count} needs worker processes, which import the calling script again: {fix}")
+    logger.info("per-layer work runs in this process: to use worker processes (all cores), %s", fix)
+    return 1
 
 
 def _run_limited(function: Callable, task):

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import UserError
+from ..log import stderr_handler
 from . import calibrate_command, compress_command, evaluate_command, inspect_command
 
 EXIT_USER_ERROR = 2
@@ -43,26 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time of each record (it may be replaced after `main`)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    handler = _StderrHandler()
-    handler.setFormatter(
-        logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s")
-    )
     package_logger = logging.getLogger("onnx_dacomp")
-    package_logger.handlers[:] = [handler]
+    package_logger.handlers[:] = [stderr_handler(level)]
     package_logger.setLevel(level)
     package_logger.propagate = False
 
