@@ -20,6 +20,8 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -138,7 +140,9 @@ class Workers:
     def _submit(self, function: Callable, task):
         if self.pool is None:
             context = multiprocessing.get_context("spawn")  # no fork of a process with running threads
-            self.pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_initialize)
+            self.pool = ProcessPoolExecutor(
+                self.count, mp_context=context, initializer=_initialize, initargs=(os.getpid(),)
+            )
         return self.pool.submit(function, task)
 
     def _first_result(self, function: Callable, window: deque, retried: bool):
@@ -160,9 +164,14 @@ class Workers:
         window.popleft()
         return result, retried
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers (`abort`: at once, dropping the units they run: the run is being stopped) and
+        remove the shared files."""
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+            if abort:  # shutdown() alone would wait for the running units
+                for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    process.terminate()
+            self.pool.shutdown(wait=not abort, cancel_futures=True)
             self.pool = None
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -171,8 +180,8 @@ class Workers:
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(abort=kind is not None)
 
 
 class RayWorkers(Workers):
@@ -212,7 +221,7 @@ class RayWorkers(Workers):
         return Shared(key, reference=self.ray.put(value))
 
     def map(self, function: Callable, tasks: Iterable, per_worker: int = 2) -> Iterator:
-        window: deque = deque()
+        window = self.window = deque()
         for task in tasks:
             window.append(self.remote.remote(function, task))
             while len(window) >= per_worker * self.count:
@@ -230,7 +239,10 @@ class RayWorkers(Workers):
                 "with --cache-dir a rerun keeps the finished units"
             ) from None
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        if abort and self.ray.is_initialized():  # the tasks this run started, also on a cluster it joined
+            for reference in getattr(self, "window", ()):
+                self.ray.cancel(reference, force=True)
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
         self.owned = False
@@ -310,8 +322,20 @@ def _run_limited(function: Callable, task):
     return function(task)
 
 
-def _initialize() -> None:
+def _initialize(parent: int | None = None) -> None:
+    """A worker's set-up: one BLAS thread; a pool worker also watches `parent`, the process that started it."""
     global _limits
     from threadpoolctl import threadpool_limits
 
     _limits = threadpool_limits(limits=SOLVER_BLAS_THREADS, user_api="blas")
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """A worker's watch: once the process that started it is gone (killed with SIGKILL, say, so that it could
+    not stop its workers; perhaps before this worker even started), the worker is re-parented and leaves at
+    once instead of computing for nobody."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)

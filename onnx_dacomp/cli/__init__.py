@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,32 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     package_logger.propagate = False
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a timeout, a CI limit, a process manager, a closed terminal): unwinds like Ctrl-C, so
+    that workers are stopped, temporary files removed and no partial output is left."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def _stop_on_signals() -> dict:
+    """Turn SIGTERM and SIGHUP into `Stopped` (from the main thread only); returns the handlers replaced."""
+    replaced = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            try:
+                replaced[number] = signal.signal(number, _stop)
+            except ValueError:  # not the main thread: leave the default action
+                pass
+    return replaced
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -59,11 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors, --help, --version: argparse already wrote the message
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     _configure_logging(args.verbose, args.quiet)
+    replaced = _stop_on_signals()
     try:
         return COMMANDS[args.command].run(args)
     except UserError as exc:
         print(f"onnx-dacomp: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"onnx-dacomp: stopped by {name}; workers stopped, no output was written", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("onnx-dacomp: interrupted; no output was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
