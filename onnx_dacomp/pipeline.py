@@ -28,7 +28,7 @@ from .propagate import fit_propagated, keep_better
 from .ranks import overrides
 from .ranks.candidates import candidate_tables
 from .ranks.plan import Budget, RankPlan, plan
-from .report import CompressionReport, layer_rows
+from .report import CompressionReport, layer_rows, model_totals
 from .rewrite import replace_layers, with_provenance
 from .runtime import blas_threads
 from .search import smallest_ratio
@@ -150,11 +150,10 @@ def _compress(
         sensitivity = allocation_weights(
             model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers
         )
-    original_costs = {
-        layer.name: costs.original(layer.name)
-        for layer in scan.layers
-        if layer.geometry is not None and layer.name not in unfittable
-    }
+    # the budget counts the decomposable layers (as `inspect` lists them), excluded ones too, less those the
+    # calibration data cannot fit
+    counted = [layer.name for layer in scan.targets if layer.geometry is not None and layer.name not in unfittable]
+    original_costs = {name: costs.original(name) for name in counted}
     fit_cache: dict = {}
 
     def plan_at(ratio: float | None) -> RankPlan:
@@ -209,6 +208,8 @@ def _compress(
     if store is not None:
         logger.info("cache %s: %s", runtime.cache_dir, store.summary() or "nothing to keep")
 
+    provenance = {"method": config.plan.method, "budget": config.plan.budget, "ratio": ratio, "norm": config.fit.norm}
+    new_model = with_provenance(new_model, provenance)
     report = CompressionReport(
         layers=layer_rows(
             scan.layers,
@@ -220,8 +221,9 @@ def _compress(
             ratio=ratio,
             sensitivity=sensitivity,
             timed=costs.timed_row if config.plan.budget == "latency" else None,
-            uncounted=unfittable,
+            counted=counted,
         ),  # fmt: skip
+        model_totals=model_totals(model, new_model),
         error_norm="sigma" if moments is not None else "frobenius",
         budget=config.plan.budget,
         target_ratio=ratio,
@@ -236,5 +238,4 @@ def _compress(
         settings={k: v for k, v in config.options().items() if k not in ("input_shapes",)},
     )
     logger.info("%s", report.table())
-    provenance = {"method": config.plan.method, "budget": config.plan.budget, "ratio": ratio, "norm": config.fit.norm}
-    return CompressionResult(with_provenance(new_model, provenance), report)
+    return CompressionResult(new_model, report)

@@ -31,7 +31,9 @@ class LayerReport:
     latency_after: float | None = None  # ms of its chain, or of the layer when left as it is
     sensitivity: float | None = None  # output error energy per unit of layer error (the allocation's weight)
     op_type: str | None = None  # the layer's node (Conv, Gemm, MatMul)
-    counted: bool = True  # in the budget's total; False for a layer the calibration data could not fit
+    # in the budget's total: the decomposable layers (as `inspect` counts them), less those the calibration
+    # data could not fit; the others (depthwise convs, say) are listed with their reason
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,15 @@ class CompressionReport:
     cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time (all threads) per stage
     peak_rss_gib: Mapping[str, float] = field(default_factory=dict)  # peak memory by the end of each stage
     settings: Mapping[str, object] = field(default_factory=dict)
+    # the whole model: every initializer's elements and the serialized size, before and after
+    model_totals: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def totals(self) -> dict[str, float]:
         keys = ("params_before", "params_after", "macs_before", "macs_after")
         counted = [layer for layer in self.layers if layer.counted]
         totals = {key: sum(getattr(layer, key) for layer in counted) for key in keys}
+        totals["layers"] = len(counted)  # the decomposable layers counted (inspect's set, less unfittable ones)
         timed = [layer for layer in counted if layer.latency_before is not None]
         if timed:
             totals["latency_before"] = sum(layer.latency_before for layer in timed)
@@ -79,6 +84,7 @@ class CompressionReport:
         return {
             "layers": [asdict(layer) | {"ranks": list(layer.ranks) if layer.ranks else None} for layer in self.layers],
             "totals": self.totals,
+            "model": dict(self.model_totals),
             "ratio": {"budget": self.budget, "target": self.target_ratio, "reached": self.ratio},
             "verification": verification,
             "latency": [asdict(item) | {"ratio": item.ratio} for item in self.latency],
@@ -126,10 +132,11 @@ class CompressionReport:
                 )
             )
         totals = self.totals
+        counted_layers = [layer for layer in self.layers if layer.counted]
         rows.append(
             (
                 "total",
-                f"{len(self.compressed)} of {len(self.layers)}",
+                f"{len(self.compressed)} of {len(counted_layers)}",
                 "",
                 f"{totals['params_before']:,}",
                 f"-> {totals['params_after']:,}",
@@ -150,14 +157,17 @@ class CompressionReport:
         kept = f"params kept {p_ratio:.1%}, MACs kept {m_ratio:.1%}"
         if "latency_before" in totals:
             kept += f", summed layer latency kept {totals['latency_after'] / totals['latency_before']:.1%}"
-        kinds: dict[str, int] = {}
-        counted_layers = [layer for layer in self.layers if layer.counted]
-        for layer in counted_layers:
-            kinds[layer.op_type] = kinds.get(layer.op_type, 0) + 1
-        counted = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if kind)
-        left_out = len(self.layers) - len(counted_layers)
-        which = f"{len(self.layers)} layers above" if not left_out else f"{len(counted_layers)} counted layers above"
-        lines.append(f"{kept} (target {self.budget} ratio {self.target_ratio} of the {which}: {counted})")
+        lines.append(
+            f"{kept} (target {self.budget} ratio {self.target_ratio} of the {len(counted_layers)} decomposable "
+            f"layers counted: {_kinds(counted_layers)}{_left_out(self.layers)})"
+        )
+        if self.model_totals:
+            model = self.model_totals
+            lines.append(
+                f"whole model: {model['params_before']:,} -> {model['params_after']:,} parameters "
+                f"({model['params_after'] / max(model['params_before'], 1):.1%}), {model['bytes_before'] / 1e6:.2f} MB "
+                f"-> {model['bytes_after'] / 1e6:.2f} MB ({model['bytes_after'] / max(model['bytes_before'], 1):.1%})"
+            )
         if self.search:
             lines.append(
                 f"ratio search: {self.search['target']} met at ratio {self.search['ratio']:.4f} "
@@ -173,6 +183,35 @@ class CompressionReport:
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
         return "\n".join(lines)
+
+
+def _kinds(layers: Sequence[LayerReport]) -> str:
+    kinds: dict[str, int] = {}
+    for layer in layers:
+        kinds[layer.op_type] = kinds.get(layer.op_type, 0) + 1
+    return ", ".join(f"{count} {kind}" for kind, count in kinds.items() if kind) or "none"
+
+
+def _left_out(layers: Sequence[LayerReport]) -> str:
+    """The layers outside the total, in few words: how many of which op, and why."""
+    groups: dict[tuple, int] = {}
+    for layer in layers:
+        if not layer.counted:
+            reason = layer.reason or "not decomposable"
+            why = "too few calibration vectors" if "calibration vectors" in reason else reason.split(":")[0]
+            key = (layer.op_type, why.split(" (")[0])
+            groups[key] = groups.get(key, 0) + 1
+    parts = [f"{count} {kind} ({why})" for (kind, why), count in groups.items()]
+    return f"; not counted: {', '.join(parts)}" if parts else ""
+
+
+def model_totals(before, after) -> dict[str, int]:
+    """Parameters (every initializer's elements) and serialized bytes of two ModelProtos."""
+    params = [sum(math.prod(init.dims) for init in model.graph.initializer) for model in (before, after)]
+    return {
+        "params_before": params[0], "params_after": params[1],
+        "bytes_before": before.ByteSize(), "bytes_after": after.ByteSize(),
+    }  # fmt: skip
 
 
 def fitted_row(name: str, geometry: LayerGeometry, choice, fit) -> LayerReport:
@@ -223,12 +262,12 @@ def layer_rows(
     ratio: float | None,
     sensitivity: Mapping[str, float] | None = None,
     timed: Callable | None = None,
-    uncounted: Iterable[str] = (),
+    counted: Iterable[str] | None = None,
 ) -> tuple[LayerReport, ...]:
     """The report rows of every layer of known size, in graph order: fitted ones with their chain, the others
     with the reason they were kept. `timed(row, choice)` adds measured latencies (the latency budget);
-    `uncounted` names the layers outside the budget's total."""
-    uncounted = set(uncounted)
+    `counted` names the layers in the budget's total (default: all)."""
+    counted = None if counted is None else set(counted)
     rows = []
     for layer in layers:
         if layer.geometry is None:
@@ -245,7 +284,7 @@ def layer_rows(
                 row,
                 sensitivity=(sensitivity or {}).get(layer.name),
                 op_type=layer.op_type,
-                counted=layer.name not in uncounted,
+                counted=counted is None or layer.name in counted,
             )
         )
     return tuple(rows)

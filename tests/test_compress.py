@@ -176,7 +176,7 @@ def test_cli_compress_writes_model_and_report(tmp_path, data_file, capsys):
             "macs_after",
             "rel_error",
         }
-    assert set(data["totals"]) == {"params_before", "params_after", "macs_before", "macs_after"}
+    assert set(data["totals"]) == {"params_before", "params_after", "macs_before", "macs_after", "layers"}
     assert set(data["verification"]) >= {"top1_agreement", "rel_output_error"}
     assert data["verification"]["samples"] == 30
     conv2 = next(layer for layer in data["layers"] if layer["name"] == "conv2")
@@ -190,6 +190,48 @@ def test_cli_compress_writes_model_and_report(tmp_path, data_file, capsys):
     argv = ["-q", "compress", str(model_path), "-o", str(out), "--data", str(data_file), "--holdout", "30"]
     assert main([*argv, "--no-sensitivity", "--max-iter", "5", "--report", str(report)]) == 0
     assert all(layer["sensitivity"] is None for layer in json.loads(report.read_text())["layers"])
+
+
+def test_inspect_log_and_report_count_the_same_layers_and_give_the_whole_model(tmp_path, data_file, capsys):
+    """One accounting: the ratio counts the layers `inspect` calls decomposable (a depthwise conv is listed but
+    not counted), and the whole model's parameters and bytes before and after are those of the files."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32), "wd"),
+        numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "w1"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Conv", ["b", "wd"], ["c"], name="depthwise", pads=[1, 1, 1, 1], group=16),
+        helper.make_node("Conv", ["c", "w1"], ["y"], name="conv1", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits,
+    )  # fmt: skip
+    model_path, out, report = tmp_path / "m.onnx", tmp_path / "small.onnx", tmp_path / "r.json"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model_path)
+    assert main(["inspect", str(model_path), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)["totals"]["decomposable"]
+    argv = ["compress", str(model_path), "-o", str(out), "--data", str(data_file), "--ratio", "0.5"]
+    assert main([*argv, "--report", str(report), "--max-iter", "3"]) == 0
+    log = capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["totals"]["layers"] == inspected["layers"] == 2
+    assert data["totals"]["params_before"] == inspected["params"]
+    assert "of the 2 decomposable layers counted: 2 Conv; not counted: 1 Conv (depthwise convolution" in log
+    for when, path in (("before", model_path), ("after", out)):
+        saved = onnx.load(path)
+        assert data["model"][f"params_{when}"] == sum(int(np.prod(i.dims)) for i in saved.graph.initializer)
+        assert data["model"][f"bytes_{when}"] == path.stat().st_size
+    assert data["model"]["params_before"] - data["model"]["params_after"] == (
+        data["totals"]["params_before"] - data["totals"]["params_after"]
+    )
+    assert f"whole model: {data['model']['params_before']:,} -> {data['model']['params_after']:,} parameters" in log
 
 
 def test_cli_user_errors_leave_no_output(tmp_path, data_file, capsys):
