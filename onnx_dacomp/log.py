@@ -76,6 +76,7 @@ class Progress:
         self.total, self.description, self.unit, self.enabled = total, description, unit, enabled
         self.work, self.work_done = work, 0.0
         self.count, self.start, self.announced = 0, time.monotonic(), False
+        self.first = None  # (time, count, work) of the first update: the end of the stage's one-off start
         self.lock, self.timer = threading.Lock(), None
         terminal = enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True) if terminal else None
@@ -85,6 +86,8 @@ class Progress:
     def update(self, count: int = 1, work: float = 0.0) -> None:
         """`count` more units done, weighing `work` (of the stage's `work`, where it was given)."""
         with self.lock:
+            if self.first is None:
+                self.first = (time.monotonic(), count, work)
             self.count += count
             self.work_done += work
             self._announce()
@@ -96,9 +99,20 @@ class Progress:
         text = f"{self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}s"
         text += f", {elapsed:.0f} s elapsed"
         if self.total is not None and 0 < self.count < self.total:
-            done, total = (self.work_done, self.work) if self.work and self.work_done > 0 else (self.count, self.total)
-            text += f", about {max(total - done, 0) * elapsed / done:.0f} s left"
+            text += f", about {self._left(elapsed):.0f} s left"
         return text
+
+    def _left(self, elapsed: float) -> float:
+        """Seconds left at the rate so far. Once the first update is a few units behind, the rate is that
+        since the first update: the first unit carries the stage's one-off start (sessions, reference
+        outputs, worker processes starting) that the others do not repeat."""
+        weighted = bool(self.work and self.work_done > 0)
+        done, total = (self.work_done, self.work) if weighted else (self.count, self.total)
+        at, count, work = self.first
+        since = self.work_done - work if weighted else self.count - count
+        if self.count - count >= 2 and since > 0 and time.monotonic() > at:
+            return max(total - done, 0) * (time.monotonic() - at) / since
+        return max(total - done, 0) * elapsed / done
 
     def close(self, finished: bool = True) -> None:
         """End the stage; log its time unless it did not finish (an error is on its way)."""

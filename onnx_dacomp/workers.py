@@ -33,6 +33,7 @@ from .log import logger
 from .runtime import SOLVER_BLAS_THREADS
 
 _limits = None  # the worker's BLAS thread limit, kept for the life of the process
+_progress = None  # a pool worker's queue to its parent: units report partial progress through it
 
 # Solver work (geometry.solver_work units) below which a stage runs in this process: starting a worker
 # (a fresh interpreter importing numpy, scipy and onnx) costs about a second, more than such stages take.
@@ -82,11 +83,13 @@ class Workers:
     first use."""
 
     cluster = False  # whether the workers are other machines' (Ray), not this one's cores
+    reports_progress = True  # units report partial progress while they run (`report_progress`)
 
     def __init__(self, count: int = 1):
         self.count = max(1, count)
         self.pool = None
         self.folder = None  # where shared values are written for the pool
+        self.queue, self.on_progress = None, None  # the workers' progress reports
 
     def pays(self, seconds_here: float, size: int, local_limit: int) -> bool:
         """Whether units measured to take `seconds_here` more seconds in this process should go to the
@@ -115,13 +118,17 @@ class Workers:
         """The map for a stage of `work` solver units: the pool's, or the builtin one for small stages."""
         return self.map if self.count > 1 and work >= POOL_MIN_WORK else builtins.map
 
-    def map(self, function: Callable, tasks: Iterable, per_worker: int = 2) -> Iterator:
+    def map(
+        self, function: Callable, tasks: Iterable, per_worker: int = 2, progress: Callable | None = None
+    ) -> Iterator:
         """`function(task)` for every task, in order, with at most `per_worker` tasks per worker in flight. A
         worker that dies (killed, out of memory) takes the pool with it: the pool is started again and the
-        unfinished units run once more; a second loss is a `WorkerLost` error."""
+        unfinished units run once more; a second loss is a `WorkerLost` error. `progress(count)` receives
+        what the units report while they run (`report_progress`)."""
         if self.count == 1:
             yield from builtins.map(function, tasks)
             return
+        self.on_progress = progress
         window: deque = deque()  # (task, future), oldest first
         retried = False
         for task in tasks:
@@ -140,10 +147,20 @@ class Workers:
     def _submit(self, function: Callable, task):
         if self.pool is None:
             context = multiprocessing.get_context("spawn")  # no fork of a process with running threads
+            queue = context.SimpleQueue()
             self.pool = ProcessPoolExecutor(
-                self.count, mp_context=context, initializer=_initialize, initargs=(os.getpid(),)
+                self.count, mp_context=context, initializer=_initialize, initargs=(os.getpid(), queue)
             )
+            threading.Thread(target=self._forward_progress, args=(queue,), daemon=True).start()
+            self.queue = queue
         return self.pool.submit(function, task)
+
+    def _forward_progress(self, queue) -> None:
+        """The parent's end of the workers' progress reports (`report_progress`): each goes to the callback
+        of the map in progress."""
+        while (count := queue.get()) is not None:
+            if self.on_progress is not None:
+                self.on_progress(count)
 
     def _first_result(self, function: Callable, window: deque, retried: bool):
         try:
@@ -173,6 +190,8 @@ class Workers:
                     process.terminate()
             self.pool.shutdown(wait=not abort, cancel_futures=True)
             self.pool = None
+            self.queue.put(None)  # ends the forwarding thread
+            self.queue = None
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
@@ -190,6 +209,7 @@ class RayWorkers(Workers):
     its object store and retries a unit whose worker died; what still fails is a `WorkerLost` error."""
 
     cluster = True
+    reports_progress = False  # tasks report only by returning
 
     def __init__(self, address: str):
         try:
@@ -220,7 +240,9 @@ class RayWorkers(Workers):
     def share(self, value, key: str) -> Shared:
         return Shared(key, reference=self.ray.put(value))
 
-    def map(self, function: Callable, tasks: Iterable, per_worker: int = 2) -> Iterator:
+    def map(
+        self, function: Callable, tasks: Iterable, per_worker: int = 2, progress: Callable | None = None
+    ) -> Iterator:
         window = self.window = deque()
         for task in tasks:
             window.append(self.remote.remote(function, task))
@@ -322,12 +344,21 @@ def _run_limited(function: Callable, task):
     return function(task)
 
 
-def _initialize(parent: int | None = None) -> None:
-    """A worker's set-up: one BLAS thread; a pool worker also watches `parent`, the process that started it."""
-    global _limits
+def report_progress(count: int) -> None:
+    """In a pool worker: `count` more items of the running unit are done (the parent's progress moves as
+    they finish, not only when the unit returns). Elsewhere nothing."""
+    if _progress is not None:
+        _progress.put(count)
+
+
+def _initialize(parent: int | None = None, progress=None) -> None:
+    """A worker's set-up: one BLAS thread; a pool worker also watches `parent`, the process that started it,
+    and reports progress through the queue `progress`."""
+    global _limits, _progress
     from threadpoolctl import threadpool_limits
 
     _limits = threadpool_limits(limits=SOLVER_BLAS_THREADS, user_api="blas")
+    _progress = progress
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 

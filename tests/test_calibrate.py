@@ -91,9 +91,19 @@ def test_shards_in_a_worker_pool_give_the_same_bits_as_this_process(monkeypatch)
     monkeypatch.setattr(workers.Workers, "_submit", lambda self, f, t: submitted.append(t) or submit(self, f, t))
     alone = collect_statistics(model, scan.targets, batches, device="cpu", progress=False)
     assert not submitted
+    updates = []
+    real_progress = collect.log_progress
+
+    def recorded(*args, **kwargs):
+        bar = real_progress(*args, **kwargs)
+        bar.update = lambda count=1, work=0.0: updates.append(count)
+        return bar
+
+    monkeypatch.setattr(collect, "log_progress", recorded)
     with workers.Workers(2) as pool:
         pooled = collect_statistics(model, scan.targets, batches, device="cpu", progress=False, workers=pool)
     assert [sum(len(batch["x"]) for batch in task.batches) for task in submitted] == [15, 15]  # the first: here
+    assert sum(updates) == 45 and updates.count(5) == 9  # every run counted as it finished, in the workers too
     assert pooled.samples == alone.samples == 45
     for layer in scan.targets:
         got, reference = pooled.layers[layer.name], alone.layers[layer.name]

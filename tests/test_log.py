@@ -54,3 +54,15 @@ def test_the_time_left_follows_the_work_done_where_units_weigh_differently():
     plain.start -= 60.0
     plain.update()
     assert plain.status().endswith("about 180 s left")
+
+
+def test_the_time_left_leaves_out_the_one_off_start_of_the_first_unit(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: clock[0])
+    bar = log.Progress(10, "layer sensitivity", "layer", enabled=False)
+    clock[0] += 10.0  # sessions, reference outputs and workers starting, then the first probe
+    bar.update()
+    assert bar.status().endswith("about 90 s left")  # one unit seen: its time is all there is to go on
+    clock[0] += 1.0
+    bar.update(2)  # the next ones come at 2 per second
+    assert bar.status() == "3/10 layers, 11 s elapsed, about 4 s left"  # 7 units at 0.5 s, not 7 x 3.7 s

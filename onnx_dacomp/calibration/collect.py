@@ -33,7 +33,7 @@ from ..moments import Moments, vector_sums
 from ..runtime import create_session, provider_name, release_freed_memory
 from ..shapes import infer_shapes
 from ..targets import MAX_VECTOR_LENGTH, read_weights
-from ..workers import Shared, Workers
+from ..workers import Shared, Workers, report_progress
 from .augment import ExposedInput, augment
 from .sources import IterableSource, Source
 from .statistics import Statistics, layer_fingerprint
@@ -233,8 +233,10 @@ def _shard_sums(
         ShardTask(shared, job, first_sample, tuple(shard), workers.threads)
         for first_sample, shard in chain([second], shards)
     )
-    for sums in workers.map(run_shard, tasks, per_worker=1):  # one shard's sums in flight per worker
-        update(sums.samples)
+    # one shard's sums in flight per worker; a local worker reports its runs as they finish
+    for sums in workers.map(run_shard, tasks, per_worker=1, progress=update):
+        if not workers.reports_progress:
+            update(sums.samples)
         yield sums
         del sums
 
@@ -249,7 +251,7 @@ def run_shard(task: ShardTask) -> ShardSums:
     if _worker_runner is None or _worker_runner[0] != key:
         _worker_runner = None  # the previous job's sessions go first
         _worker_runner = key, _Runner(onnx.load_from_string(task.model.get()), task.job, task.threads)
-    return _worker_runner[1].shard_sums(task.first_sample, task.batches)
+    return _worker_runner[1].shard_sums(task.first_sample, task.batches, report_progress)
 
 
 class _Totals:
@@ -337,19 +339,18 @@ class _Runner:
         self, first_sample: int, batches: Iterable[dict], update: Callable[[int], object] | None = None
     ) -> ShardSums:
         """The sums of `batches` (one shard, from sample `first_sample` of the data on), from zero;
-        `update(samples)` after each batch."""
+        `update(samples)` after each onnxruntime run."""
         samples, self.sample = 0, first_sample
         for batch in batches:
-            self.run(batch)
+            self.run(batch, update)
             samples += self.signature.length(batch)
-            if update is not None:
-                update(self.signature.length(batch))
         self._close_part()
         parts, self.parts = tuple(self.parts), []
         return ShardSums(parts, samples, self.path, self.provider)
 
-    def run(self, batch: dict[str, np.ndarray]) -> None:
-        """Accumulate one batch, in runs of `_samples_per_run` samples (see RUN_BYTES)."""
+    def run(self, batch: dict[str, np.ndarray], update: Callable[[int], object] | None = None) -> None:
+        """Accumulate one batch, in runs of `_samples_per_run` samples (see RUN_BYTES); `update(samples)`
+        after each."""
         size = self.signature.length(batch)
         chunk = self._samples_per_run(batch)
         if self.signature.fixed_batch is not None and size % chunk:
@@ -359,6 +360,8 @@ class _Runner:
             )
         for start in range(0, size, chunk):
             self._run(self.signature.slice(batch, start, start + chunk))
+            if update is not None:
+                update(min(chunk, size - start))
 
     def _samples_per_run(self, batch: dict[str, np.ndarray]) -> int:
         if self.signature.fixed_batch is not None:
