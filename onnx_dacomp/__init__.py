@@ -55,7 +55,9 @@ def calibrate(model, data, config=None, *, mode: str = "auto", progress: bool = 
         return run(model, data, config.data, config.runtime, mode=mode, progress=progress)
 
 
-def evaluate(original, compressed, data, config=None, *, benchmark_batch=(), repeats=30, progress=True, **options):
+def evaluate(
+    original, compressed, data, config=None, *, benchmark_batch=(), max_seconds=30.0, progress=True, **options
+):
     """Compare a compressed model with its original on `data`, with the same flat options as `compress`
     (`mean=`, `std=`, `scale=`, `limit=`, `classifier_outputs=`, ...); see `api.evaluate`."""
     from .api import evaluate as run
@@ -64,7 +66,7 @@ def evaluate(original, compressed, data, config=None, *, benchmark_batch=(), rep
     with _logging(progress):
         return run(
             original, compressed, data, config.data, config.runtime, benchmark_batch=benchmark_batch,
-            repeats=repeats, progress=progress, classifier_outputs=config.verify.classifier_outputs,
+            max_seconds=max_seconds, progress=progress, classifier_outputs=config.verify.classifier_outputs,
         )  # fmt: skip
 
 

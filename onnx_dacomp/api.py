@@ -17,9 +17,10 @@ from .calibration.statistics import Statistics
 from .config import DataConfig, RuntimeConfig
 from .errors import UserError
 from .inputs import InputSignature, declared_dims, graph_inputs, input_signature, with_image_size
+from .latency import MAX_SECONDS, Latency, compare_latency
 from .load import load_model
 from .targets import TargetScan, find_targets
-from .verify import Comparison, Latency, benchmark_batches, compare_models, measure_latency
+from .verify import Comparison, benchmark_batches, compare_models
 from .workers import executor
 
 Model = onnx.ModelProto | str | os.PathLike
@@ -98,7 +99,7 @@ def evaluate(
     runtime: RuntimeConfig = RuntimeConfig(),
     *,
     benchmark_batch: Sequence[int] = (),
-    repeats: int = 30,
+    max_seconds: float = MAX_SECONDS,
     progress: bool = True,
     classifier_outputs: Sequence[str] = (),
 ) -> Evaluation:
@@ -118,7 +119,9 @@ def evaluate(
     )  # fmt: skip
     batches = benchmark_batches(source, benchmark_batch, signature) if benchmark_batch else []
     latency = tuple(
-        measure_latency(original, compressed, batch, size, device=runtime.device, repeats=repeats)
+        compare_latency(
+            original, compressed, batch, size, device=runtime.device, max_seconds=max_seconds, show_progress=progress
+        )
         for batch, size in zip(batches, benchmark_batch)
     )
     return Evaluation(comparison, latency)

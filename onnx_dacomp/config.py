@@ -326,9 +326,10 @@ class PlanConfig:
         True, "count every layer's error alike in the allocation (default: weighted by measured output sensitivity)",
         flag="--no-sensitivity",
     )  # fmt: skip
-    sensitivity_samples: int = option(
-        128, "calibration samples each layer's sensitivity probe runs on (whole batches)", parse=positive_int
-    )
+    sensitivity_samples: int | None = option(
+        None, "calibration samples each layer's sensitivity probe runs on (whole batches; default: 128, fewer for "
+        "models that cost more per sample, down to 32)", parse=positive_int, metavar="N",
+    )  # fmt: skip
     require_speedup: bool = option(
         False, "time each chain against its layer in onnxruntime; keep the layer where the chain is not faster"
     )
@@ -356,7 +357,7 @@ class PlanConfig:
             raise UserError(f"--max-drop is in top-1 points (0 to 100), got {self.max_drop}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
             raise UserError(f"--min-agreement must lie in (0, 1], got {self.min_agreement}")
-        if self.sensitivity_samples < 1:
+        if self.sensitivity_samples is not None and self.sensitivity_samples < 1:
             raise UserError(f"--sensitivity-samples must be a positive integer, got {self.sensitivity_samples}")
         if self.rank_multiple is not None and self.rank_multiple < 1:
             raise UserError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}")

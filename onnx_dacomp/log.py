@@ -77,6 +77,8 @@ class Progress:
         self.work, self.work_done = work, 0.0
         self.count, self.start, self.announced = 0, time.monotonic(), False
         self.first = None  # (time, count, work) of the first update: the end of the stage's one-off start
+        self.parallel = 1  # units that run at once after the first (workers): the first estimate divides by it
+        self.units_start = self.start  # when the units began (`restart`)
         self.lock, self.timer = threading.Lock(), None
         terminal = enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True) if terminal else None
@@ -99,10 +101,10 @@ class Progress:
         text = f"{self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}s"
         text += f", {elapsed:.0f} s elapsed"
         if self.total is not None and 0 < self.count < self.total:
-            text += f", about {self._left(elapsed):.0f} s left"
+            text += f", about {self._left():.0f} s left"
         return text
 
-    def _left(self, elapsed: float) -> float:
+    def _left(self) -> float:
         """Seconds left at the rate so far. Once the first update is a few units behind, the rate is that
         since the first update: the first unit carries the stage's one-off start (sessions, reference
         outputs, worker processes starting) that the others do not repeat."""
@@ -112,7 +114,13 @@ class Progress:
         since = self.work_done - work if weighted else self.count - count
         if self.count - count >= 2 and since > 0 and time.monotonic() > at:
             return max(total - done, 0) * (time.monotonic() - at) / since
-        return max(total - done, 0) * elapsed / done
+        return max(total - done, 0) * (time.monotonic() - self.units_start) / done / self.parallel
+
+    def restart(self) -> None:
+        """The units start now: what ran before (reference outputs, say) is no unit's work, and the time left
+        leaves it out (the elapsed time keeps it)."""
+        with self.lock:
+            self.units_start = time.monotonic()
 
     def close(self, finished: bool = True) -> None:
         """End the stage; log its time unless it did not finish (an error is on its way)."""

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from .geometry import LayerGeometry, original_cost
+from .latency import Latency
 from .methods import get, methods_for
-from .verify import Comparison, Latency
+from .verify import Comparison
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class CompressionReport:
             "model": dict(self.model_totals),
             "ratio": {"budget": self.budget, "target": self.target_ratio, "reached": self.ratio},
             "verification": verification,
-            "latency": [asdict(item) | {"ratio": item.ratio} for item in self.latency],
+            "latency": [asdict(item) for item in self.latency],
             "search": self.search,
             "propagation": self.propagation,
             "error_norm": self.error_norm,
@@ -310,11 +311,14 @@ def verification_line(comparison: Comparison | None) -> str:
 
 
 def latency_line(latency: Latency, macs_kept: float | None = None) -> str:
-    text = (
-        f"latency at batch {latency.batch} ({latency.provider}): {latency.original_ms:.2f} ms -> "
-        f"{latency.compressed_ms:.2f} ms (ratio {latency.ratio:.3f}"
-    )
-    return text + (f", MAC ratio {macs_kept:.3f})" if macs_kept is not None else ")")
+    text = latency.describe() + (f", MAC ratio {macs_kept:.3f}" if macs_kept is not None else "")
+    if not latency.faster:
+        text += (
+            "; not measurably faster: --budget macs or --budget latency --require-speedup optimize for speed"
+            if latency.ratio_low < 1.0 else "; SLOWER than the original: --budget macs or --budget latency "
+            "--require-speedup optimize for speed"
+        )  # fmt: skip
+    return text
 
 
 def _jsonable(value):

@@ -40,6 +40,20 @@ PROBE_METHOD = "svd"  # closed form: exact rank errors and no iterations
 # ResNet-50-shaped model stays in this process (two more copies of it and its sessions, for a small gain).
 # A Ray cluster, asked for explicitly, always gets them.
 POOL_MAX_MODEL_BYTES = 64 * 2**20
+# Samples per probe by default: as many as keep a probe's run within PROBE_MACS multiply-accumulates (128
+# ResNet-56 samples), between MIN_PROBE_SAMPLES and MAX_PROBE_SAMPLES. A large input holds many positions,
+# each a sample of the error: on a YOLO-style detector at 320x320 (1.1 GMAC per sample) the sensitivities
+# from 32 samples were within 1.3 % (median; 5.4 % at most) of those from 128, with a Spearman correlation of
+# 0.999, the same plan and the same output error, and the 63 probes took 36 s instead of 127 s.
+PROBE_MACS = 16 * 10**9
+MIN_PROBE_SAMPLES, MAX_PROBE_SAMPLES = 32, 128
+
+
+def probe_samples(macs_per_sample: int | None) -> int:
+    """The default number of probe samples for a model of `macs_per_sample` (None: unknown)."""
+    if not macs_per_sample:
+        return MAX_PROBE_SAMPLES
+    return int(np.clip(PROBE_MACS // macs_per_sample, MIN_PROBE_SAMPLES, MAX_PROBE_SAMPLES))
 
 
 def probe_rank(rank_errors: np.ndarray) -> int:
@@ -108,10 +122,11 @@ def probe_error(task: ProbeTask) -> float:
     return squared
 
 
-def _probe_errors(model, probes, names, batches, references, device: str, workers: Workers | None):
+def _probe_errors(model, probes, names, batches, references, device: str, workers: Workers | None, bar=None):
     """The squared output error of each probe in `names`, in order. The first runs in this process; the rest
     go to `workers` where that pays (`Workers.pays`: they would take long enough here, and the model is within
-    POOL_MAX_MODEL_BYTES or the workers are a cluster)."""
+    POOL_MAX_MODEL_BYTES or the workers are a cluster; then `bar`, the stage's progress, learns how many run
+    at once)."""
 
     def tasks(where: Workers, chosen: list[str], model_key: str = "", data_key: str = ""):
         shared_model, shared_data = where.share(model, model_key), where.share((batches, references), data_key)
@@ -126,6 +141,8 @@ def _probe_errors(model, probes, names, batches, references, device: str, worker
         yield from map(probe_error, tasks(here, rest))
         return
     keys = digest(model.SerializeToString()), digest([sorted(batch.items()) for batch in batches])
+    if bar is not None:
+        bar.parallel = workers.count
     yield from workers.map(probe_error, tasks(workers, rest, *keys))
 
 
@@ -153,9 +170,14 @@ def measure_sensitivities(
         reference_session = create_session(model, device)
         references = [[np.asarray(y, np.float64) for y in reference_session.run(None, batch)] for batch in batches]
         energy = sum(float(np.sum(y**2)) for outputs in references for y in outputs)
+        if progress is not None:
+            progress.restart()  # the time left follows the probes, not the reference run
     measured = dict(known or {})
     informative = [name for name, probe in probes.items() if probe[3] > 0 and energy > 0]
-    errors = _probe_errors(model, probes, informative, batches, references, device, workers) if informative else None
+    errors = (
+        _probe_errors(model, probes, informative, batches, references, device, workers, progress)
+        if informative else None
+    )  # fmt: skip
     for name, (_, _, _, rel_error) in probes.items():  # `informative` keeps this order
         measured[name] = float("nan")
         if name in informative and np.isfinite(squared := next(errors)):
@@ -218,7 +240,9 @@ def allocation_weights(
     if not rereadable(calibration):
         logger.info("no re-readable calibration data: layer errors are not weighted by output sensitivity")
         return None
-    samples, device = config.plan.sensitivity_samples, config.runtime.device
+    macs = [layer.macs for layer in layers.values()]
+    default = probe_samples(None if None in macs else sum(macs))
+    samples, device = config.plan.sensitivity_samples or default, config.runtime.device
     return sensitivities(
         model, layers, problems, calibration, settings, samples=samples, signature=signature, device=device,
         show_progress=progress, store=store, workers=workers,

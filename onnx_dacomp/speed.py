@@ -11,13 +11,14 @@ import functools
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .geometry import Cost, original_cost
+from .latency import session_latency
 from .layers import Layer, one_layer_model
 from .log import logger
 from .methods import Ranks, get
@@ -26,12 +27,20 @@ from .ranks.plan import RankPlan
 from .report import LayerReport
 from .rewrite import replace_layers
 from .runtime import create_session, provider_name
-from .verify import Latency, measure_latency, session_latency
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """Median ms of one layer alone and of a chain replacing it, at one batch size, on `provider`."""
+
+    original_ms: float
+    chain_ms: float
+    provider: str
 
 
 def layer_latency(
-    layer: Layer, method: str, ranks: Ranks, *, batch: int, device: str, opset: int, repeats: int = 30
-) -> Latency:
+    layer: Layer, method: str, ranks: Ranks, *, batch: int, device: str, opset: int, runs: int = 30
+) -> LayerTiming:
     """Median latency of the original layer and of its chain at `batch` samples."""
     model, feeds = layer.timing_model(batch, opset)
     single = replace(layer, input="x", output="y", weight="W", bias="B" if layer.bias else None)
@@ -39,7 +48,9 @@ def layer_latency(
     shape = layer.geometry.weight_shape
     factors = [solver.placeholder(shape, ranks, np.random.default_rng(g)) for g in range(layer.geometry.group)]
     chain = replace_layers(model, {"y": (single, factors)})
-    return measure_latency(model, chain, feeds, batch, device=device, repeats=repeats)
+    original_ms, provider = session_latency(model, feeds, device=device, runs=runs)
+    chain_ms, _ = session_latency(chain, feeds, device=device, runs=runs)
+    return LayerTiming(original_ms, chain_ms, provider)
 
 
 class LatencyTable:
@@ -65,7 +76,7 @@ class LatencyTable:
         key = (layer.timing_key, method, tuple(ranks))
         if key not in self._measured:
             latency = layer_latency(layer, method, ranks, batch=self.batch, device=self.device, opset=self.opset)
-            self._measured[key] = latency.compressed_ms
+            self._measured[key] = latency.chain_ms
             self._measured.setdefault((layer.timing_key, None, None), latency.original_ms)
             self.provider = latency.provider
         return self._measured[key]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics as stats
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -13,8 +11,9 @@ import onnx
 from .calibration.sources import IterableSource, Source
 from .errors import UserError
 from .inputs import InputSignature, input_signature
+from .latency import Latency, compare_latency
 from .log import progress as log_progress
-from .runtime import create_session, provider_name
+from .runtime import create_session
 
 
 @dataclass(frozen=True)
@@ -83,20 +82,6 @@ class Comparison:
         summary = {key: getattr(self, key) for key in ("rel_output_error", "top1_agreement", "top1_drop")}
         summary |= {"top1_original": self.top1_original, "top1_compressed": self.top1_compressed}
         return {**asdict(self), **summary}
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Median wall time of one `session.run` on a batch (same session options for both models)."""
-
-    batch: int
-    original_ms: float
-    compressed_ms: float
-    provider: str
-
-    @property
-    def ratio(self) -> float:
-        return self.compressed_ms / self.original_ms
 
 
 def compare_models(
@@ -209,53 +194,6 @@ def _energies(reference: np.ndarray, output: np.ndarray, samples: int) -> np.nda
     return np.array([error, energy, float(np.sum(reference * output) / norm) if norm > 0 else 1.0, 1])
 
 
-def measure_latency(
-    original: onnx.ModelProto,
-    compressed: onnx.ModelProto,
-    batch: dict[str, np.ndarray],
-    samples: int,
-    *,
-    device: str = "auto",
-    warmup: int = 3,
-    repeats: int = 30,
-    rounds: int = 3,
-) -> Latency:
-    """Median latency of both models on `batch` over `repeats` runs each.
-
-    The runs come in `rounds` blocks per model, alternating, so slow drifts of the machine hit both alike.
-    Runs are not interleaved one by one: onnxruntime's worker threads keep spinning for a while after a run
-    and would steal the cores from the other session's next run. Each block starts with `warmup` runs.
-    """
-    sessions = [create_session(original, device), create_session(compressed, device)]
-    times = _block_times(sessions, batch, warmup, repeats, rounds)
-    return Latency(
-        batch=samples,
-        original_ms=1000 * stats.median(times[0]),
-        compressed_ms=1000 * stats.median(times[1]),
-        provider=provider_name(sessions[0]),
-    )
-
-
-def session_latency(model: onnx.ModelProto, batch: dict[str, np.ndarray], *, device: str = "auto", repeats: int = 30):
-    """Median latency (ms) of one model on `batch`, timed like `measure_latency`."""
-    session = create_session(model, device)
-    return 1000 * stats.median(_block_times([session], batch, 3, repeats, 3)[0]), provider_name(session)
-
-
-def _block_times(sessions, batch, warmup: int, repeats: int, rounds: int) -> list[list[float]]:
-    times: list[list[float]] = [[] for _ in sessions]
-    per_round = max(1, -(-repeats // rounds))
-    for _ in range(rounds):
-        for session, measured in zip(sessions, times):
-            for _ in range(warmup):
-                session.run(None, batch)
-            for _ in range(per_round):
-                start = time.perf_counter()
-                session.run(None, batch)
-                measured.append(time.perf_counter() - start)
-    return times
-
-
 def benchmark_batches(source: Source, sizes, signature: InputSignature) -> list[dict[str, np.ndarray]]:
     """Batches of each size from the first samples of `source` (repeated when the source is smaller)."""
     largest, parts, count = max(sizes), [], 0
@@ -270,13 +208,17 @@ def benchmark_batches(source: Source, sizes, signature: InputSignature) -> list[
     return [signature.resized(joined, size) for size in sizes]
 
 
-def end_to_end_latency(original, compressed, source, sizes, signature: InputSignature, runtime) -> tuple[Latency, ...]:
-    """Both models timed at each batch size: on samples of `source` when there is one, else random data."""
+def end_to_end_latency(
+    original, compressed, source, sizes, signature: InputSignature, runtime, show_progress: bool = True
+) -> tuple[Latency, ...]:
+    """Both models timed at each batch size (`latency.compare_latency`): on samples of `source` when there is
+    one, else random data."""
     batches = (benchmark_batches(source, sizes, signature) if source else None) or [
         random_batch(signature, size, runtime.seed) for size in sizes
     ]
     return tuple(
-        measure_latency(original, compressed, batch, size, device=runtime.device) for batch, size in zip(batches, sizes)
+        compare_latency(original, compressed, batch, size, device=runtime.device, show_progress=show_progress)
+        for batch, size in zip(batches, sizes)
     )
 
 

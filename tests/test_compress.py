@@ -288,8 +288,8 @@ def test_cli_evaluate_reports_accuracy_agreement_and_latency(tmp_path, data_file
             "--benchmark",
             "--benchmark-batch",
             "1,8",
-            "--repeats",
-            "3",
+            "--benchmark-seconds",
+            "2",
             "--classifier-output",
             "r5",
         ]
@@ -370,13 +370,13 @@ def test_quickstart_on_the_bundled_model_needs_nothing_else(tmp_path, capsys):
 
 
 def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypatch):
-    from onnx_dacomp.verify import Latency
+    from onnx_dacomp.speed import LayerTiming
 
     timed = []
 
-    def fake_latency(layer, method, ranks, *, batch, device, opset, repeats=30):
+    def fake_latency(layer, method, ranks, *, batch, device, opset, runs=30):
         timed.append(layer.name)
-        return Latency(batch, 1.0, 2.0 if layer.name == "conv1" else 0.5, "CPU")
+        return LayerTiming(1.0, 2.0 if layer.name == "conv1" else 0.5, "CPU")
 
     monkeypatch.setattr("onnx_dacomp.speed.layer_latency", fake_latency)
     model = _stack()
@@ -401,8 +401,8 @@ def test_layer_latency_times_real_chains():
 
     layer = find_targets(_stack()).layer("conv1")
     for method, ranks in (("svd", (4,)), ("tucker2", (4, 4)), ("cp", (6,))):
-        latency = layer_latency(layer, method, ranks, batch=2, device="cpu", opset=17, repeats=3)
-        assert latency.original_ms > 0 and latency.compressed_ms > 0 and latency.batch == 2
+        timing = layer_latency(layer, method, ranks, batch=2, device="cpu", opset=17, runs=3)
+        assert timing.original_ms > 0 and timing.chain_ms > 0 and timing.provider == "CPU"
 
 
 def test_default_ranks_follow_the_execution_providers_channel_block(data_file):

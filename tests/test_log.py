@@ -48,10 +48,12 @@ def test_disabled_progress_is_silent(caplog):
 def test_the_time_left_follows_the_work_done_where_units_weigh_differently():
     bar = log.Progress(4, "rank candidates", "layer", work=100.0, enabled=False)
     bar.start -= 60.0  # a minute in
+    bar.units_start = bar.start
     bar.update(work=75.0)  # the largest unit, three quarters of the work
     assert bar.status().endswith("about 20 s left")  # not 180 s, as a count of units would say
     plain = log.Progress(4, "calibrating", "batch", enabled=False)
     plain.start -= 60.0
+    plain.units_start = plain.start
     plain.update()
     assert plain.status().endswith("about 180 s left")
 
@@ -66,3 +68,10 @@ def test_the_time_left_leaves_out_the_one_off_start_of_the_first_unit(monkeypatc
     clock[0] += 1.0
     bar.update(2)  # the next ones come at 2 per second
     assert bar.status() == "3/10 layers, 11 s elapsed, about 4 s left"  # 7 units at 0.5 s, not 7 x 3.7 s
+    probes = log.Progress(10, "layer sensitivity", "layer", enabled=False)
+    clock[0] += 4.0  # the reference outputs: not a unit's work
+    probes.restart()
+    probes.parallel = 2  # the rest run on two workers
+    clock[0] += 2.0
+    probes.update()
+    assert probes.status() == "1/10 layers, 6 s elapsed, about 9 s left"  # 9 units x 2 s / 2 workers

@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.75,0.5,0.35")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--calibration", type=int, default=2000, help="CIFAR-10 calibration images (2000)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per model and batch size (15)")
+    parser.add_argument("--latency-seconds", type=float, default=20.0, help="timing cap per batch size (20)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dacomp-bench")
     args = parser.parse_args()
@@ -123,7 +123,8 @@ def main() -> None:
     from onnx_dacomp.inputs import input_signature
     from onnx_dacomp.load import load_model
     from onnx_dacomp.targets import find_targets
-    from onnx_dacomp.verify import benchmark_batches, compare_models, measure_latency
+    from onnx_dacomp.latency import compare_latency
+    from onnx_dacomp.verify import benchmark_batches, compare_models
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,10 @@ def main() -> None:
                 elapsed = time.perf_counter() - start + seconds.get(kind, 0.0)
                 comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
                 latency = [
-                    measure_latency(model, result.model, batch, size, device="cpu", repeats=args.repeats)
+                    compare_latency(
+                        model, result.model, batch, size, device="cpu", max_seconds=args.latency_seconds,
+                        show_progress=False,
+                    )  # fmt: skip
                     for batch, size in zip(batches, (1, 32))
                 ]
                 totals = result.report.totals
@@ -176,6 +180,8 @@ def main() -> None:
                     "rel_output_error": comparison.rel_output_error,
                     "latency_b1": latency[0].ratio,
                     "latency_b32": latency[1].ratio,
+                    "latency_b1_interval": [latency[0].ratio_low, latency[0].ratio_high],
+                    "latency_b32_interval": [latency[1].ratio_low, latency[1].ratio_high],
                     "seconds": elapsed,
                     "samples": comparison.samples,
                 }

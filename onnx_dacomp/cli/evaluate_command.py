@@ -24,7 +24,11 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--benchmark-batch", type=_sizes, default=(1, 32), metavar="N[,N...]", help="batch sizes to time (1,32)"
     )
-    parser.add_argument("--repeats", type=_positive, default=30, help="timed runs per model and batch (30)")
+    parser.add_argument(
+        "--benchmark-seconds", type=_positive, default=30, metavar="S",
+        help="at most this long per batch size: models are timed in alternating rounds until the ratio's 95%% "
+        "interval is within +-3%% (30)",
+    )  # fmt: skip
     add_options(parser, VerifyConfig, only=("classifier_outputs",))
     add_data_options(parser)
     add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed"))
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         data_config(args),
         runtime,
         benchmark_batch=args.benchmark_batch if args.benchmark else (),
-        repeats=args.repeats,
+        max_seconds=args.benchmark_seconds,
         progress=not args.quiet,
         classifier_outputs=VerifyConfig(**values(args, VerifyConfig)).classifier_outputs,
     )
@@ -47,12 +51,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         output = {
             **comparison.to_dict(),
-            "latency": [asdict(latency) | {"ratio": latency.ratio} for latency in result.latency],
+            "latency": [asdict(latency) for latency in result.latency],
         }
         json.dump(output, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    lines = [verification_line(comparison).replace("held-out ", "")]
+    lines = []
+    if comparison.top1_original is not None:  # first: it checks the data and its preprocessing
+        lines.append(
+            f"original model: top-1 {comparison.top1_original:.2%} on {comparison.samples} labelled samples (far "
+            "below its known accuracy means wrong preprocessing: check --scale, --mean, --std, --channel-order)"
+        )
+    lines.append(verification_line(comparison).replace("held-out ", ""))
     lines.extend(latency_line(latency) for latency in result.latency)
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

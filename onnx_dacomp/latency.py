@@ -1,0 +1,159 @@
+"""End-to-end latency of a model against another, measured so that the ratio can be trusted.
+
+A single median of each model on a shared machine moves by more than the difference being measured (the
+same pair of EfficientNet-Lite0 models gave ratios of 1.153 and then 0.961). So the two models are timed in
+alternating rounds, the order alternating too (AB, BA, AB, ...), each round a block of runs of each model
+after a warm-up, with the thread count fixed and worker threads that sleep instead of spinning between runs
+(a spinning pool would steal the cores from the other session's block). Each round gives a ratio; the figure
+is the median ratio with a seeded bootstrap 95 % interval, and rounds go on until that interval is within
++-TARGET_HALF_WIDTH of the median, or MAX_SECONDS have passed. Slow drifts of the machine hit both models of a
+round alike, so the ratio is steadier than either time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics as stats
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .log import logger, progress
+from .runtime import create_session, provider_name
+
+WARMUP_RUNS = 3
+BLOCK_SECONDS = 0.02  # a model's block of runs in a round lasts at least this long (timer resolution, noise)
+MIN_ROUNDS = 10
+MAX_ROUNDS = 400
+TARGET_HALF_WIDTH = 0.03  # stop once the interval is within +-3 % of the median ratio
+MAX_SECONDS = 30.0  # per batch size, after the warm-up
+BOOTSTRAP = 2000
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Both models at one batch size: median ms of a run, and the ratio compressed / original as the median
+    of the per-round ratios with its 95 % interval."""
+
+    batch: int
+    original_ms: float
+    compressed_ms: float
+    provider: str
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    rounds: int = 0
+    threads: int = 0
+
+    @property
+    def faster(self) -> bool:
+        """Whether the compressed model is faster beyond doubt (the whole interval below 1)."""
+        return self.ratio_high < 1.0
+
+    def describe(self) -> str:
+        return (
+            f"latency at batch {self.batch} ({self.provider}, {self.threads} threads): {self.original_ms:.2f} ms -> "
+            f"{self.compressed_ms:.2f} ms, ratio {self.ratio:.3f} [{self.ratio_low:.3f}, {self.ratio_high:.3f}] "
+            f"({self.rounds} rounds)"
+        )
+
+
+def default_threads() -> int:
+    """Intra-op threads of the timed sessions: one per core (what onnxruntime takes by default), fixed so that
+    both models get the same."""
+    return os.cpu_count() or 1
+
+
+def median_interval(ratios, seed: int = 0) -> tuple[float, float, float]:
+    """The median of `ratios` and a bootstrap 95 % interval of it (seeded: the same figures for the same
+    rounds)."""
+    values = np.asarray(ratios, np.float64)
+    resampled = np.random.default_rng(seed).choice(values, size=(BOOTSTRAP, len(values)), replace=True)
+    medians = np.median(resampled, axis=1)
+    return float(np.median(values)), float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
+
+
+def compare_latency(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    batch: dict[str, np.ndarray],
+    samples: int,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    max_seconds: float = MAX_SECONDS,
+    show_progress: bool = True,
+) -> Latency:
+    """Time `compressed` against `original` on `batch` (of `samples` samples) in alternating rounds until the
+    ratio's interval is narrow enough or `max_seconds` have passed."""
+    threads = threads or default_threads()
+    warn_if_loaded()
+    sessions = [create_session(model, device, threads=threads, spinning=False) for model in (original, compressed)]
+    single = []
+    for session in sessions:
+        for _ in range(WARMUP_RUNS):
+            single.append(_timed(session, batch, 1))
+    runs = max(1, math.ceil(BLOCK_SECONDS / max(min(single), 1e-6)))
+    times: list[list[float]] = [[], []]
+    ratios: list[float] = []
+    start = time.monotonic()
+    interval = (math.nan, math.nan, math.nan)
+    with progress(None, f"timing at batch {samples}", "round", enabled=show_progress) as bar:
+        for round_index in range(MAX_ROUNDS):
+            order = (0, 1) if round_index % 2 == 0 else (1, 0)
+            block = [0.0, 0.0]
+            for which in order:
+                block[which] = _timed(sessions[which], batch, runs)
+            for which in (0, 1):
+                times[which].append(block[which])
+            ratios.append(block[1] / block[0])
+            bar.update()
+            if len(ratios) >= MIN_ROUNDS:
+                interval = median_interval(ratios)
+                narrow = max(interval[0] - interval[1], interval[2] - interval[0]) <= TARGET_HALF_WIDTH * interval[0]
+                if narrow or time.monotonic() - start > max_seconds:
+                    break
+    if len(ratios) < MIN_ROUNDS:
+        interval = median_interval(ratios)
+    return Latency(
+        batch=samples,
+        original_ms=1000 * stats.median(times[0]),
+        compressed_ms=1000 * stats.median(times[1]),
+        provider=provider_name(sessions[0]),
+        ratio=interval[0],
+        ratio_low=interval[1],
+        ratio_high=interval[2],
+        rounds=len(ratios),
+        threads=threads,
+    )
+
+
+def session_latency(model: onnx.ModelProto, batch: dict[str, np.ndarray], *, device: str = "auto", runs: int = 30):
+    """Median latency (ms) of one model on `batch` and the provider that ran it (one-layer timing tables)."""
+    session = create_session(model, device, spinning=False)
+    for _ in range(WARMUP_RUNS):
+        session.run(None, batch)
+    return 1000 * stats.median(_timed(session, batch, 1) for _ in range(runs)), provider_name(session)
+
+
+def warn_if_loaded(log: Callable = logger.warning) -> None:
+    """A warning where the machine is busier than its cores: timings then measure the other work too."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return
+    cores = os.cpu_count() or 1
+    if load > cores:
+        log("the machine's load (%.1f) exceeds its %d cores: latency figures measure the other work too", load, cores)
+
+
+def _timed(session, batch: dict[str, np.ndarray], runs: int) -> float:
+    """Seconds per run of `runs` consecutive runs."""
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, batch)
+    return (time.perf_counter() - start) / runs
