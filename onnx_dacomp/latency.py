@@ -27,7 +27,7 @@ from .runtime import create_session, provider_name
 
 WARMUP_RUNS = 3
 BLOCK_SECONDS = 0.02  # a model's block of runs in a round lasts at least this long (timer resolution, noise)
-MIN_ROUNDS = 10
+MIN_ROUNDS = 20  # a bootstrap interval of fewer rounds is too optimistic (two runs of 10 disagreed)
 MAX_ROUNDS = 400
 TARGET_HALF_WIDTH = 0.03  # stop once the interval is within +-3 % of the median ratio
 MAX_SECONDS = 30.0  # per batch size, after the warm-up
