@@ -42,7 +42,7 @@ def test_readme_api_snippet_runs_as_a_plain_script(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "small.onnx").is_file()
     # the work ran in this process and the log said why; progress and the report reached stderr
-    assert 'per-layer work runs in this process' in done.stderr and 'if __name__ == "__main__":' in done.stderr
+    assert "per-layer work runs in this process" in done.stderr and 'if __name__ == "__main__":' in done.stderr
     assert "calibrating" in done.stderr and "params kept" in done.stderr
     assert '"layers"' in done.stdout
 
@@ -50,8 +50,7 @@ def test_readme_api_snippet_runs_as_a_plain_script(tmp_path):
 def test_explicit_workers_in_an_unguarded_script_stop_at_once_naming_the_fix(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(
-        "import onnx_dacomp\n"
-        f"onnx_dacomp.compress({str(BUNDLED)!r}, 'random', ratio=0.5, workers=2, limit=8)\n"
+        f"import onnx_dacomp\nonnx_dacomp.compress({str(BUNDLED)!r}, 'random', ratio=0.5, workers=2, limit=8)\n"
     )
     start = time.perf_counter()
     done = _run(script, tmp_path)

@@ -38,6 +38,8 @@ def test_compare_latency_measures_relative_cost():
     same = latency.compare_latency(single, single, batch, 4, device="cpu", max_seconds=5, show_progress=False)
     assert same.rounds >= latency.MIN_ROUNDS and same.threads == latency.default_threads() and same.batch == 4
     assert same.ratio_low <= same.ratio <= same.ratio_high and 0.75 < same.ratio < 1.33
-    double = latency.compare_latency(single, _double(weight), batch, 4, device="cpu", max_seconds=5, show_progress=False)
+    double = latency.compare_latency(
+        single, _double(weight), batch, 4, device="cpu", max_seconds=5, show_progress=False
+    )
     assert 1.4 < double.ratio < 2.8 and not double.faster and double.provider == "CPU"
     assert "ratio" in double.describe() and f"[{double.ratio_low:.3f}" in double.describe()

@@ -121,9 +121,9 @@ def main() -> None:
     from onnx_dacomp.calibration.natural import NaturalImageSource
     from onnx_dacomp.config import CompressConfig
     from onnx_dacomp.inputs import input_signature
+    from onnx_dacomp.latency import compare_latency
     from onnx_dacomp.load import load_model
     from onnx_dacomp.targets import find_targets
-    from onnx_dacomp.latency import compare_latency
     from onnx_dacomp.verify import benchmark_batches, compare_models
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,11 +159,9 @@ def main() -> None:
                 )
                 elapsed = time.perf_counter() - start + seconds.get(kind, 0.0)
                 comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
+                quiet = dict(device="cpu", show_progress=False)
                 latency = [
-                    compare_latency(
-                        model, result.model, batch, size, device="cpu", max_seconds=args.latency_seconds,
-                        show_progress=False,
-                    )  # fmt: skip
+                    compare_latency(model, result.model, batch, size, max_seconds=args.latency_seconds, **quiet)
                     for batch, size in zip(batches, (1, 32))
                 ]
                 totals = result.report.totals
