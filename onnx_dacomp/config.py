@@ -308,6 +308,12 @@ class PlanConfig:
     target_output: str | None = option(
         None, "the output --max-error applies to (default: the worst of all outputs)", metavar="NAME"
     )
+    speedup: float | None = option(
+        None, "instead of --ratio: the most accurate model at least this many times faster than the original, "
+        "measured end to end at --speedup-batch (its ratio counts MACs, or measured latency with --budget latency)",
+        parse=number, metavar="X",
+    )  # fmt: skip
+    speedup_batch: int = option(1, "the batch size --speedup is measured at", parse=positive_int, metavar="B")
     budget: str = option("params", "what --ratio counts", choices=BUDGETS)
     allocation: str = option("allocated", "ranks across layers", choices=ALLOCATIONS)
     ranks: Mapping[str, object] = option(
@@ -349,6 +355,10 @@ class PlanConfig:
             raise UserError(
                 "--ratio and --max-drop/--min-agreement/--max-error exclude each other: the search sets the ratio"
             )
+        if self.speedup is not None and (self.targeted or self.ratio is not None):
+            raise UserError("--speedup sets the ratio itself: give it without --ratio, --max-drop, ... ")
+        if self.speedup is not None and self.speedup <= 1:
+            raise UserError(f"--speedup is a factor above 1 (1.3: 30% faster), got {self.speedup}")
         if self.max_error is not None and not 0 < self.max_error <= 1:
             raise UserError(f"--max-error is a relative output error in (0, 1], got {self.max_error}")
         if self.target_output is not None and self.max_error is None:
@@ -372,7 +382,7 @@ class PlanConfig:
     @property
     def target_ratio(self) -> float | None:
         """The budget ratio: the one given, else the default unless exact ranks or a target replace it."""
-        if self.ratio is not None or self.targeted or self.ranks:
+        if self.ratio is not None or self.targeted or self.speedup is not None or self.ranks:
             return self.ratio
         return DEFAULT_RATIO
 
@@ -418,7 +428,16 @@ class VerifyConfig:
     holdout: int = option(
         500, "samples kept out of calibration for verification (a fifth of the data at most)", parse=int
     )
-    benchmark: bool = option(False, "time both models end to end (in the report)")
+    benchmark: bool = option(
+        True, "skip the closing end-to-end latency measurement of both models", flag="--no-benchmark"
+    )
+    benchmark_batch: int = option(
+        32, "the serving batch size of the closing latency measurement (besides batch 1)", parse=positive_int
+    )
+    benchmark_seconds: float = option(
+        10.0, "at most this long per batch size for the closing latency measurement (until the ratio's 95%% "
+        "interval is within +-3%%)", parse=number, metavar="S",
+    )  # fmt: skip
     classifier_outputs: tuple[str, ...] = option(
         (), "score this output as class scores (top-1; a map [N, C, ...] per position) whatever its shape and "
         "producer (repeatable; default: [N, C] outputs of a linear layer or softmax)", flag="--classifier-output",
@@ -428,6 +447,8 @@ class VerifyConfig:
     def __post_init__(self):
         if self.holdout < 0:
             raise UserError(f"--holdout must be >= 0, got {self.holdout}")
+        if self.benchmark_seconds <= 0:
+            raise UserError(f"--benchmark-seconds must be positive, got {self.benchmark_seconds}")
 
 
 GROUPS = {"data": DataConfig, "fit": FitConfig, "plan": PlanConfig, "runtime": RuntimeConfig, "verify": VerifyConfig}

@@ -31,7 +31,7 @@ from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows, model_totals
 from .rewrite import replace_layers, with_provenance
 from .runtime import blas_threads
-from .search import smallest_ratio
+from .search import largest_ratio_at_speed, smallest_ratio
 from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
 from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
@@ -108,6 +108,9 @@ def _compress(
     if not scan.targets:
         raise UserError(f"no layer of the model can be decomposed: {nothing_to_compress(scan)}")
     fitted, reasons = select(scan, config.plan.exclude, covariance=covariance, unknown=signature.unknown())
+    if config.plan.speedup is not None and config.plan.budget == "params":
+        config = config.replace(budget="macs")
+        logger.info("--speedup: the ratio counts MACs (parameters do not follow time)")
     if config.plan.rank_multiple is None:
         config = config.replace(rank_multiple=channel_multiple(runtime.device))
         logger.info("ranks in multiples of %d (the execution provider's channel block)", config.plan.rank_multiple)
@@ -139,7 +142,7 @@ def _compress(
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
     managed = problems.restricted([name for name in problems if name not in fixed])
     pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))
-    budgeted = config.plan.target_ratio is not None or config.plan.targeted
+    budgeted = config.plan.target_ratio is not None or config.plan.targeted or config.plan.speedup is not None
     tables, sensitivity = {}, None
     if budgeted and managed and config.plan.allocation == "allocated":
         tables = candidate_tables(
@@ -186,6 +189,17 @@ def _compress(
         if holdout is None:
             raise UserError("--max-drop/--min-agreement/--max-error need held-out data: pass --data and --holdout N")
         ratio, search = smallest_ratio(lambda r: verify(build(plan_at(r), False)[0], False), config.plan)
+    elif config.plan.speedup is not None:
+        size = config.plan.speedup_batch
+
+        def timed(r: float):
+            candidate = build(plan_at(r), False)[0]
+            return end_to_end_latency(
+                model, candidate, holdout or calibration, [size], signature, runtime, False,
+                config.verify.benchmark_seconds,
+            )[0]  # fmt: skip
+
+        ratio, search = largest_ratio_at_speed(timed, config.plan.speedup)
     rank_plan = plan_at(ratio)
     if config.plan.require_speedup:
         rank_plan, slower = keep_faster(rank_plan, layers, timing, fixed)
@@ -201,9 +215,11 @@ def _compress(
             (new_model, fits, verification), lambda: build(rank_plan, False), verify, config.plan
         )
     latency = ()
-    if config.plan.require_speedup or config.verify.benchmark:
-        sizes, source = sorted({1, runtime.speed_batch}), holdout or calibration
-        latency = end_to_end_latency(model, new_model, source, sizes, signature, runtime)
+    if config.verify.benchmark:  # every run says whether the result is faster, measured end to end
+        sizes, source = sorted({1, config.verify.benchmark_batch}), holdout or calibration
+        latency = end_to_end_latency(
+            model, new_model, source, sizes, signature, runtime, progress, config.verify.benchmark_seconds
+        )
     clock.mark("verify")
     if store is not None:
         logger.info("cache %s: %s", runtime.cache_dir, store.summary() or "nothing to keep")

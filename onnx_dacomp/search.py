@@ -7,11 +7,13 @@ from collections.abc import Callable
 
 from .config import PlanConfig
 from .errors import UserError
+from .latency import Latency
 from .log import logger
 from .verify import Comparison
 
 SEARCH_PROBES = 10  # bisection steps at most
 SEARCH_TOLERANCE = 0.01  # ... stopping once the bracket is this narrow
+SPEED_TOLERANCE = 0.02  # the speed search's bracket: timings are noisier than accuracies
 
 
 def meets(comparison: Comparison | None, config: PlanConfig) -> bool:
@@ -89,3 +91,39 @@ def smallest_ratio(probe: Callable[[float], Comparison], config: PlanConfig) -> 
     target = target_text(config)
     logger.info("ratio search: %s met at ratio %.4f after %d probes", target, high, len(probes))
     return high, {"target": target, "ratio": high, "probes": probes}
+
+
+def largest_ratio_at_speed(probe: Callable[[float], Latency], speedup: float) -> tuple[float, dict]:
+    """The largest ratio (the most accurate model) that is at least `speedup` times faster than the original,
+    on the pessimistic end of the measured interval: `probe(ratio)` builds that model and times it against the
+    original (`latency.compare_latency`). Returns the ratio and the search record (target, every probe)."""
+    probes, best = [], None
+    low, high = 0.0, 1.0  # ratio 1 keeps every layer: no faster than the original
+    for _ in range(SEARCH_PROBES):
+        ratio = (low + high) / 2
+        latency = probe(ratio)
+        met = latency.ratio_high <= 1 / speedup
+        probes.append({
+            "ratio": ratio, "latency_ratio": latency.ratio, "interval": [latency.ratio_low, latency.ratio_high],
+            "speedup": 1 / latency.ratio, "batch": latency.batch, "met": met,
+        })  # fmt: skip
+        logger.info(
+            "probe at ratio %.4f: %.2fx faster at batch %d (latency ratio %.3f [%.3f, %.3f]): %s",
+            ratio, 1 / latency.ratio, latency.batch, latency.ratio, latency.ratio_low, latency.ratio_high,
+            "meets the target" if met else "misses it",
+        )  # fmt: skip
+        if met:
+            low, best = ratio, ratio
+        else:
+            high = ratio
+        if high - low < SPEED_TOLERANCE:
+            break
+    target = f"{speedup}x faster at batch {probes[0]['batch']}"
+    if best is None:
+        fastest = max(probes, key=lambda item: item["speedup"])
+        raise UserError(
+            f"--speedup {speedup} not reached: the fastest model probed (ratio {fastest['ratio']:.4f}) ran "
+            f"{fastest['speedup']:.2f}x faster at batch {fastest['batch']}; ask for less, or try --budget latency"
+        )
+    logger.info("speed search: %s met at ratio %.4f after %d probes", target, best, len(probes))
+    return best, {"target": target, "ratio": best, "probes": probes}

@@ -11,7 +11,7 @@ import onnx
 from .calibration.sources import IterableSource, Source
 from .errors import UserError
 from .inputs import InputSignature, input_signature
-from .latency import Latency, compare_latency
+from .latency import MAX_SECONDS, Latency, compare_latency
 from .log import progress as log_progress
 from .runtime import create_session
 
@@ -209,15 +209,24 @@ def benchmark_batches(source: Source, sizes, signature: InputSignature) -> list[
 
 
 def end_to_end_latency(
-    original, compressed, source, sizes, signature: InputSignature, runtime, show_progress: bool = True
-) -> tuple[Latency, ...]:
+    original, compressed, source, sizes, signature: InputSignature, runtime, show_progress: bool = True,
+    max_seconds: float = MAX_SECONDS,
+) -> tuple[Latency, ...]:  # fmt: skip
     """Both models timed at each batch size (`latency.compare_latency`): on samples of `source` when there is
     one, else random data."""
     batches = (benchmark_batches(source, sizes, signature) if source else None) or [
         random_batch(signature, size, runtime.seed) for size in sizes
     ]
     return tuple(
-        compare_latency(original, compressed, batch, size, device=runtime.device, show_progress=show_progress)
+        compare_latency(
+            original,
+            compressed,
+            batch,
+            size,
+            device=runtime.device,
+            max_seconds=max_seconds,
+            show_progress=show_progress,
+        )  # fmt: skip
         for batch, size in zip(batches, sizes)
     )
 

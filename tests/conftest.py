@@ -19,3 +19,17 @@ def cifar_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar_train(cifar_root):
     return cifar_root / "train"
+
+
+@pytest.fixture(autouse=True)
+def quick_latency(request, monkeypatch):
+    """Every compress ends with an end-to-end latency measurement (rounds until the ratio's interval is
+    within +-3 %, up to --benchmark-seconds per batch size). Tests whose subject is not timing measure three
+    rounds; test_latency.py keeps the real settings."""
+    if request.module.__name__ == "test_latency":
+        return
+    from onnx_dacomp import latency
+
+    monkeypatch.setattr(latency, "MIN_ROUNDS", 3)
+    monkeypatch.setattr(latency, "MAX_ROUNDS", 3)
+    monkeypatch.setattr(latency, "BLOCK_SECONDS", 0.001)

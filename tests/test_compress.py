@@ -382,7 +382,7 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
     model = _stack()
     base = dict(ratio=0.5, holdout=0, max_iter=3, rank_multiple=1)
     plain = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**base), progress=False).report
-    config = CompressConfig(**base, require_speedup=True, speed_batch=4)
+    config = CompressConfig(**base, require_speedup=True, speed_batch=4, benchmark_batch=4)
     report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
     by_name = {layer.name: layer for layer in report.layers}
     assert "conv1" in timed and by_name["conv1"].method is None and "not faster" in by_name["conv1"].reason

@@ -12,7 +12,7 @@ same calibration data (same batch size) is timed, so every stage is also given i
 | resnet56 | 2000 CIFAR-10 train images (seeded subset) | 0.5 |
 | efficientnet | the 500 even-class images of the ImageNet sample (the odd ones evaluate) | 0.75 of the convolutions |
 | resnet50 | ResNet-50-shaped model (tools/make_resnet50.py), the 1000 ImageNet-sample images | 0.5 |
-| yolo | YOLO-style detector at 320x320 (tools/make_yolo.py), every default (natural-photograph crops, no --method) | 0.75 |
+| yolo | YOLO-style detector, 320x320 (tools/make_yolo.py), all defaults (natural crops, no --method) | 0.75 |
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""--speedup: the largest ratio (most accurate model) whose measured end-to-end speed-up meets the target, on
+the pessimistic end of the interval; wiring through compress with a latency that follows the MACs."""
+
+import numpy as np
+import pytest
+from builders import conv_stack
+
+import onnx_dacomp
+from onnx_dacomp.calibration.sources import ArraySource
+from onnx_dacomp.errors import UserError
+from onnx_dacomp.latency import Latency
+from onnx_dacomp.search import largest_ratio_at_speed
+
+
+def _latency(ratio: float, width: float = 0.02) -> Latency:
+    return Latency(1, 1.0, ratio, "CPU", ratio, ratio - width, ratio + width, 20, 2)
+
+
+def test_the_search_finds_the_largest_ratio_that_is_fast_enough():
+    # a model at budget ratio r runs at 0.2 + 0.8 r of the original's time (fixed costs stay)
+    probed = []
+
+    def probe(ratio):
+        probed.append(ratio)
+        return _latency(0.2 + 0.8 * ratio)
+
+    ratio, record = largest_ratio_at_speed(probe, 1.5)
+    # met where 0.2 + 0.8 r + 0.02 <= 1 / 1.5: r <= 0.5583
+    assert 0.5583 - 0.02 <= ratio <= 0.5584 and record["ratio"] == ratio
+    assert all(item["met"] == (item["interval"][1] <= 1 / 1.5) for item in record["probes"])
+    assert len(probed) == len(record["probes"]) <= 10
+    with pytest.raises(UserError, match="--speedup 6 not reached: the fastest model probed"):
+        largest_ratio_at_speed(probe, 6)  # 0.2 of the time is fixed: 5x at most
+
+
+def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monkeypatch):
+    from onnx_dacomp import pipeline
+    from onnx_dacomp.targets import find_targets
+
+    def macs(model):
+        return sum(layer.macs for layer in find_targets(model).layers)
+
+    def fake_latency(original, compressed, source, sizes, signature, runtime, *args):
+        ratio = macs(compressed) / macs(original)
+        return tuple(_latency(ratio, 0.01) for _ in sizes)
+
+    monkeypatch.setattr(pipeline, "end_to_end_latency", fake_latency)
+    model = conv_stack(channels=16, size=(12, 12), input_channels=3)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((96, 3, 12, 12)).astype(np.float32))
+    result = onnx_dacomp.compress(
+        model, ArraySource(path, ["x"]), speedup=1.25, holdout=16, max_iter=3, progress=False, rank_multiple=1
+    )
+    report = result.report
+    assert report.budget == "macs" and report.search["target"] == "1.25x faster at batch 1"
+    met = [item for item in report.search["probes"] if item["met"]]
+    assert met and report.search["ratio"] == max(item["ratio"] for item in met)
+    assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01  # the pessimistic end meets the target
+    with pytest.raises(UserError, match="--speedup sets the ratio itself"):
+        onnx_dacomp.compress(model, ArraySource(path, ["x"]), speedup=1.25, ratio=0.5, progress=False)
