@@ -138,7 +138,7 @@ def test_chain_reproduces_conv(method, config):
     assert relative_error(original, reference) < tolerance  # the harness itself computes the right thing
     assert relative_error(rewritten, original) < tolerance
     chain_ops = [node.op_type for node in chain.graph.node]
-    convs = {"svd": 2, "cp": 3}  # CP: one fused depthwise conv between the 1x1s, any number of axes
+    convs = {"svd": 2, "cp": 2 + spatial}
     if method == "tucker2":  # a square (full-rank) factor is folded into the core
         square = [f.shape[0] == f.shape[1] for f in (factors[0].input_factor, factors[0].output_factor)]
         convs["tucker2"] = 3 - sum(square)

@@ -144,7 +144,7 @@ def test_grouped_conv_factors_per_group():
     new = replace_layers(model, {layer.output: (layer, factors)})
     expected = conv_reference(x, weight, strides=(2, 1), pads=(1, 0, 0, 1), dilations=(1, 1), group=group)
     assert relative_error(run(new, {"x": x})[0], expected) < 1e-5
-    assert [next(a.i for a in n.attribute if a.name == "group") for n in new.graph.node] == [3, 6, 3]
+    assert [next(a.i for a in n.attribute if a.name == "group") for n in new.graph.node] == [3, 6, 6, 3]
 
     with pytest.raises(ValueError, match="3 groups"):
         replace_layers(model, {layer.output: (layer, factors[:1])})
