@@ -115,7 +115,8 @@ def images(folder: Path, count: int, *, broken: bool = False) -> Path:
 
 
 def cases(root: Path) -> list[tuple[str, list[str], list[Path], Path | None, float | None]]:
-    """(name, CLI arguments, input files that must stay unchanged, output that must not exist, SIGINT after s)."""
+    """(name, CLI arguments, input files that must stay unchanged, output that must not exist, SIGINT after s,
+    or (s, signal))."""
     model = conv_stack(root / "model.onnx")
     out = root / "out.onnx"
     data = root / "data.npz"
@@ -232,6 +233,9 @@ def cases(root: Path) -> list[tuple[str, list[str], list[Path], Path | None, flo
     slow = conv_stack(root / "slow.onnx", channels=64, size=32)
     interrupted = ["compress", slow, "-o", out, "--data", "natural", "--limit", "4000", "--method", "cp"]
     add("Ctrl-C during compress", interrupted, [slow], interrupt=4.0)
+    add("SIGTERM during compress", [*interrupted, "--workers", "2"], [slow], interrupt=(4.0, signal.SIGTERM))
+    add("--mean with 2 values, 3 channels", ["compress", model, "-o", out, "--data", "natural", "--mean", "127,127"],
+        [model])  # fmt: skip
     return found
 
 
@@ -239,8 +243,9 @@ def run_case(args, interrupt) -> tuple[int, str]:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     process = subprocess.Popen(PYTHON + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if interrupt:
-        time.sleep(interrupt)
-        process.send_signal(signal.SIGINT)
+        seconds, sent = interrupt if isinstance(interrupt, tuple) else (interrupt, signal.SIGINT)
+        time.sleep(seconds)
+        process.send_signal(sent)
     _, err = process.communicate(timeout=600)
     return process.returncode, err
 
