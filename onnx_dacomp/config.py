@@ -431,6 +431,9 @@ class VerifyConfig:
     benchmark: bool = option(
         True, "skip the closing end-to-end latency measurement of both models", flag="--no-benchmark"
     )
+    layer_timings: bool = option(
+        False, "time every layer and the chain that replaces it, alone in onnxruntime at --speed-batch (report)"
+    )
     benchmark_batch: int = option(
         32, "the serving batch size of the closing latency measurement (besides batch 1)", parse=positive_int
     )

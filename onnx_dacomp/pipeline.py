@@ -23,6 +23,7 @@ from .geometry import solver_work
 from .inputs import input_signature, with_image_size
 from .load import default_opset, load_model
 from .log import StageClock, logger
+from .log import progress as log_progress
 from .problems import build_problems
 from .propagate import fit_propagated, keep_better
 from .ranks import overrides
@@ -224,6 +225,17 @@ def _compress(
     if store is not None:
         logger.info("cache %s: %s", runtime.cache_dir, store.summary() or "nothing to keep")
 
+    row_costs = costs if config.plan.budget == "latency" else None
+    if config.verify.layer_timings:
+        row_costs = row_costs or LayerCosts(layers, timing)
+        timed_layers = [layer for layer in scan.layers if layer.geometry is not None]
+        with log_progress(len(timed_layers), "timing layers and chains", "layer", enabled=progress) as bar:
+            for layer in timed_layers:  # layers of one geometry share their timings
+                timing.original(layer)
+                if (choice := rank_plan.get(layer.name)) is not None and layer.name in fits:
+                    timing.chain(layer, choice.method, choice.ranks)
+                bar.update()
+        clock.mark("layer_timings")
     provenance = {"method": config.plan.method, "budget": config.plan.budget, "ratio": ratio, "norm": config.fit.norm}
     new_model = with_provenance(new_model, provenance)
     report = CompressionReport(
@@ -236,7 +248,7 @@ def _compress(
             budget=config.plan.budget,
             ratio=ratio,
             sensitivity=sensitivity,
-            timed=costs.timed_row if config.plan.budget == "latency" else None,
+            timed=row_costs.timed_row if row_costs is not None else None,
             counted=counted,
         ),  # fmt: skip
         model_totals=model_totals(model, new_model),

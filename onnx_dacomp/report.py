@@ -114,6 +114,7 @@ class CompressionReport:
             "",
             f"rel.err ({self.error_norm})",
             "sensitivity",
+            "ms alone",
             "",
         )
         rows = [header]
@@ -129,6 +130,7 @@ class CompressionReport:
                     f"-> {layer.macs_after:,}",
                     f"{layer.rel_error:.4g}" if layer.method else "",
                     f"{layer.sensitivity:.3g}" if layer.sensitivity is not None else "",
+                    _timing(layer),
                     layer.reason or "",
                 )
             )
@@ -143,6 +145,7 @@ class CompressionReport:
                 f"-> {totals['params_after']:,}",
                 f"{totals['macs_before']:,}",
                 f"-> {totals['macs_after']:,}",
+                "",
                 "",
                 "",
                 "",
@@ -184,6 +187,13 @@ class CompressionReport:
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
         return "\n".join(lines)
+
+
+def _timing(layer: LayerReport) -> str:
+    """The layer's time alone and its chain's (`--layer-timings`, `--budget latency`), in ms."""
+    if layer.latency_before is None:
+        return ""
+    return f"{layer.latency_before:.3f} -> {layer.latency_after:.3f}"
 
 
 def _kinds(layers: Sequence[LayerReport]) -> str:

@@ -149,7 +149,10 @@ class LayerCosts:
     def timed_row(self, row: LayerReport, choice) -> LayerReport:
         """The report row with the measured latency of the layer and of what replaces it (`choice`, or None)."""
         before = self.original(row.name).latency
-        after = choice.cost.latency if choice is not None else before
+        if choice is None:
+            return replace(row, latency_before=before, latency_after=before)
+        # a plan made in another unit has no measured chain (0): its timing is looked up or measured now
+        after = choice.cost.latency or self.timing.chain(self.layers[row.name], choice.method, choice.ranks)
         return replace(row, latency_before=before, latency_after=after)
 
 

@@ -482,3 +482,22 @@ def test_latency_budget_runs_on_real_timings(data_file):
     assert result.report.settings["budget"] == "latency"
     x = _images(4, seed=3)
     assert relative_error(run(result.model, {"x": x})[0], run(model, {"x": x})[0]) < 1.0
+
+
+def test_layer_timings_report_each_chain_against_its_layer(data_file, capsys):
+    from onnx_dacomp.speed import layer_latency
+
+    model = _stack()
+    config = CompressConfig(ratio=0.5, holdout=0, max_iter=2, rank_multiple=1, layer_timings=True, speed_batch=2)
+    report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
+    layers = {layer.name: layer for layer in find_targets(model).layers}
+    for row in report.layers:
+        assert row.latency_before > 0 and row.latency_after > 0
+        if row.method is None:
+            assert row.latency_after == row.latency_before
+    fitted = next(row for row in report.layers if row.method is not None)
+    # an independent timing of the same chain lands near the reported one (same table, same batch)
+    again = layer_latency(layers[fitted.name], fitted.method, fitted.ranks, batch=2, device="auto", opset=17)
+    assert 0.2 < again.chain_ms / fitted.latency_after < 5
+    table = report.table()
+    assert "ms alone" in table and f"{fitted.latency_before:.3f} -> {fitted.latency_after:.3f}" in table
