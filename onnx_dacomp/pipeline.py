@@ -23,7 +23,6 @@ from .geometry import solver_work
 from .inputs import input_signature, with_image_size
 from .load import default_opset, load_model
 from .log import StageClock, logger
-from .log import progress as log_progress
 from .problems import build_problems
 from .propagate import fit_propagated, keep_better
 from .ranks import overrides
@@ -179,6 +178,10 @@ def _compress(
         )
         return replace_layers(model, {layers[n].output: (layers[n], f.factors, f.bias) for n, f in fits.items()}), fits
 
+    def timed(candidate: onnx.ModelProto, sizes, show: bool, seconds: float):
+        source = holdout or calibration
+        return end_to_end_latency(model, candidate, source, sizes, signature, runtime, show, seconds)
+
     def verify(candidate: onnx.ModelProto, show: bool = progress):
         return compare_models(
             model, candidate, holdout, device=runtime.device, progress=show, signature=signature,
@@ -190,17 +193,11 @@ def _compress(
         if holdout is None:
             raise UserError("--max-drop/--min-agreement/--max-error need held-out data: pass --data and --holdout N")
         ratio, search = smallest_ratio(lambda r: verify(build(plan_at(r), False)[0], False), config.plan)
-    elif config.plan.speedup is not None:
-        size = config.plan.speedup_batch
-
-        def timed(r: float):
-            candidate = build(plan_at(r), False)[0]
-            return end_to_end_latency(
-                model, candidate, holdout or calibration, [size], signature, runtime, False,
-                config.verify.benchmark_seconds,
-            )[0]  # fmt: skip
-
-        ratio, search = largest_ratio_at_speed(timed, config.plan.speedup)
+    elif config.plan.speedup is not None:  # each probe: the model at that ratio timed against the original
+        sizes, seconds = [config.plan.speedup_batch], config.verify.benchmark_seconds
+        ratio, search = largest_ratio_at_speed(
+            lambda r: timed(build(plan_at(r), False)[0], sizes, False, seconds)[0], config.plan.speedup
+        )
     rank_plan = plan_at(ratio)
     if config.plan.require_speedup:
         rank_plan, slower = keep_faster(rank_plan, layers, timing, fixed)
@@ -217,10 +214,8 @@ def _compress(
         )
     latency = ()
     if config.verify.benchmark:  # every run says whether the result is faster, measured end to end
-        sizes, source = sorted({1, config.verify.benchmark_batch}), holdout or calibration
-        latency = end_to_end_latency(
-            model, new_model, source, sizes, signature, runtime, progress, config.verify.benchmark_seconds
-        )
+        sizes = sorted({1, config.verify.benchmark_batch})
+        latency = timed(new_model, sizes, progress, config.verify.benchmark_seconds)
     clock.mark("verify")
     if store is not None:
         logger.info("cache %s: %s", runtime.cache_dir, store.summary() or "nothing to keep")
@@ -228,13 +223,7 @@ def _compress(
     row_costs = costs if config.plan.budget == "latency" else None
     if config.verify.layer_timings:
         row_costs = row_costs or LayerCosts(layers, timing)
-        timed_layers = [layer for layer in scan.layers if layer.geometry is not None]
-        with log_progress(len(timed_layers), "timing layers and chains", "layer", enabled=progress) as bar:
-            for layer in timed_layers:  # layers of one geometry share their timings
-                timing.original(layer)
-                if (choice := rank_plan.get(layer.name)) is not None and layer.name in fits:
-                    timing.chain(layer, choice.method, choice.ranks)
-                bar.update()
+        row_costs.measure(scan.layers, {name: rank_plan.get(name) for name in fits}, progress)
         clock.mark("layer_timings")
     provenance = {"method": config.plan.method, "budget": config.plan.budget, "ratio": ratio, "norm": config.fit.norm}
     new_model = with_provenance(new_model, provenance)

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from .geometry import Cost, original_cost
 from .latency import session_latency
 from .layers import Layer, one_layer_model
-from .log import logger
+from .log import logger, progress
 from .methods import Ranks, get
 from .ranks.candidates import CandidateTable
 from .ranks.plan import RankPlan
@@ -145,6 +145,17 @@ class LayerCosts:
         original = self.original(table.name)
         candidates = tuple(replace(c, cost=self.chain(table.name, c.method, c.ranks)) for c in table.candidates)
         return replace(table, original=original, candidates=candidates)
+
+    def measure(self, layers, chosen: Mapping, show_progress: bool = True) -> None:
+        """Time every layer of known size and the chain `chosen[name]` replacing it (where there is one), with
+        progress: the report's rows then find the figures (layers of one geometry share them)."""
+        timed = [layer for layer in layers if layer.geometry is not None]
+        with progress(len(timed), "timing layers and chains", "layer", enabled=show_progress) as bar:
+            for layer in timed:
+                self.timing.original(layer)
+                if (choice := chosen.get(layer.name)) is not None:
+                    self.timing.chain(layer, choice.method, choice.ranks)
+                bar.update()
 
     def timed_row(self, row: LayerReport, choice) -> LayerReport:
         """The report row with the measured latency of the layer and of what replaces it (`choice`, or None)."""
