@@ -207,6 +207,13 @@ def _compress(
     clock.mark("decompose")
 
     verification = verify(new_model) if holdout is not None else None
+    if verification is not None and verification.lost_function:
+        logger.warning(
+            "WARNING: the compressed model has lost the original's function on the held-out data (top-1 "
+            "agreement %s, relative output error %.3f): compress less (a larger --ratio or a smaller --speedup)",
+            "n/a" if verification.top1_agreement is None else f"{verification.top1_agreement:.1%}",
+            verification.rel_output_error,
+        )
     propagation = None
     if config.fit.propagate and verification is not None:  # propagation need not lower the model's error
         new_model, fits, verification, propagation = keep_better(

@@ -61,6 +61,14 @@ class Comparison:
         return max(output.rel_error for output in self.outputs)
 
     @property
+    def lost_function(self) -> bool:
+        """Whether the compressed model no longer computes the original's function: top-1 agreement under a
+        half for a classifier, else an output error near or above the output itself (SNR under 1 dB)."""
+        if self.top1_agreement is not None:
+            return self.top1_agreement < 0.5
+        return self.rel_output_error > 0.9
+
+    @property
     def top1_agreement(self) -> float | None:
         return self.classifier.top1_agreement if self.classifier else None
 

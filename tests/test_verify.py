@@ -102,3 +102,15 @@ def test_max_error_values_are_checked(tmp_path, capsys):
         assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(UserError, match="one of --max-drop, --min-agreement and --max-error"):
         onnx_dacomp.CompressConfig(max_error=0.1, min_agreement=0.9)
+
+
+def test_a_result_that_lost_the_function_is_recognised():
+    from onnx_dacomp.verify import Comparison, OutputComparison
+
+    def compared(error, agreement=None):
+        output = OutputComparison("y", error, 1 - error, -20 * np.log10(error), agreement is not None, agreement)
+        return Comparison(100, (output,))
+
+    assert compared(0.6, agreement=0.84).lost_function is False  # EfficientNet-Lite0 at 0.75: logits move, top-1 holds
+    assert compared(1.01, agreement=0.002).lost_function is True  # --speedup 1.2 on EfficientNet-Lite0
+    assert compared(0.95).lost_function is True and compared(0.3).lost_function is False  # no class scores
