@@ -33,9 +33,9 @@ from .rewrite import replace_layers, with_provenance
 from .runtime import blas_threads
 from .search import largest_ratio_at_speed, smallest_ratio
 from .sensitivity import allocation_weights
-from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster
+from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster, speedup_budget
 from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
-from .verify import compare_models, end_to_end_latency
+from .verify import compare_models, end_to_end_latency, warn_if_lost
 from .workers import Workers, executor
 
 NATURAL_NOTICE = (
@@ -108,9 +108,7 @@ def _compress(
     if not scan.targets:
         raise UserError(f"no layer of the model can be decomposed: {nothing_to_compress(scan)}")
     fitted, reasons = select(scan, config.plan.exclude, covariance=covariance, unknown=signature.unknown())
-    if config.plan.speedup is not None and config.plan.budget == "params":
-        config = config.replace(budget="macs")
-        logger.info("--speedup: the ratio counts MACs (parameters do not follow time)")
+    config = speedup_budget(config)
     if config.plan.rank_multiple is None:
         config = config.replace(rank_multiple=channel_multiple(runtime.device))
         logger.info("ranks in multiples of %d (the execution provider's channel block)", config.plan.rank_multiple)
@@ -207,13 +205,7 @@ def _compress(
     clock.mark("decompose")
 
     verification = verify(new_model) if holdout is not None else None
-    if verification is not None and verification.lost_function:
-        logger.warning(
-            "WARNING: the compressed model has lost the original's function on the held-out data (top-1 "
-            "agreement %s, relative output error %.3f): compress less (a larger --ratio or a smaller --speedup)",
-            "n/a" if verification.top1_agreement is None else f"{verification.top1_agreement:.1%}",
-            verification.rel_output_error,
-        )
+    warn_if_lost(verification)
     propagation = None
     if config.fit.propagate and verification is not None:  # propagation need not lower the model's error
         new_model, fits, verification, propagation = keep_better(

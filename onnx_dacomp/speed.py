@@ -82,6 +82,15 @@ class LatencyTable:
         return self._measured[key]
 
 
+def speedup_budget(config):
+    """The `CompressConfig` a --speedup search runs with: its ratio counts MACs where it would count
+    parameters, which do not follow time (measured latency, --budget latency, stays)."""
+    if config.plan.speedup is None or config.plan.budget != "params":
+        return config
+    logger.info("--speedup: the ratio counts MACs (parameters do not follow time)")
+    return config.replace(budget="macs")
+
+
 @functools.lru_cache(maxsize=None)
 def channel_multiple(device: str) -> int:
     """The channel count that a rank should be a multiple of to run at full speed on `device`.

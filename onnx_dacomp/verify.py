@@ -12,6 +12,7 @@ from .calibration.sources import IterableSource, Source
 from .errors import UserError
 from .inputs import InputSignature, input_signature
 from .latency import MAX_SECONDS, Latency, compare_latency
+from .log import logger
 from .log import progress as log_progress
 from .runtime import create_session
 
@@ -214,6 +215,17 @@ def benchmark_batches(source: Source, sizes, signature: InputSignature) -> list[
         raise UserError("the data yielded no samples to time the models with")
     joined = signature.concatenate(parts)
     return [signature.resized(joined, size) for size in sizes]
+
+
+def warn_if_lost(comparison: Comparison | None) -> None:
+    """A loud warning where the compressed model no longer computes the original's function."""
+    if comparison is not None and comparison.lost_function:
+        logger.warning(
+            "WARNING: the compressed model has lost the original's function on the held-out data (top-1 "
+            "agreement %s, relative output error %.3f): compress less (a larger --ratio or a smaller --speedup)",
+            "n/a" if comparison.top1_agreement is None else f"{comparison.top1_agreement:.1%}",
+            comparison.rel_output_error,
+        )
 
 
 def end_to_end_latency(
