@@ -54,6 +54,8 @@ class CompressionReport:
     settings: Mapping[str, object] = field(default_factory=dict)
     # the whole model: every initializer's elements and the serialized size, before and after
     model_totals: Mapping[str, int] = field(default_factory=dict)
+    # the allocation's trade-off curve without fitting: ratio, params and MACs kept, predicted output error
+    estimated_curve: tuple[Mapping[str, float], ...] = ()
 
     @property
     def totals(self) -> dict[str, float]:
@@ -97,6 +99,7 @@ class CompressionReport:
             "cpu_seconds": dict(self.cpu_seconds),
             "peak_rss_gib": dict(self.peak_rss_gib),
             "settings": dict(self.settings),
+            "estimated_curve": list(self.estimated_curve),
         }
 
     def to_json(self) -> str:

@@ -265,7 +265,7 @@ def test_cli_interrupt_keeps_the_existing_output(tmp_path, data_file, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("onnx_dacomp.pipeline.replace_layers", interrupted)
+    monkeypatch.setattr("onnx_dacomp.job.replace_layers", interrupted)
     code = main(["compress", str(model_path), "-o", str(out), "--data", str(data_file)])
     assert code == 130 and out.read_bytes() == b"previous"
     assert "interrupted" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_the_search_finds_the_largest_ratio_that_is_fast_enough():
 
 
 def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monkeypatch):
-    from onnx_dacomp import pipeline
+    from onnx_dacomp import job
     from onnx_dacomp.targets import find_targets
 
     def macs(model):
@@ -44,7 +44,7 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
         ratio = macs(compressed) / macs(original)
         return tuple(_latency(ratio, 0.01) for _ in sizes)
 
-    monkeypatch.setattr(pipeline, "end_to_end_latency", fake_latency)
+    monkeypatch.setattr(job, "end_to_end_latency", fake_latency)
     model = conv_stack(channels=16, size=(12, 12), input_channels=3)
     path = tmp_path / "d.npz"
     np.savez(path, x=np.random.default_rng(0).standard_normal((96, 3, 12, 12)).astype(np.float32))

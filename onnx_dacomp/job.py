@@ -1,0 +1,307 @@
+"""Everything a model at some ratio is built from, computed once: load -> targets -> calibrate -> problems ->
+tables -> sensitivities (`prepare`). `CompressionJob.result(ratio)` then plans, fits, rewrites, verifies and
+reports one model; `pipeline.compress` asks for one ratio (or searches for it), `sweep.sweep` for several, and
+both give the same model at the same ratio since they run the same code on the same shared parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import onnx
+
+from .cache import Cache, digest, statistics_key
+from .calibration.collect import collect_statistics
+from .calibration.sources import split
+from .calibration.statistics import Statistics, spilled, too_few_vectors
+from .config import CompressConfig
+from .errors import UserError
+from .fit import FitSettings, fit_all
+from .geometry import solver_work
+from .inputs import input_signature, with_image_size
+from .layers import Layer
+from .load import default_opset, load_model
+from .log import StageClock, logger
+from .problems import build_problems
+from .propagate import fit_propagated, keep_better
+from .ranks import overrides
+from .ranks.candidates import CandidateTable, candidate_tables
+from .ranks.plan import Budget, RankPlan, plan
+from .report import CompressionReport, layer_rows, model_totals
+from .rewrite import replace_layers, with_provenance
+from .sensitivity import allocation_weights
+from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster, speedup_budget
+from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
+from .verify import compare_models, end_to_end_latency, warn_if_lost
+from .workers import Workers
+
+NATURAL_NOTICE = (
+    "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
+    "data from the model's own domain fits better"
+)
+CURVE_RATIOS = tuple(round(0.05 * step, 2) for step in range(2, 21))  # the estimated trade-off curve's points
+
+
+@dataclass(frozen=True, eq=False)
+class CompressionResult:
+    model: onnx.ModelProto
+    report: CompressionReport
+    # the allocation's candidate tables (layer -> ranks, cost, estimated error), for --sensitivity-csv
+    tables: dict[str, CandidateTable] = field(default_factory=dict)
+
+
+def calibrated(
+    model, layers, calibration, config: CompressConfig, signature, store: Cache | None, workers: Workers, progress: bool
+):
+    """The statistics of `layers` on `calibration`: from `store` where it holds them, else collected on
+    `workers` (and kept there)."""
+    runtime, data = config.runtime, config.data
+    # propagation's cross statistics take every position: its plain statistics do too, unless asked otherwise
+    positions = data.positions or ("all" if config.fit.propagate else "sampled")
+    settings = (asdict(data), positions, signature, runtime.device, runtime.seed, config.verify.holdout)
+    key = statistics_key(digest(model.SerializeToString()), layers, calibration, settings) if store else None
+    statistics = store.statistics(key) if key else None
+    if statistics is None:
+        statistics = collect_statistics(
+            model, layers, calibration, device=runtime.device, progress=progress, signature=signature, workers=workers,
+            positions=positions, seed=runtime.seed,
+        )  # fmt: skip
+        if key:
+            store.put_statistics(key, statistics)
+    return statistics
+
+
+@dataclass(frozen=True, eq=False)
+class CompressionJob:
+    """The parts shared by every ratio: model, data split, statistics, problems, candidate tables and
+    sensitivities; `fit_cache` keeps each layer's fits across ratios."""
+
+    model: onnx.ModelProto
+    config: CompressConfig
+    progress: bool
+    workers: Workers
+    store: Cache | None
+    clock: StageClock
+    scan: TargetScan
+    layers: dict[str, Layer]
+    fitted: list
+    reasons: dict[str, str]
+    calibration: object
+    holdout: object
+    signature: object
+    statistics: Statistics | None
+    problems: object
+    settings: FitSettings
+    timing: LatencyTable
+    costs: LayerCosts
+    fixed: dict
+    pooled: object
+    tables: dict[str, CandidateTable]
+    sensitivity: dict[str, float] | None
+    counted: list[str]
+    fit_cache: dict = field(default_factory=dict)
+
+    def plan_at(self, ratio: float | None) -> RankPlan:
+        options = self.config.plan
+        budget = Budget(
+            options.budget, ratio, options.allocation, options.method, options.rank_multiple, self.config.runtime.seed
+        )
+        original_costs = {name: self.costs.original(name) for name in self.counted}
+        return plan(
+            self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
+            weights=self.sensitivity,
+        )  # fmt: skip
+
+    def build(self, rank_plan: RankPlan, propagate: bool):
+        """The model with the plan's chains fitted (on the partially compressed model with `propagate`) and
+        the fits."""
+        if propagate:
+            if self.calibration is None:
+                raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
+            return fit_propagated(
+                self.model, self.fitted, rank_plan, self.problems, self.statistics.layers, list(self.calibration),
+                self.settings, bias_refit=self.config.fit.bias_refit, device=self.config.runtime.device,
+                show_progress=self.progress,
+            )  # fmt: skip
+        fits = fit_all(
+            self.problems, rank_plan.choices, self.settings, map=self.pooled, cache=self.fit_cache, store=self.store,
+            show_progress=self.progress,
+        )  # fmt: skip
+        chains = {self.layers[n].output: (self.layers[n], f.factors, f.bias) for n, f in fits.items()}
+        return replace_layers(self.model, chains), fits
+
+    def timed(self, candidate: onnx.ModelProto, sizes, show: bool, seconds: float):
+        """`candidate` timed against the original, end to end, at each batch size in `sizes`."""
+        source, runtime = self.holdout or self.calibration, self.config.runtime
+        return end_to_end_latency(self.model, candidate, source, sizes, self.signature, runtime, show, seconds)
+
+    def verify(self, candidate: onnx.ModelProto, show: bool | None = None):
+        return compare_models(
+            self.model, candidate, self.holdout, device=self.config.runtime.device,
+            progress=self.progress if show is None else show, signature=self.signature,
+            classifier_outputs=self.config.verify.classifier_outputs,
+        )  # fmt: skip
+
+    def _settings(self, ratio) -> dict:
+        return {k: v for k, v in self.config.options().items() if k != "input_shapes"} | {"ratio": ratio}
+
+    def estimated_curve(self) -> list[dict]:
+        """The allocation's own trade-off curve, without fitting: at each ratio of CURVE_RATIOS, the counted
+        layers' params and MACs kept and the output error the sensitivities predict, sqrt(sum of sensitivity
+        times estimated layer error) (empty without candidate tables)."""
+        if not self.tables:
+            return []
+        before = {unit: sum(self.costs.original(name).of(unit) for name in self.counted) for unit in ("params", "macs")}
+        curve = []
+        for ratio in CURVE_RATIOS:
+            chosen = self.plan_at(ratio).choices
+            after = {unit: 0 for unit in before}
+            for name in self.counted:
+                choice = chosen.get(name)
+                for unit in after:
+                    after[unit] += (choice.cost if choice else self.costs.original(name)).of(unit)
+            energy = sum(
+                (self.sensitivity or {}).get(name, 1.0) * choice.error
+                for name, choice in chosen.items()
+                if choice is not None and not math.isnan(choice.error)
+            )
+            curve.append({
+                "ratio": ratio, "params": after["params"] / max(before["params"], 1),
+                "macs": after["macs"] / max(before["macs"], 1), "estimated_output_error": math.sqrt(energy),
+            })  # fmt: skip
+        return curve
+
+    def result(self, ratio: float | None, search: dict | None = None, *, benchmark: bool | None = None):
+        """The compressed model at `ratio` and its report (`search`: the record of the search that chose it);
+        `benchmark` overrides the config's closing latency measurement."""
+        config, clock = self.config, self.clock
+        rank_plan, reasons = self.plan_at(ratio), dict(self.reasons)
+        if config.plan.require_speedup:
+            rank_plan, slower = keep_faster(rank_plan, self.layers, self.timing, self.fixed)
+            reasons.update(slower)
+        clock.mark("ranks")
+        new_model, fits = self.build(rank_plan, config.fit.propagate)
+        clock.mark("decompose")
+
+        verification = self.verify(new_model) if self.holdout is not None else None
+        warn_if_lost(verification)
+        propagation = None
+        if config.fit.propagate and verification is not None:  # propagation need not lower the model's error
+            new_model, fits, verification, propagation = keep_better(
+                (new_model, fits, verification), lambda: self.build(rank_plan, False), self.verify, config.plan
+            )
+        latency = ()
+        if config.verify.benchmark if benchmark is None else benchmark:  # is the result faster, end to end?
+            sizes = sorted({1, config.verify.benchmark_batch})
+            latency = self.timed(new_model, sizes, self.progress, config.verify.benchmark_seconds)
+        clock.mark("verify")
+        if self.store is not None:
+            logger.info("cache %s: %s", config.runtime.cache_dir, self.store.summary() or "nothing to keep")
+
+        row_costs = self.costs if config.plan.budget == "latency" else None
+        if config.verify.layer_timings:
+            row_costs = row_costs or LayerCosts(self.layers, self.timing)
+            row_costs.measure(self.scan.layers, {name: rank_plan.get(name) for name in fits}, self.progress)
+            clock.mark("layer_timings")
+        options = config.plan
+        new_model = with_provenance(
+            new_model, {"method": options.method, "budget": options.budget, "ratio": ratio, "norm": config.fit.norm}
+        )
+        rows = layer_rows(
+            self.scan.layers, rank_plan, fits, reasons, method=config.plan.method, budget=config.plan.budget,
+            ratio=ratio, sensitivity=self.sensitivity, timed=row_costs.timed_row if row_costs is not None else None,
+            counted=self.counted,
+        )  # fmt: skip
+        report = CompressionReport(
+            layers=rows,
+            model_totals=model_totals(self.model, new_model),
+            error_norm="sigma" if self.statistics is not None else "frobenius",
+            budget=config.plan.budget,
+            target_ratio=ratio,
+            verification=verification,
+            search=search,
+            propagation=propagation,
+            latency=latency,
+            calibration=self.statistics.source if self.statistics is not None else None,
+            seconds=clock.seconds(),
+            cpu_seconds=clock.cpu_seconds(),
+            peak_rss_gib=clock.peak_rss(),
+            settings=self._settings(ratio if search is None else config.plan.ratio),
+            estimated_curve=tuple(self.estimated_curve()),
+        )
+        logger.info("%s", report.table())
+        return CompressionResult(new_model, report, self.tables)
+
+
+def prepare(
+    model, data, config: CompressConfig, statistics, progress: bool, workers: Workers, scratch: str, *, budgeted=False
+) -> CompressionJob:
+    """Load, find the layers, calibrate, and build what every ratio shares (`budgeted`: candidate tables and
+    sensitivities even where the config sets no ratio, for a sweep)."""
+    clock = StageClock()
+    model = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    runtime, covariance = config.runtime, config.fit.norm == "sigma"
+    store = Cache(runtime.cache_dir) if runtime.cache_dir is not None else None
+    preprocessing = config.data.preprocessing
+    input_shapes = with_image_size(model, config.data.input_shapes, preprocessing.size, preprocessing.layout)
+    signature = input_signature(model, input_shapes, config.data.batch_axes)
+    scan = find_targets(model, input_shapes)
+    scan = TargetScan(tuple(layer for layer in scan.layers if layer.kind in config.plan.layer_kinds))
+    layers = {layer.name: layer for layer in scan.layers}
+    overrides.check_names(config.plan.ranks, scan.layers)
+    if not scan.targets:
+        raise UserError(f"no layer of the model can be decomposed: {nothing_to_compress(scan)}")
+    fitted, reasons = select(scan, config.plan.exclude, covariance=covariance, unknown=signature.unknown())
+    config = speedup_budget(config)
+    if config.plan.rank_multiple is None:
+        config = config.replace(rank_multiple=channel_multiple(runtime.device))
+        logger.info("ranks in multiples of %d (the execution provider's channel block)", config.plan.rank_multiple)
+
+    if covariance and fitted and statistics is None and data is None:
+        logger.info(NATURAL_NOTICE)
+        data = "natural"
+    data_config = replace(config.data, input_shapes=input_shapes)
+    calibration, holdout = split(data, model, data_config, config.verify.holdout, runtime.seed)
+    weights = read_weights(model, fitted)
+    if covariance and fitted:
+        if statistics is None:
+            if calibration is None:
+                raise UserError("the calibration data left no samples to calibrate on after the held-out part")
+            statistics = calibrated(model, fitted, calibration, config, signature, store, workers, progress)
+        else:
+            statistics.check_model(fitted, weights)
+        statistics = spilled(statistics, scratch)
+    moments = statistics.layers if covariance and statistics is not None else None
+    unfittable = too_few_vectors(statistics, fitted) if moments is not None else {}
+    reasons.update(unfittable)
+    fitted = [layer for layer in fitted if layer.name not in unfittable]
+    clock.mark("calibrate")
+
+    problems = build_problems(fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit)
+    settings = FitSettings.of(config)
+    timing = LatencyTable(batch=runtime.speed_batch, device=runtime.device, opset=default_opset(model) or 17)
+    costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)
+    fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
+    managed = problems.restricted([name for name in problems if name not in fixed])
+    pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))
+    budgeted = budgeted or config.plan.target_ratio is not None or config.plan.targeted or config.plan.speedup
+    tables, sensitivity = {}, None
+    if budgeted and managed and config.plan.allocation == "allocated":
+        tables = candidate_tables(
+            managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed,
+            show_progress=progress, map=pooled, cache=store,
+        )  # fmt: skip
+        tables = {name: costs.timed(table) for name, table in tables.items()}
+        sensitivity = allocation_weights(
+            model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers
+        )
+    # the budget counts the decomposable layers (as `inspect` lists them), excluded ones too, less those the
+    # calibration data cannot fit
+    counted = [layer.name for layer in scan.targets if layer.geometry is not None and layer.name not in unfittable]
+    return CompressionJob(
+        model=model, config=config, progress=progress, workers=workers, store=store, clock=clock, scan=scan,
+        layers=layers, fitted=fitted, reasons=reasons, calibration=calibration, holdout=holdout, signature=signature,
+        statistics=statistics, problems=problems, settings=settings, timing=timing, costs=costs, fixed=fixed,
+        pooled=pooled, tables=tables, sensitivity=sensitivity, counted=counted,
+    )  # fmt: skip
