@@ -4,7 +4,8 @@ import onnx_dacomp
 result = onnx_dacomp.compress("model.onnx", data="images/", ratio=0.5)
 result.model, result.report
 
-`calibrate`, `evaluate` and `inspect` are the other commands' functions; configs are in `onnx_dacomp.config`.
+`sweep`, `calibrate`, `evaluate` and `inspect` are the other commands' functions; configs are in
+`onnx_dacomp.config`.
 """
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "compress",
     "evaluate",
     "inspect",
+    "sweep",
 ]
 
 
@@ -43,6 +45,22 @@ def compress(model, data=None, config: CompressConfig | None = None, **options):
     statistics, progress = options.pop("statistics", None), options.pop("progress", True)
     with _logging(progress):  # first: the choice of workers may log
         return run(model, data, _configured(config, options, workers=True), statistics=statistics, progress=progress)
+
+
+def sweep(model, data=None, ratios=None, config: CompressConfig | None = None, **options):
+    """The model at each of `ratios` (default 0.3, 0.4, 0.5, 0.6, 0.75) from one calibration, with the same
+    flat options as `compress`; returns a `SweepResult` (`.points`, `.table()`, `.to_csv()`, `.to_json()`).
+    `on_model=f` receives `(ratio, CompressionResult)` for each point (to save it). See `sweep.sweep`."""
+    from .sweep import DEFAULT_RATIOS
+    from .sweep import sweep as run
+
+    statistics, progress = options.pop("statistics", None), options.pop("progress", True)
+    on_model = options.pop("on_model", None)
+    with _logging(progress):
+        config = _configured(config, options, workers=True)
+        return run(
+            model, data, ratios or DEFAULT_RATIOS, config, statistics=statistics, progress=progress, on_model=on_model
+        )
 
 
 def calibrate(model, data, config=None, *, mode: str = "auto", progress: bool = True, **options):

@@ -228,7 +228,7 @@ def write_plot(results: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        print("matplotlib not installed: no plot")
         return
     models = list(dict.fromkeys(r["model"] for r in results["rows"]))
     figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)

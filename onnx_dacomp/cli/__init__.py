@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import UserError
 from ..log import stderr_handler
-from . import calibrate_command, compress_command, evaluate_command, inspect_command
+from . import calibrate_command, compress_command, evaluate_command, inspect_command, sweep_command
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -20,6 +20,7 @@ COMMANDS = {
     "inspect": inspect_command,
     "calibrate": calibrate_command,
     "compress": compress_command,
+    "sweep": sweep_command,
     "evaluate": evaluate_command,
 }
 

@@ -7,12 +7,15 @@ import time
 
 from ..calibration.statistics import load_statistics
 from ..config import GROUPS, CompressConfig, FitConfig, PlanConfig, RuntimeConfig, VerifyConfig
+from ..exports import sensitivity_csv
+from ..html_report import compress_html
 from ..load import load_model
 from ..log import logger
 from ..pipeline import compress
-from ..save import check_output, file_size, save_model, write_atomically
+from ..save import check_output, file_size, save_model
 from .calibrate_command import DATA_HELP
 from .options import add_data_options, add_options, data_config, values
+from .outputs import check_outputs, write_report, write_text
 
 
 def add_parser(commands) -> None:
@@ -26,7 +29,13 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("model", help="ONNX model file (never modified)")
     parser.add_argument("-o", "--output", required=True, help="compressed model to write")
-    parser.add_argument("--report", metavar="REPORT.json", help="write the report as JSON")
+    parser.add_argument(
+        "--report", metavar="REPORT.json|.html", help="write the report: JSON, or a page with plots (.html)"
+    )
+    parser.add_argument(
+        "--sensitivity-csv", metavar="FILE.csv",
+        help="write each layer's measured sensitivity and, per candidate rank, the error it would add",
+    )  # fmt: skip
     parser.add_argument(
         "--data", metavar="SOURCE", help=DATA_HELP + " (default: natural, unless --stats or --norm frobenius)"
     )
@@ -43,7 +52,7 @@ def add_parser(commands) -> None:
 EXAMPLES = """examples:
   onnx-dacomp compress model.onnx -o small.onnx --data images/ --ratio 0.5
   onnx-dacomp compress model.onnx -o small.onnx --data images/ --mean 0.485,0.456,0.406 \\
-      --std 0.229,0.224,0.225 --method auto --max-drop 1.0 --report report.json
+      --std 0.229,0.224,0.225 --method auto --max-drop 1.0 --report report.html
   onnx-dacomp compress model.onnx -o small.onnx --data samples.npz --input-shape input:-1x512 \\
       --batch-axis state:1 --budget macs --ratio 0.6
   onnx-dacomp compress model.onnx -o small.onnx --stats stats.npz --ranks ranks.json
@@ -58,15 +67,16 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     check_output(args.output, protect=args.model)  # fail before the slow part
-    if args.report:
-        check_output(args.report, protect=args.model)
+    check_outputs(args.report, (args.sensitivity_csv,), protect=args.model)
     config = config_from_args(args)
     model = load_model(args.model)
     statistics = load_statistics(args.stats) if args.stats else None
     result = compress(model, args.data, config, statistics=statistics, progress=not args.quiet)
     save_model(result.model, args.output, protect=args.model)
-    if args.report:
-        write_atomically(args.report, lambda stream: stream.write(result.report.to_json().encode()))
+    report = result.report
+    write_report(args.report, report.to_json, lambda: compress_html(report, f"onnx-dacomp compress {args.model}"))
+    if args.sensitivity_csv:
+        write_text(args.sensitivity_csv, sensitivity_csv(report.layers, result.tables))
     before, after = file_size(args.model), file_size(args.output)
     logger.info(
         "%s: %.2f MB -> %.2f MB (%.1f%%) in %.0f s",
