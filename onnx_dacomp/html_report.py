@@ -45,10 +45,11 @@ def compress_html(report: CompressionReport, title: str) -> str:
         "latency": {item.batch: (item.ratio, item.ratio_low, item.ratio_high) for item in report.latency},
         "pareto": True,
     }
+    top1 = report.verification.top1_original if report.verification else None
     body = [
         f"<h1>{_text(title)}</h1>",
         _section("Summary", _summary_table(report), f"<pre>{_text(_closing_lines(report))}</pre>"),
-        _section("Trade-off", _figure("tradeoff-curve", tradeoff_figure([point], report.estimated_curve))),
+        _section("Trade-off", _figure("tradeoff-curve", tradeoff_figure([point], report.estimated_curve, top1))),
         _section("Per layer", *_layer_parts(report, "layer")),
     ]
     return _page(title, body)
@@ -56,11 +57,7 @@ def compress_html(report: CompressionReport, title: str) -> str:
 
 def sweep_html(result, title: str) -> str:
     """The page of a `sweep` (`sweep.SweepResult`): the points' table and curve, then each point's layers."""
-    rows = result.rows()
-    points = [
-        row | {"latency": {item.batch: (item.ratio, item.ratio_low, item.ratio_high) for item in point.report.latency}}
-        for row, point in zip(rows, result.points)
-    ]
+    rows, points = result.rows(), sweep_points(result)
     curve = result.points[0].report.estimated_curve if result.points else ()
     batches = sorted({batch for point in points for batch in point["latency"]})
     latency = [(f"latency_b{b}{key}", f"latency b{b}{label}") for b in batches for key, label in LATENCY_COLUMNS]
@@ -80,15 +77,29 @@ def sweep_html(result, title: str) -> str:
     body = [
         f"<h1>{_text(title)}</h1>",
         _section("Summary", _key_values("summary-table", summary)),
-        _section("Trade-off", _figure("tradeoff-curve", tradeoff_figure(points, curve)), table),
+        _section("Trade-off", _figure("tradeoff-curve", tradeoff_figure(points, curve, original["top1"])), table),
         _section("Per layer, at each ratio", *details),
     ]
     return _page(title, body)
 
 
-def tradeoff_figure(points: Sequence[dict], estimated: Sequence[dict]) -> str:
-    """Relative output error (and top-1 where labelled) against params kept, MACs kept and latency ratio:
-    the measured points (Pareto-optimal ones filled) and the allocation's estimated curve."""
+def sweep_points(result) -> list[dict]:
+    """The points of a `sweep.SweepResult` as `tradeoff_figure` takes them."""
+    return [
+        row | {"latency": {item.batch: (item.ratio, item.ratio_low, item.ratio_high) for item in point.report.latency}}
+        for row, point in zip(result.rows(), result.points)
+    ]
+
+
+def tradeoff_figure(points: Sequence[dict], estimated: Sequence[dict], original_top1: float | None = None) -> str:
+    """`plot_tradeoff` as inline SVG."""
+    return _svg(plot_tradeoff(points, estimated, original_top1))
+
+
+def plot_tradeoff(points: Sequence[dict], estimated: Sequence[dict], original_top1: float | None = None):
+    """A matplotlib figure: relative output error (and top-1 where labelled) against params kept, MACs kept
+    and latency ratio: the measured points (Pareto-optimal ones filled), the allocation's estimated curve and
+    the original's top-1."""
     plt = _pyplot()
     with_top1 = any(point.get("top1") is not None for point in points)
     figure, axes = plt.subplots(2 if with_top1 else 1, 3, figsize=(13, 7.5 if with_top1 else 4), squeeze=False)
@@ -109,6 +120,10 @@ def tradeoff_figure(points: Sequence[dict], estimated: Sequence[dict]) -> str:
             axis.grid(alpha=0.3)
             if key == "rel_output_error" and estimated:
                 axis.legend(fontsize=8)
+        if key == "top1" and original_top1 is not None:
+            for axis in axes[row]:
+                axis.axhline(original_top1, color="0.4", linestyle=":", linewidth=1, label="original")
+            axes[row][0].legend(fontsize=8)
         axis = axes[row][2]
         batches = sorted({batch for point in points for batch in point["latency"]})
         for index, batch in enumerate(batches):
@@ -125,7 +140,8 @@ def tradeoff_figure(points: Sequence[dict], estimated: Sequence[dict]) -> str:
             axis.legend(fontsize=8)
         else:
             axis.text(0.5, 0.5, "latency not measured", ha="center", transform=axis.transAxes)
-    return _svg(figure)
+    figure.tight_layout()
+    return figure
 
 
 def layer_figure(layers: Sequence[LayerReport]) -> str:
