@@ -428,6 +428,10 @@ class VerifyConfig:
     holdout: int = option(
         500, "samples kept out of calibration for verification (a fifth of the data at most)", parse=int
     )
+    eval_data: str | None = option(
+        None, "verify on this data (any --data form) instead of a held-out part of --data, which then calibrates "
+        "whole", metavar="SOURCE",
+    )  # fmt: skip
     benchmark: bool = option(
         True, "skip the closing end-to-end latency measurement of both models", flag="--no-benchmark"
     )

@@ -17,13 +17,15 @@ SPEED_TOLERANCE = 0.02  # the speed search's bracket: timings are noisier than a
 
 
 def meets(comparison: Comparison | None, config: PlanConfig) -> bool:
+    """Whether the target holds on the pessimistic end of the figure's 95 % interval: the held-out set is a
+    sample, and the target is meant for the data the model will see."""
     if comparison is None:
         return False
     if config.max_drop is not None:
-        return comparison.top1_drop is not None and 100 * comparison.top1_drop <= config.max_drop
+        return comparison.top1_drop_high is not None and 100 * comparison.top1_drop_high <= config.max_drop
     if config.max_error is not None:
-        return error_of(comparison, config) <= config.max_error
-    return comparison.top1_agreement is not None and comparison.top1_agreement >= config.min_agreement
+        return error_bound(comparison, config) <= config.max_error
+    return comparison.top1_agreement_low is not None and comparison.top1_agreement_low >= config.min_agreement
 
 
 def error_of(comparison: Comparison, config: PlanConfig) -> float:
@@ -31,6 +33,14 @@ def error_of(comparison: Comparison, config: PlanConfig) -> float:
     if config.target_output is not None:
         return comparison.output(config.target_output).rel_error
     return comparison.rel_output_error
+
+
+def error_bound(comparison: Comparison, config: PlanConfig) -> float:
+    """The upper end of that error's 95 % interval."""
+    if config.target_output is not None:
+        output = comparison.output(config.target_output)
+        return output.rel_error_interval[1] if output.rel_error_interval else output.rel_error
+    return comparison.rel_output_error_high
 
 
 def preference(comparison: Comparison, config: PlanConfig) -> tuple:
@@ -42,10 +52,11 @@ def preference(comparison: Comparison, config: PlanConfig) -> tuple:
 
 def target_text(config: PlanConfig) -> str:
     if config.max_drop is not None:
-        return f"top-1 drop <= {config.max_drop} points"
+        return f"top-1 drop <= {config.max_drop} points (upper end of its 95% interval)"
     if config.max_error is not None:
-        return f"relative output error of {config.target_output or 'every output'} <= {config.max_error}"
-    return f"top-1 agreement >= {config.min_agreement}"
+        output = config.target_output or "every output"
+        return f"relative output error of {output} <= {config.max_error} (upper end of its 95% interval)"
+    return f"top-1 agreement >= {config.min_agreement} (lower end of its 95% interval)"
 
 
 def smallest_ratio(probe: Callable[[float], Comparison], config: PlanConfig) -> tuple[float, dict]:
@@ -67,24 +78,21 @@ def smallest_ratio(probe: Callable[[float], Comparison], config: PlanConfig) -> 
                 "--min-agreement needs a class-score output ([N, C], or --classifier-output NAME); use --max-error"
             )
         met = meets(comparison, config)
-        error = error_of(comparison, config)
-        probes.append(
-            {
-                "ratio": ratio,
-                "top1_drop": comparison.top1_drop,
-                "top1_agreement": comparison.top1_agreement,
-                "rel_output_error": error,
-                "met": met,
-            }
-        )
+        error, bound = error_of(comparison, config), error_bound(comparison, config)
+        probes.append({
+            "ratio": ratio, "top1_drop": comparison.top1_drop, "top1_drop_high": comparison.top1_drop_high,
+            "top1_agreement": comparison.top1_agreement, "top1_agreement_low": comparison.top1_agreement_low,
+            "rel_output_error": error, "rel_output_error_high": bound, "met": met,
+        })  # fmt: skip
         logger.info(
-            "probe at ratio %.4f: top-1 agreement %s, top-1 drop %s, relative output error %.4f: %s",
+            "probe at ratio %.4f: top-1 agreement %s, top-1 drop %s, relative output error %.4f (<= %.4f): %s",
             ratio,
-            "n/a" if comparison.top1_agreement is None else f"{comparison.top1_agreement:.4f}",
-            "n/a" if comparison.top1_drop is None else f"{100 * comparison.top1_drop:.2f} points",
-            error,
-            "meets the target" if met else "misses it",
-        )
+            "n/a" if comparison.top1_agreement is None
+            else f"{comparison.top1_agreement:.4f} (>= {comparison.top1_agreement_low:.4f})",
+            "n/a" if comparison.top1_drop is None
+            else f"{100 * comparison.top1_drop:.2f} points (<= {100 * comparison.top1_drop_high:.2f})",
+            error, bound, "meets the target" if met else "misses it",
+        )  # fmt: skip
         low, high = (low, ratio) if met else (ratio, high)
         if high - low < SEARCH_TOLERANCE:
             break

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -11,6 +11,7 @@ import onnx
 from .calibration.sources import IterableSource, Source
 from .errors import UserError
 from .inputs import InputSignature, input_signature
+from .intervals import paired_difference_interval, relative_error_interval, wilson
 from .latency import MAX_SECONDS, Latency, compare_latency
 from .log import logger
 from .log import progress as log_progress
@@ -35,6 +36,13 @@ class OutputComparison:
     top1_agreement: float | None = None
     top1_original: float | None = None
     top1_compressed: float | None = None
+    # 95 % intervals (`intervals.py`): bootstrap over samples for the error and the paired top-1 drop,
+    # Wilson for the proportions
+    rel_error_interval: tuple[float, float] | None = None
+    top1_agreement_interval: tuple[float, float] | None = None
+    top1_original_interval: tuple[float, float] | None = None
+    top1_compressed_interval: tuple[float, float] | None = None
+    top1_drop_interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Comparison:
     samples: int
     outputs: tuple[OutputComparison, ...]
     labels_from: str | None = None
+    in_sample: bool = False  # compared on the calibration data itself (no held-out data): optimistic
 
     def output(self, name: str) -> OutputComparison:
         for output in self.outputs:
@@ -60,6 +69,34 @@ class Comparison:
     def rel_output_error(self) -> float:
         """The worst output's relative error."""
         return max(output.rel_error for output in self.outputs)
+
+    @property
+    def worst_output(self) -> OutputComparison:
+        return max(self.outputs, key=lambda output: output.rel_error)
+
+    @property
+    def rel_output_error_high(self) -> float:
+        """The upper end of the worst output's error interval: what a bound on the error must meet."""
+        worst = self.worst_output
+        return worst.rel_error_interval[1] if worst.rel_error_interval else worst.rel_error
+
+    @property
+    def top1_agreement_low(self) -> float | None:
+        """The lower end of the top-1 agreement's interval."""
+        classifier = self.classifier
+        if classifier is None or classifier.top1_agreement is None:
+            return None
+        return (
+            classifier.top1_agreement_interval[0] if classifier.top1_agreement_interval else classifier.top1_agreement
+        )
+
+    @property
+    def top1_drop_high(self) -> float | None:
+        """The upper end of the top-1 drop's interval (paired: the same samples under both models)."""
+        if self.top1_drop is None:
+            return None
+        interval = self.classifier.top1_drop_interval
+        return interval[1] if interval else self.top1_drop
 
     @property
     def lost_function(self) -> bool:
@@ -88,7 +125,8 @@ class Comparison:
         return self.top1_original - self.top1_compressed
 
     def to_dict(self) -> dict:
-        summary = {key: getattr(self, key) for key in ("rel_output_error", "top1_agreement", "top1_drop")}
+        keys = ("rel_output_error", "rel_output_error_high", "top1_agreement", "top1_agreement_low", "top1_drop")
+        summary = {key: getattr(self, key) for key in (*keys, "top1_drop_high")}
         summary |= {"top1_original": self.top1_original, "top1_compressed": self.top1_compressed}
         return {**asdict(self), **summary}
 
@@ -117,6 +155,8 @@ def compare_models(
     producers = class_producers(original)
     sums = {name: np.zeros(4) for name in names}  # error energy, reference energy, cosine sum, samples
     agree, positions, correct, samples, labelled, classes = {}, {}, {}, 0, True, {}
+    units = {name: ([], []) for name in names}  # per sample (or per batch): error and reference energies
+    hits = {name: ([], []) for name in names}  # per sample: top-1 right under the original, the compressed
     with log_progress(source.size, "verifying", "sample", enabled=progress) as bar:
         for index, (batch, labels) in enumerate(source.labelled()):
             batch = signature.check(batch, index)
@@ -124,6 +164,8 @@ def compare_models(
             for name, reference, output in zip(names, first.run(None, batch), second.run(None, batch)):
                 reference, output = np.asarray(reference, np.float64), np.asarray(output, np.float64)
                 sums[name] += _energies(reference, output, size)
+                for unit, energy in zip(units[name], _unit_energies(reference, output, size)):
+                    unit.append(energy)
                 declared = name in classifier_outputs
                 scores = _class_scores(reference, size, dense=declared)
                 if name not in classes:
@@ -133,8 +175,10 @@ def compare_models(
                     agree[name] = agree.get(name, 0) + int(np.sum(predicted[0] == predicted[1]))
                     positions[name] = positions.get(name, 0) + len(scores)
                     if labels is not None and len(scores) == size:
-                        hits = [int(np.sum(p == np.asarray(labels))) for p in predicted]
-                        correct[name] = [a + b for a, b in zip(correct.get(name, [0, 0]), hits)]
+                        right = [p == np.asarray(labels) for p in predicted]
+                        correct[name] = [a + int(np.sum(b)) for a, b in zip(correct.get(name, [0, 0]), right)]
+                        for kept, flags in zip(hits[name], right):
+                            kept.append(flags)
             labelled = labelled and labels is not None
             samples += size
             bar.update(size)
@@ -144,18 +188,28 @@ def compare_models(
     for name in names:
         error, energy, cosines, count = sums[name]
         top1 = correct.get(name) if labelled else None
-        outputs.append(
-            OutputComparison(
-                name=name,
-                rel_error=float(np.sqrt(error / energy)) if energy > 0 else float(error > 0),
-                cosine=float(cosines / max(count, 1)),
-                snr_db=float(10 * np.log10(energy / error)) if error > 0 else float("inf"),
-                classes=bool(classes.get(name)),
-                top1_agreement=agree[name] / positions[name] if name in agree else None,
-                top1_original=top1[0] / samples if top1 else None,
-                top1_compressed=top1[1] / samples if top1 else None,
-            )
+        errors, energies = (np.concatenate(unit) for unit in units[name])
+        comparison = OutputComparison(
+            name=name,
+            rel_error=float(np.sqrt(error / energy)) if energy > 0 else float(error > 0),
+            cosine=float(cosines / max(count, 1)),
+            snr_db=float(10 * np.log10(energy / error)) if error > 0 else float("inf"),
+            classes=bool(classes.get(name)),
+            rel_error_interval=relative_error_interval(errors, energies),
         )
+        if name in agree:
+            comparison = replace(
+                comparison, top1_agreement=agree[name] / positions[name],
+                top1_agreement_interval=wilson(agree[name], positions[name]),
+            )  # fmt: skip
+        if top1:
+            original, compressed = (np.concatenate(flags) for flags in hits[name])
+            comparison = replace(
+                comparison, top1_original=top1[0] / samples, top1_compressed=top1[1] / samples,
+                top1_original_interval=wilson(top1[0], samples), top1_compressed_interval=wilson(top1[1], samples),
+                top1_drop_interval=paired_difference_interval(original, compressed),
+            )  # fmt: skip
+        outputs.append(comparison)
     has_top1 = any(output.top1_original is not None for output in outputs)
     return Comparison(samples, tuple(outputs), getattr(source, "labels_from", None) if has_top1 else None)
 
@@ -201,6 +255,15 @@ def _energies(reference: np.ndarray, output: np.ndarray, samples: int) -> np.nda
         return np.array([error, energy, float(np.sum(cosines)), samples])
     norm = np.linalg.norm(reference) * np.linalg.norm(output)
     return np.array([error, energy, float(np.sum(reference * output) / norm) if norm > 0 else 1.0, 1])
+
+
+def _unit_energies(reference: np.ndarray, output: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample error and reference energies of one batch of one output (one unit for the whole batch
+    when the output has no sample axis), for the error's interval."""
+    if reference.ndim and reference.shape[0] == samples and samples > 0:
+        left, right = reference.reshape(samples, -1), output.reshape(samples, -1)
+        return np.sum((right - left) ** 2, axis=1), np.sum(left**2, axis=1)
+    return np.array([np.sum((output - reference) ** 2)]), np.array([np.sum(reference**2)])
 
 
 def benchmark_batches(source: Source, sizes, signature: InputSignature) -> list[dict[str, np.ndarray]]:
