@@ -9,7 +9,7 @@ import html
 import io
 from collections.abc import Sequence
 
-from .report import CompressionReport, LayerReport, latency_line, verification_line
+from .report import CompressionReport, LayerReport, latency_line, summary_figures, verification_line
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; color: #222; }
@@ -29,22 +29,17 @@ LAYER_COLUMNS = (
 )  # fmt: skip
 POINT_COLUMNS = (
     ("ratio", "ratio"), ("params", "params kept"), ("macs", "MACs kept"), ("model_params", "model params"),
-    ("model_bytes", "file bytes"), ("rel_output_error", "rel. output error"), ("top1_agreement", "top-1 agreement"),
-    ("top1", "top-1"), ("samples", "held-out samples"),
+    ("model_bytes", "file bytes"), ("rel_output_error", "rel. output error"), ("rel_output_error_low", "low"),
+    ("rel_output_error_high", "high"), ("top1_agreement", "top-1 agreement"), ("top1_agreement_low", "low"),
+    ("top1_agreement_high", "high"), ("top1", "top-1"), ("top1_low", "low"), ("top1_high", "high"),
+    ("samples", "held-out samples"),
 )  # fmt: skip
 LATENCY_COLUMNS = (("", ""), ("_low", " low"), ("_high", " high"))  # the ratio and its 95 % interval
 
 
 def compress_html(report: CompressionReport, title: str) -> str:
     """The page of one `compress` run."""
-    point = {
-        "params": report.totals["params_after"] / max(report.totals["params_before"], 1),
-        "macs": report.totals["macs_after"] / max(report.totals["macs_before"], 1),
-        "rel_output_error": report.verification.rel_output_error if report.verification else None,
-        "top1": report.verification.top1_compressed if report.verification else None,
-        "latency": {item.batch: (item.ratio, item.ratio_low, item.ratio_high) for item in report.latency},
-        "pareto": True,
-    }
+    point = summary_figures(report) | {"latency": _latencies(report), "pareto": True}
     top1 = report.verification.top1_original if report.verification else None
     body = [
         f"<h1>{_text(title)}</h1>",
@@ -85,10 +80,11 @@ def sweep_html(result, title: str) -> str:
 
 def sweep_points(result) -> list[dict]:
     """The points of a `sweep.SweepResult` as `tradeoff_figure` takes them."""
-    return [
-        row | {"latency": {item.batch: (item.ratio, item.ratio_low, item.ratio_high) for item in point.report.latency}}
-        for row, point in zip(result.rows(), result.points)
-    ]
+    return [row | {"latency": _latencies(point.report)} for row, point in zip(result.rows(), result.points)]
+
+
+def _latencies(report: CompressionReport) -> dict:
+    return {item.batch: (item.ratio, item.ratio_low, item.ratio_high) for item in report.latency}
 
 
 def tradeoff_figure(points: Sequence[dict], estimated: Sequence[dict], original_top1: float | None = None) -> str:
@@ -113,8 +109,10 @@ def plot_tradeoff(points: Sequence[dict], estimated: Sequence[dict], original_to
                           color="0.6", label="estimated (sensitivities)")  # fmt: skip
             measured = [p for p in points if p.get(key) is not None]
             axis.plot([p[unit] for p in measured], [p[key] for p in measured], "-", color="C0", alpha=0.5)
-            for p in measured:
-                axis.plot(p[unit], p[key], "o", color="C0", fillstyle="full" if p["pareto"] else "none")
+            for p in measured:  # with the figure's 95 % interval where there is one
+                spread = [[p[key] - p.get(f"{key}_low", p[key])], [p.get(f"{key}_high", p[key]) - p[key]]]
+                axis.errorbar(p[unit], p[key], yerr=spread, fmt="o", color="C0", capsize=2,
+                              fillstyle="full" if p["pareto"] else "none")  # fmt: skip
             axis.set_xlabel(f"{'parameters' if unit == 'params' else 'MACs'} kept (decomposable layers)")
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)

@@ -13,7 +13,7 @@ import onnx
 
 from .cache import Cache, digest, statistics_key
 from .calibration.collect import collect_statistics
-from .calibration.sources import split
+from .calibration.sources import Source, open_data, rereadable, split
 from .calibration.statistics import Statistics, spilled, too_few_vectors
 from .config import CompressConfig
 from .errors import UserError
@@ -40,6 +40,7 @@ NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
     "data from the model's own domain fits better"
 )
+IN_SAMPLE_SAMPLES = 500  # without held-out data, the result is compared on this many calibration samples
 CURVE_RATIOS = tuple(round(0.05 * step, 2) for step in range(2, 21))  # the estimated trade-off curve's points
 
 
@@ -102,7 +103,7 @@ class CompressionJob:
     counted: list[str]
     fit_cache: dict = field(default_factory=dict)
 
-    def plan_at(self, ratio: float | None) -> RankPlan:
+    def plan_at(self, ratio: float | None, warn: bool = True) -> RankPlan:
         options = self.config.plan
         budget = Budget(
             options.budget, ratio, options.allocation, options.method, options.rank_multiple, self.config.runtime.seed
@@ -110,7 +111,7 @@ class CompressionJob:
         original_costs = {name: self.costs.original(name) for name in self.counted}
         return plan(
             self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
-            weights=self.sensitivity,
+            weights=self.sensitivity, warn=warn,
         )  # fmt: skip
 
     def build(self, rank_plan: RankPlan, propagate: bool):
@@ -136,12 +137,25 @@ class CompressionJob:
         source, runtime = self.holdout or self.calibration, self.config.runtime
         return end_to_end_latency(self.model, candidate, source, sizes, self.signature, runtime, show, seconds)
 
-    def verify(self, candidate: onnx.ModelProto, show: bool | None = None):
+    def verify(self, candidate: onnx.ModelProto, show: bool | None = None, source=None):
         return compare_models(
-            self.model, candidate, self.holdout, device=self.config.runtime.device,
+            self.model, candidate, source or self.holdout, device=self.config.runtime.device,
             progress=self.progress if show is None else show, signature=self.signature,
             classifier_outputs=self.config.verify.classifier_outputs,
         )  # fmt: skip
+
+    def check(self, candidate: onnx.ModelProto):
+        """The comparison on the held-out data; without any, on (up to IN_SAMPLE_SAMPLES of) the calibration
+        data, marked in-sample; None where not even that can be read again."""
+        if self.holdout is not None:
+            return self.verify(candidate)
+        calibration = self.calibration
+        if not isinstance(calibration, Source) or not rereadable(calibration):
+            return None
+        size = getattr(calibration, "size", None)
+        if size is not None and type(calibration).subset is not Source.subset:
+            calibration = calibration.subset(0, min(size, IN_SAMPLE_SAMPLES))
+        return replace(self.verify(candidate, source=calibration), in_sample=True)
 
     def _settings(self, ratio) -> dict:
         return {k: v for k, v in self.config.options().items() if k != "input_shapes"} | {"ratio": ratio}
@@ -155,7 +169,7 @@ class CompressionJob:
         before = {unit: sum(self.costs.original(name).of(unit) for name in self.counted) for unit in ("params", "macs")}
         curve = []
         for ratio in CURVE_RATIOS:
-            chosen = self.plan_at(ratio).choices
+            chosen = self.plan_at(ratio, warn=False).choices  # the curve's low end may lie out of reach
             after = {unit: 0 for unit in before}
             for name in self.counted:
                 choice = chosen.get(name)
@@ -184,10 +198,10 @@ class CompressionJob:
         new_model, fits = self.build(rank_plan, config.fit.propagate)
         clock.mark("decompose")
 
-        verification = self.verify(new_model) if self.holdout is not None else None
+        verification = self.check(new_model)
         warn_if_lost(verification)
         propagation = None
-        if config.fit.propagate and verification is not None:  # propagation need not lower the model's error
+        if config.fit.propagate and self.holdout is not None:  # propagation need not lower the model's error
             new_model, fits, verification, propagation = keep_better(
                 (new_model, fits, verification), lambda: self.build(rank_plan, False), self.verify, config.plan
             )
@@ -211,7 +225,7 @@ class CompressionJob:
         rows = layer_rows(
             self.scan.layers, rank_plan, fits, reasons, method=config.plan.method, budget=config.plan.budget,
             ratio=ratio, sensitivity=self.sensitivity, timed=row_costs.timed_row if row_costs is not None else None,
-            counted=self.counted,
+            counted=self.counted, sampling=self.problems.sampling,
         )  # fmt: skip
         report = CompressionReport(
             layers=rows,
@@ -262,7 +276,12 @@ def prepare(
         logger.info(NATURAL_NOTICE)
         data = "natural"
     data_config = replace(config.data, input_shapes=input_shapes)
-    calibration, holdout = split(data, model, data_config, config.verify.holdout, runtime.seed)
+    if config.verify.eval_data is not None:  # verification on its own data: all of --data calibrates
+        config = config.replace(holdout=0)
+        holdout = open_data(config.verify.eval_data, model, data_config, runtime.seed)
+        calibration = split(data, model, data_config, 0, runtime.seed)[0]
+    else:
+        calibration, holdout = split(data, model, data_config, config.verify.holdout, runtime.seed)
     weights = read_weights(model, fitted)
     if covariance and fitted:
         if statistics is None:

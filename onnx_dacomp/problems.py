@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decompose.bias import centered_covariance
-from .decompose.covariance import output_energy, regularize, solve_psd
+from .decompose.covariance import oas_shrinkage, output_energy, regularize, shrink, solve_psd
 from .geometry import LayerGeometry, solver_work
 from .moments import Moments
 
@@ -73,6 +73,7 @@ class LayerProblem:
         if moments is None:
             return cls(name, geometry, weights, weights, None, None, bias)
         sigmas, means = list(moments.covariance), list(moments.mean)
+        sigmas = [shrink(sigma, weight) for sigma, weight in zip(sigmas, shrinkage(moments))]
         if not bias_refit:
             return cls(name, geometry, weights, weights, sigmas, sigmas, bias)
         centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
@@ -113,6 +114,21 @@ class LayerProblem:
         )
 
 
+# A layer with fewer calibration vectors than this many per input dimension gets its second moment shrunk
+# towards a sphere by the OAS weight (`decompose.covariance.oas_shrinkage`): a conv sees thousands of patches
+# per image, a dense layer after pooling (a classifier, a squeeze-and-excitation conv) one vector per image,
+# whose empirical moment from 400 images in 1280 dims is singular.
+SHRINK_BELOW_VECTORS_PER_DIMENSION = 4
+
+
+def shrinkage(moments: Moments) -> list[float]:
+    """The shrinkage weight of each group's second moment: OAS where the vectors are few, else 0."""
+    dims = moments.second.shape[-1]
+    if moments.count >= SHRINK_BELOW_VECTORS_PER_DIMENSION * dims:
+        return [0.0] * len(moments.second)
+    return [oas_shrinkage(sigma, moments.count) for sigma in moments.covariance]
+
+
 class Problems(Mapping):
     """The plain problem of each layer (in order), built when it is looked up: a problem holds its own copy of
     the layer's covariance (a ResNet-50 has 0.9 GB of them), so the stages, which take one layer at a time,
@@ -147,6 +163,14 @@ class Problems(Mapping):
     def geometry(self, name: str) -> LayerGeometry:
         """The layer's geometry, without building its problem."""
         return self.layers[name].geometry
+
+    def sampling(self, name: str) -> tuple[int, int, float] | None:
+        """(calibration vectors, input dims, largest shrinkage weight of its groups) of a layer, without
+        building its problem; None without statistics."""
+        if self.statistics is None:
+            return None
+        moments = self.statistics[name]
+        return moments.count, moments.second.shape[-1], max(shrinkage(moments))
 
 
 def solver_works(problems: Mapping[str, LayerProblem]) -> dict[str, int]:

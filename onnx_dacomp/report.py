@@ -35,6 +35,9 @@ class LayerReport:
     # in the budget's total: the decomposable layers (as `inspect` counts them), less those the calibration
     # data could not fit; the others (depthwise convs, say) are listed with their reason
     counted: bool = True
+    vectors: int | None = None  # calibration input vectors of the fitted layer
+    dims: int | None = None  # ... of this many input dims
+    shrinkage: float | None = None  # the OAS weight its second moment was shrunk by (0: as measured)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,12 @@ class CompressionReport:
                 f"({model['params_after'] / max(model['params_before'], 1):.1%}), {model['bytes_before'] / 1e6:.2f} MB "
                 f"-> {model['bytes_after'] / 1e6:.2f} MB ({model['bytes_after'] / max(model['bytes_before'], 1):.1%})"
             )
+        shrunk = [layer for layer in self.layers if layer.shrinkage]
+        if shrunk:
+            lines.append(
+                "second moments shrunk (OAS) where vectors are few: "
+                + ", ".join(f"{r.name} {r.vectors} vectors / {r.dims} dims, weight {r.shrinkage:.3f}" for r in shrunk)
+            )
         if self.search:
             lines.append(
                 f"ratio search: {self.search['target']} met at ratio {self.search['ratio']:.4f} "
@@ -277,10 +286,12 @@ def layer_rows(
     sensitivity: Mapping[str, float] | None = None,
     timed: Callable | None = None,
     counted: Iterable[str] | None = None,
+    sampling: Callable | None = None,
 ) -> tuple[LayerReport, ...]:
     """The report rows of every layer of known size, in graph order: fitted ones with their chain, the others
     with the reason they were kept. `timed(row, choice)` adds measured latencies (the latency budget);
-    `counted` names the layers in the budget's total (default: all)."""
+    `counted` names the layers in the budget's total (default: all); `sampling(name)` gives a fitted layer's
+    calibration vectors, input dims and shrinkage (`problems.Problems.sampling`)."""
     counted = None if counted is None else set(counted)
     rows = []
     for layer in layers:
@@ -293,6 +304,8 @@ def layer_rows(
             reason = reasons.get(layer.name) or kept_reason(layer.geometry, method, budget, ratio)
             row = kept_row(layer.name, layer.geometry, reason)
         row = timed(row, choice) if timed is not None else row
+        if sampling is not None and layer.name in fits and (known := sampling(layer.name)) is not None:
+            row = replace(row, vectors=known[0], dims=known[1], shrinkage=known[2])
         rows.append(
             replace(
                 row,
@@ -304,23 +317,72 @@ def layer_rows(
     return tuple(rows)
 
 
+def summary_figures(report: CompressionReport) -> dict:
+    """A run in one row: parameters and MACs kept (counted layers), the whole model's parameters and bytes,
+    the held-out accuracy figures with their 95 % intervals (`_low`, `_high`), latency ratios per batch."""
+    totals, model, verification = report.totals, report.model_totals, report.verification
+    row = {
+        "params": totals["params_after"] / max(totals["params_before"], 1),
+        "macs": totals["macs_after"] / max(totals["macs_before"], 1),
+        "model_params": model.get("params_after"),
+        "model_bytes": model.get("bytes_after"),
+        "rel_output_error": verification.rel_output_error if verification else None,
+        "top1_agreement": verification.top1_agreement if verification else None,
+        "top1": verification.top1_compressed if verification else None,
+        "samples": verification.samples if verification else None,
+    }
+    if verification is not None:
+        classifier = verification.classifier
+        intervals = {
+            "rel_output_error": verification.worst_output.rel_error_interval,
+            "top1_agreement": classifier.top1_agreement_interval if classifier else None,
+            "top1": classifier.top1_compressed_interval if classifier else None,
+        }
+        for key, interval in intervals.items():
+            if interval is not None:
+                row[f"{key}_low"], row[f"{key}_high"] = interval
+    for latency in report.latency:
+        key = f"latency_b{latency.batch}"
+        row[key], row[f"{key}_low"], row[f"{key}_high"] = latency.ratio, latency.ratio_low, latency.ratio_high
+    return row
+
+
 def verification_line(comparison: Comparison | None) -> str:
-    """One line per model output: relative error, cosine, SNR; top-1 figures for class-score outputs."""
+    """One line per model output: relative error, cosine, SNR; top-1 figures for class-score outputs; each
+    with its 95 % interval in brackets."""
     if comparison is None:
-        return "verification: none (no held-out data)"
-    lines = [f"verification on {comparison.samples} held-out samples:"]
+        return "verification: none (no data to compare the models on)"
+    if comparison.in_sample:
+        lines = [
+            f"verification IN-SAMPLE on {comparison.samples} calibration samples (no held-out data: optimistic; "
+            f"--eval-data SOURCE or more data with --holdout N checks on other data):"
+        ]
+    else:
+        lines = [f"verification on {comparison.samples} held-out samples (95% intervals in brackets):"]
     for output in comparison.outputs:
         text = (
-            f"  output {output.name}: relative error {output.rel_error:.4f}, cosine {output.cosine:.4f}, "
-            f"SNR {output.snr_db:.1f} dB"
+            f"  output {output.name}: relative error {output.rel_error:.4f}{_interval(output.rel_error_interval)}, "
+            f"cosine {output.cosine:.4f}, SNR {output.snr_db:.1f} dB"
         )
         if output.top1_agreement is not None:
-            text += f", top-1 agreement {output.top1_agreement:.2%}"
+            text += f", top-1 agreement {output.top1_agreement:.2%}{_interval(output.top1_agreement_interval, True)}"
         if output.top1_original is not None:
-            text += f", top-1 {output.top1_original:.2%} -> {output.top1_compressed:.2%}"
+            text += (
+                f", top-1 {output.top1_original:.2%} -> {output.top1_compressed:.2%}"
+                f"{_interval(output.top1_compressed_interval, True)}, drop "
+                f"{100 * (output.top1_original - output.top1_compressed):.2f} points"
+                f"{_interval(output.top1_drop_interval and tuple(100 * v for v in output.top1_drop_interval))}"
+            )
             text += f" (labels: {comparison.labels_from})" if comparison.labels_from else ""
         lines.append(text)
     return "\n".join(lines)
+
+
+def _interval(interval, percent: bool = False) -> str:
+    if not interval:
+        return ""
+    low, high = interval
+    return f" [{low:.2%}, {high:.2%}]" if percent else f" [{low:.4g}, {high:.4g}]"
 
 
 def latency_line(latency: Latency, macs_kept: float | None = None) -> str:

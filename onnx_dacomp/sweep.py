@@ -22,7 +22,7 @@ from .errors import UserError
 from .job import CompressionResult, prepare
 from .log import logger
 from .ranks.candidates import CandidateTable
-from .report import CompressionReport, _jsonable
+from .report import CompressionReport, _jsonable, summary_figures
 from .runtime import blas_threads
 from .workers import executor
 
@@ -36,26 +36,9 @@ class SweepPoint:
     pareto: bool = False
 
     def figures(self) -> dict:
-        """The point's row: sizes kept (counted layers and whole model), held-out accuracy, latency ratios."""
-        report, totals, model = self.report, self.report.totals, self.report.model_totals
-        verification = report.verification
-        row = {
-            "ratio": self.ratio,
-            "params": totals["params_after"] / max(totals["params_before"], 1),
-            "macs": totals["macs_after"] / max(totals["macs_before"], 1),
-            "model_params": model["params_after"],
-            "model_bytes": model["bytes_after"],
-            "rel_output_error": verification.rel_output_error if verification else None,
-            "top1_agreement": verification.top1_agreement if verification else None,
-            "top1": verification.top1_compressed if verification else None,
-            "samples": verification.samples if verification else None,
-        }
-        for latency in report.latency:
-            row[f"latency_b{latency.batch}"] = latency.ratio
-            row[f"latency_b{latency.batch}_low"], row[f"latency_b{latency.batch}_high"] = (
-                latency.ratio_low, latency.ratio_high,
-            )  # fmt: skip
-        return row | {"pareto": self.pareto}
+        """The point's row: sizes kept (counted layers and whole model), held-out accuracy with intervals,
+        latency ratios."""
+        return {"ratio": self.ratio} | summary_figures(self.report) | {"pareto": self.pareto}
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,8 +81,8 @@ class SweepResult:
         for point, row in zip(self.points, self.rows()):
             cells = [
                 f"{row['ratio']:.2f}", f"{row['params']:.1%}", f"{row['macs']:.1%}", f"{row['model_bytes'] / 1e6:.2f}",
-                _maybe(row["rel_output_error"], "{:.4f}"), _maybe(row["top1_agreement"], "{:.2%}"),
-                _maybe(row["top1"], "{:.2%}"),
+                _spread(row, "rel_output_error", "{:.4f}", "{:.3f}"),
+                _spread(row, "top1_agreement", "{:.2%}", "{:.1%}"), _spread(row, "top1", "{:.2%}", "{:.1%}"),
             ]  # fmt: skip
             for batch in batches:
                 key = f"latency_b{batch}"
@@ -110,18 +93,24 @@ class SweepResult:
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
         text.insert(1, "-" * len(text[0]))
-        original = self.original
+        original, samples = self.original, self.rows()[0]["samples"] if self.points else None
         top1 = f", top-1 {original['top1']:.2%}" if original.get("top1") is not None else ""
         text.append(
             f"original: {original['params']:,} parameters, {original['bytes'] / 1e6:.2f} MB{top1}; latency: ratio of "
             f"the compressed model's to the original's (median, 95% interval); *: Pareto-optimal (no other point is "
-            f"smaller, faster and more accurate at once)"
+            f"smaller, faster and more accurate at once); held-out figures with 95% intervals on {samples} samples"
         )
         return "\n".join(text)
 
 
-def _maybe(value, fmt: str) -> str:
-    return "" if value is None else fmt.format(value)
+def _spread(row: dict, key: str, fmt: str, bounds: str) -> str:
+    """A figure with its 95 % interval, where the row has them."""
+    if row.get(key) is None:
+        return ""
+    text = fmt.format(row[key])
+    if f"{key}_low" in row:
+        text += f" [{bounds.format(row[key + '_low'])}, {bounds.format(row[key + '_high'])}]"
+    return text
 
 
 def pareto_flags(rows: Sequence[dict]) -> list[bool]:

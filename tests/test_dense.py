@@ -155,14 +155,32 @@ def test_unsupported_dense_layers_are_listed_with_a_reason():
     assert "left operand" in layer.skip_reason
 
 
-def test_a_layer_with_fewer_calibration_vectors_than_dims_is_left_with_a_reason():
+def test_a_layer_with_fewer_calibration_vectors_than_dims_is_fitted_in_a_shrunk_second_moment():
+    """30 vectors in 40 dims: a singular second moment. The layer is compressed all the same, in the OAS
+    estimate (computed here from its published formula), and the report says how many vectors, dims and what
+    weight; the fitted map is the best rank-r map in that estimate (its eigen-decomposition, here)."""
     model = matmul((1, 40), bias=False)  # one 40-dim vector per sample
-    (layer,) = find_targets(model).targets
-    few = onnx_dacomp.compress(model, [{"x": _data((1, 40), count=30)}], ratio=0.5, holdout=0, progress=False)
+    x = _data((1, 40), count=30).astype(np.float64)  # float32 values: the statistics' own
+    few = onnx_dacomp.compress(
+        model, [{"x": x.astype(np.float32)}], ratio=0.5, holdout=0, rank_multiple=1, progress=False
+    )
     (row,) = few.report.layers
-    assert row.method is None and "30 calibration vectors for 40 input dims" in row.reason
-    enough = onnx_dacomp.compress(model, [{"x": _data((1, 40), count=60)}], ratio=0.5, holdout=0, progress=False)
-    assert enough.report.layers[0].method == "svd"
+    assert row.method == "svd" and row.counted and (row.vectors, row.dims) == (30, 40)
+    moment, p, n = x.T @ x / 30, 40, 30
+    trace, trace_square = np.trace(moment), np.sum(moment * moment)
+    weight = min(1.0, ((1 - 2 / p) * trace_square + trace**2) / ((n + 1 - 2 / p) * (trace_square - trace**2 / p)))
+    assert row.shrinkage == pytest.approx(weight, rel=1e-6) and 0 < weight < 1
+    shrunk = (1 - weight) * moment + weight * trace / p * np.eye(p)
+    values, vectors = np.linalg.eigh(shrunk)
+    root, inverse_root = (vectors * values**0.5) @ vectors.T, (vectors / values**0.5) @ vectors.T
+    W = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64).T  # (N, K)
+    u, sigma, vt = np.linalg.svd(W @ root)
+    rank = row.ranks[0]
+    best = (u[:, :rank] * sigma[:rank]) @ vt[:rank] @ inverse_root  # the optimum in the shrunk moment
+    probe = np.eye(40, dtype=np.float32)[:, None, :]
+    fitted = np.concatenate([run(few.model, {"x": row_})[0] for row_ in probe]).reshape(40, -1).T  # (N, K)
+    assert relative_error(fitted, best) < 1e-4
+    assert "30 vectors / 40 dims, weight" in few.report.table()
 
 
 def test_the_bundled_convnext_has_its_pointwise_layers_as_dense_targets_and_full_rank_reproduces_it():

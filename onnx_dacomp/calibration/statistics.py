@@ -18,11 +18,10 @@ from ..moments import Moments
 from ..save import write_atomically
 
 FORMAT_VERSION = 1
-# a distribution-aware fit needs a covariance estimated from at least as many vectors as dims: with fewer it
-# is rank-deficient and the fit projects onto the calibration samples' span, which other data leaves
-# (EfficientNet-Lite0's classifier sees one 1280-dim vector per image: with 400 images, compressing it cost
-# 5-12 top-1 points at equal size)
-MIN_VECTORS_PER_DIMENSION = 1
+# a second moment needs two vectors to say anything; with fewer vectors than dims the fit shrinks it towards a
+# sphere (`problems.shrinkage`): the raw estimate is rank-deficient, and a fit in it projects onto the
+# calibration samples' span, which other data leaves
+MIN_VECTORS = 2
 # Statistics larger than this stay on disk while a compression runs (`spilled`): the stages read a layer's
 # moments when they build its problem, so the main process does not hold all of them beside its workers
 # (ResNet-50-shaped: 0.95 GB of statistics, a quarter of the whole run's peak memory)
@@ -102,18 +101,14 @@ class _StoredMoments(Mapping):
 
 
 def too_few_vectors(statistics: Statistics, layers: Iterable[Layer]) -> dict[str, str]:
-    """The layers whose statistics hold too few input vectors for a distribution-aware fit, with the reason.
-    Such a layer stays as it is and out of the budget's total: a shortfall of data must not move its share
-    of the cut onto the other layers (EfficientNet-Lite0 at 0.5 with its 1280-input classifier counted and
-    500 images: 6 % top-1 instead of 57 %)."""
+    """The layers whose statistics hold too few input vectors for any distribution-aware fit (fewer than
+    MIN_VECTORS), with the reason. Fewer vectors than input dims are enough: the fit shrinks the layer's second
+    moment (`problems.shrinkage`)."""
     reasons = {}
     for layer in layers:
-        count, needed = statistics.layers[layer.name].count, MIN_VECTORS_PER_DIMENSION * layer.vector_length
-        if count < needed:
-            reasons[layer.name] = (
-                f"{count} calibration vectors for {layer.vector_length} input dims: a fit needs {needed} or more "
-                f"(more data); not counted in the ratio"
-            )
+        count = statistics.layers[layer.name].count
+        if count < MIN_VECTORS:
+            reasons[layer.name] = f"{count} calibration vectors: a fit needs {MIN_VECTORS} or more (more data)"
     return reasons
 
 

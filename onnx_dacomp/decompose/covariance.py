@@ -136,3 +136,25 @@ def symmetrized(matrix: np.ndarray) -> np.ndarray:
     result = matrix + matrix.T
     result *= 0.5
     return result
+
+
+def oas_shrinkage(sigma: np.ndarray, count: int) -> float:
+    """The Oracle Approximating Shrinkage weight (Chen, Wiesel, Eldar and Hero, 2010) of a `count`-sample
+    second-moment matrix towards `tr(Sigma)/p I`: near 0 with many samples per dimension, up to 1 with few."""
+    p = len(sigma)
+    if count <= 0 or p < 2:
+        return 1.0 if count <= 0 else 0.0
+    trace, trace_square = float(np.trace(sigma)), float(np.einsum("ij,ij->", sigma, sigma))
+    denominator = (count + 1 - 2 / p) * (trace_square - trace**2 / p)
+    if denominator <= 0:
+        return 1.0
+    return float(min(1.0, ((1 - 2 / p) * trace_square + trace**2) / denominator))
+
+
+def shrink(sigma: np.ndarray, weight: float) -> np.ndarray:
+    """`(1 - weight) Sigma + weight tr(Sigma)/p I`: the estimate between the samples' and a sphere's."""
+    if weight <= 0:
+        return sigma
+    shrunk = (1 - weight) * np.asarray(sigma, np.float64)
+    shrunk[np.diag_indices_from(shrunk)] += weight * float(np.trace(sigma)) / len(sigma)
+    return shrunk

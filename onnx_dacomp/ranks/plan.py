@@ -53,10 +53,12 @@ def plan(
     original_costs: Mapping[str, Cost],
     overrides: Mapping[str, Choice] | None = None,
     weights: Mapping[str, float] | None = None,
+    warn: bool = True,
 ) -> RankPlan:
     """The method and ranks of every fitted layer (`problems`): `overrides` first, then the budget for the
     rest. `original_costs` holds the cost of every layer the budget counts (fitted or not, in graph order);
-    `tables` the candidates of the fitted layers (allocated budgets); `weights` their sensitivities."""
+    `tables` the candidates of the fitted layers (allocated budgets); `weights` their sensitivities; `warn`:
+    log a warning when the budget cannot be reached."""
     choices = {name: overrides[name] for name in problems if overrides and name in overrides}
     managed = [name for name in problems if name not in choices]
     if budget.ratio is None or not managed:
@@ -88,7 +90,7 @@ def plan(
         chosen = allocate([tables[name] for name in managed], unit, target, fixed, weights)
     choices.update(chosen)
     reached = fixed + sum(cost(name) for name in managed)
-    if reached > target * 1.0001:
+    if reached > target * 1.0001 and warn:
         logger.warning(
             "the target %s ratio %.3g cannot be reached: the smallest ranks give %.3g (layers that are "
             "skipped or excluded keep their size)",
