@@ -313,8 +313,9 @@ def prepare(
         )  # fmt: skip
         tables = {name: costs.timed(table) for name, table in tables.items()}
         sensitivity = allocation_weights(
-            model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers
-        )
+            model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers,
+            holdout=holdout,
+        )  # fmt: skip
     # the budget counts the decomposable layers (as `inspect` lists them), excluded ones too, less those the
     # calibration data cannot fit
     counted = [layer.name for layer in scan.targets if layer.geometry is not None and layer.name not in unfittable]

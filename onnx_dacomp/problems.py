@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decompose.bias import centered_covariance
-from .decompose.covariance import oas_shrinkage, output_energy, regularize, shrink, solve_psd
+from .decompose.covariance import output_energy, regularize, shrunk_second_moment, solve_psd
 from .geometry import LayerGeometry, solver_work
 from .moments import Moments
 
@@ -37,6 +37,7 @@ class LayerProblem:
     bias_shift: list[np.ndarray] | None = None  # per group: b~ = b + shift - W~ mu~ (the refit), else None
     fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
     residual: float = 0.0  # per-layer constant part of the error numerator
+    shrinkage: float = 0.0  # the largest OAS weight its covariances were shrunk by (few calibration vectors)
 
     @property
     def nbytes(self) -> int:
@@ -72,13 +73,15 @@ class LayerProblem:
         weights = [weight[g * per_group : (g + 1) * per_group] for g in range(geometry.group)]
         if moments is None:
             return cls(name, geometry, weights, weights, None, None, bias)
-        sigmas, means = list(moments.covariance), list(moments.mean)
-        sigmas = [shrink(sigma, weight) for sigma, weight in zip(sigmas, shrinkage(moments))]
+        sigmas, means, shrunk = list(moments.covariance), list(moments.mean), 0.0
+        if needs_shrinkage(moments):
+            pairs = [shrunk_second_moment(sigma, mean, moments.count) for sigma, mean in zip(sigmas, means)]
+            sigmas, shrunk = [sigma for sigma, _ in pairs], max(weight for _, weight in pairs)
         if not bias_refit:
-            return cls(name, geometry, weights, weights, sigmas, sigmas, bias)
+            return cls(name, geometry, weights, weights, sigmas, sigmas, bias, shrinkage=shrunk)
         centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
         shifts = [w.reshape(len(w), -1) @ m for w, m in zip(weights, means)]  # W1 mu
-        return cls(name, geometry, weights, weights, centered, sigmas, bias, shifts, means)
+        return cls(name, geometry, weights, weights, centered, sigmas, bias, shifts, means, shrinkage=shrunk)
 
     @classmethod
     def propagated(cls, plain: LayerProblem, original: Moments, perturbed: Moments, bias_refit: bool) -> LayerProblem:
@@ -114,19 +117,23 @@ class LayerProblem:
         )
 
 
-# A layer with fewer calibration vectors than this many per input dimension gets its second moment shrunk
-# towards a sphere by the OAS weight (`decompose.covariance.oas_shrinkage`): a conv sees thousands of patches
-# per image, a dense layer after pooling (a classifier, a squeeze-and-excitation conv) one vector per image,
-# whose empirical moment from 400 images in 1280 dims is singular.
+# A layer with fewer calibration vectors than this many per input dimension gets the covariance part of its
+# second moment shrunk towards a sphere by the OAS weight (`decompose.covariance.shrunk_second_moment`): a
+# conv sees thousands of patches per image, a dense layer after pooling (a classifier, a squeeze-and-excitation
+# conv) one vector per image, whose empirical moment from 400 images in 1280 dims is singular.
 SHRINK_BELOW_VECTORS_PER_DIMENSION = 4
 
 
+def needs_shrinkage(moments: Moments) -> bool:
+    return moments.count < SHRINK_BELOW_VECTORS_PER_DIMENSION * moments.second.shape[-1]
+
+
 def shrinkage(moments: Moments) -> list[float]:
-    """The shrinkage weight of each group's second moment: OAS where the vectors are few, else 0."""
-    dims = moments.second.shape[-1]
-    if moments.count >= SHRINK_BELOW_VECTORS_PER_DIMENSION * dims:
+    """The shrinkage weight of each group's covariance (`shrunk_second_moment`): OAS where the vectors are
+    few, else 0."""
+    if not needs_shrinkage(moments):
         return [0.0] * len(moments.second)
-    return [oas_shrinkage(sigma, moments.count) for sigma in moments.covariance]
+    return [shrunk_second_moment(s, m, moments.count)[1] for s, m in zip(moments.covariance, moments.mean)]
 
 
 class Problems(Mapping):

@@ -132,12 +132,12 @@ def test_dense_layers_share_the_budget_with_the_convolutions():
     rows = {row.name: row for row in report.layers}
     assert rows["head"].method == "svd" and report.totals["params_before"] == layers["conv"].params + 4 * 36 * 64
     assert report.ratio <= 0.5 + 1e-9
-    # with fewer samples than the head's inputs the head is left, out of the total: the ratio is the conv's
+    # with fewer samples than the head's inputs the head is fitted in a shrunk moment and still counted
     few = onnx_dacomp.compress(model, [{"x": x[:100]}], ratio=0.5, holdout=0, rank_multiple=1, progress=False).report
     rows = {row.name: row for row in few.layers}
-    assert rows["head"].method is None and not rows["head"].counted and "not counted" in rows["head"].reason
-    assert few.totals["params_before"] == layers["conv"].params and few.ratio <= 0.5 + 1e-9
-    assert rows["conv"].method is not None
+    assert rows["head"].method == "svd" and rows["head"].counted and rows["head"].shrinkage > 0
+    assert (rows["head"].vectors, rows["head"].dims) == (100, 144) and not rows["conv"].shrinkage
+    assert few.totals["params_before"] == report.totals["params_before"] and few.ratio <= 0.5 + 1e-9
 
 
 def test_unsupported_dense_layers_are_listed_with_a_reason():
@@ -166,11 +166,12 @@ def test_a_layer_with_fewer_calibration_vectors_than_dims_is_fitted_in_a_shrunk_
     )
     (row,) = few.report.layers
     assert row.method == "svd" and row.counted and (row.vectors, row.dims) == (30, 40)
-    moment, p, n = x.T @ x / 30, 40, 30
-    trace, trace_square = np.trace(moment), np.sum(moment * moment)
+    mean, p, n = x.mean(axis=0), 40, 30
+    covariance = x.T @ x / n - np.outer(mean, mean)  # the mean is kept, the covariance around it shrunk
+    trace, trace_square = np.trace(covariance), np.sum(covariance * covariance)
     weight = min(1.0, ((1 - 2 / p) * trace_square + trace**2) / ((n + 1 - 2 / p) * (trace_square - trace**2 / p)))
     assert row.shrinkage == pytest.approx(weight, rel=1e-6) and 0 < weight < 1
-    shrunk = (1 - weight) * moment + weight * trace / p * np.eye(p)
+    shrunk = (1 - weight) * covariance + weight * trace / p * np.eye(p) + np.outer(mean, mean)
     values, vectors = np.linalg.eigh(shrunk)
     root, inverse_root = (vectors * values**0.5) @ vectors.T, (vectors / values**0.5) @ vectors.T
     W = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64).T  # (N, K)

@@ -88,3 +88,41 @@ def test_probe_batches_take_whole_batches_up_to_the_sample_count():
     signature = input_signature(conv_model(np.ones((6, 6, 3, 3)), input_shape=DECLARED, pads=[1, 1, 1, 1]))
     assert len(probe_batches(batches, samples=3, signature=signature)) == 2
     assert len(probe_batches(batches, samples=100, signature=signature)) == 5
+
+
+def test_a_layer_fitted_from_few_vectors_is_probed_on_unseen_data_where_its_fit_is_worse():
+    """A dense layer with 30 calibration vectors in 60 dims fits those 30 far better than other samples: probed
+    on held-out samples, its sensitivity (output error per unit of estimated layer error) comes out larger
+    than on the calibration samples; a layer with many vectors per dim keeps its calibration probe."""
+    from onnx_dacomp.fit import FitSettings
+    from onnx_dacomp.problems import build_problems
+    from onnx_dacomp.sensitivity import sensitivities
+
+    rng = np.random.default_rng(3)
+    weights = {"A": rng.standard_normal((60, 64)), "B": rng.standard_normal((4, 4))}
+    shape = numpy_helper.from_array(np.array([0, 16, 4], np.int64), "shape")
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["a"], name="wide"),  # one 60-dim vector per sample: few
+        helper.make_node("Reshape", ["a", "shape"], ["r"]),
+        helper.make_node("Relu", ["r"], ["h"]),
+        helper.make_node("MatMul", ["h", "B"], ["y"], name="narrow"),  # sixteen 4-dim vectors per sample: many
+    ]
+    graph = helper.make_graph(
+        nodes, "dense", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 60])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()] + [shape],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    mixing = rng.standard_normal((60, 60)) * np.logspace(0, -1, 60)
+    seen = [{"x": (rng.standard_normal((30, 60)) @ mixing).astype(np.float32)}]
+    unseen = [{"x": (rng.standard_normal((30, 60)) @ mixing).astype(np.float32)}]
+    layers = {layer.name: layer for layer in find_targets(model).targets}
+    statistics = collect_statistics(model, list(layers.values()), seen, device="cpu", progress=False).layers
+    problems = build_problems(list(layers.values()), read_weights(model, layers.values()), {n: None for n in layers},
+                              statistics)  # fmt: skip
+    assert problems["wide"].shrinkage > 0 and problems["narrow"].shrinkage == 0
+    common = dict(samples=30, signature=input_signature(model), device="cpu", show_progress=False)
+    in_sample = sensitivities(model, layers, problems, seen, FitSettings(max_iter=5, seed=0), **common)
+    held_out = sensitivities(model, layers, problems, seen, FitSettings(max_iter=5, seed=0), unseen=unseen, **common)
+    assert held_out["wide"] > 1.5 * in_sample["wide"]
+    assert held_out["narrow"] == in_sample["narrow"]

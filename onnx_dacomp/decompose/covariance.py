@@ -151,6 +151,18 @@ def oas_shrinkage(sigma: np.ndarray, count: int) -> float:
     return float(min(1.0, ((1 - 2 / p) * trace_square + trace**2) / denominator))
 
 
+def shrunk_second_moment(sigma: np.ndarray, mean: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+    """The second moment `E[x x^T]` with its covariance part shrunk by the OAS weight, and the weight: the mean
+    is estimated well from few samples, the covariance around it is not. (Shrinking the uncentered moment
+    instead gives a far smaller weight, since its trace is dominated by the mean: measured on EfficientNet-Lite0's
+    classifier from 500 images, weight 0.05 against 0.47, and the rank-448 DA-SVD's error on 500 other images
+    0.295 against 0.229; the raw moment 0.314, the best fixed weight 0.219.)"""
+    outer = np.outer(mean, mean)
+    covariance = np.asarray(sigma, np.float64) - outer
+    weight = oas_shrinkage(covariance, count)
+    return shrink(covariance, weight) + outer, weight
+
+
 def shrink(sigma: np.ndarray, weight: float) -> np.ndarray:
     """`(1 - weight) Sigma + weight tr(Sigma)/p I`: the estimate between the samples' and a sphere's."""
     if weight <= 0:
