@@ -24,13 +24,13 @@ from .layers import Layer
 from .load import default_opset, load_model
 from .log import StageClock, logger
 from .problems import build_problems
-from .propagate import fit_propagated, keep_better
+from .propagate import OutputError, fit_propagated, keep_better
 from .ranks import overrides
 from .ranks.candidates import CandidateTable, candidate_tables
 from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows, model_totals
 from .rewrite import replace_layers, with_provenance
-from .sensitivity import allocation_weights
+from .sensitivity import allocation_weights, probe_batches
 from .speed import LatencyTable, LayerCosts, channel_multiple, keep_faster, speedup_budget
 from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
 from .verify import compare_models, end_to_end_latency, warn_if_lost
@@ -40,6 +40,7 @@ NATURAL_NOTICE = (
     "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
     "data from the model's own domain fits better"
 )
+JUDGE_SAMPLES = 128  # --propagate chooses each wave's fit by the output error on this many samples
 IN_SAMPLE_SAMPLES = 500  # without held-out data, the result is compared on this many calibration samples
 CURVE_RATIOS = tuple(round(0.05 * step, 2) for step in range(2, 21))  # the estimated trade-off curve's points
 
@@ -114,17 +115,26 @@ class CompressionJob:
             weights=self.sensitivity, warn=warn,
         )  # fmt: skip
 
-    def build(self, rank_plan: RankPlan, propagate: bool):
-        """The model with the plan's chains fitted (on the partially compressed model with `propagate`) and
-        the fits."""
-        if propagate:
-            if self.calibration is None:
-                raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
-            return fit_propagated(
-                self.model, self.fitted, rank_plan, self.problems, self.statistics.layers, list(self.calibration),
-                self.settings, bias_refit=self.config.fit.bias_refit, device=self.config.runtime.device,
-                show_progress=self.progress,
-            )  # fmt: skip
+    def build_propagated(self, rank_plan: RankPlan):
+        """The model with the plan's chains fitted on the partially compressed model, wave by wave, each wave
+        keeping the propagated or the plain fits by the output error on held-out samples (calibration samples
+        without: said so); the fits and the record of the waves."""
+        if self.calibration is None:
+            raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
+        judged = self.holdout if self.holdout is not None else self.calibration
+        if self.holdout is None:
+            logger.info("--propagate without held-out data: each wave's fit is chosen on calibration samples")
+        judge = OutputError(
+            self.model, probe_batches(judged, JUDGE_SAMPLES, self.signature), self.config.runtime.device
+        )
+        return fit_propagated(
+            self.model, self.fitted, rank_plan, self.problems, self.statistics.layers, list(self.calibration),
+            self.settings, bias_refit=self.config.fit.bias_refit, device=self.config.runtime.device,
+            show_progress=self.progress, judge=judge,
+        )  # fmt: skip
+
+    def build(self, rank_plan: RankPlan):
+        """The model with the plan's chains fitted, and the fits."""
         fits = fit_all(
             self.problems, rank_plan.choices, self.settings, map=self.pooled, cache=self.fit_cache, store=self.store,
             show_progress=self.progress,
@@ -195,16 +205,20 @@ class CompressionJob:
             rank_plan, slower = keep_faster(rank_plan, self.layers, self.timing, self.fixed)
             reasons.update(slower)
         clock.mark("ranks")
-        new_model, fits = self.build(rank_plan, config.fit.propagate)
+        if config.fit.propagate:
+            new_model, fits, waves = self.build_propagated(rank_plan)
+        else:
+            new_model, fits = self.build(rank_plan)
         clock.mark("decompose")
 
         verification = self.check(new_model)
         warn_if_lost(verification)
-        propagation = None
+        propagation = {"waves": waves} if config.fit.propagate else None
         if config.fit.propagate and self.holdout is not None:  # propagation need not lower the model's error
-            new_model, fits, verification, propagation = keep_better(
-                (new_model, fits, verification), lambda: self.build(rank_plan, False), self.verify, config.plan
+            new_model, fits, verification, whole = keep_better(
+                (new_model, fits, verification), lambda: self.build(rank_plan), self.verify, config.plan
             )
+            propagation |= whole
         latency = ()
         if config.verify.benchmark if benchmark is None else benchmark:  # is the result faster, end to end?
             sizes = sorted({1, config.verify.benchmark_batch})

@@ -190,11 +190,14 @@ class CompressionReport:
                 f"after {len(self.search['probes'])} probes"
             )
         lines.append(verification_line(self.verification))
-        if self.propagation:
+        if self.propagation and "waves" in self.propagation:
+            waves = self.propagation["waves"]
+            lines.append(f"--propagate: propagated fits kept in {waves['propagated_waves']} of {waves['waves']} waves")
+        if self.propagation and "kept" in self.propagation:
             fits = {fit: self.propagation[fit] for fit in ("propagated", "plain")}
             lines.append(
-                f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} propagated, "
-                f"{fits['plain']['rel_output_error']:.4f} plain: kept the {self.propagation['kept']} fit"
+                f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} with the wave "
+                f"choices, {fits['plain']['rel_output_error']:.4f} all plain: kept the {self.propagation['kept']} fit"
             )
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
