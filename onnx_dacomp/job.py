@@ -216,7 +216,7 @@ class CompressionJob:
         propagation = {"waves": waves} if config.fit.propagate else None
         if config.fit.propagate and self.holdout is not None:  # propagation need not lower the model's error
             new_model, fits, verification, whole = keep_better(
-                (new_model, fits, verification), lambda: self.build(rank_plan), self.verify, config.plan
+                (new_model, fits, verification), lambda: self.build(rank_plan), self.verify
             )
             propagation |= whole
         latency = ()

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 
 from .calibration.cross import collect_cross_statistics
-from .config import PlanConfig
 from .fit import FitSettings, LayerFit, fit_layer
 from .layers import Layer
 from .log import logger, progress
@@ -19,7 +18,6 @@ from .problems import LayerProblem
 from .ranks.plan import RankPlan
 from .rewrite import replace_layers
 from .runtime import create_session
-from .search import preference
 
 
 def waves(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[list[Layer]]:
@@ -121,22 +119,20 @@ def _replaced(model: onnx.ModelProto, wave: Sequence[Layer], fits: Mapping[str, 
     )
 
 
-def keep_better(propagated: tuple, build_plain: Callable, verify: Callable, config: PlanConfig) -> tuple:
+def keep_better(propagated: tuple, build_plain: Callable, verify: Callable) -> tuple:
     """The propagated `(model, fits, verification)` or the plain fit (`build_plain()` -> (model, fits),
-    verified by `verify(model)`), whichever the held-out data prefers, and the record of both: propagation
-    minimizes each layer's output error, which need not lower the model's (EfficientNet-Lite0 lost 14 points)."""
+    verified by `verify(model)`), and the record of both: the propagated one only where its held-out output
+    error is lower (a tie keeps the plain fit). Propagation minimizes each layer's output error, which need not
+    lower the model's: on EfficientNet-Lite0 at 0.5 the wave-chosen fit and the plain one had held-out errors
+    of 0.7659 and 0.7656, and 57.2 % and 60.4 % top-1 on 500 other images."""
     model, fits, verification = propagated
     plain_model, plain_fits = build_plain()
     plain = verify(plain_model)
     record = {"kept": "propagated", "propagated": verification.to_dict(), "plain": plain.to_dict()}
-    if preference(plain, config) > preference(verification, config):
+    if plain.rel_output_error <= verification.rel_output_error:
         logger.warning(
-            "the propagated fit verifies worse than the plain fit on the held-out data (top-1 agreement "
-            "%s vs %s, output error %.4f vs %.4f): keeping the plain fit",
-            verification.top1_agreement,
-            plain.top1_agreement,
-            verification.rel_output_error,
-            plain.rel_output_error,
-        )
+            "the propagated fit verifies no better than the plain fit on the held-out data (output error %.4f "
+            "vs %.4f): keeping the plain fit", verification.rel_output_error, plain.rel_output_error,
+        )  # fmt: skip
         return plain_model, plain_fits, plain, {**record, "kept": "plain"}
     return model, fits, verification, record

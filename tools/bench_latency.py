@@ -1,0 +1,150 @@
+"""Accuracy against measured speed-up: what each way of asking for a smaller model buys in end-to-end time.
+
+    python3 tools/bench_latency.py [--models resnet56,resnet20,convnext,efficientnet]
+                                   [--settings params,macs,latency,speedup1.25,speedup1.5,speedup2]
+
+Per model (data as in tools/benchmark.py: CIFAR-10 models calibrate on 2000 seeded-random train images and
+are evaluated on the 10,000 test images; EfficientNet-Lite0 on the halves of the ImageNet sample) and per
+setting, `compress` with `--method auto` and the defaults otherwise: `--budget params|macs|latency --ratio
+0.5`, or `--speedup X` (measured at batch 1). Each compressed model is then timed against its original (the
+interleaved A/B measurement of `evaluate --benchmark`: alternating rounds, the median ratio and its 95 %
+interval, until +-3 % or the time cap) at batch 1 and 32, and evaluated on the test data (top-1 with its
+Wilson interval). Every compression of a model shares one `--cache-dir` (statistics, candidate tables and
+sensitivities are the same for every setting). Writes bench/latency.json and bench/latency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from benchmark import MODELS, ROOT, cifar_sources, imagenet_sources
+
+SETTINGS = {
+    "params": dict(budget="params", ratio=0.5),
+    "macs": dict(budget="macs", ratio=0.5),
+    "latency": dict(budget="latency", ratio=0.5),
+    "speedup1.25": dict(speedup=1.25),
+    "speedup1.5": dict(speedup=1.5),
+    "speedup2": dict(speedup=2.0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet56,resnet20,convnext,efficientnet")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--latency-seconds", type=float, default=20.0, help="timing cap per batch size (20)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dacomp-bench")
+    args = parser.parse_args()
+
+    import onnx_dacomp
+    from onnx_dacomp.config import CompressConfig
+    from onnx_dacomp.errors import UserError
+    from onnx_dacomp.inputs import input_signature
+    from onnx_dacomp.latency import compare_latency, default_threads
+    from onnx_dacomp.load import load_model
+    from onnx_dacomp.verify import benchmark_batches, compare_models
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = args.out / "latency.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    for key in args.models.split(","):
+        model = load_model(MODELS[key])
+        if key == "efficientnet":
+            calibration, evaluation, _ = imagenet_sources(args.workdir, model)
+        else:
+            calibration, evaluation, _ = cifar_sources(args.workdir, model, 2000, MODELS[key].parent != ROOT / "models")
+        batches = benchmark_batches(evaluation, (1, 32), input_signature(model))
+        cache = args.workdir / f"cache-{key}"
+        for setting in args.settings.split(","):
+            config = CompressConfig(method="auto", holdout=0, cache_dir=str(cache), benchmark=False,
+                                    **SETTINGS[setting])  # fmt: skip
+            start = time.perf_counter()
+            try:
+                result = onnx_dacomp.compress(model, calibration, config, progress=False)
+            except UserError as error:  # a speed-up no ratio reaches
+                print(f"{key} {setting}: {error}", flush=True)
+                row = {"model": key, "setting": setting, "error": str(error)}
+                results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
+                continue
+            seconds = time.perf_counter() - start
+            comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
+            latency = [
+                compare_latency(
+                    model,
+                    result.model,
+                    batch,
+                    size,
+                    device="cpu",
+                    max_seconds=args.latency_seconds,
+                    show_progress=False,
+                )  # fmt: skip
+                for batch, size in zip(batches, (1, 32))
+            ]
+            totals, classifier = result.report.totals, comparison.classifier
+            row = {
+                "model": key, "setting": setting, "ratio": result.report.target_ratio,
+                "params_kept": totals["params_after"] / totals["params_before"],
+                "macs_kept": totals["macs_after"] / totals["macs_before"],
+                "top1": comparison.top1_compressed, "top1_interval": classifier.top1_compressed_interval,
+                "top1_original": comparison.top1_original, "samples": comparison.samples,
+                "latency": {
+                    str(item.batch): {"ratio": item.ratio, "interval": [item.ratio_low, item.ratio_high],
+                                      "rounds": item.rounds, "threads": item.threads}
+                    for item in latency
+                },
+                "search": result.report.search, "seconds": seconds,
+            }  # fmt: skip
+            results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
+            results |= {"machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU, "
+                        f"{default_threads()} threads", "date": date.today().isoformat()}  # fmt: skip
+            path.write_text(json.dumps(results, indent=2))
+            print(line(row), flush=True)
+    (args.out / "latency.md").write_text(table(results))
+    print(table(results))
+
+
+def line(row: dict) -> str:
+    b1, b32 = row["latency"]["1"], row["latency"]["32"]
+    return (
+        f"{row['model']} {row['setting']}: ratio {row['ratio']:.3f} params {row['params_kept']:.3f} MACs "
+        f"{row['macs_kept']:.3f} top-1 {row['top1']:.2%} (original {row['top1_original']:.2%}) latency b1 "
+        f"{b1['ratio']:.3f} [{b1['interval'][0]:.3f}, {b1['interval'][1]:.3f}] b32 {b32['ratio']:.3f} "
+        f"[{b32['interval'][0]:.3f}, {b32['interval'][1]:.3f}] in {row['seconds']:.0f} s"
+    )
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"Measured {results.get('date')} on {results.get('machine')}: latency = compressed / original, median of "
+        "interleaved rounds with its 95 % interval; top-1 on the test data with its 95 % interval.",
+        "",
+        "| model | setting | ratio | params kept | MACs kept | top-1 | latency b1 | latency b32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['setting']} | | | | not reached: {row['error']} | | |")
+            continue
+        low, high = row["top1_interval"]
+        cells = [
+            row["model"], row["setting"], f"{row['ratio']:.3f}", f"{row['params_kept']:.3f}", f"{row['macs_kept']:.3f}",
+            f"{row['top1']:.2%} [{low:.1%}, {high:.1%}] ({row['top1'] - row['top1_original']:+.2%})",
+        ]  # fmt: skip
+        for batch in ("1", "32"):
+            item = row["latency"][batch]
+            cells.append(f"{item['ratio']:.3f} [{item['interval'][0]:.3f}, {item['interval'][1]:.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
