@@ -284,8 +284,9 @@ def warn_if_lost(comparison: Comparison | None) -> None:
     """A loud warning where the compressed model no longer computes the original's function."""
     if comparison is not None and comparison.lost_function:
         logger.warning(
-            "WARNING: the compressed model has lost the original's function on the held-out data (top-1 "
-            "agreement %s, relative output error %.3f): compress less (a larger --ratio or a smaller --speedup)",
+            "WARNING: the compressed model has lost the original's function on the %s (top-1 agreement %s, "
+            "relative output error %.3f): compress less (a larger --ratio or a smaller --speedup)",
+            "calibration samples (no held-out data)" if comparison.in_sample else "held-out data",
             "n/a" if comparison.top1_agreement is None else f"{comparison.top1_agreement:.1%}",
             comparison.rel_output_error,
         )

@@ -132,12 +132,12 @@ def table(results: dict) -> str:
     ]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['setting']} | | | | not reached: {row['error']} | | |")
+            lines.append(f"| {row['model']} | {row['setting']} | | | | {row['error']} | | |")
             continue
         low, high = row["top1_interval"]
         cells = [
             row["model"], row["setting"], f"{row['ratio']:.3f}", f"{row['params_kept']:.3f}", f"{row['macs_kept']:.3f}",
-            f"{row['top1']:.2%} [{low:.1%}, {high:.1%}] ({row['top1'] - row['top1_original']:+.2%})",
+            f"{row['top1']:.2%} [{low:.1%}, {high:.1%}] ({100 * (row['top1'] - row['top1_original']):+.2f} points)",
         ]  # fmt: skip
         for batch in ("1", "32"):
             item = row["latency"][batch]
