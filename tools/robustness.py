@@ -236,6 +236,14 @@ def cases(root: Path) -> list[tuple[str, list[str], list[Path], Path | None, flo
     add("SIGTERM during compress", [*interrupted, "--workers", "2"], [slow], interrupt=(4.0, signal.SIGTERM))
     add("--mean with 2 values, 3 channels", ["compress", model, "-o", out, "--data", "natural", "--mean", "127,127"],
         [model])  # fmt: skip
+    report = root / "report.txt"
+    add("report with an unknown suffix", ["compress", model, "-o", out, "--data", data, "--report", report],
+        [model, data], output=report)  # fmt: skip
+    add("sweep: ratio out of range", ["sweep", model, "--data", data, "--ratios", "0.5,1.5"], [model, data], None)
+    add("sweep: an accuracy target", ["sweep", model, "--data", data, "--max-error", "0.1"], [model, data], None)
+    add("sweep: --save-dir is a file", ["sweep", model, "--data", data, "--save-dir", data], [model, data], None)
+    add("sweep: HTML report in a missing folder", ["sweep", model, "--data", data, "--report", root / "no" / "r.html"],
+        [model, data], None)  # fmt: skip
     return found
 
 

@@ -60,9 +60,12 @@ EXAMPLES = """examples:
 
 
 def _ratios(text: str) -> tuple[float, ...]:
-    values = numbers(text)
+    try:
+        values = numbers(text)
+    except ValueError:
+        values = ()
     if not values or not all(0 < value <= 1 for value in values):
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r}: give ratios in (0, 1], comma-separated, e.g. 0.3,0.5,0.75")
     return values
 
 
