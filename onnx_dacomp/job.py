@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 import onnx
 
@@ -160,22 +161,23 @@ class CompressionJob:
         if self.holdout is not None:
             return self.verify(candidate)
         calibration = self.calibration
-        if not isinstance(calibration, Source) or not rereadable(calibration):
+        if not rereadable(calibration):
             return None
         size = getattr(calibration, "size", None)
-        if size is not None and type(calibration).subset is not Source.subset:
+        if isinstance(calibration, Source) and size is not None and type(calibration).subset is not Source.subset:
             calibration = calibration.subset(0, min(size, IN_SAMPLE_SAMPLES))
         return replace(self.verify(candidate, source=calibration), in_sample=True)
 
     def _settings(self, ratio) -> dict:
         return {k: v for k, v in self.config.options().items() if k != "input_shapes"} | {"ratio": ratio}
 
-    def estimated_curve(self) -> list[dict]:
+    @cached_property
+    def estimated_curve(self) -> tuple[dict, ...]:
         """The allocation's own trade-off curve, without fitting: at each ratio of CURVE_RATIOS, the counted
         layers' params and MACs kept and the output error the sensitivities predict, sqrt(sum of sensitivity
         times estimated layer error) (empty without candidate tables)."""
         if not self.tables:
-            return []
+            return ()
         before = {unit: sum(self.costs.original(name).of(unit) for name in self.counted) for unit in ("params", "macs")}
         curve = []
         for ratio in CURVE_RATIOS:
@@ -194,11 +196,10 @@ class CompressionJob:
                 "ratio": ratio, "params": after["params"] / max(before["params"], 1),
                 "macs": after["macs"] / max(before["macs"], 1), "estimated_output_error": math.sqrt(energy),
             })  # fmt: skip
-        return curve
+        return tuple(curve)
 
-    def result(self, ratio: float | None, search: dict | None = None, *, benchmark: bool | None = None):
-        """The compressed model at `ratio` and its report (`search`: the record of the search that chose it);
-        `benchmark` overrides the config's closing latency measurement."""
+    def result(self, ratio: float | None, search: dict | None = None) -> CompressionResult:
+        """The compressed model at `ratio` and its report (`search`: the record of the search that chose it)."""
         config, clock = self.config, self.clock
         rank_plan, reasons = self.plan_at(ratio), dict(self.reasons)
         if config.plan.require_speedup:
@@ -220,7 +221,7 @@ class CompressionJob:
             )
             propagation |= whole
         latency = ()
-        if config.verify.benchmark if benchmark is None else benchmark:  # is the result faster, end to end?
+        if config.verify.benchmark:  # is the result faster, end to end?
             sizes = sorted({1, config.verify.benchmark_batch})
             latency = self.timed(new_model, sizes, self.progress, config.verify.benchmark_seconds)
         clock.mark("verify")
@@ -256,7 +257,7 @@ class CompressionJob:
             cpu_seconds=clock.cpu_seconds(),
             peak_rss_gib=clock.peak_rss(),
             settings=self._settings(ratio if search is None else config.plan.ratio),
-            estimated_curve=tuple(self.estimated_curve()),
+            estimated_curve=self.estimated_curve,
         )
         logger.info("%s", report.table())
         return CompressionResult(new_model, report, self.tables)

@@ -106,7 +106,7 @@ class CompressionReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=jsonable)
 
     def table(self) -> str:
         """Per-layer table with totals, and the verification line."""
@@ -396,7 +396,7 @@ def latency_line(latency: Latency, macs_kept: float | None = None) -> str:
     return text
 
 
-def _jsonable(value):
+def jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (set, tuple)):

@@ -22,7 +22,7 @@ from .errors import UserError
 from .job import CompressionResult, prepare
 from .log import logger
 from .ranks.candidates import CandidateTable
-from .report import CompressionReport, _jsonable, summary_figures
+from .report import CompressionReport, jsonable, summary_figures
 from .runtime import blas_threads
 from .workers import executor
 
@@ -61,7 +61,7 @@ class SweepResult:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=jsonable)
 
     def to_csv(self) -> str:
         rows = self.rows()
@@ -84,11 +84,7 @@ class SweepResult:
                 _spread(row, "rel_output_error", "{:.4f}", "{:.3f}"),
                 _spread(row, "top1_agreement", "{:.2%}", "{:.1%}"), _spread(row, "top1", "{:.2%}", "{:.1%}"),
             ]  # fmt: skip
-            for batch in batches:
-                key = f"latency_b{batch}"
-                cells.append(
-                    f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]" if key in row else ""
-                )
+            cells += [_spread(row, f"latency_b{batch}", "{:.3f}", "{:.3f}") for batch in batches]
             lines.append(cells + ["*" if point.pareto else ""])
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
