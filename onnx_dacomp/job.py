@@ -175,8 +175,9 @@ class CompressionJob:
     def estimated_curve(self) -> tuple[dict, ...]:
         """The allocation's own trade-off curve, without fitting: at each ratio of CURVE_RATIOS, the counted
         layers' params and MACs kept and the output error the sensitivities predict, sqrt(sum of sensitivity
-        times estimated layer error) (empty without candidate tables)."""
-        if not self.tables:
+        times estimated layer error) (empty without candidate tables or measured sensitivities: a sum of
+        unweighted layer errors predicts no output error)."""
+        if not self.tables or self.sensitivity is None:
             return ()
         before = {unit: sum(self.costs.original(name).of(unit) for name in self.counted) for unit in ("params", "macs")}
         curve = []
@@ -188,7 +189,7 @@ class CompressionJob:
                 for unit in after:
                     after[unit] += (choice.cost if choice else self.costs.original(name)).of(unit)
             energy = sum(
-                (self.sensitivity or {}).get(name, 1.0) * choice.error
+                self.sensitivity.get(name, 1.0) * choice.error
                 for name, choice in chosen.items()
                 if choice is not None and not math.isnan(choice.error)
             )

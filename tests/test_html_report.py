@@ -123,3 +123,13 @@ def test_sweep_report_renders_every_point_with_the_json_numbers(browser, data, t
             layer["params_after"] for layer in point["report"]["layers"]
         ]
     page.close()
+
+
+def test_a_report_without_data_renders_its_layers_and_says_what_was_not_measured():
+    """The data-free fit: no verification, no latency, no sensitivities, so no estimated curve either."""
+    config = CompressConfig(ratio=0.5, norm="frobenius", benchmark=False)
+    report = onnx_dacomp.compress(str(BUNDLED), None, config, progress=False).report
+    assert report.verification is None and report.estimated_curve == ()
+    page = compress_html(report, "data-free")
+    assert "latency not measured" in page and page.count("<tr") > len(report.layers)
+    assert 'id="layer-table"' in page and "<script" not in page and "http" not in page.split("<svg", 1)[0]
