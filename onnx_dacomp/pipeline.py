@@ -1,4 +1,4 @@
-"""The main job: `compress(model_or_path, data=..., config=...)` prepares the shared parts (`job.prepare`:
+"""The main job: `compress(model_or_path, data=..., config=...)` prepares the shared parts (`prepare.prepare`:
 load -> targets -> calibrate -> problems -> tables -> sensitivities), chooses the ratio (given, or searched
 for an accuracy or speed target) and builds, verifies and reports the model at that ratio. The CLI's
 `compress` command calls it and saves the model.
@@ -16,7 +16,8 @@ from .calibration.sources import Source
 from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
-from .job import CompressionJob, CompressionResult, prepare
+from .job import CompressionJob, CompressionResult
+from .prepare import prepare
 from .runtime import blas_threads
 from .search import largest_ratio_at_speed, smallest_ratio
 from .workers import executor

@@ -1,4 +1,4 @@
-"""A ratio sweep: the statistics, candidate tables and sensitivities computed once (`job.prepare`), then a
+"""A ratio sweep: the statistics, candidate tables and sensitivities computed once (`prepare.prepare`), then a
 model per ratio, each verified and timed as `compress` would; the points that no other point beats on size,
 speed and accuracy at once are marked Pareto-optimal."""
 
@@ -19,8 +19,9 @@ from .calibration.sources import Source
 from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
-from .job import CompressionResult, prepare
+from .job import CompressionResult
 from .log import logger
+from .prepare import prepare
 from .ranks.candidates import CandidateTable
 from .report import CompressionReport, jsonable, summary_figures
 from .runtime import blas_threads

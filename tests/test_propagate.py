@@ -122,15 +122,15 @@ def _npz(tmp_path, count=192):
 
 
 def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path, monkeypatch):
-    from onnx_dacomp import job
+    from onnx_dacomp import prepare
 
-    positions, collect = [], job.collect_statistics
+    positions, collect = [], prepare.collect_statistics
 
     def recorded(*args, **options):
         positions.append(options["positions"])
         return collect(*args, **options)
 
-    monkeypatch.setattr(job, "collect_statistics", recorded)
+    monkeypatch.setattr(prepare, "collect_statistics", recorded)
     model = conv_stack(channels=12, size=(12, 12), input_channels=3)
     path = _npz(tmp_path)
     errors = {}

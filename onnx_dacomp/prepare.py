@@ -1,0 +1,133 @@
+"""The stages every ratio shares: load -> targets -> calibrate -> problems -> candidate tables ->
+sensitivities, into a `job.CompressionJob` (whose `result(ratio)` builds one model)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import onnx
+
+from .cache import Cache, digest, statistics_key
+from .calibration.collect import collect_statistics
+from .calibration.sources import open_data, split
+from .calibration.statistics import spilled, too_few_vectors
+from .config import CompressConfig
+from .errors import UserError
+from .fit import FitSettings
+from .geometry import solver_work
+from .inputs import input_signature, with_image_size
+from .job import CompressionJob
+from .load import default_opset, load_model
+from .log import StageClock, logger
+from .problems import build_problems
+from .ranks import overrides
+from .ranks.candidates import candidate_tables
+from .sensitivity import allocation_weights
+from .speed import LatencyTable, LayerCosts, channel_multiple, speedup_budget
+from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
+from .workers import Workers
+
+NATURAL_NOTICE = (
+    "no --data or --stats given: calibrating on crops of natural photographs (--data natural); "
+    "data from the model's own domain fits better"
+)
+
+
+def calibrated(
+    model, layers, calibration, config: CompressConfig, signature, store: Cache | None, workers: Workers, progress: bool
+):
+    """The statistics of `layers` on `calibration`: from `store` where it holds them, else collected on
+    `workers` (and kept there)."""
+    runtime, data = config.runtime, config.data
+    # propagation's cross statistics take every position: its plain statistics do too, unless asked otherwise
+    positions = data.positions or ("all" if config.fit.propagate else "sampled")
+    settings = (asdict(data), positions, signature, runtime.device, runtime.seed, config.verify.holdout)
+    key = statistics_key(digest(model.SerializeToString()), layers, calibration, settings) if store else None
+    statistics = store.statistics(key) if key else None
+    if statistics is None:
+        statistics = collect_statistics(
+            model, layers, calibration, device=runtime.device, progress=progress, signature=signature, workers=workers,
+            positions=positions, seed=runtime.seed,
+        )  # fmt: skip
+        if key:
+            store.put_statistics(key, statistics)
+    return statistics
+
+
+def prepare(
+    model, data, config: CompressConfig, statistics, progress: bool, workers: Workers, scratch: str, *, budgeted=False
+) -> CompressionJob:
+    """Load, find the layers, calibrate, and build what every ratio shares (`budgeted`: candidate tables and
+    sensitivities even where the config sets no ratio, for a sweep)."""
+    clock = StageClock()
+    model = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    runtime, covariance = config.runtime, config.fit.norm == "sigma"
+    store = Cache(runtime.cache_dir) if runtime.cache_dir is not None else None
+    preprocessing = config.data.preprocessing
+    input_shapes = with_image_size(model, config.data.input_shapes, preprocessing.size, preprocessing.layout)
+    signature = input_signature(model, input_shapes, config.data.batch_axes)
+    scan = find_targets(model, input_shapes)
+    scan = TargetScan(tuple(layer for layer in scan.layers if layer.kind in config.plan.layer_kinds))
+    layers = {layer.name: layer for layer in scan.layers}
+    overrides.check_names(config.plan.ranks, scan.layers)
+    if not scan.targets:
+        raise UserError(f"no layer of the model can be decomposed: {nothing_to_compress(scan)}")
+    fitted, reasons = select(scan, config.plan.exclude, covariance=covariance, unknown=signature.unknown())
+    config = speedup_budget(config)
+    if config.plan.rank_multiple is None:
+        config = config.replace(rank_multiple=channel_multiple(runtime.device))
+        logger.info("ranks in multiples of %d (the execution provider's channel block)", config.plan.rank_multiple)
+
+    if covariance and fitted and statistics is None and data is None:
+        logger.info(NATURAL_NOTICE)
+        data = "natural"
+    data_config = replace(config.data, input_shapes=input_shapes)
+    if config.verify.eval_data is not None:  # verification on its own data: all of --data calibrates
+        config = config.replace(holdout=0)
+        holdout = open_data(config.verify.eval_data, model, data_config, runtime.seed)
+        calibration = split(data, model, data_config, 0, runtime.seed)[0]
+    else:
+        calibration, holdout = split(data, model, data_config, config.verify.holdout, runtime.seed)
+    weights = read_weights(model, fitted)
+    if covariance and fitted:
+        if statistics is None:
+            if calibration is None:
+                raise UserError("the calibration data left no samples to calibrate on after the held-out part")
+            statistics = calibrated(model, fitted, calibration, config, signature, store, workers, progress)
+        else:
+            statistics.check_model(fitted, weights)
+        statistics = spilled(statistics, scratch)
+    moments = statistics.layers if covariance and statistics is not None else None
+    unfittable = too_few_vectors(statistics, fitted) if moments is not None else {}
+    reasons.update(unfittable)
+    fitted = [layer for layer in fitted if layer.name not in unfittable]
+    clock.mark("calibrate")
+
+    problems = build_problems(fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit)
+    settings = FitSettings.of(config)
+    timing = LatencyTable(batch=runtime.speed_batch, device=runtime.device, opset=default_opset(model) or 17)
+    costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)
+    fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
+    managed = problems.restricted([name for name in problems if name not in fixed])
+    pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))
+    budgeted = budgeted or config.plan.target_ratio is not None or config.plan.targeted or config.plan.speedup
+    tables, sensitivity = {}, None
+    if budgeted and managed and config.plan.allocation == "allocated":
+        tables = candidate_tables(
+            managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed,
+            show_progress=progress, map=pooled, cache=store,
+        )  # fmt: skip
+        tables = {name: costs.timed(table) for name, table in tables.items()}
+        sensitivity = allocation_weights(
+            model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers,
+            holdout=holdout,
+        )  # fmt: skip
+    # the budget counts the decomposable layers (as `inspect` lists them), excluded ones too, less those the
+    # calibration data cannot fit
+    counted = [layer.name for layer in scan.targets if layer.geometry is not None and layer.name not in unfittable]
+    return CompressionJob(
+        model=model, config=config, progress=progress, workers=workers, store=store, clock=clock, scan=scan,
+        layers=layers, fitted=fitted, reasons=reasons, calibration=calibration, holdout=holdout, signature=signature,
+        statistics=statistics, problems=problems, settings=settings, timing=timing, costs=costs, fixed=fixed,
+        pooled=pooled, tables=tables, sensitivity=sensitivity, counted=counted,
+    )  # fmt: skip
