@@ -121,3 +121,26 @@ def test_cli_sweep_writes_the_table_models_and_exports(stack, tmp_path):
             candidates.sort(key=lambda row: int(row["params"]))
             errors = [float(row["estimated_layer_error"]) for row in candidates]
             assert len(errors) > 1 and errors[0] > errors[-1], (name, method)
+
+
+def test_a_sweep_that_fails_midway_leaves_no_models(stack, tmp_path, monkeypatch):
+    from onnx_dacomp.errors import UserError
+    from onnx_dacomp.job import CompressionJob
+
+    model, data = stack
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    real, calls = CompressionJob.result, []
+
+    def failing(self, ratio, search=None):
+        calls.append(ratio)
+        if len(calls) == 2:
+            raise UserError("the second point fails")
+        return real(self, ratio, search)
+
+    monkeypatch.setattr(CompressionJob, "result", failing)
+    saved = tmp_path / "models"
+    args = ["-q", "sweep", str(path), "--data", str(data), "--holdout", "32", "--ratios", "0.4,0.7", "--max-iter", "5",
+            "--no-benchmark", "--save-dir", str(saved)]  # fmt: skip
+    assert main(args) == 2 and calls == [0.4, 0.7]
+    assert not saved.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "model.onnx"]

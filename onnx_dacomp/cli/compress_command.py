@@ -15,7 +15,7 @@ from ..pipeline import compress
 from ..save import check_output, file_size, save_model
 from .calibrate_command import DATA_HELP
 from .options import add_data_options, add_options, data_config, values
-from .outputs import check_outputs, write_report, write_text
+from .outputs import add_report_options, check_outputs, write_report, write_text
 
 
 def add_parser(commands) -> None:
@@ -29,13 +29,7 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("model", help="ONNX model file (never modified)")
     parser.add_argument("-o", "--output", required=True, help="compressed model to write")
-    parser.add_argument(
-        "--report", metavar="REPORT.json|.html", help="write the report: JSON, or a page with plots (.html)"
-    )
-    parser.add_argument(
-        "--sensitivity-csv", metavar="FILE.csv",
-        help="write each layer's measured sensitivity and, per candidate rank, the error it would add",
-    )  # fmt: skip
+    add_report_options(parser)
     parser.add_argument(
         "--data", metavar="SOURCE", help=DATA_HELP + " (default: natural, unless --stats or --norm frobenius)"
     )

@@ -11,6 +11,17 @@ from ..save import check_output, write_atomically
 REPORT_SUFFIXES = (".json", ".html", ".htm")
 
 
+def add_report_options(parser, what: str = "the report") -> None:
+    """`--report` (JSON or HTML by suffix) and `--sensitivity-csv`, as `compress` and `sweep` take them."""
+    parser.add_argument(
+        "--report", metavar="REPORT.json|.html", help=f"write {what}: JSON, or a page with plots (.html)"
+    )
+    parser.add_argument(
+        "--sensitivity-csv", metavar="FILE.csv",
+        help="write each layer's measured sensitivity and, per candidate rank, the error it would add",
+    )  # fmt: skip
+
+
 def check_outputs(report: str | None, tables: tuple[str | None, ...], protect: str) -> None:
     """Fail before the slow part if a file cannot be written, or the report's suffix names no format."""
     for path in (report, *tables):

@@ -4,6 +4,8 @@ model per ratio, a table of the trade-off (terminal, CSV, JSON or HTML)."""
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from ..calibration.statistics import load_statistics
@@ -17,7 +19,7 @@ from ..sweep import DEFAULT_RATIOS, sweep
 from .calibrate_command import DATA_HELP
 from .compress_command import config_from_args
 from .options import add_data_options, add_options
-from .outputs import check_outputs, write_report, write_text
+from .outputs import add_report_options, check_outputs, write_report, write_text
 
 
 def add_parser(commands) -> None:
@@ -36,13 +38,7 @@ def add_parser(commands) -> None:
     )  # fmt: skip
     parser.add_argument("--save-dir", metavar="DIR", help="write each point's model there as NAME-BUDGETRATIO.onnx")
     parser.add_argument("--csv", metavar="FILE.csv", help="write the points' table as CSV")
-    parser.add_argument(
-        "--report", metavar="REPORT.json|.html", help="write every point's report: JSON, or a page with plots (.html)"
-    )
-    parser.add_argument(
-        "--sensitivity-csv", metavar="FILE.csv",
-        help="write each layer's measured sensitivity and, per candidate rank, the error it would add",
-    )  # fmt: skip
+    add_report_options(parser, "every point's report")
     parser.add_argument("--data", metavar="SOURCE", help=DATA_HELP + " (default: natural)")
     parser.add_argument("--stats", metavar="STATS.npz", help="statistics from `onnx-dacomp calibrate`")
     add_data_options(parser)
@@ -75,18 +71,27 @@ def run(args: argparse.Namespace) -> int:
     if folder is not None:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--save-dir {folder} is a file; give a folder (it is created if missing)")
-        folder.mkdir(parents=True, exist_ok=True)
-        check_output(folder / "probe.onnx", protect=args.model)
+        check_output((folder if folder.is_dir() else folder.parent) / "probe.onnx", protect=args.model)
     config = config_from_args(args)
     model = load_model(args.model)
     statistics = load_statistics(args.stats) if args.stats else None
+    # each point's model waits in a staging folder beside --save-dir and moves there only when the whole sweep
+    # has succeeded: a failed or interrupted sweep leaves no partial output
+    with tempfile.TemporaryDirectory(prefix=".onnx-dacomp-sweep-", dir=folder.parent if folder else None) as staging:
+        names = []
 
-    def save(ratio: float, result) -> None:
+        def save(ratio: float, result) -> None:
+            if folder is not None:
+                names.append(f"{Path(args.model).stem}-{config.plan.budget}{ratio:.2f}.onnx")
+                save_model(result.model, Path(staging) / names[-1], protect=args.model)
+
+        result = sweep(
+            model, args.data, args.ratios, config, statistics=statistics, progress=not args.quiet, on_model=save
+        )
         if folder is not None:
-            path = folder / f"{Path(args.model).stem}-{config.plan.budget}{ratio:.2f}.onnx"
-            save_model(result.model, path, protect=args.model)
-
-    result = sweep(model, args.data, args.ratios, config, statistics=statistics, progress=not args.quiet, on_model=save)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                os.replace(Path(staging) / name, folder / name)
     write_report(args.report, result.to_json, lambda: sweep_html(result, f"onnx-dacomp sweep {args.model}"))
     write_text(args.csv, result.to_csv())
     if args.sensitivity_csv and result.points:
