@@ -59,12 +59,13 @@ def fit_layer(problem: LayerProblem, choice: Candidate, settings: FitSettings) -
     factors = [result.factors for result in results]
     approximations = [reconstruct(f).reshape(len(t), -1) for f, t in zip(factors, problem.targets)]
     numerator, denominator = problem.residual, 0.0
-    reference = problem.reference_sigmas or fit_sigmas
-    for target, approximation, weight, fit_sigma, sigma in zip(
-        problem.targets, approximations, problem.weights, fit_sigmas, reference
+    # the error in the fit's norm, or on held-out vectors where the layer has them (few calibration vectors)
+    measured, reference = problem.held_out or (fit_sigmas, problem.reference_sigmas or fit_sigmas)
+    for target, approximation, weight, error_sigma, sigma in zip(
+        problem.targets, approximations, problem.weights, measured, reference
     ):
         difference = target.reshape(len(target), -1) - approximation
-        numerator += output_energy(difference, fit_sigma)
+        numerator += output_energy(difference, error_sigma)
         denominator += output_energy(weight, sigma)
     bias = None
     if problem.bias_shift is not None:

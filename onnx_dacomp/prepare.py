@@ -9,7 +9,7 @@ import onnx
 
 from .cache import Cache, digest, statistics_key
 from .calibration.collect import collect_statistics
-from .calibration.sources import open_data, split
+from .calibration.sources import open_data, rereadable, split
 from .calibration.statistics import spilled, too_few_vectors
 from .config import CompressConfig
 from .errors import UserError
@@ -19,7 +19,7 @@ from .inputs import input_signature, with_image_size
 from .job import CompressionJob
 from .load import default_opset, load_model
 from .log import StageClock, logger
-from .problems import build_problems
+from .problems import build_problems, needs_shrinkage
 from .ranks import overrides
 from .ranks.candidates import candidate_tables
 from .sensitivity import allocation_weights
@@ -52,6 +52,18 @@ def calibrated(
         if key:
             store.put_statistics(key, statistics)
     return statistics
+
+
+def held_out_moments(model, fitted, moments, holdout, config, signature, store, workers, progress) -> dict:
+    """The statistics on the held-out data of the layers fitted from few vectors: their fits are measured
+    there (`LayerProblem.plain`), since a shrunk covariance from 400 vectors in 1280 dims fits its own samples
+    far better than others (EfficientNet-Lite0's classifier at rank 256: error 0.17 on the calibration
+    images, 0.40 on others). None without re-readable held-out data."""
+    few = [layer for layer in fitted if needs_shrinkage(moments[layer.name])] if moments is not None else []
+    if not few or not rereadable(holdout):
+        return {}
+    logger.info("%d layers fitted from few vectors: their errors are measured on the held-out data", len(few))
+    return calibrated(model, few, holdout, config, signature, store, workers, progress).layers
 
 
 def prepare(
@@ -101,9 +113,12 @@ def prepare(
     unfittable = too_few_vectors(statistics, fitted) if moments is not None else {}
     reasons.update(unfittable)
     fitted = [layer for layer in fitted if layer.name not in unfittable]
+    held_out = held_out_moments(model, fitted, moments, holdout, config, signature, store, workers, progress)
     clock.mark("calibrate")
 
-    problems = build_problems(fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit)
+    problems = build_problems(
+        fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit, held_out=held_out
+    )
     settings = FitSettings.of(config)
     timing = LatencyTable(batch=runtime.speed_batch, device=runtime.device, opset=default_opset(model) or 17)
     costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)

@@ -38,23 +38,32 @@ class LayerProblem:
     fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
     residual: float = 0.0  # per-layer constant part of the error numerator
     shrinkage: float = 0.0  # the largest OAS weight its covariances were shrunk by (few calibration vectors)
+    # few calibration vectors and held-out data: errors are measured on the held-out vectors (`held_out_moments`)
+    held_out_sigmas: list[np.ndarray] | None = None  # the error's second moment there (about the fit's mean)
+    held_out_references: list[np.ndarray] | None = None  # the uncentered one there: the error's denominator
 
     @property
     def nbytes(self) -> int:
         """The size of its arrays (each counted once: the plain problem's two Sigma lists are one)."""
-        parts = (self.weights, self.targets, self.fit_sigmas, self.reference_sigmas, [self.bias], self.bias_shift,
-                 self.fit_means)  # fmt: skip
-        arrays = {id(array): array for part in parts for array in part or [] if array is not None}
+        arrays = {id(array): array for part in self._parts() for array in part or [] if array is not None}
         return sum(array.nbytes for array in arrays.values())
 
     def digest(self, *settings) -> str:
         """A digest of everything a result computed from this problem depends on, and of `settings`."""
         hasher = hashlib.sha256(repr((self.name, self.geometry, self.residual, settings)).encode())
-        for part in (self.weights, self.targets, self.fit_sigmas, self.reference_sigmas, [self.bias],
-                     self.bias_shift, self.fit_means):  # fmt: skip
+        for part in self._parts():
             for array in part or []:
                 hasher.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
         return hasher.hexdigest()[:40]
+
+    def _parts(self) -> tuple:
+        return (self.weights, self.targets, self.fit_sigmas, self.reference_sigmas, [self.bias], self.bias_shift,
+                self.fit_means, self.held_out_sigmas, self.held_out_references)  # fmt: skip
+
+    @property
+    def held_out(self) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+        """(error second moments, reference second moments) on held-out vectors, or None."""
+        return None if self.held_out_sigmas is None else (self.held_out_sigmas, self.held_out_references)
 
     @classmethod
     def plain(
@@ -66,22 +75,28 @@ class LayerProblem:
         moments: Moments | None,
         *,
         bias_refit: bool = False,
+        held_out: Moments | None = None,
     ) -> LayerProblem:
-        """The layer's own fit: in its input covariance (`moments`), or in the Frobenius norm (None)."""
+        """The layer's own fit: in its input covariance (`moments`), or in the Frobenius norm (None).
+        `held_out`: the moments of its input on held-out data, where a layer fitted from few vectors (a shrunk
+        covariance) has its errors measured."""
         weight = np.asarray(weight, np.float64)
         per_group = geometry.group_out
         weights = [weight[g * per_group : (g + 1) * per_group] for g in range(geometry.group)]
         if moments is None:
             return cls(name, geometry, weights, weights, None, None, bias)
         sigmas, means, shrunk = list(moments.covariance), list(moments.mean), 0.0
+        checked: dict = {}
         if needs_shrinkage(moments):
             pairs = [shrunk_second_moment(sigma, mean, moments.count) for sigma, mean in zip(sigmas, means)]
             sigmas, shrunk = [sigma for sigma, _ in pairs], max(weight for _, weight in pairs)
+            if held_out is not None:
+                checked = held_out_sigmas(held_out, means if bias_refit else None)
         if not bias_refit:
-            return cls(name, geometry, weights, weights, sigmas, sigmas, bias, shrinkage=shrunk)
+            return cls(name, geometry, weights, weights, sigmas, sigmas, bias, shrinkage=shrunk, **checked)
         centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
         shifts = [w.reshape(len(w), -1) @ m for w, m in zip(weights, means)]  # W1 mu
-        return cls(name, geometry, weights, weights, centered, sigmas, bias, shifts, means, shrinkage=shrunk)
+        return cls(name, geometry, weights, weights, centered, sigmas, bias, shifts, means, shrinkage=shrunk, **checked)
 
     @classmethod
     def propagated(cls, plain: LayerProblem, original: Moments, perturbed: Moments, bias_refit: bool) -> LayerProblem:
@@ -117,6 +132,20 @@ class LayerProblem:
         )
 
 
+def held_out_sigmas(held_out: Moments, fit_means: Sequence[np.ndarray] | None) -> dict[str, list[np.ndarray]]:
+    """The `LayerProblem` fields of held-out moments: the second moment of the error's input there, about the
+    calibration mean `fit_means` where the bias refit removes the error's mean on calibration data
+    (`E[(x - mu)(x - mu)^T]`), and the uncentered one (the output energy's)."""
+    references = [np.asarray(sigma, np.float64) for sigma in held_out.covariance]
+    if fit_means is None:
+        return {"held_out_sigmas": references, "held_out_references": references}
+    errors = []
+    for sigma, mean, fit_mean in zip(references, held_out.mean, fit_means):
+        cross = np.outer(mean, fit_mean)
+        errors.append(sigma - cross - cross.T + np.outer(fit_mean, fit_mean))
+    return {"held_out_sigmas": errors, "held_out_references": references}
+
+
 # A layer with fewer calibration vectors than this many per input dimension gets the covariance part of its
 # second moment shrunk towards a sphere by the OAS weight (`decompose.covariance.shrunk_second_moment`): a
 # conv sees thousands of patches per image, a dense layer after pooling (a classifier, a squeeze-and-excitation
@@ -139,12 +168,17 @@ def shrinkage(moments: Moments) -> list[float]:
 class Problems(Mapping):
     """The plain problem of each layer (in order), built when it is looked up: a problem holds its own copy of
     the layer's covariance (a ResNet-50 has 0.9 GB of them), so the stages, which take one layer at a time,
-    hold one copy at a time instead of one per layer."""
+    hold one copy at a time instead of one per layer. `held_out`: the held-out moments of layers fitted from
+    few vectors (`LayerProblem.plain`)."""
 
-    def __init__(self, layers, weights, biases, statistics, bias_refit: bool, names: Sequence[str] | None = None):
+    def __init__(
+        self, layers, weights, biases, statistics, bias_refit: bool, names: Sequence[str] | None = None,
+        held_out: Mapping[str, Moments] | None = None,
+    ):  # fmt: skip
         self.layers = {layer.name: layer for layer in layers}
         self.weights, self.biases, self.statistics, self.bias_refit = weights, biases, statistics, bias_refit
         self.names = list(self.layers) if names is None else list(names)
+        self.held_out = dict(held_out or {})
 
     def __getitem__(self, name: str) -> LayerProblem:
         if name not in self.names:
@@ -156,6 +190,7 @@ class Problems(Mapping):
             self.biases[name],
             None if self.statistics is None else self.statistics[name],
             bias_refit=self.bias_refit,
+            held_out=self.held_out.get(name),
         )
 
     def __iter__(self):
@@ -165,19 +200,22 @@ class Problems(Mapping):
         return len(self.names)
 
     def restricted(self, names: Sequence[str]) -> Problems:
-        return Problems(self.layers.values(), self.weights, self.biases, self.statistics, self.bias_refit, names)
+        return Problems(
+            self.layers.values(), self.weights, self.biases, self.statistics, self.bias_refit, names, self.held_out
+        )
 
     def geometry(self, name: str) -> LayerGeometry:
         """The layer's geometry, without building its problem."""
         return self.layers[name].geometry
 
-    def sampling(self, name: str) -> tuple[int, int, float] | None:
-        """(calibration vectors, input dims, largest shrinkage weight of its groups) of a layer, without
-        building its problem; None without statistics."""
+    def sampling(self, name: str) -> tuple[int, int, float, int | None] | None:
+        """(calibration vectors, input dims, largest shrinkage weight of its groups, held-out vectors its errors
+        are measured on or None) of a layer, without building its problem; None without statistics."""
         if self.statistics is None:
             return None
-        moments = self.statistics[name]
-        return moments.count, moments.second.shape[-1], max(shrinkage(moments))
+        moments, held_out = self.statistics[name], self.held_out.get(name)
+        counted = held_out.count if held_out is not None and needs_shrinkage(moments) else None
+        return moments.count, moments.second.shape[-1], max(shrinkage(moments)), counted
 
 
 def solver_works(problems: Mapping[str, LayerProblem]) -> dict[str, int]:
@@ -200,6 +238,8 @@ def build_problems(
     statistics: Mapping[str, Moments] | None,
     *,
     bias_refit: bool = False,
+    held_out: Mapping[str, Moments] | None = None,
 ) -> Problems:
-    """The plain problem of each layer, in order (`statistics` None: the Frobenius norm)."""
-    return Problems(layers, weights, biases, statistics, bias_refit)
+    """The plain problem of each layer, in order (`statistics` None: the Frobenius norm; `held_out`: moments
+    on held-out data of the layers fitted from few vectors, where their errors are measured)."""
+    return Problems(layers, weights, biases, statistics, bias_refit, held_out=held_out)

@@ -38,6 +38,7 @@ class LayerReport:
     vectors: int | None = None  # calibration input vectors of the fitted layer
     dims: int | None = None  # ... of this many input dims
     shrinkage: float | None = None  # the OAS weight its second moment was shrunk by (0: as measured)
+    held_out_vectors: int | None = None  # vectors its rel_error and estimates are measured on (shrunk layers)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,11 @@ class CompressionReport:
             lines.append(
                 "second moments shrunk (OAS) where vectors are few: "
                 + ", ".join(f"{r.name} {r.vectors} vectors / {r.dims} dims, weight {r.shrinkage:.3f}" for r in shrunk)
+                + "".join(
+                    f"; {r.name}'s errors measured on {r.held_out_vectors} held-out vectors"
+                    for r in shrunk
+                    if r.held_out_vectors
+                )  # fmt: skip
             )
         if self.search:
             lines.append(
@@ -308,7 +314,7 @@ def layer_rows(
             row = kept_row(layer.name, layer.geometry, reason)
         row = timed(row, choice) if timed is not None else row
         if sampling is not None and layer.name in fits and (known := sampling(layer.name)) is not None:
-            row = replace(row, vectors=known[0], dims=known[1], shrinkage=known[2])
+            row = replace(row, vectors=known[0], dims=known[1], shrinkage=known[2], held_out_vectors=known[3])
         rows.append(
             replace(
                 row,

@@ -28,7 +28,7 @@ from .layers import Layer
 from .log import logger, progress
 from .methods import get
 from .problems import LayerProblem
-from .ranks.candidates import Candidate, estimate_errors
+from .ranks.candidates import Candidate, problem_errors
 from .rewrite import replace_layers
 from .runtime import create_session
 from .workers import Shared, Workers
@@ -67,9 +67,7 @@ def probe_fit(problem: LayerProblem, settings: FitSettings) -> LayerFit:
     """The layer's closed-form DA-SVD at the probe rank (`probe_rank` of its exact rank errors)."""
     svd, geometry = get(PROBE_METHOD), problem.geometry
     ranks = [(rank,) for rank in range(1, svd.max_ranks(geometry)[0] + 1)]
-    errors = estimate_errors(
-        PROBE_METHOD, problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas
-    )
+    errors = problem_errors(problem, PROBE_METHOD, ranks, seed=0)
     rank = probe_rank(np.array(errors))
     choice = Candidate(PROBE_METHOD, (rank,), svd.cost(geometry, (rank,)), errors[rank - 1])
     return fit_layer(problem, choice, settings)

@@ -197,3 +197,29 @@ def test_the_bundled_convnext_has_its_pointwise_layers_as_dense_targets_and_full
     assert sum(row.method == "svd" for row in result.report.layers) == 9
     assert sum(node.op_type in ("MatMul", "Gemm") for node in result.model.graph.node) == 18
     assert relative_error(run(result.model, {"input": x})[0], run(model, {"input": x})[0]) < 1e-4
+
+
+def test_a_shrunk_layer_has_its_errors_measured_on_the_held_out_vectors(tmp_path):
+    """40 calibration vectors in 40 dims fit themselves far better than others: the shrunk layer's error (the
+    report's, the allocation's estimate) is its output error on the held-out vectors, computed here from the
+    vectors themselves and the written model."""
+    model = matmul((1, 40), bias=False)
+    x = _data((1, 40), count=100, seed=3)
+    calibration, held_out = x[:40], x[40:]
+    np.savez(tmp_path / "held_out.npz", x=held_out)
+    result = onnx_dacomp.compress(
+        model, [{"x": calibration}], ratio=0.3, eval_data=str(tmp_path / "held_out.npz"), rank_multiple=1,
+        progress=False, sensitivity=False, benchmark=False,
+    )  # fmt: skip
+    (row,) = result.report.layers
+    assert row.shrinkage > 0 and row.held_out_vectors == 60
+    W = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)  # (K, N)
+
+    def output_error(vectors):
+        reference = vectors.astype(np.float64) @ W
+        return float(np.sum((run(result.model, {"x": vectors})[0] - reference) ** 2) / np.sum(reference**2))
+
+    assert row.rel_error == pytest.approx(output_error(held_out), rel=1e-4)
+    assert row.estimated_error == pytest.approx(row.rel_error, rel=1e-6)  # closed form: the fit's own error
+    assert output_error(calibration) < 0.8 * row.rel_error  # what the calibration vectors alone would say
+    assert "errors measured on 60 held-out vectors" in result.report.table()

@@ -8,10 +8,11 @@ from builders import conv_model
 
 from onnx_dacomp.decompose.covariance import sigma_error
 from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors, reconstruct
-from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
+from onnx_dacomp.decompose.svd import da_svd, svd_held_out_errors, svd_rank_errors, truncated_svd
 from onnx_dacomp.decompose.tucker2 import da_tucker2, tucker2_rank_errors, weighted_input_factor
 from onnx_dacomp.geometry import Cost, LayerGeometry, original_cost
-from onnx_dacomp.methods import chain_cost
+from onnx_dacomp.methods import chain_cost, get
+from onnx_dacomp.problems import LayerProblem
 from onnx_dacomp.ranks.allocate import allocate, uniform, uniform_ranks
 from onnx_dacomp.ranks.candidates import Candidate, CandidateTable, candidate_table, estimate_errors
 from onnx_dacomp.rewrite import replace_layers
@@ -35,6 +36,27 @@ def test_svd_rank_errors_match_each_closed_form_fit():
         measured = sigma_error(weight, reconstruct(fit.factors), sigma)
         assert errors[rank - 1] == pytest.approx(measured, rel=1e-6, abs=1e-10)
     assert errors[-1] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_held_out_svd_errors_are_each_fit_measured_in_the_other_moment():
+    """The fits in one second moment (or the Frobenius norm), measured in another: the tail sums of the
+    projected held-out energy, against each fit measured directly; every method's held-out estimate is its
+    fit's error there."""
+    weight, sigma = _problem()
+    _, held_out = _problem(seed=1)
+    for fit_sigma, solve in ((sigma, lambda r: da_svd(weight, sigma, r)), (None, lambda r: truncated_svd(weight, r))):
+        errors = svd_held_out_errors(weight, fit_sigma, held_out)
+        for rank in (1, 4, 11, 12):
+            measured = sigma_error(weight, reconstruct(solve(rank).factors), held_out)
+            assert errors[rank - 1] == pytest.approx(measured, rel=1e-6, abs=1e-10)
+        assert errors[-1] == pytest.approx(0.0, abs=1e-10)
+    assert get("svd").estimate_held_out(weight, sigma, held_out, [(4,)], 0) == pytest.approx(
+        [svd_held_out_errors(weight, sigma, held_out)[3]]
+    )
+    tucker = get("tucker2").estimate_held_out(weight, sigma, held_out, [(6, 5)], 0)[0]
+    fit = da_tucker2(weight, sigma, (6, 5), init=weighted_input_factor(weight, sigma)[:, :5], max_iter=2)
+    assert tucker == pytest.approx(sigma_error(weight, reconstruct(fit.factors), held_out), rel=1e-6)
+    assert tucker > fit.rel_error  # the other moment is not the one fitted
 
 
 def test_tucker2_rank_errors_are_the_starting_point_of_the_solver():
@@ -231,7 +253,7 @@ def test_uniform_meets_the_global_target_with_one_ratio():
 def test_candidate_table_holds_only_chains_that_save():
     weight, sigma = _problem(16, 16)
     geometry = LayerGeometry(16, 16, 1, (3, 3), (8, 8), (8, 8), False)
-    table = candidate_table("l", geometry, [weight], [sigma], "auto", multiple=4)
+    table = candidate_table(LayerProblem("l", geometry, [weight], [weight], [sigma], [sigma], None), "auto", multiple=4)
     assert {c.method for c in table.candidates} == {"svd", "tucker2", "cp"}
     for candidate in table.candidates:
         assert candidate.cost.params < table.original.params or candidate.cost.macs < table.original.macs
@@ -245,7 +267,7 @@ def test_rank_multiple_applies_to_axes_at_least_as_wide():
     rng = np.random.default_rng(0)
     geometry = LayerGeometry(32, 8, 1, (3, 3), (8, 8), (8, 8), False)
     weight = rng.standard_normal((32, 8, 3, 3))
-    table = candidate_table("layer", geometry, [weight], None, "auto", multiple=16)
+    table = candidate_table(LayerProblem("layer", geometry, [weight], [weight], None, None, None), "auto", multiple=16)
     tucker = [c.ranks for c in table.candidates if c.method == "tucker2"]
     assert tucker and all(r_out in (16, 32) for r_out, _ in tucker)
     assert {r_in for _, r_in in tucker} - {8}  # the 8-channel axis takes ranks below 8

@@ -40,6 +40,22 @@ def svd_rank_errors(weight: np.ndarray, sigma: np.ndarray | None) -> np.ndarray:
     return np.clip((total - np.cumsum(values)) / total, 0.0, 1.0)
 
 
+def svd_held_out_errors(weight: np.ndarray, sigma: np.ndarray | None, held_out: np.ndarray) -> np.ndarray:
+    """Relative errors in the second moment `held_out` of the fits in `sigma` (`da_svd`, or `truncated_svd`
+    when None) at every rank 1..min(T, S*D). The rank-r fit keeps the top r of the eigenvectors P of
+    `W1 Sigma W1^T`, so its error is the tail sum of the diagonal of `P^T W1 Sigma_h W1^T P`."""
+    matrix = _as_matrix(weight, 1)
+    gram = matrix @ matrix.T if sigma is None else matrix @ np.asarray(sigma, np.float64) @ matrix.T
+    _, vectors = scipy.linalg.eigh((gram + gram.T) / 2)
+    vectors = vectors[:, ::-1][:, : min(matrix.shape)]
+    projected = vectors.T @ matrix
+    captured = np.einsum("ij,ij->i", projected @ np.asarray(held_out, np.float64), projected)
+    total = float(np.einsum("ij,ij->", matrix @ np.asarray(held_out, np.float64), matrix))
+    if total <= 0:
+        return np.zeros(len(captured))
+    return np.clip((total - np.cumsum(captured)) / total, 0.0, 1.0)
+
+
 def _project(weight, matrix, basis, sigma) -> Decomposition:
     first = (basis.T @ matrix).reshape(basis.shape[1], *weight.shape[1:])
     factors = SVDFactors(first=first, last=basis)

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..decompose.factors import Factors
+from ..decompose.covariance import sigma_error
+from ..decompose.factors import Factors, reconstruct
 from ..decompose.result import Decomposition
 from ..geometry import Cost, LayerGeometry, original_cost
 
 GRID_POINTS = 48  # rank values per axis of a candidate table
+HELD_OUT_SWEEPS = 2  # solver sweeps per candidate where held-out errors have no closed form
 
 Ranks = tuple[int, ...]  # per group: (R,) for svd/cp, (R_T, R_S) for tucker2
 
@@ -65,6 +67,18 @@ class Method(ABC):
     @abstractmethod
     def estimate(self, weight: np.ndarray, sigma: np.ndarray | None, ranks: Sequence[Ranks], seed: int) -> list[float]:
         """Cheap relative errors at each rank tuple, upper bounds of what `solve` reaches there."""
+
+    def estimate_held_out(
+        self, weight: np.ndarray, sigma: np.ndarray | None, held_out: np.ndarray, ranks: Sequence[Ranks], seed: int
+    ) -> list[float]:
+        """Relative errors in `held_out` (the second moment of vectors the fit did not see) of the fits in
+        `sigma` at each rank tuple: a short run of the solver at each (a method with a closed form overrides
+        this)."""
+        return [
+            sigma_error(weight, reconstruct(self.solve(weight, sigma, r, max_iter=HELD_OUT_SWEEPS, seed=seed).factors),
+                        held_out)
+            for r in ranks
+        ]  # fmt: skip
 
     @abstractmethod
     def solve(

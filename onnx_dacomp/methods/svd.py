@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..decompose.factors import SVDFactors
-from ..decompose.svd import da_svd, svd_rank_errors, truncated_svd
+from ..decompose.svd import da_svd, svd_held_out_errors, svd_rank_errors, truncated_svd
 from ..geometry import Cost, LayerGeometry
 from .base import SingleRankMethod, Stage, pointwise
 
@@ -27,6 +27,10 @@ class SVD(SingleRankMethod):
 
     def estimate(self, weight, sigma, ranks, seed):
         errors = svd_rank_errors(weight, sigma)  # exact for every rank at once
+        return [errors[r - 1] for (r,) in ranks]
+
+    def estimate_held_out(self, weight, sigma, held_out, ranks, seed):
+        errors = svd_held_out_errors(weight, sigma, held_out)  # exact for every rank at once
         return [errors[r - 1] for (r,) in ranks]
 
     def solve(self, weight, sigma, ranks, *, max_iter, seed):

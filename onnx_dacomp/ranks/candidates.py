@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..decompose.covariance import output_energy
-from ..geometry import Cost, LayerGeometry, original_cost
+from ..geometry import Cost, original_cost
 from ..log import progress
 from ..methods import Ranks, get, methods_for
 from ..problems import LayerProblem, largest_first, solver_works
@@ -41,49 +41,53 @@ def estimate_errors(
     ranks: Sequence[Ranks],
     *,
     reference_sigmas: Sequence[np.ndarray] | None = None,
+    held_out: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
     seed: int = 0,
 ) -> list[float]:
     """Estimated relative error of `method` at each per-group rank tuple in `ranks`.
 
     The error is relative to the output energy in `reference_sigmas` when given (the bias refit fits in the
     centered covariance but, like `fit.fit_layer`, measures against the uncentered output energy), else in
-    `sigmas`: `sum_g ||(W_g - W~_g) L_g||^2 / sum_g ||W_g L_ref,g||^2`.
+    `sigmas`: `sum_g ||(W_g - W~_g) L_g||^2 / sum_g ||W_g L_ref,g||^2`. `held_out`: (error, reference)
+    second moments on held-out vectors, where the fits in `sigmas` are measured instead
+    (`LayerProblem.held_out`).
     """
     solver = get(method)
     sigmas = sigmas if sigmas is not None else [None] * len(weights)
-    references = reference_sigmas if reference_sigmas is not None else sigmas
-    energies = np.array([output_energy(w, s) for w, s in zip(weights, sigmas)])
+    measured, references = held_out or (sigmas, reference_sigmas if reference_sigmas is not None else sigmas)
+    energies = np.array([output_energy(w, s) for w, s in zip(weights, measured)])
     total = sum(output_energy(w, s) for w, s in zip(weights, references))
     shares = energies / total if total > 0 else np.full(len(weights), 1 / len(weights))
     per_group = np.zeros((len(weights), len(ranks)))
-    for g, (weight, sigma) in enumerate(zip(weights, sigmas)):
-        per_group[g] = solver.estimate(weight, sigma, ranks, seed)
+    for g, (weight, sigma, check) in enumerate(zip(weights, sigmas, measured)):
+        if held_out is None:
+            per_group[g] = solver.estimate(weight, sigma, ranks, seed)
+        else:
+            per_group[g] = solver.estimate_held_out(weight, sigma, check, ranks, seed)
     return [float(v) for v in shares @ per_group]
 
 
-def candidate_table(
-    name: str,
-    geometry: LayerGeometry,
-    weights: Sequence[np.ndarray],
-    sigmas: Sequence[np.ndarray] | None,
-    method: str,
-    *,
-    reference_sigmas: Sequence[np.ndarray] | None = None,
-    multiple: int = 1,
-    seed: int = 0,
-) -> CandidateTable:
+def problem_errors(problem: LayerProblem, method: str, ranks: Sequence[Ranks], seed: int) -> list[float]:
+    """`estimate_errors` of a layer's problem (on its held-out vectors where it has them)."""
+    return estimate_errors(
+        method, problem.targets, problem.fit_sigmas, ranks, reference_sigmas=problem.reference_sigmas,
+        held_out=problem.held_out, seed=seed,
+    )  # fmt: skip
+
+
+def candidate_table(problem: LayerProblem, method: str, *, multiple: int = 1, seed: int = 0) -> CandidateTable:
     """Every candidate of the layer's methods (`method` may be `auto`) on a rank grid that is cheaper than
-    the original layer (errors relative to the output energy in `reference_sigmas` when given)."""
-    candidates = []
+    the original layer, with its estimated error (`problem_errors`)."""
+    candidates, geometry = [], problem.geometry
     for name_of_method in methods_for(method, geometry):
         solver = get(name_of_method)
         ranks = solver.grid(geometry, multiple)
         if not ranks:
             continue
-        errors = estimate_errors(name_of_method, weights, sigmas, ranks, reference_sigmas=reference_sigmas, seed=seed)
+        errors = problem_errors(problem, name_of_method, ranks, seed)
         for rank, error in zip(ranks, errors):
             candidates.append(Candidate(name_of_method, rank, solver.cost(geometry, rank), error))
-    return CandidateTable(name, original_cost(geometry), tuple(candidates))
+    return CandidateTable(problem.name, original_cost(geometry), tuple(candidates))
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,17 +104,7 @@ class TableTask:
         return self.problem.nbytes
 
     def run(self) -> CandidateTable:
-        problem = self.problem
-        return candidate_table(
-            problem.name,
-            problem.geometry,
-            problem.targets,
-            problem.fit_sigmas,
-            self.method,
-            reference_sigmas=problem.reference_sigmas,
-            multiple=self.multiple,
-            seed=self.seed,
-        )
+        return candidate_table(self.problem, self.method, multiple=self.multiple, seed=self.seed)
 
 
 def candidate_tables(

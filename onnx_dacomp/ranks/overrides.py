@@ -8,7 +8,7 @@ from ..errors import UserError
 from ..geometry import Cost, LayerGeometry
 from ..methods import METHODS, Ranks, get, method_for_ranks, methods_for
 from ..problems import LayerProblem
-from .candidates import Candidate, estimate_errors
+from .candidates import Candidate, problem_errors
 
 
 def check_names(specs: Mapping[str, object], layers: Sequence) -> None:
@@ -66,6 +66,4 @@ def override_choices(
 
 def estimate(problem: LayerProblem, method: str, ranks: Ranks, seed: int) -> float:
     """The estimated relative error of one choice (as in the candidate tables)."""
-    return estimate_errors(
-        method, problem.targets, problem.fit_sigmas, [ranks], reference_sigmas=problem.reference_sigmas, seed=seed
-    )[0]
+    return problem_errors(problem, method, [ranks], seed)[0]
