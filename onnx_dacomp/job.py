@@ -26,7 +26,7 @@ from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows, model_totals
 from .rewrite import replace_layers, with_provenance
 from .sensitivity import probe_batches
-from .speed import LatencyTable, LayerCosts, keep_faster
+from .speed import LatencyTable, LayerCosts, faster_realizations, keep_faster
 from .targets import TargetScan
 from .verify import compare_models, end_to_end_latency, warn_if_lost
 from .workers import Workers
@@ -84,6 +84,18 @@ class CompressionJob:
             self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
             weights=self.sensitivity, warn=warn,
         )  # fmt: skip
+
+    def planned(self, ratio: float | None) -> tuple[RankPlan, dict[str, str]]:
+        """The plan at `ratio` as it is built: where the target is time (--speedup, --budget latency,
+        --require-speedup) each chain in its realization measured faster; with --require-speedup, the layers
+        whose chain is still not faster kept, with their reasons."""
+        options, kept = self.config.plan, {}
+        rank_plan = self.plan_at(ratio)
+        if options.speedup is not None or options.budget == "latency" or options.require_speedup:
+            rank_plan = faster_realizations(rank_plan, self.costs, self.timing, self.fixed)
+        if options.require_speedup:
+            rank_plan, kept = keep_faster(rank_plan, self.layers, self.timing, self.fixed)
+        return rank_plan, kept
 
     def build_propagated(self, rank_plan: RankPlan):
         """The model with the plan's chains fitted on the partially compressed model, wave by wave, each wave
@@ -171,10 +183,8 @@ class CompressionJob:
     def result(self, ratio: float | None, search: dict | None = None) -> CompressionResult:
         """The compressed model at `ratio` and its report (`search`: the record of the search that chose it)."""
         config, clock = self.config, self.clock
-        rank_plan, reasons = self.plan_at(ratio), dict(self.reasons)
-        if config.plan.require_speedup:
-            rank_plan, slower = keep_faster(rank_plan, self.layers, self.timing, self.fixed)
-            reasons.update(slower)
+        rank_plan, slower = self.planned(ratio)
+        reasons = self.reasons | slower
         clock.mark("ranks")
         if config.fit.propagate:
             new_model, fits, waves = self.build_propagated(rank_plan)

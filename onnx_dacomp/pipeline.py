@@ -54,10 +54,10 @@ def chosen_ratio(job: CompressionJob) -> tuple[float | None, dict | None]:
     if options.targeted:
         if job.holdout is None:
             raise UserError("--max-drop/--min-agreement/--max-error need held-out data: pass --data and --holdout N")
-        return smallest_ratio(lambda r: job.verify(job.build(job.plan_at(r))[0], False), options)
+        return smallest_ratio(lambda r: job.verify(job.build(job.planned(r)[0])[0], False), options)
     if options.speedup is not None:  # each probe: the model at that ratio timed against the original
         sizes, seconds = [options.speedup_batch], job.config.verify.benchmark_seconds
         return largest_ratio_at_speed(
-            lambda r: job.timed(job.build(job.plan_at(r))[0], sizes, False, seconds)[0], options.speedup
+            lambda r: job.timed(job.build(job.planned(r)[0])[0], sizes, False, seconds)[0], options.speedup
         )
     return options.target_ratio, None

@@ -120,7 +120,9 @@ def prepare(
         fitted, weights, read_biases(model, fitted), moments, bias_refit=config.fit.bias_refit, held_out=held_out
     )
     settings = FitSettings.of(config)
-    timing = LatencyTable(batch=runtime.speed_batch, device=runtime.device, opset=default_opset(model) or 17)
+    # chains are timed at the batch of the speed target where there is one
+    speed_batch = config.plan.speedup_batch if config.plan.speedup is not None else runtime.speed_batch
+    timing = LatencyTable(batch=speed_batch, device=runtime.device, opset=default_opset(model) or 17)
     costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
     managed = problems.restricted([name for name in problems if name not in fixed])

@@ -21,7 +21,7 @@ from .geometry import Cost, original_cost
 from .latency import session_latency
 from .layers import Layer, one_layer_model
 from .log import logger, progress
-from .methods import Ranks, get
+from .methods import Ranks, get, realizations
 from .ranks.candidates import CandidateTable
 from .ranks.plan import RankPlan
 from .report import LayerReport
@@ -174,6 +174,25 @@ class LayerCosts:
         # a plan made in another unit has no measured chain (0): its timing is looked up or measured now
         after = choice.cost.latency or self.timing.chain(self.layers[row.name], choice.method, choice.ranks)
         return replace(row, latency_before=before, latency_after=after)
+
+
+def faster_realizations(plan: RankPlan, costs: LayerCosts, timing: LatencyTable, fixed) -> RankPlan:
+    """The plan with each chain in the fastest realization of its fit (`methods.realizations`: CP's spatial
+    part as 1-D depthwise convs or as one fused kxk conv, the same function), timed at the layer's input size;
+    layers named in --ranks keep their method."""
+    choices = dict(plan.choices)
+    for name, choice in plan.choices.items():
+        if choice is None or name in fixed:
+            continue
+        layer = costs.layers[name]
+        options = realizations(choice.method, layer.geometry)
+        fastest = min(options, key=lambda method: timing.chain(layer, method, choice.ranks))
+        if fastest != choice.method:
+            choices[name] = replace(choice, method=fastest, cost=costs.chain(name, fastest, choice.ranks))
+    changed = sum(choices[name] is not plan.choices[name] for name in choices)
+    if changed:
+        logger.info("%d chain(s) in a realization measured faster (the same function: fused depthwise convs)", changed)
+    return replace(plan, choices=choices)
 
 
 def keep_faster(plan: RankPlan, layers: Mapping[str, Layer], timing: LatencyTable, fixed) -> tuple[RankPlan, dict]:

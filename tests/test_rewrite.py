@@ -7,7 +7,7 @@ from builders import conv_model, conv_reference, relative_error, run, same_pads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors, reconstruct
+from onnx_dacomp.decompose.factors import CPFactors, FusedCPFactors, SVDFactors, Tucker2Factors, reconstruct
 from onnx_dacomp.rewrite import replace_layers
 from onnx_dacomp.targets import find_targets
 
@@ -25,7 +25,7 @@ def random_factors(method, rng, out_channels, in_channels, kernel):
             rng.standard_normal((out_channels, r_t)),
         )
     rank = int(rng.integers(1, 6))
-    return CPFactors(
+    return (FusedCPFactors if method == "cp-fused" else CPFactors)(
         rng.standard_normal((in_channels, rank)),
         tuple(rng.standard_normal((k, rank)) for k in kernel),
         rng.standard_normal((out_channels, rank)),
@@ -47,7 +47,7 @@ def same_ranks(factors_list, method, rng, out_channels, in_channels, kernel):
             )
         else:
             out.append(
-                CPFactors(
+                type(first)(
                     rng.standard_normal(first.input_factor.shape),
                     tuple(rng.standard_normal(f.shape) for f in first.spatial_factors),
                     rng.standard_normal(first.output_factor.shape),
@@ -74,7 +74,7 @@ conv_configs = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "cp-fused"])
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=conv_configs)
 def test_chain_reproduces_conv(method, config):
@@ -138,7 +138,7 @@ def test_chain_reproduces_conv(method, config):
     assert relative_error(original, reference) < tolerance  # the harness itself computes the right thing
     assert relative_error(rewritten, original) < tolerance
     chain_ops = [node.op_type for node in chain.graph.node]
-    convs = {"svd": 2, "cp": 2 + spatial}
+    convs = {"svd": 2, "cp": 2 + spatial, "cp-fused": 3}
     if method == "tucker2":  # a square (full-rank) factor is folded into the core
         square = [f.shape[0] == f.shape[1] for f in (factors[0].input_factor, factors[0].output_factor)]
         convs["tucker2"] = 3 - sum(square)
@@ -150,4 +150,4 @@ def _scaled(factors, scale):
         return SVDFactors(factors.first * scale, factors.last)
     if isinstance(factors, Tucker2Factors):
         return Tucker2Factors(factors.input_factor, factors.core * scale, factors.output_factor)
-    return CPFactors(factors.input_factor * scale, factors.spatial_factors, factors.output_factor)
+    return type(factors)(factors.input_factor * scale, factors.spatial_factors, factors.output_factor)

@@ -58,3 +58,36 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
     assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01  # the pessimistic end meets the target
     with pytest.raises(UserError, match="--speedup sets the ratio itself"):
         onnx_dacomp.compress(model, ArraySource(path, ["x"]), speedup=1.25, ratio=0.5, progress=False)
+
+
+def test_each_planned_chain_takes_the_realization_measured_faster():
+    """CP's fit as separable or fused depthwise convs: the faster by the timing table wins, its cost is the
+    fused chain's; a layer named in --ranks keeps its method; Tucker-2 has no other realization."""
+    from onnx_dacomp.geometry import original_cost
+    from onnx_dacomp.methods import get
+    from onnx_dacomp.ranks.candidates import Candidate
+    from onnx_dacomp.ranks.plan import RankPlan
+    from onnx_dacomp.speed import LayerCosts, faster_realizations
+    from onnx_dacomp.targets import find_targets
+
+    layers = {layer.name: layer for layer in find_targets(conv_stack(channels=16, size=(12, 12))).targets}
+    names = list(layers)
+
+    class Timing:  # the fused chain is faster on the first layer only
+        def chain(self, layer, method, ranks):
+            return {"cp": 1.0, "cp-fused": 0.5 if layer.name == names[0] else 2.0}.get(method, 1.0)
+
+    def choice(name, method, ranks):
+        return Candidate(method, ranks, get(method).cost(layers[name].geometry, ranks), 0.1)
+
+    plan = RankPlan({names[0]: choice(names[0], "cp", (8,)), names[1]: choice(names[1], "cp", (8,))}, 0.5)
+    realized = faster_realizations(plan, LayerCosts(layers), Timing(), fixed={})
+    first, second = realized.get(names[0]), realized.get(names[1])
+    assert (first.method, first.ranks, first.error) == ("cp-fused", (8,), 0.1)
+    assert first.cost == get("cp-fused").cost(layers[names[0]].geometry, (8,))
+    assert first.cost.macs > plan.get(names[0]).cost.macs  # more MACs, one node fewer
+    assert second is plan.get(names[1])
+    assert faster_realizations(plan, LayerCosts(layers), Timing(), fixed={names[0]: None}).get(names[0]).method == "cp"
+    tucker = RankPlan({names[0]: choice(names[0], "tucker2", (8, 8))}, 0.5)
+    assert faster_realizations(tucker, LayerCosts(layers), Timing(), fixed={}).get(names[0]) is tucker.get(names[0])
+    assert original_cost(layers[names[0]].geometry).params > first.cost.params

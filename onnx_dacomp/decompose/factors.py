@@ -50,6 +50,11 @@ class CPFactors:
         return self.input_factor.shape[1]
 
 
+class FusedCPFactors(CPFactors):
+    """CP factors whose chain runs the spatial part as one depthwise kxk conv (kernel r: the outer product of
+    the spatial factors' column r) instead of one 1-D depthwise conv per axis: the same function."""
+
+
 Factors = SVDFactors | Tucker2Factors | CPFactors
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 from ..decompose.factors import Factors
 from ..geometry import Cost, LayerGeometry
 from .base import Method, Ranks, Stage
-from .cp import CP
+from .cp import CP, FusedCP
 from .svd import SVD
 from .tucker2 import Tucker2
 
-METHODS: dict[str, Method] = {method.name: method for method in (SVD(), Tucker2(), CP())}
+METHODS: dict[str, Method] = {method.name: method for method in (SVD(), Tucker2(), CP(), FusedCP())}
 AUTO = "auto"  # every method that applies, chosen per layer by the allocation
 CHOICES = (*METHODS, AUTO)
 
-__all__ = ["AUTO", "CHOICES", "METHODS", "Method", "Ranks", "Stage", "chain_cost", "get", "method_of", "methods_for"]
+__all__ = [
+    "AUTO", "CHOICES", "METHODS", "Method", "Ranks", "Stage", "chain_cost", "get", "method_of", "methods_for",
+    "realizations",
+]  # fmt: skip
 
 
 def get(name: str) -> Method:
@@ -32,8 +35,15 @@ def methods_for(choice: str, geometry: LayerGeometry) -> tuple[str, ...]:
     does not apply (Tucker-2 and CP on a 1x1 conv, which is a matrix) gives way to those that do."""
     applicable = tuple(name for name, method in METHODS.items() if method.applies(geometry))
     if choice == AUTO:
-        return applicable
+        return tuple(name for name in applicable if METHODS[name].variant_of is None)
     return (choice,) if get(choice).applies(geometry) else applicable[:1]
+
+
+def realizations(name: str, geometry: LayerGeometry) -> tuple[str, ...]:
+    """The methods that realize the fits of method `name` on the layer as different chains (`name` first)."""
+    family = METHODS[name].variant_of or name
+    others = [n for n, m in METHODS.items() if n != name and (m.variant_of or n) == family and m.applies(geometry)]
+    return (name, *others)
 
 
 def method_for_ranks(count: int, default: str) -> str:

@@ -43,6 +43,9 @@ class Method(ABC):
     name: str
     factors_type: type
     rank_count: int  # entries of a rank tuple
+    # another method whose fits this one realizes as a different chain (the same function, other nodes): not
+    # in `auto`'s tables, but chosen for a planned layer where its chain is measured faster
+    variant_of: str | None = None
 
     def applies(self, geometry: LayerGeometry) -> bool:
         """Whether the method is worth trying on the layer (a 1x1 conv is a matrix: SVD is optimal there)."""
