@@ -22,6 +22,28 @@ def test_median_interval_against_a_direct_bootstrap():
     assert wide[2] - wide[1] > high - low  # more noise, a wider interval
 
 
+def test_the_two_level_interval_covers_the_variation_between_session_pairs():
+    """Ratios from pairs of sessions of different speeds: the interval resamples the pairs, then rounds within
+    them (against a direct loop of that bootstrap), and is wider than the rounds alone would say."""
+    rng = np.random.default_rng(7)
+    offsets = rng.normal(0, 0.04, 6)  # each pair's own speed
+    labels = np.repeat(np.arange(6), 4)
+    ratios = 0.8 + offsets[labels] + rng.normal(0, 0.01, len(labels))
+    median, low, high = latency.median_interval(ratios, seed=3, sessions=list(labels))
+    assert median == np.median(ratios)
+    direct, loop = [], np.random.default_rng(11)
+    groups = [ratios[labels == pair] for pair in range(6)]
+    for _ in range(latency.BOOTSTRAP):
+        picked = [groups[i] for i in loop.integers(0, 6, 6)]
+        direct.append(np.median(np.concatenate([g[loop.integers(0, len(g), len(g))] for g in picked])))
+    expected = np.quantile(direct, [0.025, 0.975])
+    width = expected[1] - expected[0]
+    assert abs(low - expected[0]) < 0.15 * width and abs(high - expected[1]) < 0.15 * width
+    flat = latency.median_interval(ratios, seed=3)
+    assert high - low > 1.2 * (flat[2] - flat[1])
+    assert latency.median_interval([0.9, 0.8, 0.85], sessions=[0, 0, 0])[0] == 0.85  # one pair: its rounds
+
+
 def _double(weight):
     """Two copies of the conv one after the other: about twice the work of one."""
     model = conv_model(weight, input_shape=("n", 32, 32, 32), pads=[1, 1, 1, 1])
@@ -37,6 +59,7 @@ def test_compare_latency_measures_relative_cost():
     batch = {"x": np.random.default_rng(1).standard_normal((4, 32, 32, 32)).astype(np.float32)}
     same = latency.compare_latency(single, single, batch, 4, device="cpu", max_seconds=5, show_progress=False)
     assert same.rounds >= latency.MIN_ROUNDS and same.threads == latency.default_threads() and same.batch == 4
+    assert same.sessions == -(-same.rounds // latency.ROUNDS_PER_SESSION) >= 2  # a fresh pair every few rounds
     assert same.ratio_low <= same.ratio <= same.ratio_high and 0.75 < same.ratio < 1.33
     double = latency.compare_latency(
         single, _double(weight), batch, 4, device="cpu", max_seconds=5, show_progress=False
