@@ -121,7 +121,7 @@ class CompressionReport:
             "",
             f"rel.err ({self.error_norm})",
             "sensitivity",
-            "ms alone",
+            "layer ms",
             "",
         )
         rows = [header]

@@ -485,7 +485,7 @@ def test_latency_budget_runs_on_real_timings(data_file):
 
 
 def test_layer_timings_report_each_chain_against_its_layer(data_file, capsys):
-    from onnx_dacomp.speed import layer_latency
+    from onnx_dacomp.speed import MIN_LAYER_MS, layer_latency
 
     model = _stack()
     config = CompressConfig(ratio=0.5, holdout=0, max_iter=2, rank_multiple=1, layer_timings=True, speed_batch=2)
@@ -496,8 +496,8 @@ def test_layer_timings_report_each_chain_against_its_layer(data_file, capsys):
         if row.method is None:
             assert row.latency_after == row.latency_before
     fitted = next(row for row in report.layers if row.method is not None)
-    # an independent timing of the same chain lands near the reported one (same table, same batch)
+    # an independent one-layer timing of the same chain: the reported figure is that, less the baseline
     again = layer_latency(layers[fitted.name], fitted.method, fitted.ranks, batch=2, device="auto", opset=17)
-    assert 0.2 < again.chain_ms / fitted.latency_after < 5
+    assert MIN_LAYER_MS <= fitted.latency_after < 2 * again.chain_ms
     table = report.table()
-    assert "ms alone" in table and f"{fitted.latency_before:.3f} -> {fitted.latency_after:.3f}" in table
+    assert "layer ms" in table and f"{fitted.latency_before:.3f} -> {fitted.latency_after:.3f}" in table

@@ -91,3 +91,33 @@ def test_each_planned_chain_takes_the_realization_measured_faster():
     tucker = RankPlan({names[0]: choice(names[0], "tucker2", (8, 8))}, 0.5)
     assert faster_realizations(tucker, LayerCosts(layers), Timing(), fixed={}).get(names[0]) is tucker.get(names[0])
     assert original_cost(layers[names[0]].geometry).params > first.cost.params
+
+
+def test_layer_timings_are_the_one_layer_time_less_its_baseline(monkeypatch):
+    """What a one-layer model pays besides the layer (its baseline model's time) is taken off every timing,
+    floored above zero; the baseline is measured once per layer kind and input."""
+    from onnx_dacomp import speed
+    from onnx_dacomp.targets import find_targets
+
+    layer = find_targets(conv_stack(channels=16, size=(12, 12))).targets[0]
+    baselines = []
+
+    def fake_session_latency(model, feeds, device):
+        if model.graph.node[0].name == "baseline":
+            baselines.append(model)
+            return 0.010, "CPU"
+        return 0.050, "CPU"
+
+    monkeypatch.setattr(speed, "session_latency", fake_session_latency)
+    monkeypatch.setattr(
+        speed, "layer_latency", lambda *args, **kwargs: speed.LayerTiming(0.050, 0.0105, "CPU")
+    )  # fmt: skip
+    table = speed.LatencyTable(batch=1, device="cpu", opset=17)
+    assert table.original(layer) == pytest.approx(0.040)
+    assert table.chain(layer, "cp", (8,)) == pytest.approx(0.0005)
+    monkeypatch.setattr(speed, "layer_latency", lambda *args, **kwargs: speed.LayerTiming(0.050, 0.005, "CPU"))
+    assert table.chain(layer, "cp", (4,)) == speed.MIN_LAYER_MS  # below the baseline: the floor
+    assert len(baselines) == 1 and baselines[0].graph.node[0].op_type == "Conv"  # depthwise 1x1: same layout
+    assert baselines[0].graph.node[0].attribute[0].i == layer.input_shape[1] or any(
+        a.name == "group" and a.i == layer.input_shape[1] for a in baselines[0].graph.node[0].attribute
+    )

@@ -88,6 +88,11 @@ class Layer(Protocol):
     def timing_model(self, batch: int, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         """A model of this layer alone (random weights) with an input of `batch` samples, to time it."""
 
+    def timing_baseline(self, batch: int, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """A model of the same input that does next to nothing in the layout the layer runs in: its time is what
+        a one-layer model pays besides the layer (the run call, layout conversions in and out), which the
+        layer does not cost inside the whole model (`speed.LatencyTable` subtracts it)."""
+
     @property
     def timing_key(self) -> tuple:
         """What the layer's latency depends on: layers with the same key share their timings."""

@@ -187,6 +187,13 @@ class ConvLayer:
         node = helper.make_node("Conv", inputs, ["y"], name="conv", **attributes)
         return one_layer_model([node], initializers, [batch, *self.input_shape[1:]], dtype, opset)
 
+    def timing_baseline(self, batch: int, opset: int):
+        # a depthwise 1x1 conv: one pass over the input, converted into the blocked layout and back like the layer
+        channels, spatial = self.input_shape[1], len(self.kernel_shape)
+        weight = numpy_helper.from_array(np.ones((channels, 1, *[1] * spatial), np.dtype(self.dtype)), "W")
+        node = helper.make_node("Conv", ["x", "W"], ["y"], name="baseline", group=channels, kernel_shape=[1] * spatial)
+        return one_layer_model([node], [weight], [batch, *self.input_shape[1:]], np.dtype(self.dtype), opset)
+
     def describe(self) -> dict:
         return {
             "name": self.name,

@@ -163,6 +163,13 @@ class DenseLayer:
             nodes.append(helper.make_node("Add", ["m", "B"], ["y"]))
         return one_layer_model(nodes, initializers, [batch, *self.input_shape[1:]], dtype, opset)
 
+    def timing_baseline(self, batch: int, opset: int):
+        # one elementwise pass over the input: the run call and the copies, no layout conversion
+        dtype = np.dtype(self.dtype)
+        one = numpy_helper.from_array(np.ones((), dtype), "one")
+        node = helper.make_node("Mul", ["x", "one"], ["y"], name="baseline")
+        return one_layer_model([node], [one], [batch, *self.input_shape[1:]], dtype, opset)
+
     def describe(self) -> dict:
         return {
             "name": self.name,
