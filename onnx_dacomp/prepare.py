@@ -58,7 +58,7 @@ def held_out_moments(model, fitted, moments, holdout, config, signature, store, 
     """The statistics on the held-out data of the layers fitted from few vectors: their fits are measured
     there (`LayerProblem.plain`), since a shrunk covariance from 400 vectors in 1280 dims fits its own samples
     far better than others (EfficientNet-Lite0's classifier at rank 256: error 0.17 on the calibration
-    images, 0.40 on others). None without re-readable held-out data."""
+    images, 0.40 on others). Empty without re-readable held-out data."""
     few = [layer for layer in fitted if needs_shrinkage(moments[layer.name])] if moments is not None else []
     if not few or not rereadable(holdout):
         return {}

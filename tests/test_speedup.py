@@ -121,3 +121,15 @@ def test_layer_timings_are_the_one_layer_time_less_its_baseline(monkeypatch):
     assert baselines[0].graph.node[0].attribute[0].i == layer.input_shape[1] or any(
         a.name == "group" and a.i == layer.input_shape[1] for a in baselines[0].graph.node[0].attribute
     )
+
+
+def test_auto_leaves_out_the_variants_and_a_variant_that_does_not_apply_gives_way_to_its_method():
+    from onnx_dacomp.geometry import LayerGeometry
+    from onnx_dacomp.methods import methods_for, realizations
+
+    square = LayerGeometry(16, 16, 1, (3, 3), (8, 8), (8, 8), False)
+    line = LayerGeometry(16, 16, 1, (3,), (8,), (8,), False)  # one kernel axis: both CP chains are the same nodes
+    assert methods_for("auto", square) == ("svd", "tucker2", "cp")
+    assert methods_for("cp-fused", square) == ("cp-fused",) and methods_for("cp-fused", line) == ("cp",)
+    assert realizations("cp", square) == ("cp", "cp-fused") and realizations("cp-fused", square) == ("cp-fused", "cp")
+    assert realizations("cp", line) == ("cp",) and realizations("tucker2", square) == ("tucker2",)

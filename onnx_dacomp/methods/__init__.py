@@ -31,11 +31,15 @@ def get(name: str) -> Method:
 
 
 def methods_for(choice: str, geometry: LayerGeometry) -> tuple[str, ...]:
-    """The methods tried on a layer for the configured `choice` (a method name or `auto`). A method that
-    does not apply (Tucker-2 and CP on a 1x1 conv, which is a matrix) gives way to those that do."""
+    """The methods tried on a layer for the configured `choice` (a method name or `auto`, which leaves out the
+    variants). A method that does not apply (Tucker-2 and CP on a 1x1 conv, which is a matrix) gives way to
+    those that do; a variant first to the method it realizes (`cp-fused` on a 1-D kernel: `cp`)."""
     applicable = tuple(name for name, method in METHODS.items() if method.applies(geometry))
     if choice == AUTO:
         return tuple(name for name in applicable if METHODS[name].variant_of is None)
+    family = get(choice).variant_of  # a variant that does not apply gives way to the method it realizes
+    if not get(choice).applies(geometry) and family is not None and get(family).applies(geometry):
+        return (family,)
     return (choice,) if get(choice).applies(geometry) else applicable[:1]
 
 
