@@ -91,7 +91,7 @@ class LayerProblem:
             pairs = [shrunk_second_moment(sigma, mean, moments.count) for sigma, mean in zip(sigmas, means)]
             sigmas, shrunk = [sigma for sigma, _ in pairs], max(weight for _, weight in pairs)
             if held_out is not None:
-                checked = held_out_sigmas(held_out, means if bias_refit else None)
+                checked = held_out_fields(held_out, means if bias_refit else None)
         if not bias_refit:
             return cls(name, geometry, weights, weights, sigmas, sigmas, bias, shrinkage=shrunk, **checked)
         centered = [centered_covariance(s, m) for s, m in zip(sigmas, means)]
@@ -132,7 +132,7 @@ class LayerProblem:
         )
 
 
-def held_out_sigmas(held_out: Moments, fit_means: Sequence[np.ndarray] | None) -> dict[str, list[np.ndarray]]:
+def held_out_fields(held_out: Moments, fit_means: Sequence[np.ndarray] | None) -> dict[str, list[np.ndarray]]:
     """The `LayerProblem` fields of held-out moments: the second moment of the error's input there, about the
     calibration mean `fit_means` where the bias refit removes the error's mean on calibration data
     (`E[(x - mu)(x - mu)^T]`), and the uncentered one (the output energy's)."""

@@ -199,17 +199,19 @@ def test_the_bundled_convnext_has_its_pointwise_layers_as_dense_targets_and_full
     assert relative_error(run(result.model, {"input": x})[0], run(model, {"input": x})[0]) < 1e-4
 
 
-def test_a_shrunk_layer_has_its_errors_measured_on_the_held_out_vectors(tmp_path):
+@pytest.mark.parametrize("bias_refit", [False, True])
+def test_a_shrunk_layer_has_its_errors_measured_on_the_held_out_vectors(tmp_path, bias_refit):
     """40 calibration vectors in 40 dims fit themselves far better than others: the shrunk layer's error (the
     report's, the allocation's estimate) is its output error on the held-out vectors, computed here from the
-    vectors themselves and the written model."""
+    vectors themselves and the written model (with the bias refit too, whose bias cancels the error's mean on
+    the calibration vectors, not on the held-out ones)."""
     model = matmul((1, 40), bias=False)
     x = _data((1, 40), count=100, seed=3)
     calibration, held_out = x[:40], x[40:]
     np.savez(tmp_path / "held_out.npz", x=held_out)
     result = onnx_dacomp.compress(
         model, [{"x": calibration}], ratio=0.3, eval_data=str(tmp_path / "held_out.npz"), rank_multiple=1,
-        progress=False, sensitivity=False, benchmark=False,
+        progress=False, sensitivity=False, benchmark=False, bias_refit=bias_refit,
     )  # fmt: skip
     (row,) = result.report.layers
     assert row.shrinkage > 0 and row.held_out_vectors == 60

@@ -11,13 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..decompose.covariance import sigma_error
-from ..decompose.factors import Factors, reconstruct
+from ..decompose.factors import Factors
 from ..decompose.result import Decomposition
 from ..geometry import Cost, LayerGeometry, original_cost
 
 GRID_POINTS = 48  # rank values per axis of a candidate table
-HELD_OUT_SWEEPS = 2  # solver sweeps per candidate where held-out errors have no closed form
 
 Ranks = tuple[int, ...]  # per group: (R,) for svd/cp, (R_T, R_S) for tucker2
 
@@ -46,6 +44,7 @@ class Method(ABC):
     # another method whose fits this one realizes as a different chain (the same function, other nodes): not
     # in `auto`'s tables, but chosen for a planned layer where its chain is measured faster
     variant_of: str | None = None
+    held_out_estimates: bool = False  # `estimate_held_out` in closed form (every rank at once)
 
     def applies(self, geometry: LayerGeometry) -> bool:
         """Whether the method is worth trying on the layer (a 1x1 conv is a matrix: SVD is optimal there)."""
@@ -75,13 +74,8 @@ class Method(ABC):
         self, weight: np.ndarray, sigma: np.ndarray | None, held_out: np.ndarray, ranks: Sequence[Ranks], seed: int
     ) -> list[float]:
         """Relative errors in `held_out` (the second moment of vectors the fit did not see) of the fits in
-        `sigma` at each rank tuple: a short run of the solver at each (a method with a closed form overrides
-        this)."""
-        return [
-            sigma_error(weight, reconstruct(self.solve(weight, sigma, r, max_iter=HELD_OUT_SWEEPS, seed=seed).factors),
-                        held_out)
-            for r in ranks
-        ]  # fmt: skip
+        `sigma` at each rank tuple, where the method has them in closed form (`held_out_estimates`)."""
+        raise NotImplementedError(f"{self.name} has no closed-form held-out errors")
 
     @abstractmethod
     def solve(

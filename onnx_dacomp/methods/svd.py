@@ -15,6 +15,7 @@ from .base import SingleRankMethod, Stage, pointwise
 class SVD(SingleRankMethod):
     name = "svd"
     factors_type = SVDFactors
+    held_out_estimates = True
 
     def max_ranks(self, geometry: LayerGeometry):
         return (min(geometry.group_out, geometry.group_in * geometry.taps),)
