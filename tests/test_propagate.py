@@ -145,10 +145,10 @@ def test_propagated_bias_refit_fit_lowers_the_whole_model_error(tmp_path, monkey
 def test_min_agreement_search_meets_the_target_and_reports_its_probes(tmp_path):
     model = conv_stack(channels=12, size=(12, 12), input_channels=3)
     path = _npz(tmp_path)
-    config = CompressConfig(ratio=None, min_agreement=0.9, holdout=48, max_iter=5, classifier_outputs=("r5",))
+    config = CompressConfig(ratio=None, min_agreement=0.7, holdout=48, max_iter=5, classifier_outputs=("r5",))
     result = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False)
     report = result.report
-    assert report.verification.top1_agreement_low >= 0.9  # the lower end of its 95 % interval
+    assert report.verification.top1_agreement_low >= 0.7  # the lower end of its 95 % interval
     assert report.search["ratio"] < 1 and 1 <= len(report.search["probes"]) <= 10
     met = [p["ratio"] for p in report.search["probes"] if p["met"]]
     missed = [p["ratio"] for p in report.search["probes"] if not p["met"]]

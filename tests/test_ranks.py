@@ -13,7 +13,7 @@ from onnx_dacomp.decompose.tucker2 import da_tucker2, tucker2_rank_errors, weigh
 from onnx_dacomp.geometry import Cost, LayerGeometry, original_cost
 from onnx_dacomp.methods import chain_cost, get
 from onnx_dacomp.problems import LayerProblem
-from onnx_dacomp.ranks.allocate import allocate, uniform, uniform_ranks
+from onnx_dacomp.ranks.allocate import MAX_CHAIN_MACS, allocate, uniform, uniform_ranks
 from onnx_dacomp.ranks.candidates import Candidate, CandidateTable, candidate_table, estimate_errors
 from onnx_dacomp.rewrite import replace_layers
 from onnx_dacomp.targets import find_targets
@@ -164,6 +164,11 @@ def _table(name, costs_errors, original=100):
     )
 
 
+def _admissible(table):
+    """What the allocation may choose from: candidates that save enough MACs (brute-force reference)."""
+    return [c for c in table.candidates if c.cost.macs <= MAX_CHAIN_MACS * table.original.macs]
+
+
 def test_allocation_meets_the_budget_and_is_optimal_for_convex_tables():
     rng = np.random.default_rng(3)
     tables = []
@@ -177,7 +182,7 @@ def test_allocation_meets_the_budget_and_is_optimal_for_convex_tables():
         error = sum(c.error if c else 0.0 for c in choices.values())
         assert total <= target
         # brute force over every combination (keep or any candidate) with at most the same total cost
-        options = [[None, *t.candidates] for t in tables]
+        options = [[None, *_admissible(t)] for t in tables]
         best = min(
             sum(c.error if c else 0.0 for c in combo)
             for combo in itertools.product(*options)
@@ -196,7 +201,7 @@ def test_weighted_allocation_is_optimal_for_the_weighted_error():
         total = sum(c.cost.params if c else 100 for c in choices.values())
         weighted = sum(weights[n] * c.error for n, c in choices.items() if c)
         assert total <= target
-        options = [[(t.name, None), *((t.name, c) for c in t.candidates)] for t in tables]
+        options = [[(t.name, None), *((t.name, c) for c in _admissible(t))] for t in tables]
         best = min(
             sum(weights[n] * c.error for n, c in combo if c)
             for combo in itertools.product(*options)
@@ -207,6 +212,24 @@ def test_weighted_allocation_is_optimal_for_the_weighted_error():
         kept = {n: c.cost.params if c else 100 for n, c in choices.items()}
         assert kept["l0"] >= kept["l2"] >= kept["l1"]
         assert kept["l0"] > kept["l1"]
+
+
+def test_allocation_never_takes_a_chain_that_keeps_most_of_the_layers_macs():
+    # the 80-params candidate is nearly exact and fits the budget, but keeps 80 % of the MACs: a chain of
+    # several nodes doing that much arithmetic is slower than the layer; the 60-MACs one is taken instead
+    slow_and_exact = CandidateTable("a", Cost(100, 100), (
+        Candidate("cp", (48,), Cost(80, 80), 1e-6), Candidate("cp", (32,), Cost(60, 60), 0.01),
+    ))  # fmt: skip
+    assert allocate([slow_and_exact], "params", target=90, fixed=0)["a"].cost.macs == 60
+    # few parameters cannot make up for it either: the cap is on MACs whatever the budget counts
+    few_params = CandidateTable("b", Cost(100, 100), (Candidate("cp", (48,), Cost(10, 90), 1e-6),))
+    saves_macs = _table("c", [(40, 0.5)])
+    choices = allocate([few_params, saves_macs], "params", target=150, fixed=0)
+    assert choices["b"] is None and choices["c"].cost.params == 40
+    assert MAX_CHAIN_MACS * 100 >= 60
+    # ... unless nothing else meets the target (layers too small to have any rank that saves enough)
+    choices = allocate([few_params, saves_macs], "params", target=60, fixed=0)
+    assert choices["b"].cost.params == 10 and sum(c.cost.params for c in choices.values()) <= 60
 
 
 def test_allocation_leaves_layers_that_cannot_shrink_and_stops_at_the_cheapest():
