@@ -289,7 +289,12 @@ class FitConfig:
 class PlanConfig:
     """Which layers get which ranks: the method, the budget or accuracy target, and per-layer overrides."""
 
-    method: str = option("tucker2", "decomposition; auto lets the allocation pick per layer", choices=METHOD_CHOICES)
+    # auto by measurement: at the same ratio it is never less accurate than Tucker-2 alone (ResNet-56 at 0.5:
+    # 82.8 % against 77.9 % top-1, ResNet-20 79.8 % against 72.6 %; EfficientNet-Lite0 the same model) for
+    # about twice the rank-selection time
+    method: str = option(
+        "auto", "decomposition; auto lets the allocation pick Tucker-2, CP or SVD per layer", choices=METHOD_CHOICES
+    )
     ratio: float | None = option(
         None, "target size of the decomposable part relative to before", parse=unit_ratio,
         shown=f"{DEFAULT_RATIO}, or none with --ranks, --max-drop or --min-agreement",

@@ -91,7 +91,7 @@ def test_input_model_is_not_modified_and_exclusions_win(data_file):
     by_name = {layer.name: layer for layer in result.report.layers}
     for name in ("conv0", "conv4", "conv5"):
         assert by_name[name].method is None and "exclude" in by_name[name].reason
-    assert by_name["conv1"].method == "tucker2"
+    assert by_name["conv1"].method is not None  # the layers not excluded are compressed
 
 
 def test_distribution_aware_beats_frobenius_on_the_calibration_distribution(data_file):
@@ -332,7 +332,8 @@ def test_resnet20_distribution_aware_keeps_far_more_accuracy_sensitivity_and_pro
         ("sigma", dict()),
         ("propagated", dict(propagate=True, bias_refit=True)),
     ):
-        config = CompressConfig(ratio=0.5, holdout=200, max_iter=5, **options)
+        # Tucker-2 throughout: the data-free baseline is a plain Tucker-2 tool's fit
+        config = CompressConfig(ratio=0.5, holdout=200, max_iter=5, method="tucker2", **options)
         report = onnx_dacomp.compress(RESNET20, source, config, progress=False).report
         assert report.verification.top1_original is not None
         agreement[name] = report.verification.top1_agreement

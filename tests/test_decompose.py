@@ -75,6 +75,20 @@ def test_planted_low_rank_weights_are_recovered_exactly(seed):
         assert np.allclose(reconstruct(result.factors), cp_weight, atol=1e-4 * np.abs(cp_weight).max())
 
 
+@pytest.mark.parametrize("kernel", [(3,), (3, 3, 3)])
+def test_planted_cp_weights_of_1d_and_3d_convs_are_recovered(kernel):
+    # the ALS contracts every spatial factor but one: with a single spatial axis there is none to contract
+    rng = np.random.default_rng(7)
+    factors = CPFactors(
+        rng.standard_normal((5, 3)), tuple(rng.standard_normal((k, 3)) for k in kernel), rng.standard_normal((6, 3))
+    )
+    weight = reconstruct(factors)
+    sigma = anisotropic_sigma(5 * int(np.prod(kernel)), rng)
+    for result in (da_cp(weight, sigma, 3, max_iter=500), cp_als(weight, 3, max_iter=500)):
+        assert result.rel_error < 1e-8
+        assert np.allclose(reconstruct(result.factors), weight, atol=1e-3 * np.abs(weight).max())
+
+
 def test_full_rank_reconstruction_is_exact():
     rng = np.random.default_rng(4)
     weight = rng.standard_normal((6, 5, 3, 2))

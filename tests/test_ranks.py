@@ -1,6 +1,7 @@
 """Rank candidates and allocation: estimates against independent fits, costs against real rewritten graphs."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -297,3 +298,15 @@ def test_rank_multiple_applies_to_axes_at_least_as_wide():
     for ratio in (0.3, 0.6):
         r_out, _ = uniform_ranks(geometry, "tucker2", ratio, "params", 16)
         assert r_out % 16 == 0
+
+
+def test_cp_candidates_keep_the_solvers_gram_within_memory():
+    # an STFT front end: one input channel, 256 taps; DA-CP holds a (taps * rank)^2 Gram (GiBs at rank 100)
+    from onnx_dacomp.methods.cp import GRAM_LIMIT
+
+    stft = LayerGeometry(258, 1, 1, (256,), (16000,), (124,), False)
+    ranks = get("cp").grid(stft, 1)
+    assert ranks and max(r for (r,) in ranks) * stft.taps <= math.isqrt(GRAM_LIMIT)
+    # a 3x3 layer of 64 channels is far from it: its grid still reaches the ranks that save
+    wide = LayerGeometry(64, 64, 1, (3, 3), (8, 8), (8, 8), False)
+    assert max(r for (r,) in get("cp").grid(wide, 1)) > 64

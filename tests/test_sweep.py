@@ -114,13 +114,17 @@ def test_cli_sweep_writes_the_table_models_and_exports(stack, tmp_path):
         )
         assert int(row["params"]) < int(row["params_before"]) or int(row["macs"]) < int(row["macs_before"])
     # a layer's candidates of one method: more parameters, less estimated error
+    compared = 0
     for name in layers:
         methods = {row["method"] for row in sensitivity if row["layer"] == name}
         for method in methods:
             candidates = [row for row in sensitivity if row["layer"] == name and row["method"] == method]
             candidates.sort(key=lambda row: int(row["params"]))
             errors = [float(row["estimated_layer_error"]) for row in candidates]
-            assert len(errors) > 1 and errors[0] > errors[-1], (name, method)
+            if len(errors) > 1:
+                assert errors[0] > errors[-1], (name, method)
+                compared += 1
+    assert compared >= len(layers)
 
 
 def test_a_sweep_that_fails_midway_leaves_no_models(stack, tmp_path, monkeypatch):

@@ -91,7 +91,7 @@ def _contract_others(reduced: np.ndarray, spatial, axis: int) -> np.ndarray:
     """`reduced[k_1, ..., k_n, r]` contracted with every spatial factor but the one of `axis`: (k_axis, R)."""
     letters = _AXES[: len(spatial)]
     others = [a for a in range(len(spatial)) if a != axis]
-    spec = f"{letters}r," + ",".join(f"{letters[a]}r" for a in others) + f"->{letters[axis]}r"
+    spec = ",".join([f"{letters}r", *(f"{letters[a]}r" for a in others)]) + f"->{letters[axis]}r"
     return np.einsum(spec, reduced, *(spatial[a] for a in others))
 
 
@@ -210,13 +210,13 @@ class CPProblem:
         upper = letters.upper()
         others = [a for a in range(len(self.kernel)) if a != axis]
         gram = self.gram.reshape(*self.kernel, rank, *self.kernel, rank)
-        spec_in = f"{letters}r{upper}q," + ",".join(f"{letters[a]}r,{upper[a]}q" for a in others)
+        spec_in = ",".join([f"{letters}r{upper}q", *(f"{letters[a]}r,{upper[a]}q" for a in others)])
         operands = [gram] + [f for a in others for f in (spatial[a], spatial[a])]
         reduced = np.einsum(f"{spec_in}->{letters[axis]}r{upper[axis]}q", *operands, optimize=True)
         size = self.kernel[axis] * rank
         hessian = (reduced * coupling[None, :, None, :]).reshape(size, size)
         fitted = np.einsum("tr,trd->rd", output_factor, self.cross, optimize=True).reshape(rank, *self.kernel)
-        spec_rhs = f"r{letters}," + ",".join(f"{letters[a]}r" for a in others)
+        spec_rhs = ",".join([f"r{letters}", *(f"{letters[a]}r" for a in others)])
         rhs = np.einsum(f"{spec_rhs}->{letters[axis]}r", fitted, *(spatial[a] for a in others), optimize=True)
         return _ridge_solve(hessian, rhs.reshape(-1, 1), self.ridge).reshape(self.kernel[axis], rank)
 

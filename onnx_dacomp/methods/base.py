@@ -144,7 +144,8 @@ class SingleRankMethod(Method):
             (original.params - bias - 1) // max(per_rank.params - bias, 1),
             (original.macs - 1) // max(per_rank.macs, 1),
         )
-        largest = min(largest, limit, self.affordable_rank(geometry) or limit)
+        affordable = self.affordable_rank(geometry)
+        largest = min(largest, limit, limit if affordable is None else affordable)
         if largest < 1:
             return []
         points = self.grid_points or largest

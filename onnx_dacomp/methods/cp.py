@@ -27,6 +27,9 @@ GRID_POINTS = 8  # CP needs an iterative solve per rank: a coarser grid
 # (D*R)^2 Gram: candidates stop at the rank where one such product reaches WORK_LIMIT flops (rank 94 on a
 # 512-channel 3x3 layer, no limit up to 128 channels); Tucker-2 and SVD cover the larger ranks there
 WORK_LIMIT = 2e9
+# ... and the Gram's (D*R)^2 float64 entries at most this many (256 MiB): a 256-tap 1-D conv (an STFT front
+# end) stops at rank 22 instead of asking for tens of GiB
+GRAM_LIMIT = 2**25
 ESTIMATE_SWEEPS = 1  # after the Frobenius CP start: the estimate is cheap, the full solve refines it
 FROBENIUS_ESTIMATE_SWEEPS = 20
 
@@ -53,7 +56,8 @@ class CP(SingleRankMethod):
         return _chain_cost(g, layers)
 
     def affordable_rank(self, geometry: LayerGeometry) -> int:
-        return int(WORK_LIMIT // (geometry.group_in * geometry.taps) ** 2)
+        by_work = WORK_LIMIT // (geometry.group_in * geometry.taps) ** 2
+        return int(min(by_work, math.isqrt(GRAM_LIMIT) // geometry.taps))
 
     def estimate(self, weight, sigma, ranks, seed):
         # a short run of the solver at each rank, on one regularized Sigma for all of them
