@@ -25,6 +25,7 @@ from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows, model_totals
 from .rewrite import replace_layers, with_provenance
+from .search import closing_measurement
 from .sensitivity import probe_batches
 from .speed import LatencyTable, LayerCosts, faster_realizations, keep_faster
 from .targets import TargetScan
@@ -200,10 +201,12 @@ class CompressionJob:
                 (new_model, fits, verification), lambda: self.build(rank_plan), self.verify
             )
             propagation |= whole
-        latency = ()
+        latency, speedup = (), config.plan.speedup
         if config.verify.benchmark:  # is the result faster, end to end?
-            sizes = sorted({1, config.verify.benchmark_batch})
+            sizes = sorted({1, config.verify.benchmark_batch} | ({config.plan.speedup_batch} if speedup else set()))
             latency = self.timed(new_model, sizes, self.progress, config.verify.benchmark_seconds)
+            if speedup is not None and search is not None:
+                search = closing_measurement(search, latency, speedup, config.plan.speedup_batch)
         clock.mark("verify")
         if self.store is not None:
             logger.info("cache %s: %s", config.runtime.cache_dir, self.store.summary() or "nothing to keep")

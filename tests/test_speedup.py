@@ -1,6 +1,8 @@
 """--speedup: the largest ratio (most accurate model) whose measured end-to-end speed-up meets the target, on
 the pessimistic end of the interval; wiring through compress with a latency that follows the MACs."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from builders import conv_stack
@@ -33,6 +35,21 @@ def test_the_search_finds_the_largest_ratio_that_is_fast_enough():
         largest_ratio_at_speed(probe, 6)  # 0.2 of the time is fixed: 5x at most
 
 
+def test_a_closing_measurement_that_misses_the_speed_the_probe_met_is_said(caplog, monkeypatch):
+    from onnx_dacomp import log
+    from onnx_dacomp.search import closing_measurement
+
+    monkeypatch.setattr(log.logger, "propagate", True)  # CLI tests turn it off; caplog listens at the root
+
+    record = {"target": "1.25x faster at batch 1", "ratio": 0.5, "probes": []}
+    drifted = closing_measurement(record, [_latency(0.85), replace(_latency(0.7), batch=32)], 1.25, 1)
+    assert drifted["closing"] == {"latency_ratio": 0.85, "interval": [0.83, 0.87], "met": False}
+    assert "misses the 1.25x its probe met" in caplog.text
+    caplog.clear()
+    steady = closing_measurement(record, [_latency(0.7)], 1.25, 1)
+    assert steady["closing"]["met"] and not caplog.text and record.get("closing") is None
+
+
 def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monkeypatch):
     from onnx_dacomp import job
     from onnx_dacomp.targets import find_targets
@@ -56,6 +73,7 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
     met = [item for item in report.search["probes"] if item["met"]]
     assert met and report.search["ratio"] == max(item["ratio"] for item in met)
     assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01  # the pessimistic end meets the target
+    assert report.search["closing"]["met"] and report.search["closing"]["latency_ratio"] == report.latency[0].ratio
     with pytest.raises(UserError, match="--speedup sets the ratio itself"):
         onnx_dacomp.compress(model, ArraySource(path, ["x"]), speedup=1.25, ratio=0.5, progress=False)
 
