@@ -62,15 +62,14 @@ def held_out_moments(model, fitted, moments, holdout, config, signature, store, 
     its own samples far better than others (EfficientNet-Lite0's classifier at rank 256: error 0.17 on the
     calibration images, 0.40 on others). A kxk conv with few vectors keeps its calibration estimates: a solver
     run per candidate took the bundled CNN's five such layers 45 s. Empty without re-readable held-out data."""
-    method = config.plan.method
+    if moments is None or not rereadable(holdout):
+        return {}
 
     def closed_form(layer) -> bool:
-        return all(get(name).held_out_estimates for name in methods_for(method, layer.geometry))
+        return all(get(name).held_out_estimates for name in methods_for(config.plan.method, layer.geometry))
 
-    few = [
-        layer for layer in fitted if moments is not None and needs_shrinkage(moments[layer.name]) and closed_form(layer)
-    ]
-    if not few or not rereadable(holdout):
+    few = [layer for layer in fitted if needs_shrinkage(moments[layer.name]) and closed_form(layer)]
+    if not few:
         return {}
     logger.info("%d layers fitted from few vectors: their errors are measured on the held-out data", len(few))
     return calibrated(model, few, holdout, config, signature, store, workers, progress).layers

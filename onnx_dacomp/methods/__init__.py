@@ -37,10 +37,12 @@ def methods_for(choice: str, geometry: LayerGeometry) -> tuple[str, ...]:
     applicable = tuple(name for name, method in METHODS.items() if method.applies(geometry))
     if choice == AUTO:
         return tuple(name for name in applicable if METHODS[name].variant_of is None)
-    family = get(choice).variant_of  # a variant that does not apply gives way to the method it realizes
-    if not get(choice).applies(geometry) and family is not None and get(family).applies(geometry):
-        return (family,)
-    return (choice,) if get(choice).applies(geometry) else applicable[:1]
+    method = get(choice)
+    if method.applies(geometry):
+        return (choice,)
+    if method.variant_of is not None and get(method.variant_of).applies(geometry):
+        return (method.variant_of,)  # a variant gives way to the method it realizes
+    return applicable[:1]
 
 
 def realizations(name: str, geometry: LayerGeometry) -> tuple[str, ...]:
