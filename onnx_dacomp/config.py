@@ -276,6 +276,10 @@ class FitConfig:
     max_iter: int = option(20, "ALS sweeps per layer at most", parse=int)
     bias_refit: bool = option(False, "refit biases (fit in the centered covariance); never worse")
     propagate: bool = option(False, "fit each layer on the input the compressed layers before it give")
+    compensate: bool = option(
+        True, "do not refit the kept layers after compressed ones on the input they get (compensation)",
+        flag="--no-compensate",
+    )  # fmt: skip
 
     def __post_init__(self):
         _check_choice("norm", self.norm, NORMS)

@@ -15,6 +15,7 @@ import onnx
 from .cache import Cache
 from .calibration.sources import Source, rereadable
 from .calibration.statistics import Statistics
+from .compensate import compensate, downstream
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings, fit_all
@@ -28,11 +29,11 @@ from .rewrite import replace_layers, with_provenance
 from .search import closing_measurement
 from .sensitivity import probe_batches
 from .speed import LatencyTable, LayerCosts, faster_realizations, keep_faster
-from .targets import TargetScan
+from .targets import TargetScan, read_biases, read_weights
 from .verify import compare_models, end_to_end_latency, warn_if_lost
 from .workers import Workers
 
-JUDGE_SAMPLES = 128  # --propagate chooses each wave's fit by the output error on this many samples
+JUDGE_SAMPLES = 128  # propagation and compensation choose each wave's fit by the output error on this many samples
 IN_SAMPLE_SAMPLES = 500  # without held-out data, the result is compared on this many calibration samples
 CURVE_RATIOS = tuple(round(0.05 * step, 2) for step in range(2, 21))  # the estimated trade-off curve's points
 
@@ -73,6 +74,7 @@ class CompressionJob:
     tables: dict[str, CandidateTable]
     sensitivity: dict[str, float] | None
     counted: list[str]
+    compensable: list[Layer]  # the layers compensation may refit (targets.refittable), graph order
     fit_cache: dict = field(default_factory=dict)
 
     def plan_at(self, ratio: float | None, warn: bool = True) -> RankPlan:
@@ -104,16 +106,35 @@ class CompressionJob:
         without: said so); the fits and the record of the waves."""
         if self.calibration is None:
             raise UserError("--propagate needs calibration data (--data): it runs the partially compressed model")
-        judged = self.holdout if self.holdout is not None else self.calibration
-        if self.holdout is None:
-            logger.info("--propagate without held-out data: each wave's fit is chosen on calibration samples")
-        judge = OutputError(
-            self.model, probe_batches(judged, JUDGE_SAMPLES, self.signature), self.config.runtime.device
-        )
         return fit_propagated(
             self.model, self.fitted, rank_plan, self.problems, self.statistics.layers, list(self.calibration),
             self.settings, bias_refit=self.config.fit.bias_refit, device=self.config.runtime.device,
-            show_progress=self.progress, judge=judge,
+            show_progress=self.progress, judge=self.judge,
+        )  # fmt: skip
+
+    @cached_property
+    def judge(self) -> OutputError:
+        """The output error on held-out samples (calibration samples without: said so) by which propagation and
+        compensation choose between fits."""
+        if self.holdout is None:
+            logger.info("no held-out data: propagation and compensation choose their fits on calibration samples")
+        judged = self.holdout if self.holdout is not None else self.calibration
+        return OutputError(self.model, probe_batches(judged, JUDGE_SAMPLES, self.signature), self.config.runtime.device)
+
+    def compensated(self, new_model: onnx.ModelProto, fits) -> tuple[onnx.ModelProto, dict | None]:
+        """`new_model` with the kept layers downstream of the compressed ones (`fits`) refit on the input they
+        get there (`compensate.py`), and the record; as it is without calibration data or such layers."""
+        if not self.config.fit.compensate or self.calibration is None or not rereadable(self.calibration):
+            return new_model, None
+        changed = [self.layers[name].output for name in fits]
+        kept = [layer for layer in self.compensable if layer.name not in fits]
+        layers = downstream(self.model, kept, changed)
+        if not layers:
+            return new_model, None
+        return compensate(
+            self.model, new_model, layers, read_weights(self.model, layers), read_biases(self.model, layers),
+            list(self.calibration), self.judge, length=self.signature.length, device=self.config.runtime.device,
+            show_progress=self.progress,
         )  # fmt: skip
 
     def build(self, rank_plan: RankPlan):
@@ -187,20 +208,22 @@ class CompressionJob:
         rank_plan, slower = self.planned(ratio)
         reasons = self.reasons | slower
         clock.mark("ranks")
+        propagation = None
         if config.fit.propagate:
             new_model, fits, waves = self.build_propagated(rank_plan)
+            propagation = {"waves": waves}
+            if self.holdout is not None:  # propagation need not lower the model's error
+                new_model, fits, _, whole = keep_better(
+                    (new_model, fits, self.verify(new_model)), lambda: self.build(rank_plan), self.verify
+                )
+                propagation |= whole
         else:
             new_model, fits = self.build(rank_plan)
+        new_model, compensation = self.compensated(new_model, fits)
         clock.mark("decompose")
 
         verification = self.check(new_model)
         warn_if_lost(verification)
-        propagation = {"waves": waves} if config.fit.propagate else None
-        if config.fit.propagate and self.holdout is not None:  # propagation need not lower the model's error
-            new_model, fits, verification, whole = keep_better(
-                (new_model, fits, verification), lambda: self.build(rank_plan), self.verify
-            )
-            propagation |= whole
         latency, speedup = (), config.plan.speedup
         if config.verify.benchmark:  # is the result faster, end to end?
             sizes = sorted({1, config.verify.benchmark_batch} | ({config.plan.speedup_batch} if speedup else set()))
@@ -234,6 +257,7 @@ class CompressionJob:
             verification=verification,
             search=search,
             propagation=propagation,
+            compensation=compensation,
             latency=latency,
             calibration=self.statistics.source if self.statistics is not None else None,
             seconds=clock.seconds(),

@@ -3,7 +3,7 @@
 For a layer with G groups and input vectors of length n (a conv's patches, a dense layer's rows), per group:
 `second = sum x x^T` (n x n), `first = sum x`, over `count` vectors. For error propagation (docs/MATH.md)
 the vectors are those of the partially compressed model (x~) and `cross = sum x x~^T` pairs them with the
-original model's x on the same samples.
+original model's x on the same samples, and `reference_first = sum x` is the original's first moment.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class Moments:
     first: np.ndarray  # (G, n) float64
     count: int
     cross: np.ndarray | None = None  # (G, n, n): sum of x x~^T, only for cross moments
+    reference_first: np.ndarray | None = None  # (G, n): sum of x, only for cross moments
 
     @property
     def covariance(self) -> np.ndarray:
@@ -37,8 +38,15 @@ class Moments:
             raise ValueError("these moments hold no cross term")
         return self.cross / max(self.count, 1)
 
+    @property
+    def reference_mean(self) -> np.ndarray:
+        """`mu = E[x]` of the original model's input per group (cross moments only)."""
+        if self.reference_first is None:
+            raise ValueError("these moments hold no reference mean")
+        return self.reference_first / max(self.count, 1)
+
     def is_finite(self) -> bool:
-        parts = [self.second, self.first] + ([self.cross] if self.cross is not None else [])
+        parts = [part for part in (self.second, self.first, self.cross, self.reference_first) if part is not None]
         return all(np.isfinite(part).all() for part in parts)
 
     def __add__(self, other: Moments) -> Moments:
@@ -47,7 +55,8 @@ class Moments:
         if (self.cross is None) != (other.cross is None):
             raise ValueError("cannot merge plain and cross moments")
         cross = None if self.cross is None else self.cross + other.cross
-        return Moments(self.second + other.second, self.first + other.first, self.count + other.count, cross)
+        reference = None if self.reference_first is None else self.reference_first + other.reference_first
+        return Moments(self.second + other.second, self.first + other.first, self.count + other.count, cross, reference)
 
 
 def vector_sums(vectors: np.ndarray) -> Moments:

@@ -25,7 +25,7 @@ from .ranks import overrides
 from .ranks.candidates import candidate_tables
 from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, speedup_budget
-from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, select
+from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, refittable, select
 from .workers import Workers
 
 NATURAL_NOTICE = (
@@ -88,6 +88,7 @@ def prepare(
     input_shapes = with_image_size(model, config.data.input_shapes, preprocessing.size, preprocessing.layout)
     signature = input_signature(model, input_shapes, config.data.batch_axes)
     scan = find_targets(model, input_shapes)
+    compensable = refittable(scan, config.plan.exclude)  # every kind: refitting a layer does not compress it
     scan = TargetScan(tuple(layer for layer in scan.layers if layer.kind in config.plan.layer_kinds))
     layers = {layer.name: layer for layer in scan.layers}
     overrides.check_names(config.plan.ranks, scan.layers)
@@ -155,5 +156,5 @@ def prepare(
         model=model, config=config, progress=progress, workers=workers, store=store, clock=clock, scan=scan,
         layers=layers, fitted=fitted, reasons=reasons, calibration=calibration, holdout=holdout, signature=signature,
         statistics=statistics, problems=problems, settings=settings, timing=timing, costs=costs, fixed=fixed,
-        pooled=pooled, tables=tables, sensitivity=sensitivity, counted=counted,
+        pooled=pooled, tables=tables, sensitivity=sensitivity, counted=counted, compensable=compensable,
     )  # fmt: skip

@@ -52,6 +52,7 @@ class CompressionReport:
     latency: tuple[Latency, ...] = ()
     search: Mapping[str, object] | None = None  # the ratio search (accuracy or speed target): target, ratio, probes
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
+    compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
     seconds: Mapping[str, float] = field(default_factory=dict)  # wall time per stage, and in total
     cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time (all threads) per stage
     peak_rss_gib: Mapping[str, float] = field(default_factory=dict)  # peak memory by the end of each stage
@@ -97,6 +98,7 @@ class CompressionReport:
             "latency": [asdict(item) for item in self.latency],
             "search": self.search,
             "propagation": self.propagation,
+            "compensation": self.compensation,
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
@@ -204,6 +206,12 @@ class CompressionReport:
             lines.append(
                 f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} with the wave "
                 f"choices, {fits['plain']['rel_output_error']:.4f} all plain: kept the {self.propagation['kept']} fit"
+            )
+        if self.compensation:
+            errors = [wave["output_error"] for wave in self.compensation["waves"]]
+            lines.append(
+                f"compensation: {self.compensation['refitted']} of {self.compensation['layers']} kept layers after "
+                f"compressed ones refit (output error {errors[0][0]:.4f} -> {errors[-1][1]:.4f} on the judge's samples)"
             )
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))

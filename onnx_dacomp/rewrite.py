@@ -16,7 +16,7 @@ from . import __version__
 from .decompose.factors import Factors, reconstruct
 from .errors import InternalError
 from .layers import Layer
-from .methods import method_of
+from .methods import Stage, method_of
 
 CHECKER_LIMIT = 2**31 - 1  # the in-memory checker refuses protobufs over 2 GB (save_model checks the file)
 
@@ -29,30 +29,50 @@ def replace_layers(model: onnx.ModelProto, replacements: Mapping[str, tuple]) ->
     also for a layer that had none). Weights and biases left without a consumer are removed. Each new node's
     doc_string names the layer it replaces.
     """
+    chains = {}
+    for output, (layer, factors, *bias) in replacements.items():
+        factors = _check_factors(layer, factors)
+        method = method_of(factors[0])
+        chains[output] = (layer, method.stages(factors), method.name, bias[0] if bias else None)
+    return _rewritten(model, chains)
+
+
+def refit_layers(model: onnx.ModelProto, refits: Mapping[str, tuple]) -> onnx.ModelProto:
+    """A new model in which each layer (keyed by its output name) keeps its node but gets a new weight and bias:
+    `refits[output] = (layer, weight, bias)`, the weight in the layer's `(T, S / G, *kernel)` layout."""
+    chains = {}
+    for output, (layer, weight, bias) in refits.items():
+        geometry = layer.geometry
+        expected = (geometry.out_channels, geometry.group_in, *geometry.kernel)
+        if weight.shape != expected:
+            raise ValueError(f"layer {layer.name}: a weight of shape {weight.shape}, expected {expected}")
+        stage = Stage(weight, geometry.group, tuple(range(weight.ndim - 2)))
+        chains[output] = (layer, [stage], "refit", bias)
+    return _rewritten(model, chains)
+
+
+def _rewritten(model: onnx.ModelProto, chains: Mapping[str, tuple]) -> onnx.ModelProto:
+    """`model` with each layer's node replaced by its chain: `chains[output] = (layer, stages, name, bias)`."""
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = new.graph
     taken = _all_names(graph)
     nodes = list(graph.node)
-    absorbed = {name for layer, *_ in replacements.values() for name in layer.absorbed}
+    absorbed = {name for layer, *_ in chains.values() for name in layer.absorbed}
     del graph.node[:]
     for node in nodes:
         if node.output and node.output[0] in absorbed:
             continue  # part of a layer whose chain replaces it (a MatMul before its bias Add)
-        if node.output and node.output[0] in replacements:
-            layer, factors, *bias = replacements[node.output[0]]
-            factors = _check_factors(layer, factors)
-            method = method_of(factors[0])
-            chain, initializers = layer.chain_nodes(
-                node, method.stages(factors), method.name, bias[0] if bias else None, taken
-            )
+        if node.output and node.output[0] in chains:
+            layer, stages, name, bias = chains[node.output[0]]
+            chain, initializers = layer.chain_nodes(node, stages, name, bias, taken)
             for chain_node in chain:
-                chain_node.doc_string = f"onnx-dacomp: {method.name} chain replacing {node.op_type} {layer.name}"
+                chain_node.doc_string = f"onnx-dacomp: {name} chain replacing {node.op_type} {layer.name}"
             graph.node.extend(chain)
             graph.initializer.extend(initializers)
         else:
             graph.node.append(node)
-    _drop_unused_constants(graph, [name for layer, *_ in replacements.values() for name in (layer.weight, layer.bias)])
+    _drop_unused_constants(graph, [name for layer, *_ in chains.values() for name in (layer.weight, layer.bias)])
     _check_postcondition(model, new)
     return new
 

@@ -112,10 +112,23 @@ def select(
     return [layer for layer in scan.targets if layer.name not in reasons], reasons
 
 
+def refittable(scan: TargetScan, exclude: Sequence[str] = ()) -> list[Layer]:
+    """The layers next-layer compensation may refit (`Layer.refittable`: a constant linear map of known size,
+    depthwise convs included), in graph order, but those the user excluded or too long for a covariance."""
+    return [
+        layer
+        for layer in scan.layers
+        if layer.refittable
+        and layer.input_shape is not None
+        and layer.vector_length <= MAX_VECTOR_LENGTH
+        and not any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude)
+    ]
+
+
 def read_weights(model: onnx.ModelProto, layers: Sequence[Layer]) -> dict[str, np.ndarray]:
-    """The constant weight of each decomposable layer as its kind reads it, `(T, S / G, *kernel)`."""
+    """The constant weight of each refittable layer as its kind reads it, `(T, S / G, *kernel)`."""
     resolver = ConstantResolver(model.graph)
-    return {layer.name: layer.weight_matrix(resolver.value(layer.weight)) for layer in layers if layer.decomposable}
+    return {layer.name: layer.weight_matrix(resolver.value(layer.weight)) for layer in layers if layer.refittable}
 
 
 def read_biases(model: onnx.ModelProto, layers: Sequence[Layer]) -> dict[str, np.ndarray | None]:

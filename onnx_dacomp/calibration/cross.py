@@ -2,9 +2,9 @@
 model compressed so far (x~), on the same samples.
 
 Per layer and group, as `Moments` with a cross term: `cross = sum x x~^T`, `second = sum x~ x~^T`,
-`first = sum x~` over all input vectors (float64 sums of float32 products within a batch), from one
-onnxruntime pass of each model per batch that exposes the layer inputs. Layers that do not depend on each
-other share the pass.
+`first = sum x~`, `reference_first = sum x` over all input vectors (float64 sums of float32 products within a
+batch), from one onnxruntime pass of each model per batch that exposes the layer inputs. Layers that do not
+depend on each other share the pass.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def collect_cross_statistics(
                 second=np.matmul(observed, observed.transpose(0, 2, 1)).astype(np.float64),
                 first=observed.sum(axis=2, dtype=np.float64),
                 count=observed.shape[2],
+                reference_first=reference.sum(axis=2, dtype=np.float64),
             )
             if not part.is_finite():
                 raise UserError(f"layer {layer.name}: the compressed model's activations overflow (NaN or Inf)")

@@ -51,6 +51,11 @@ class Layer(Protocol):
     def decomposable(self) -> bool: ...
 
     @property
+    def refittable(self) -> bool:
+        """A constant linear map of its input vectors whose weight and bias may be refit (next-layer
+        compensation): every decomposable layer, and depthwise convs."""
+
+    @property
     def params(self) -> int | None: ...
 
     @property

@@ -20,6 +20,7 @@ from .conv_statistics import patch_sum_nodes
 
 OP_TYPES = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
 SUPPORTED_DTYPES = ("float32", "float16")
+DEPTHWISE = "depthwise convolution (group == input channels): no channel mixing to factor"
 Shape = tuple[int, ...]
 
 
@@ -49,6 +50,10 @@ class ConvLayer:
     @property
     def decomposable(self) -> bool:
         return self.skip_reason is None
+
+    @property
+    def refittable(self) -> bool:
+        return self.skip_reason is None or self.skip_reason == DEPTHWISE  # a depthwise conv is linear too
 
     @property
     def params(self) -> int | None:
@@ -278,7 +283,7 @@ def discover(
     if spatial not in (1, 2):
         reason = f"{spatial}-D convolution is not supported (1-D and 2-D are)"
     elif group == in_channels and group > 1:
-        reason = "depthwise convolution (group == input channels): no channel mixing to factor"
+        reason = DEPTHWISE
     elif weight.shape[0] % group:
         reason = f"output channels {weight.shape[0]} not divisible by group {group}"
     elif str(weight.dtype) not in SUPPORTED_DTYPES:

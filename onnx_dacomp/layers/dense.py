@@ -53,6 +53,10 @@ class DenseLayer:
         return self.skip_reason is None
 
     @property
+    def refittable(self) -> bool:
+        return self.skip_reason is None
+
+    @property
     def positions(self) -> int:
         """Rows per sample: the leading dims of the activations after the batch."""
         return math.prod(self.input_shape[1:-1]) if self.input_shape and len(self.input_shape) > 2 else 1
