@@ -26,7 +26,7 @@ from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan
 from .report import CompressionReport, layer_rows, model_totals
 from .rewrite import replace_layers, with_provenance
-from .search import closing_measurement
+from .search import closing_measurement, meets
 from .sensitivity import probe_batches
 from .speed import LatencyTable, LayerCosts, faster_realizations, keep_faster
 from .targets import TargetScan, read_biases, read_weights
@@ -219,10 +219,18 @@ class CompressionJob:
                 propagation |= whole
         else:
             new_model, fits = self.build(rank_plan)
+        uncompensated = new_model
         new_model, compensation = self.compensated(new_model, fits)
         clock.mark("decompose")
 
         verification = self.check(new_model)
+        if compensation is not None and config.plan.targeted and not meets(verification, config.plan):
+            # the search's probes measured the model without compensation: where that one meets the target and
+            # the compensated one does not (its judge saw only part of the held-out data), it is kept
+            plain = self.check(uncompensated)
+            if meets(plain, config.plan):
+                logger.warning("the compensated model misses the target on the held-out data: keeping it uncompensated")
+                new_model, verification, compensation = uncompensated, plain, compensation | {"kept": False}
         warn_if_lost(verification)
         latency, speedup = (), config.plan.speedup
         if config.verify.benchmark:  # is the result faster, end to end?

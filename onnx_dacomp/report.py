@@ -212,7 +212,9 @@ class CompressionReport:
             lines.append(
                 f"compensation: {self.compensation['refitted']} of {self.compensation['layers']} kept layers after "
                 f"compressed ones refit (output error {errors[0][0]:.4f} -> {errors[-1][1]:.4f} on the judge's samples)"
-            )
+                + ("; not kept: the uncompensated model meets the target, the compensated one does not"
+                   if self.compensation.get("kept") is False else "")
+            )  # fmt: skip
         for item in self.latency:
             lines.append(latency_line(item, m_ratio))
         return "\n".join(lines)
