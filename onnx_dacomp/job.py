@@ -122,13 +122,17 @@ class CompressionJob:
         return OutputError(self.model, probe_batches(judged, JUDGE_SAMPLES, self.signature), self.config.runtime.device)
 
     def compensated(self, new_model: onnx.ModelProto, fits) -> tuple[onnx.ModelProto, dict | None]:
-        """`new_model` with the kept layers downstream of the compressed ones (`fits`) refit on the input they
-        get there (`compensate.py`), and the record; as it is without calibration data or such layers."""
-        if not self.config.fit.compensate or self.calibration is None or not rereadable(self.calibration):
+        """`new_model` with the kept layers downstream of the compressed ones (`fits`; with `--compensate tail`
+        only those after every compressed layer) refit on the input they get there (`compensate.py`), and the
+        record; as it is without calibration data or such layers."""
+        mode = self.config.fit.compensate
+        if mode == "none" or self.calibration is None or not rereadable(self.calibration):
             return new_model, None
-        changed = [self.layers[name].output for name in fits]
+        compressed = [self.layers[name] for name in fits]
         kept = [layer for layer in self.compensable if layer.name not in fits]
-        layers = downstream(self.model, kept, changed)
+        layers = downstream(self.model, kept, [layer.output for layer in compressed])
+        if mode == "tail":  # no compressed layer after them: their refit faces all the error there is
+            layers = [layer for layer in layers if not downstream(self.model, compressed, [layer.output])]
         if not layers:
             return new_model, None
         return compensate(

@@ -144,19 +144,29 @@ def test_compress_compensates_the_kept_layers_and_never_raises_the_judged_error(
     np.savez(path, x=_images(160))
     source = ArraySource(path, ["x"])
     results = {
-        compensate: onnx_dacomp.compress(
-            model, source, CompressConfig(ratio=0.45, holdout=40, max_iter=10, compensate=compensate), progress=False
+        mode: onnx_dacomp.compress(
+            model, source, CompressConfig(ratio=0.85, holdout=40, max_iter=10, compensate=mode), progress=False
         )
-        for compensate in (False, True)
+        for mode in ("none", "tail", "all")
     }
-    record = results[True].report.compensation
-    assert results[False].report.compensation is None
-    kept = [row.name for row in results[True].report.layers if row.method is None]
-    assert record["layers"] >= 1 and all(name in kept for wave in record["waves"] for name in wave["layers"])
-    errors = [wave["output_error"] for wave in record["waves"]]
-    assert all(after <= before for before, after in errors)
-    assert all(earlier[1] == later[0] for earlier, later in zip(errors, errors[1:]))
-    assert results[True].report.to_dict()["compensation"] == record
-    if record["refitted"]:
-        assert errors[-1][1] < errors[0][0]
-        assert results[True].model.SerializeToString() != results[False].model.SerializeToString()
+    assert results["none"].report.compensation is None
+    rows = results["all"].report.layers
+    order = [row.name for row in rows]  # a chain: graph order is the data flow
+    last_compressed = max(order.index(row.name) for row in rows if row.method is not None)
+    kept_after = [row.name for row in rows if row.method is None and order.index(row.name) > order.index(rows[0].name)]
+    chosen = {mode: [name for wave in results[mode].report.compensation["waves"] for name in wave["layers"]]
+              for mode in ("tail", "all")}  # fmt: skip
+    # all: every kept layer behind the first compressed one; tail: only those behind the last one
+    first_compressed = min(order.index(row.name) for row in rows if row.method is not None)
+    assert chosen["all"] == [name for name in kept_after if order.index(name) > first_compressed]
+    assert chosen["tail"] == [name for name in chosen["all"] if order.index(name) > last_compressed]
+    assert len(chosen["tail"]) < len(chosen["all"])
+    for mode in ("tail", "all"):
+        record = results[mode].report.compensation
+        errors = [wave["output_error"] for wave in record["waves"]]
+        assert all(after <= before for before, after in errors)
+        assert all(earlier[1] == later[0] for earlier, later in zip(errors, errors[1:]))
+        assert results[mode].report.to_dict()["compensation"] == record
+        if record["refitted"]:
+            assert errors[-1][1] < errors[0][0]
+            assert results[mode].model.SerializeToString() != results["none"].model.SerializeToString()

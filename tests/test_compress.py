@@ -334,7 +334,7 @@ def test_resnet20_distribution_aware_keeps_far_more_accuracy_sensitivity_and_pro
     ):
         # Tucker-2 throughout: the data-free baseline is a plain Tucker-2 tool's fit; the fits alone, without
         # compensation (which narrows the gap: it refits the kept layers from the data)
-        config = CompressConfig(ratio=0.5, holdout=200, max_iter=5, method="tucker2", compensate=False, **options)
+        config = CompressConfig(ratio=0.5, holdout=200, max_iter=5, method="tucker2", compensate="none", **options)
         report = onnx_dacomp.compress(RESNET20, source, config, progress=False).report
         assert report.verification.top1_original is not None
         agreement[name] = report.verification.top1_agreement
