@@ -260,6 +260,10 @@ class CompressionJob:
             ratio=ratio, sensitivity=self.sensitivity, timed=row_costs.timed_row if row_costs is not None else None,
             counted=self.counted, sampling=self.problems.sampling,
         )  # fmt: skip
+        if compensation is not None and compensation.get("kept", True):
+            refit = {name for wave in compensation["waves"] if wave["ridge"] is not None for name in wave["layers"]}
+            rows = tuple(replace(row, reason=f"{row.reason}; refit (compensation)") if row.name in refit else row
+                         for row in rows)  # fmt: skip
         report = CompressionReport(
             layers=rows,
             model_totals=model_totals(self.model, new_model),

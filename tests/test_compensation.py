@@ -167,6 +167,10 @@ def test_compress_compensates_the_kept_layers_and_never_raises_the_judged_error(
         assert all(after <= before for before, after in errors)
         assert all(earlier[1] == later[0] for earlier, later in zip(errors, errors[1:]))
         assert results[mode].report.to_dict()["compensation"] == record
+        refit = {name for wave in record["waves"] if wave["ridge"] is not None for name in wave["layers"]}
+        assert refit == {
+            row.name for row in results[mode].report.layers if "refit (compensation)" in (row.reason or "")
+        }
         if record["refitted"]:
             assert errors[-1][1] < errors[0][0]
             assert results[mode].model.SerializeToString() != results["none"].model.SerializeToString()
