@@ -3,8 +3,9 @@ compressed layer lies upstream, refit in closed form on the input they really ge
 that they absorb part of the error of the layers before them.
 
 Layers are refit in waves (`propagate.waves`: a wave's inputs depend only on earlier waves), from the cross
-statistics of one onnxruntime pass of both models per wave. Each wave keeps the ridge (or no refit) that gives
-the compressed model the lowest output error on the judge's samples, so compensation never raises that error.
+statistics of one onnxruntime pass of both models per wave. Each layer's ridge is chosen on half of the samples
+by its error on the other half; a wave's refits are kept only where they lower the compressed model's output
+error on the judge's samples, so compensation never raises that error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 
 from .calibration.cross import collect_cross_statistics
-from .decompose.compensation import ridge_refit
+from .decompose.compensation import refit_loss, ridge_refit
 from .layers import Layer
 from .log import logger, progress
 from .propagate import OutputError, waves
@@ -25,8 +26,8 @@ from .rewrite import refit_layers
 # a wave's statistics come from enough samples for this many input vectors per input dimension (at least
 # MIN_SAMPLES samples, at most all): a conv sees hundreds of vectors per sample, a classifier one
 VECTORS_PER_INPUT = 32
-MIN_SAMPLES = 256
-# the ridges tried per wave, relative to the mean eigenvalue of the input's covariance: from nearly the least
+MIN_SAMPLES = 64
+# the ridges tried per layer, relative to the mean eigenvalue of the input's covariance: from nearly the least
 # squares fit (many samples per input dimension) to a strong pull toward the original weight (few)
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -63,25 +64,36 @@ def compensate(
 ) -> tuple[onnx.ModelProto, dict]:
     """`compressed` with `layers` (kept layers downstream of compressed ones, graph order; `weights` in the
     `(T, S / G, *kernel)` layout) refit wave by wave on `batches` (as many as each wave needs; `length`: a
-    batch's sample count), and the record of the waves."""
+    batch's sample count), and the record of the waves.
+
+    Each layer's ridge is the one whose refit on half of the batches has the lowest error on the other half;
+    the wave's refits (on all its batches) are kept where the judge finds a lower output error with them."""
     model, record, error = compressed, [], judge(compressed)
     with progress(len(layers), "compensating", "layer", enabled=show_progress) as bar:
         for wave in waves(original, layers):
-            cross = collect_cross_statistics(original, model, wave, _enough(batches, wave, length), device=device)
-            trials = {None: (model, error)}
-            for ridge in RIDGES:
-                refits = {layer.output: (layer, *_refit(layer, weights[layer.name], biases[layer.name],
-                                                        cross[layer.name], ridge)) for layer in wave}  # fmt: skip
-                candidate = refit_layers(model, refits)
-                trials[ridge] = (candidate, judge(candidate))
-            ridge = min(trials, key=lambda key: trials[key][1])  # the unrefit model first: a tie keeps it
-            record.append({"layers": [layer.name for layer in wave], "ridge": ridge,
-                           "output_error": [trials[None][1], trials[ridge][1]]})  # fmt: skip
-            model, error = trials[ridge]
+            chosen = _enough(batches, wave, length)
+            halves = [collect_cross_statistics(original, model, wave, part, device=device)
+                      for part in (chosen[::2], chosen[1::2]) if part]  # fmt: skip
+            fitting, checking = halves[0], halves[-1]  # one batch only: the ridge is chosen in-sample
+            ridges, refits = {}, {}
+            for layer in wave:
+                args = (weights[layer.name], biases[layer.name])
+                losses = {ridge: _loss(*args, _refit(*args, fitting[layer.name], ridge), checking[layer.name])
+                          for ridge in RIDGES}  # fmt: skip
+                ridges[layer.name] = min(losses, key=losses.get)
+                moments = fitting[layer.name] + checking[layer.name] if len(halves) > 1 else fitting[layer.name]
+                refits[layer.output] = (layer, *_refit(*args, moments, ridges[layer.name]))
+            candidate = refit_layers(model, refits)
+            candidate_error = judge(candidate)
+            refit = candidate_error < error  # a tie keeps the layers as they are
+            record.append({"layers": [layer.name for layer in wave], "ridges": ridges, "refit": refit,
+                           "output_error": [error, min(error, candidate_error)]})  # fmt: skip
+            if refit:
+                model, error = candidate, candidate_error
             bar.update(len(wave))
-    refitted = sum(len(wave["layers"]) for wave in record if wave["ridge"] is not None)
+    refitted = sum(len(wave["layers"]) for wave in record if wave["refit"])
     if record:
-        logger.info("compensation: %d of %d kept layers refit, output error %.4f -> %.4f on the judge's samples",
+        logger.info("compensation: %d of %d kept layers refit, output error %.4g -> %.4g on the judge's samples",
                     refitted, len(layers), record[0]["output_error"][0], error)  # fmt: skip
     return model, {"layers": len(layers), "refitted": refitted, "waves": record}
 
@@ -104,20 +116,27 @@ def _enough(batches: Sequence[dict[str, np.ndarray]], wave: Sequence[Layer], len
     return chosen
 
 
-def _refit(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, cross, ridge: float):
+def _groups(weight: np.ndarray, bias: np.ndarray | None, groups: int):
+    """(weight, bias) of each group."""
+    size = len(weight) // groups
+    return [(weight[g * size : (g + 1) * size], None if bias is None else bias[g * size : (g + 1) * size])
+            for g in range(groups)]  # fmt: skip
+
+
+def _moments(cross, g: int) -> tuple:
+    """Group g's (reference mean, cross moment, second moment, mean) of cross moments."""
+    return cross.reference_mean[g], cross.cross_moment[g], cross.covariance[g], cross.mean[g]
+
+
+def _refit(weight: np.ndarray, bias: np.ndarray | None, cross, ridge: float) -> tuple[np.ndarray, np.ndarray]:
     """The layer's refit weight and bias from its cross moments, group by group."""
-    groups = len(cross.second)
-    per_group = len(weight) // groups
-    parts = [
-        ridge_refit(
-            weight[g * per_group : (g + 1) * per_group],
-            None if bias is None else bias[g * per_group : (g + 1) * per_group],
-            cross.reference_mean[g],
-            cross.cross_moment[g],
-            cross.covariance[g],
-            cross.mean[g],
-            ridge,
-        )  # fmt: skip
-        for g in range(groups)
-    ]
+    groups = _groups(weight, bias, len(cross.second))
+    parts = [ridge_refit(w, b, *_moments(cross, g), ridge) for g, (w, b) in enumerate(groups)]
     return np.concatenate([w for w, _ in parts]), np.concatenate([b for _, b in parts])
+
+
+def _loss(weight: np.ndarray, bias: np.ndarray | None, refit: tuple, cross) -> float:
+    """The refit's output error under `cross` (other samples' moments), up to a constant."""
+    groups = _groups(weight, bias, len(cross.second))
+    refits = _groups(*refit, len(groups))
+    return sum(refit_loss(w, b, r, *_moments(cross, g)) for g, ((w, b), r) in enumerate(zip(groups, refits)))

@@ -261,7 +261,7 @@ class CompressionJob:
             counted=self.counted, sampling=self.problems.sampling,
         )  # fmt: skip
         if compensation is not None and compensation.get("kept", True):
-            refit = {name for wave in compensation["waves"] if wave["ridge"] is not None for name in wave["layers"]}
+            refit = {name for wave in compensation["waves"] if wave["refit"] for name in wave["layers"]}
             rows = tuple(replace(row, reason=f"{row.reason}; refit (compensation)") if row.name in refit else row
                          for row in rows)  # fmt: skip
         report = CompressionReport(

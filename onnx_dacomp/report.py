@@ -211,7 +211,7 @@ class CompressionReport:
             errors = [wave["output_error"] for wave in self.compensation["waves"]]
             lines.append(
                 f"compensation: {self.compensation['refitted']} of {self.compensation['layers']} kept layers after "
-                f"compressed ones refit (output error {errors[0][0]:.4f} -> {errors[-1][1]:.4f} on the judge's samples)"
+                f"compressed ones refit (output error {errors[0][0]:.4g} -> {errors[-1][1]:.4g} on the judge's samples)"
                 + ("; not kept: the uncompensated model meets the target, the compensated one does not"
                    if self.compensation.get("kept") is False else "")
             )  # fmt: skip

@@ -11,7 +11,7 @@ import onnx_dacomp
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.compensate import compensate, downstream
 from onnx_dacomp.config import CompressConfig
-from onnx_dacomp.decompose.compensation import ridge_refit
+from onnx_dacomp.decompose.compensation import refit_loss, ridge_refit
 from onnx_dacomp.propagate import OutputError
 from onnx_dacomp.targets import find_targets, read_biases, read_weights
 
@@ -34,6 +34,18 @@ def test_small_ridge_refit_is_the_affine_least_squares_fit():
     solution = np.linalg.lstsq(design, reference @ weight.T + bias, rcond=None)[0]  # independent: numpy's solver
     np.testing.assert_allclose(refit, solution[:-1].T, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(refit_bias, solution[-1], rtol=1e-6, atol=1e-8)
+
+
+def test_refit_loss_is_the_sampled_output_error_less_the_output_energy():
+    rng = np.random.default_rng(5)
+    weight, bias = rng.standard_normal((4, 6)), rng.standard_normal(4)
+    refit = (rng.standard_normal((4, 6)), rng.standard_normal(4))
+    reference = rng.standard_normal((300, 6)) + 0.4
+    observed = reference + 0.3 * rng.standard_normal((300, 6)) - 0.1
+    outputs = reference @ weight.T + bias
+    error = np.mean(np.sum((outputs - observed @ refit[0].T - refit[1]) ** 2, axis=1))
+    expected = error - np.mean(np.sum(outputs**2, axis=1))  # numpy on the samples themselves
+    assert refit_loss(weight, bias, refit, *_moments(reference, observed)) == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("ridge", [1e-6, 1.0, 1e6])
@@ -102,7 +114,7 @@ def test_compensation_undoes_an_invertible_change_of_the_layer_before(depthwise)
         original, compressed, layers, read_weights(original, layers), read_biases(original, layers), batches, judge,
         device="cpu", show_progress=False,
     )  # fmt: skip
-    assert record["refitted"] == 1 and record["waves"][0]["ridge"] is not None
+    assert record["refitted"] == 1 and record["waves"][0]["refit"]
     assert judge(model) < 1e-4  # from > 0.1: what is left is the smallest ridge's pull and float32
     # the refit weight is the second layer's composed with the inverse mixing (x~ = M x + s  =>  x = M^-1 (x~ - s))
     inverse = np.linalg.inv(mixing)
@@ -167,7 +179,7 @@ def test_compress_compensates_the_kept_layers_and_never_raises_the_judged_error(
         assert all(after <= before for before, after in errors)
         assert all(earlier[1] == later[0] for earlier, later in zip(errors, errors[1:]))
         assert results[mode].report.to_dict()["compensation"] == record
-        refit = {name for wave in record["waves"] if wave["ridge"] is not None for name in wave["layers"]}
+        refit = {name for wave in record["waves"] if wave["refit"] for name in wave["layers"]}
         assert refit == {
             row.name for row in results[mode].report.layers if "refit (compensation)" in (row.reason or "")
         }

@@ -8,7 +8,8 @@ original weight `W`:
     b' = b + W mu - W' mu~
 
 so an unperturbed input (x~ = x) keeps the layer as it is at any lambda, and lambda -> 0 is the affine least
-squares fit of the layer's original output from x~.
+squares fit of the layer's original output from x~. `refit_loss` measures a refit on other samples' moments,
+which is how lambda is chosen.
 """
 
 from __future__ import annotations
@@ -39,3 +40,28 @@ def ridge_refit(
     refitted = matrix + step
     base = np.zeros(len(matrix)) if bias is None else np.asarray(bias, np.float64)
     return refitted.reshape(weight.shape), base + matrix @ reference_mean - refitted @ mean
+
+
+def refit_loss(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    refit: tuple[np.ndarray, np.ndarray],
+    reference_mean: np.ndarray,
+    cross: np.ndarray,
+    second: np.ndarray,
+    mean: np.ndarray,
+) -> float:
+    """`E||W x + b - (W' x~ + b')||^2 - E||W x + b||^2` of one group under the moments given (as for
+    `ridge_refit`): the refit's error up to a constant that does not depend on it, so refits compare by it."""
+    matrix = np.asarray(weight, np.float64).reshape(len(weight), -1)
+    refitted, refit_bias = refit[0].reshape(len(matrix), -1), refit[1]
+    base = np.zeros(len(matrix)) if bias is None else np.asarray(bias, np.float64)
+    shared = (
+        np.einsum("ij,ij->", matrix @ cross, refitted)
+        + base @ (refitted @ mean)
+        + refit_bias @ (matrix @ reference_mean)
+    )
+    predicted = (
+        np.einsum("ij,ij->", refitted @ second, refitted) + 2 * refit_bias @ (refitted @ mean) + refit_bias @ refit_bias
+    )
+    return float(predicted - 2 * (shared + base @ refit_bias))
