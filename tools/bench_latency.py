@@ -67,6 +67,7 @@ def main() -> None:
     from onnx_dacomp.verify import benchmark_batches, compare_models
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "latency.json"
     results = json.loads(path.read_text()) if path.exists() else {"rows": []}
     for key in args.models.split(","):
