@@ -6,7 +6,6 @@ give the same model at the same ratio since they run the same code on the same s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -24,7 +23,7 @@ from .log import StageClock, logger
 from .propagate import OutputError, fit_propagated, keep_better
 from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan
-from .report import CompressionReport, layer_rows, model_totals
+from .report import CompressionReport, layer_rows, model_totals, predicted_output_error
 from .rewrite import replace_layers, with_provenance
 from .search import closing_measurement, meets
 from .sensitivity import probe_batches
@@ -195,14 +194,11 @@ class CompressionJob:
                 choice = chosen.get(name)
                 for unit in after:
                     after[unit] += (choice.cost if choice else self.costs.original(name)).of(unit)
-            energy = sum(
-                self.sensitivity.get(name, 1.0) * choice.error
-                for name, choice in chosen.items()
-                if choice is not None and not math.isnan(choice.error)
-            )
+            errors = {name: choice.error for name, choice in chosen.items() if choice is not None}
             curve.append({
                 "ratio": ratio, "params": after["params"] / max(before["params"], 1),
-                "macs": after["macs"] / max(before["macs"], 1), "estimated_output_error": math.sqrt(energy),
+                "macs": after["macs"] / max(before["macs"], 1),
+                "estimated_output_error": predicted_output_error(errors, self.sensitivity),
             })  # fmt: skip
         return tuple(curve)
 
@@ -264,6 +260,9 @@ class CompressionJob:
             refit = {name for wave in compensation["waves"] if wave["refit"] for name in wave["layers"]}
             rows = tuple(replace(row, reason=f"{row.reason}; refit (compensation)") if row.name in refit else row
                          for row in rows)  # fmt: skip
+        predicted = None
+        if self.sensitivity is not None:
+            predicted = predicted_output_error({name: fit.rel_error for name, fit in fits.items()}, self.sensitivity)
         report = CompressionReport(
             layers=rows,
             model_totals=model_totals(self.model, new_model),
@@ -281,6 +280,7 @@ class CompressionJob:
             peak_rss_gib=clock.peak_rss(),
             settings=self._settings(ratio if search is None else config.plan.ratio),
             estimated_curve=self.estimated_curve,
+            predicted_output_error=predicted,
         )
         logger.info("%s", report.table())
         return CompressionResult(new_model, report, self.tables)

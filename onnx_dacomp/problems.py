@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decompose.bias import centered_covariance
-from .decompose.covariance import output_energy, regularize, shrunk_second_moment, solve_psd
+from .decompose.covariance import (
+    oas_shrinkage,
+    output_energy,
+    regularize,
+    shrink,
+    shrunk_about,
+    shrunk_second_moment,
+    solve_psd,
+)
+from .decompose.svd import svd_held_out_errors
 from .geometry import LayerGeometry, solver_work
 from .moments import Moments
 
@@ -37,7 +46,7 @@ class LayerProblem:
     bias_shift: list[np.ndarray] | None = None  # per group: b~ = b + shift - W~ mu~ (the refit), else None
     fit_means: list[np.ndarray] | None = None  # mu~ per group (the chain's input mean)
     residual: float = 0.0  # per-layer constant part of the error numerator
-    shrinkage: float = 0.0  # the largest OAS weight its covariances were shrunk by (few calibration vectors)
+    shrinkage: float = 0.0  # the largest weight its covariances were shrunk by (few calibration vectors)
     # few calibration vectors and held-out data: errors are measured on the held-out vectors (`held_out_moments`)
     held_out_sigmas: list[np.ndarray] | None = None  # the error's second moment there (about the fit's mean)
     held_out_references: list[np.ndarray] | None = None  # the uncentered one there: the error's denominator
@@ -76,10 +85,12 @@ class LayerProblem:
         *,
         bias_refit: bool = False,
         held_out: Moments | None = None,
+        shrinkage_weights: Sequence[float] | None = None,
     ) -> LayerProblem:
         """The layer's own fit: in its input covariance (`moments`), or in the Frobenius norm (None).
         `held_out`: the moments of its input on held-out data, where a layer fitted from few vectors (a shrunk
-        covariance) has its errors measured."""
+        covariance) has its errors measured; `shrinkage_weights`: its groups' covariances are shrunk by these
+        (`held_out_shrinkage`) instead of the OAS weights."""
         weight = np.asarray(weight, np.float64)
         per_group = geometry.group_out
         weights = [weight[g * per_group : (g + 1) * per_group] for g in range(geometry.group)]
@@ -88,7 +99,10 @@ class LayerProblem:
         sigmas, means, shrunk = list(moments.covariance), list(moments.mean), 0.0
         checked: dict = {}
         if needs_shrinkage(moments):
-            pairs = [shrunk_second_moment(sigma, mean, moments.count) for sigma, mean in zip(sigmas, means)]
+            if shrinkage_weights is None:
+                pairs = [shrunk_second_moment(sigma, mean, moments.count) for sigma, mean in zip(sigmas, means)]
+            else:
+                pairs = [(shrunk_about(sigma, mean, w), w) for sigma, mean, w in zip(sigmas, means, shrinkage_weights)]
             sigmas, shrunk = [sigma for sigma, _ in pairs], max(weight for _, weight in pairs)
             if held_out is not None:
                 checked = held_out_fields(held_out, means if bias_refit else None)
@@ -165,6 +179,33 @@ def shrinkage(moments: Moments) -> list[float]:
     return [shrunk_second_moment(s, m, moments.count)[1] for s, m in zip(moments.covariance, moments.mean)]
 
 
+# The weights a layer with held-out vectors may be shrunk by besides its OAS weight. OAS is optimal for
+# Gaussian vectors; a classifier's pooled features are not: on EfficientNet-Lite0's (400 images, 1280 dims) OAS
+# gives 0.51, the held-out choice 0.8, and the rank-320 DA-SVD's error on 500 other images falls from 0.111
+# to 0.101 (rank 200: 0.232 -> 0.210); on 100 held-out vectors the choice is the same as on those 500.
+SHRINKAGE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def held_out_shrinkage(
+    weights: Sequence[np.ndarray], moments: Moments, held_out: Moments, bias_refit: bool
+) -> list[float]:
+    """Per group, the shrinkage weight (OAS's or one of `SHRINKAGE_GRID`) whose DA-SVD fits of the weight
+    matrix have the least held-out error averaged over every rank (`svd_held_out_errors`, closed form): the
+    layers measured on held-out vectors are the matrix ones, whose candidates are all such fits. OAS wins ties."""
+    errors = held_out_fields(held_out, list(moments.mean) if bias_refit else None)["held_out_sigmas"]
+    chosen = []
+    for weight, sigma, mean, error in zip(weights, moments.covariance, moments.mean, errors):
+        matrix = weight.reshape(len(weight), -1)
+        covariance = np.asarray(sigma, np.float64) - np.outer(mean, mean)
+
+        def held_out_error(rho: float) -> float:
+            fit = shrink(covariance, rho) if bias_refit else shrunk_about(sigma, mean, rho)
+            return float(np.mean(svd_held_out_errors(matrix, fit, error)))
+
+        chosen.append(min((oas_shrinkage(covariance, moments.count), *SHRINKAGE_GRID), key=held_out_error))
+    return chosen
+
+
 class Problems(Mapping):
     """The plain problem of each layer (in order), built when it is looked up: a problem holds its own copy of
     the layer's covariance (a ResNet-50 has 0.9 GB of them), so the stages, which take one layer at a time,
@@ -179,6 +220,7 @@ class Problems(Mapping):
         self.weights, self.biases, self.statistics, self.bias_refit = weights, biases, statistics, bias_refit
         self.names = list(self.layers) if names is None else list(names)
         self.held_out = dict(held_out or {})
+        self._shrinkage: dict[str, list[float]] = {}  # chosen on held-out vectors once per layer, kept
 
     def __getitem__(self, name: str) -> LayerProblem:
         if name not in self.names:
@@ -191,7 +233,20 @@ class Problems(Mapping):
             None if self.statistics is None else self.statistics[name],
             bias_refit=self.bias_refit,
             held_out=self.held_out.get(name),
+            shrinkage_weights=self.shrinkage_weights(name),
         )
+
+    def shrinkage_weights(self, name: str) -> list[float] | None:
+        """The layer's shrinkage weights chosen on its held-out vectors (`held_out_shrinkage`), or None where
+        it has none (OAS, or no shrinkage)."""
+        held_out = self.held_out.get(name)
+        if held_out is None or self.statistics is None or not needs_shrinkage(self.statistics[name]):
+            return None
+        if name not in self._shrinkage:
+            weight, per_group = np.asarray(self.weights[name], np.float64), self.layers[name].geometry.group_out
+            groups = [weight[g * per_group : (g + 1) * per_group] for g in range(self.layers[name].geometry.group)]
+            self._shrinkage[name] = held_out_shrinkage(groups, self.statistics[name], held_out, self.bias_refit)
+        return self._shrinkage[name]
 
     def __iter__(self):
         return iter(self.names)
@@ -200,9 +255,11 @@ class Problems(Mapping):
         return len(self.names)
 
     def restricted(self, names: Sequence[str]) -> Problems:
-        return Problems(
+        restricted = Problems(
             self.layers.values(), self.weights, self.biases, self.statistics, self.bias_refit, names, self.held_out
         )
+        restricted._shrinkage = self._shrinkage  # one choice per layer, whichever view asks first
+        return restricted
 
     def geometry(self, name: str) -> LayerGeometry:
         """The layer's geometry, without building its problem."""
@@ -215,7 +272,8 @@ class Problems(Mapping):
             return None
         moments, held_out = self.statistics[name], self.held_out.get(name)
         counted = held_out.count if held_out is not None and needs_shrinkage(moments) else None
-        return moments.count, moments.second.shape[-1], max(shrinkage(moments)), counted
+        weights = self.shrinkage_weights(name) or shrinkage(moments)
+        return moments.count, moments.second.shape[-1], max(weights), counted
 
 
 def solver_works(problems: Mapping[str, LayerProblem]) -> dict[str, int]:

@@ -61,6 +61,8 @@ class CompressionReport:
     model_totals: Mapping[str, int] = field(default_factory=dict)
     # the allocation's trade-off curve without fitting: ratio, params and MACs kept, predicted output error
     estimated_curve: tuple[Mapping[str, float], ...] = ()
+    # what the sensitivities predict for this model's fits (`predicted_output_error`), None without them
+    predicted_output_error: float | None = None
 
     @property
     def totals(self) -> dict[str, float]:
@@ -106,6 +108,7 @@ class CompressionReport:
             "peak_rss_gib": dict(self.peak_rss_gib),
             "settings": dict(self.settings),
             "estimated_curve": list(self.estimated_curve),
+            "predicted_output_error": self.predicted_output_error,
         }
 
     def to_json(self) -> str:
@@ -184,7 +187,7 @@ class CompressionReport:
         shrunk = [layer for layer in self.layers if layer.shrinkage]
         if shrunk:
             lines.append(
-                "second moments shrunk (OAS) where vectors are few: "
+                "second moments shrunk where vectors are few (by the OAS weight, or the one held-out vectors chose): "
                 + ", ".join(f"{r.name} {r.vectors} vectors / {r.dims} dims, weight {r.shrinkage:.3f}" for r in shrunk)
                 + "".join(
                     f"; {r.name}'s errors measured on {r.held_out_vectors} held-out vectors"
@@ -198,6 +201,11 @@ class CompressionReport:
                 f"after {len(self.search['probes'])} probes"
             )
         lines.append(verification_line(self.verification))
+        if self.predicted_output_error is not None:
+            lines.append(
+                f"predicted relative output error {self.predicted_output_error:.4f} (the layers' fit errors weighted "
+                "by their sensitivities, added as if independent; without compensation)"
+            )
         if self.propagation and "waves" in self.propagation:
             waves = self.propagation["waves"]
             lines.append(f"--propagate: propagated fits kept in {waves['propagated_waves']} of {waves['waves']} waves")
@@ -291,6 +299,13 @@ def kept_reason(geometry: LayerGeometry, method: str, budget: str, ratio: float 
     if all(cost.of(budget) >= original.of(budget) for cost in smallest):
         return f"no {'/'.join(methods)} chain has fewer {budget}"
     return "kept: budget met without it"
+
+
+def predicted_output_error(errors: Mapping[str, float], sensitivity: Mapping[str, float]) -> float:
+    """The relative output error the allocation's model predicts: sqrt(sum of each layer's sensitivity times
+    its relative error), the layers' errors adding up independently at the output (`errors`: squared relative
+    errors; a layer without a measured sensitivity counts at 1)."""
+    return math.sqrt(sum(sensitivity.get(name, 1.0) * error for name, error in errors.items() if not math.isnan(error)))
 
 
 def layer_rows(

@@ -225,3 +225,44 @@ def test_a_shrunk_layer_has_its_errors_measured_on_the_held_out_vectors(tmp_path
     assert row.estimated_error == pytest.approx(row.rel_error, rel=1e-6)  # closed form: the fit's own error
     assert output_error(calibration) < 0.8 * row.rel_error  # what the calibration vectors alone would say
     assert "errors measured on 60 held-out vectors" in result.report.table()
+
+
+def test_a_shrunk_layer_with_held_out_vectors_takes_the_shrinkage_weight_that_errs_least_on_them(tmp_path):
+    """The shrinkage weight is chosen among OAS's and a grid by the held-out error of the fits at every rank,
+    computed here from the vectors themselves (whitening, SVD, truncation, the error on each held-out vector);
+    the written layer is the best map of the chosen rank in the moment shrunk by that weight."""
+    model = matmul((1, 40), bias=False)
+    x = _data((1, 40), count=100, seed=5)
+    calibration, held_out = x[:30], x[30:]
+    np.savez(tmp_path / "held_out.npz", x=held_out)
+    result = onnx_dacomp.compress(
+        model, [{"x": calibration}], ratio=0.3, eval_data=str(tmp_path / "held_out.npz"), rank_multiple=1,
+        progress=False, sensitivity=False, benchmark=False,
+    )  # fmt: skip
+    (row,) = result.report.layers
+    W = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64).T  # (N, K)
+    fit, check = calibration.astype(np.float64), held_out.astype(np.float64)
+    mean, p, n = fit.mean(axis=0), 40, len(fit)
+    covariance = fit.T @ fit / n - np.outer(mean, mean)
+    trace, trace_square = np.trace(covariance), np.sum(covariance * covariance)
+    oas = min(1.0, ((1 - 2 / p) * trace_square + trace**2) / ((n + 1 - 2 / p) * (trace_square - trace**2 / p)))
+
+    def best_map(weight, rank):
+        values, vectors = np.linalg.eigh(
+            (1 - weight) * covariance + weight * trace / p * np.eye(p) + np.outer(mean, mean)
+        )
+        root, inverse_root = (vectors * values**0.5) @ vectors.T, (vectors / values**0.5) @ vectors.T
+        u, sigma, vt = np.linalg.svd(W @ root)
+        return (u[:, :rank] * sigma[:rank]) @ vt[:rank] @ inverse_root
+
+    def held_out_error(weight):
+        errors = [np.sum(((W - best_map(weight, r)) @ check.T) ** 2) / np.sum((W @ check.T) ** 2) for r in range(1, 11)]
+        return np.mean(errors)
+
+    grid = (oas, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+    chosen = min(grid, key=held_out_error)
+    assert chosen != oas and held_out_error(chosen) < held_out_error(oas)  # the choice matters here
+    assert row.shrinkage == pytest.approx(chosen)
+    probe = np.eye(40, dtype=np.float32)[:, None, :]
+    fitted = np.concatenate([run(result.model, {"x": row_})[0] for row_ in probe]).reshape(40, -1).T  # (N, K)
+    assert relative_error(fitted, best_map(chosen, row.ranks[0])) < 1e-4

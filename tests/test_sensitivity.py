@@ -2,9 +2,11 @@
 
 import numpy as np
 import onnx
+import pytest
 from builders import IR_VERSION, conv_model, conv_reference
 from onnx import helper, numpy_helper
 
+import onnx_dacomp
 from onnx_dacomp.calibration.collect import collect_statistics
 from onnx_dacomp.decompose.svd import da_svd, svd_rank_errors
 from onnx_dacomp.inputs import input_signature
@@ -126,3 +128,37 @@ def test_a_layer_fitted_from_few_vectors_is_probed_on_unseen_data_where_its_fit_
     held_out = sensitivities(model, layers, problems, seen, FitSettings(max_iter=5, seed=0), unseen=unseen, **common)
     assert held_out["wide"] > 1.5 * in_sample["wide"]
     assert held_out["narrow"] == in_sample["narrow"]
+
+
+def test_the_report_predicts_the_output_error_from_the_layers_errors_and_sensitivities():
+    """Two convs in a chain with a ReLU between: the report's predicted output error is sqrt(sum of sensitivity
+    times fit error) of its own rows, and close to the output error measured on the same samples (the errors of
+    two fits made independently add up nearly independently)."""
+    rng = np.random.default_rng(7)
+    first, second = rng.standard_normal((8, 6, 3, 3)), rng.standard_normal((6, 8, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["a"], name="first", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["y"], name="second", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, DECLARED)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w.astype(np.float32), n) for n, w in (("W1", first), ("W2", second))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    result = onnx_dacomp.compress(
+        model, _batches(seed=8, count=8), ratio=0.5, method="tucker2", holdout=0, rank_multiple=1,
+        progress=False, benchmark=False, compensate="none",
+    )  # fmt: skip
+    report = result.report
+    fitted = [row for row in report.layers if row.method]
+    assert len(fitted) == 2 and all(row.sensitivity > 0 and row.rel_error > 1e-3 for row in fitted)
+    assert report.predicted_output_error == pytest.approx(
+        np.sqrt(sum(row.sensitivity * row.rel_error for row in fitted)), rel=1e-9
+    )
+    measured = report.verification.worst_output.rel_error  # in-sample: the samples the probes ran on
+    assert abs(report.predicted_output_error - measured) < 0.15 * measured
+    assert f"predicted relative output error {report.predicted_output_error:.4f}" in report.table()

@@ -50,6 +50,7 @@ METHODS = {
     "da-natural": (dict(method="tucker2"), "natural"),
     "da-bias-refit": (dict(method="tucker2", bias_refit=True), "in-domain"),
     "da-propagated": (dict(method="tucker2", bias_refit=True, propagate=True), "in-domain"),
+    "auto-propagated": (dict(method="auto", propagate=True), "in-domain"),  # against `auto`: never worse?
     # the ratio counts the summed onnxruntime latency of the layers at batch 32 (every candidate timed)
     "da-latency": (dict(method="auto", budget="latency", speed_batch=32), "in-domain"),
     "da-macs": (dict(method="auto", budget="macs"), "in-domain"),  # the ratio counts multiply-accumulates
