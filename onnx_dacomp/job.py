@@ -20,6 +20,7 @@ from .errors import UserError
 from .fit import FitSettings, fit_all
 from .layers import Layer
 from .log import StageClock, logger
+from .padding import fold_pads
 from .propagate import OutputError, fit_propagated, keep_better
 from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan
@@ -221,12 +222,15 @@ class CompressionJob:
             new_model, fits = self.build(rank_plan)
         uncompensated = new_model
         new_model, compensation = self.compensated(new_model, fits)
+        folding = fold_pads(new_model)  # the same function, faster where explicit Pads broke the runtime's layout
+        new_model = folding.model
         clock.mark("decompose")
 
         verification = self.check(new_model)
         if compensation is not None and config.plan.targeted and not meets(verification, config.plan):
             # the search's probes measured the model without compensation: where that one meets the target and
             # the compensated one does not (its judge saw only part of the held-out data), it is kept
+            uncompensated = fold_pads(uncompensated).model
             plain = self.check(uncompensated)
             if meets(plain, config.plan):
                 logger.warning("the compensated model misses the target on the held-out data: keeping it uncompensated")
@@ -273,6 +277,7 @@ class CompressionJob:
             search=search,
             propagation=propagation,
             compensation=compensation,
+            folded_pads=folding.folded,
             latency=latency,
             calibration=self.statistics.source if self.statistics is not None else None,
             seconds=clock.seconds(),

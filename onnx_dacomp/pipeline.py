@@ -17,6 +17,7 @@ from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
 from .job import CompressionJob, CompressionResult
+from .padding import fold_pads
 from .prepare import prepare
 from .runtime import blas_threads
 from .search import largest_ratio_at_speed, smallest_ratio
@@ -58,6 +59,8 @@ def chosen_ratio(job: CompressionJob) -> tuple[float | None, dict | None]:
     if options.speedup is not None:  # each probe: the model at that ratio timed against the original
         sizes, seconds = [options.speedup_batch], job.config.verify.benchmark_seconds
         return largest_ratio_at_speed(
-            lambda r: job.timed(job.build(job.planned(r)[0])[0], sizes, False, seconds)[0], options.speedup
+            lambda r: job.timed(fold_pads(job.build(job.planned(r)[0])[0]).model, sizes, False, seconds)[0],
+            options.speedup,
+            faster_whole=bool(fold_pads(job.model).folded),
         )
     return options.target_ratio, None

@@ -53,6 +53,7 @@ class CompressionReport:
     search: Mapping[str, object] | None = None  # the ratio search (accuracy or speed target): target, ratio, probes
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
     compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
+    folded_pads: tuple[str, ...] = ()  # explicit zero Pads folded into the convs after them (padding.py)
     seconds: Mapping[str, float] = field(default_factory=dict)  # wall time per stage, and in total
     cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time (all threads) per stage
     peak_rss_gib: Mapping[str, float] = field(default_factory=dict)  # peak memory by the end of each stage
@@ -101,6 +102,7 @@ class CompressionReport:
             "search": self.search,
             "propagation": self.propagation,
             "compensation": self.compensation,
+            "folded_pads": list(self.folded_pads),
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
@@ -214,6 +216,11 @@ class CompressionReport:
             lines.append(
                 f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} with the wave "
                 f"choices, {fits['plain']['rel_output_error']:.4f} all plain: kept the {self.propagation['kept']} fit"
+            )
+        if self.folded_pads:
+            lines.append(
+                f"{len(self.folded_pads)} explicit zero Pad(s) folded into the convs after them (the same function; "
+                "onnxruntime runs such a Pad outside its blocked layout)"
             )
         if self.compensation:
             errors = [wave["output_error"] for wave in self.compensation["waves"]]

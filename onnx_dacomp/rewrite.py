@@ -73,7 +73,7 @@ def _rewritten(model: onnx.ModelProto, chains: Mapping[str, tuple]) -> onnx.Mode
         else:
             graph.node.append(node)
     _drop_unused_constants(graph, [name for layer, *_ in chains.values() for name in (layer.weight, layer.bias)])
-    _check_postcondition(model, new)
+    check_postcondition(model, new)
     return new
 
 
@@ -91,7 +91,7 @@ def with_provenance(model: onnx.ModelProto, entries: Mapping[str, object]) -> on
     return new
 
 
-def _check_postcondition(model: onnx.ModelProto, new: onnx.ModelProto) -> None:
+def check_postcondition(model: onnx.ModelProto, new: onnx.ModelProto) -> None:
     """The rewrite must not break a model that passes the ONNX checker (a model that already fails it, for
     reasons of its own, keeps them)."""
     if new.ByteSize() >= CHECKER_LIMIT:
@@ -144,7 +144,7 @@ def _drop_unused_constants(graph: onnx.GraphProto, names: Sequence[str | None]) 
     pending = [name for name in names if name]
     while pending:
         name = pending.pop()
-        if name in _consumed_names(graph) or name in {value.name for value in graph.output}:
+        if name in consumed_names(graph) or name in {value.name for value in graph.output}:
             continue
         for index, init in enumerate(graph.initializer):
             if init.name == name:
@@ -157,12 +157,12 @@ def _drop_unused_constants(graph: onnx.GraphProto, names: Sequence[str | None]) 
                 break
 
 
-def _consumed_names(graph: onnx.GraphProto) -> set[str]:
+def consumed_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name read by a node, including names that subgraphs take from the outer scope."""
     names: set[str] = set()
     for node in graph.node:
         names.update(node.input)
         for attr in node.attribute:
             for subgraph in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                names |= _consumed_names(subgraph)
+                names |= consumed_names(subgraph)
     return names

@@ -101,14 +101,17 @@ def smallest_ratio(probe: Callable[[float], Comparison], config: PlanConfig) -> 
     return high, {"target": target, "ratio": high, "probes": probes}
 
 
-def largest_ratio_at_speed(probe: Callable[[float], Latency], speedup: float) -> tuple[float, dict]:
+def largest_ratio_at_speed(
+    probe: Callable[[float], Latency], speedup: float, faster_whole: bool = False
+) -> tuple[float, dict]:
     """The largest ratio (the most accurate model) that is at least `speedup` times faster than the original,
     on the pessimistic end of the measured interval: `probe(ratio)` builds that model and times it against the
-    original (`latency.compare_latency`). Returns the ratio and the search record (target, every probe)."""
+    original (`latency.compare_latency`). `faster_whole`: ratio 1, every layer kept, may be faster already
+    (explicit Pads folded), and is probed first. Returns the ratio and the search record (target, every probe)."""
     probes, best = [], None
-    low, high = 0.0, 1.0  # ratio 1 keeps every layer: no faster than the original
-    for _ in range(SEARCH_PROBES):
-        ratio = (low + high) / 2
+    low, high = 0.0, 1.0  # ratio 1 keeps every layer: no faster than the original, unless `faster_whole`
+    for step in range(SEARCH_PROBES):
+        ratio = 1.0 if faster_whole and step == 0 else (low + high) / 2
         latency = probe(ratio)
         met = latency.ratio_high <= 1 / speedup
         probes.append({
@@ -124,7 +127,7 @@ def largest_ratio_at_speed(probe: Callable[[float], Latency], speedup: float) ->
             low, best = ratio, ratio
         else:
             high = ratio
-        if high - low < SPEED_TOLERANCE:
+        if high - low < SPEED_TOLERANCE or best == 1.0:
             break
     target = f"{speedup}x faster at batch {probes[0]['batch']}"
     if best is None:

@@ -35,6 +35,21 @@ def test_the_search_finds_the_largest_ratio_that_is_fast_enough():
         largest_ratio_at_speed(probe, 6)  # 0.2 of the time is fixed: 5x at most
 
 
+def test_a_model_faster_as_a_whole_is_probed_at_ratio_one_first_and_kept_there_if_fast_enough():
+    # folded Pads make the uncompressed model run at 0.6 of the time: 1.5x needs no compression at all
+    probed = []
+
+    def probe(ratio):
+        probed.append(ratio)
+        return _latency(0.6 * (0.2 + 0.8 * ratio))
+
+    ratio, record = largest_ratio_at_speed(probe, 1.5, faster_whole=True)
+    assert ratio == 1.0 and probed == [1.0] and record["probes"][0]["met"]
+    probed.clear()
+    ratio, _ = largest_ratio_at_speed(probe, 2.5, faster_whole=True)  # 0.4: met where 0.12 + 0.48 r <= 0.38
+    assert probed[0] == 1.0 and 0.5417 - 0.05 <= ratio <= 0.5417
+
+
 def test_a_closing_measurement_that_misses_the_speed_the_probe_met_is_said(caplog, monkeypatch):
     from onnx_dacomp import log
     from onnx_dacomp.search import closing_measurement
