@@ -266,3 +266,25 @@ def test_a_shrunk_layer_with_held_out_vectors_takes_the_shrinkage_weight_that_er
     probe = np.eye(40, dtype=np.float32)[:, None, :]
     fitted = np.concatenate([run(result.model, {"x": row_})[0] for row_ in probe]).reshape(40, -1).T  # (N, K)
     assert relative_error(fitted, best_map(chosen, row.ranks[0])) < 1e-4
+
+
+def test_without_held_out_data_a_shrunk_layer_is_fitted_on_four_fifths_and_measured_on_the_rest(tmp_path):
+    """--holdout 0: the layer fitted from few vectors takes a seeded fifth of the calibration samples out of
+    its fit and measures its errors there (in-sample, EfficientNet-Lite0's classifier looked cheap and was
+    compressed until half the top-1 was gone): its error is the written layer's output error on exactly those
+    samples, computed here from them."""
+    from onnx_dacomp.calibration.sources import ArraySource
+
+    model = matmul((1, 40), bias=False)
+    np.savez(tmp_path / "data.npz", x=_data((1, 40), count=50, seed=4))
+    result = onnx_dacomp.compress(
+        model, str(tmp_path / "data.npz"), ratio=0.3, holdout=0, rank_multiple=1, progress=False, benchmark=False,
+        sensitivity=False,
+    )  # fmt: skip
+    (row,) = result.report.layers
+    assert (row.vectors, row.held_out_vectors) == (40, 10) and row.shrinkage > 0
+    unseen = np.concatenate([batch["x"] for batch in ArraySource(tmp_path / "data.npz", ["x"]).subset(0, 10)])
+    W = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    reference = unseen.astype(np.float64) @ W
+    error = np.sum((run(result.model, {"x": unseen})[0] - reference) ** 2) / np.sum(reference**2)
+    assert row.rel_error == pytest.approx(error, rel=1e-4)
