@@ -246,7 +246,7 @@ class CompressionJob:
         if self.store is not None:
             logger.info("cache %s: %s", config.runtime.cache_dir, self.store.summary() or "nothing to keep")
 
-        row_costs = self.costs if config.plan.budget == "latency" else None
+        row_costs = self.costs if self.costs.timing is not None else None
         if config.verify.layer_timings:
             row_costs = row_costs or LayerCosts(self.layers, self.timing)
             row_costs.measure(self.scan.layers, {name: rank_plan.get(name) for name in fits}, self.progress)

@@ -156,7 +156,10 @@ def prepare(
     # chains are timed at the batch of the speed target where there is one
     speed_batch = config.plan.speedup_batch if config.plan.speedup is not None else runtime.speed_batch
     timing = LatencyTable(batch=speed_batch, device=runtime.device, opset=default_opset(model) or 17)
-    costs = LayerCosts(layers, timing if config.plan.budget == "latency" else None)
+    # a time target has every candidate chain timed: the latency budget counts the times, --speedup (counting
+    # MACs) takes only chains faster than their layer
+    timed = config.plan.budget == "latency" or config.plan.speedup is not None
+    costs = LayerCosts(layers, timing if timed else None)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
     managed = problems.restricted([name for name in problems if name not in fixed])
     pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))

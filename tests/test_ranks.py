@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -231,6 +232,20 @@ def test_allocation_never_takes_a_chain_that_keeps_most_of_the_layers_macs():
     # ... unless nothing else meets the target (layers too small to have any rank that saves enough)
     choices = allocate([few_params, saves_macs], "params", target=60, fixed=0)
     assert choices["b"].cost.params == 10 and sum(c.cost.params for c in choices.values()) <= 60
+
+
+def test_where_chains_were_timed_the_allocation_takes_none_that_is_not_faster_than_its_layer():
+    # the 50-MACs chain is the least error for the budget but measured slower than the layer (1.2 ms against
+    # 1.0): the 60-MACs chain, faster, is taken; untimed tables (latency 0) are not filtered
+    timed = CandidateTable("a", Cost(100, 100, 1.0), (
+        Candidate("cp", (64,), Cost(50, 50, 1.2), 0.001), Candidate("tucker2", (16, 16), Cost(60, 60, 0.6), 0.01),
+    ))  # fmt: skip
+    assert allocate([timed], "macs", target=70, fixed=0)["a"].ranks == (16, 16)
+    untimed = CandidateTable("a", Cost(100, 100), tuple(replace(c, cost=c.cost._replace(latency=0.0))
+                                                        for c in timed.candidates))  # fmt: skip
+    assert allocate([untimed], "macs", target=70, fixed=0)["a"].ranks == (64,)
+    # a slower chain is still taken where nothing else meets the target
+    assert allocate([timed], "macs", target=55, fixed=0)["a"].ranks == (64,)
 
 
 def test_allocation_leaves_layers_that_cannot_shrink_and_stops_at_the_cheapest():

@@ -162,8 +162,15 @@ def _hull(table: CandidateTable, candidates: Sequence[Candidate], budget: str) -
 
 
 def _admissible(table: CandidateTable) -> list[Candidate]:
-    """The candidates that save at least 1 - MAX_CHAIN_MACS of the layer's MACs."""
-    return [c for c in table.candidates if c.cost.macs <= MAX_CHAIN_MACS * table.original.macs]
+    """The candidates that save at least 1 - MAX_CHAIN_MACS of the layer's MACs and, where the chains were
+    timed (a speed target), run faster than the layer: a chain that saves MACs but not time only costs accuracy
+    (ResNet-56 at batch 32: CP at rank 64 on the 32-channel layers, half their MACs, 0.652 ms against 0.567)."""
+    original = table.original
+    return [
+        c for c in table.candidates
+        if c.cost.macs <= MAX_CHAIN_MACS * original.macs
+        and not (c.cost.latency and original.latency and c.cost.latency >= original.latency)
+    ]  # fmt: skip
 
 
 def _error(point) -> float:
