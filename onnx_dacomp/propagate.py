@@ -89,6 +89,16 @@ def fit_propagated(
             cross = collect_cross_statistics(model, new_model, wave, batches, device=device)
             propagated, plain = {}, {}
             for layer in wave:
+                if problems[layer.name].shrinkage > 0:
+                    # fitted from few vectors (a shrunk covariance): the propagated target inverts the perturbed
+                    # input's covariance from those same few vectors and fits them rather than the layer
+                    # (EfficientNet-Lite0's classifier, no held-out data: output error 0.04 on the calibration
+                    # samples against 0.19 plain, and 65.4 % top-1 on other images against 75.0 %)
+                    propagated[layer.name] = plain[layer.name] = fit_layer(
+                        problems[layer.name], plan.get(layer.name), settings
+                    )
+                    bar.update()
+                    continue
                 problem = LayerProblem.propagated(
                     problems[layer.name], statistics[layer.name], cross[layer.name], bias_refit
                 )
@@ -97,7 +107,9 @@ def fit_propagated(
                     plain[layer.name] = fit_layer(problems[layer.name], plan.get(layer.name), settings)
                 bar.update()
             candidate = _replaced(new_model, wave, propagated)
-            if judge is not None:
+            if all(propagated[layer.name] is plain.get(layer.name) for layer in wave):
+                kept.append({"layers": [layer.name for layer in wave], "propagated": False, "output_error": None})
+            elif judge is not None:
                 alternative = _replaced(new_model, wave, plain)
                 errors = judge(candidate), judge(alternative)
                 if errors[1] < errors[0]:

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-from builders import conv_model, conv_stack, reference_patches
+from builders import IR_VERSION, conv_model, conv_stack, reference_patches
 from onnx import numpy_helper
 
 import onnx_dacomp
@@ -198,3 +198,58 @@ def test_propagation_that_verifies_worse_gives_way_to_the_plain_fit(tmp_path, mo
     assert all(wave["output_error"][0] > wave["output_error"][1] for wave in waves["choices"])
     assert result.report.verification == plain.report.verification
     assert result.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_a_layer_fitted_from_few_vectors_keeps_its_plain_fit_under_propagation(tmp_path):
+    """A classifier after pooling sees one vector per image (80 vectors, 48 dims: shrunk): its propagated target
+    would invert the perturbed input's covariance from those same vectors. It takes its plain fit, the one the
+    run without --propagate writes, while the conv's wave is fitted propagated and judged."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((48, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal((10, 48)).astype(np.float32), "fc"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc_bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fc_bias"], ["y"], name="classifier", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    data = [{"x": _images(80, seed=5)}]
+    ranks = {"conv": [16, 3], "classifier": 6}
+    runs = {
+        propagate: onnx_dacomp.compress(
+            model,
+            data,
+            ratio=None,
+            ranks=ranks,
+            method="tucker2",
+            holdout=0,
+            rank_multiple=1,
+            propagate=propagate,
+            progress=False,
+            benchmark=False,
+            compensate="none",
+        )  # fmt: skip
+        for propagate in (False, True)
+    }
+    rows = {name: {row.name: row for row in runs[name].report.layers} for name in runs}
+    assert rows[True]["classifier"].shrinkage > 0 and rows[True]["conv"].shrinkage == 0
+    waves = {tuple(wave["layers"]): wave for wave in runs[True].report.propagation["waves"]["choices"]}
+    assert waves[("classifier",)] == {"layers": ["classifier"], "propagated": False, "output_error": None}
+
+    def weights(model, prefix):
+        return [numpy_helper.to_array(init) for init in model.graph.initializer if init.name.startswith(prefix)]
+
+    classifier = [weights(runs[p].model, "classifier") for p in (False, True)]
+    assert classifier[0] and all(np.array_equal(a, b) for a, b in zip(*classifier))
+    assert len(waves[("conv",)]["output_error"]) == 2  # the conv's wave was fitted propagated and judged
