@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .rewrite import check_postcondition, consumed_names
+from .rewrite import check_postcondition, consumed_names, drop_unread
 
 # ops whose output is not a function of their inputs alone: a graph of them is no constant
 _RANDOM = {
@@ -77,7 +77,7 @@ def fold_pads(model: onnx.ModelProto) -> PadFolding:
     pending = [name for index in folds for name in nodes[index].input[1:] if name]
     del new.graph.node[:]
     new.graph.node.extend(node for index, node in enumerate(nodes) if index not in folds)
-    _drop_unread(new.graph, pending)
+    drop_unread(new.graph, pending)
     check_postcondition(model, new)
     return PadFolding(new, tuple(graph.node[index].name or graph.node[index].output[0] for index in sorted(folds)))
 
@@ -169,20 +169,3 @@ class _Constants:
             pending.extend(node.input)
         order = {id(node): index for index, node in enumerate(self.model.graph.node)}
         return sorted({id(node): node for node in found.values()}.values(), key=lambda node: order[id(node)])
-
-
-def _drop_unread(graph: onnx.GraphProto, pending: list[str]) -> None:
-    """Remove the nodes and initializers behind `pending` names that nothing reads any more."""
-    while pending:
-        name = pending.pop()
-        if name in consumed_names(graph) or name in {value.name for value in graph.output}:
-            continue
-        for index, init in enumerate(graph.initializer):
-            if init.name == name:
-                del graph.initializer[index]
-                break
-        for index, node in enumerate(graph.node):
-            if name in node.output and not any(output in consumed_names(graph) for output in node.output):
-                pending.extend(node.input)
-                del graph.node[index]
-                break

@@ -72,7 +72,9 @@ def _rewritten(model: onnx.ModelProto, chains: Mapping[str, tuple]) -> onnx.Mode
             graph.initializer.extend(initializers)
         else:
             graph.node.append(node)
-    _drop_unused_constants(graph, [name for layer, *_ in chains.values() for name in (layer.weight, layer.bias)])
+    # the replaced weights and biases, with the Constant, Identity and Cast nodes that produced them
+    replaced = [name for layer, *_ in chains.values() for name in (layer.weight, layer.bias)]
+    drop_unread(graph, replaced, lambda node: node.op_type in ("Constant", "Identity", "Cast") and len(node.output) < 2)
     check_postcondition(model, new)
     return new
 
@@ -139,19 +141,21 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _drop_unused_constants(graph: onnx.GraphProto, names: Sequence[str | None]) -> None:
-    """Remove the replaced weights/biases (initializers, Constant, Identity and Cast producers) no one reads."""
+def drop_unread(graph: onnx.GraphProto, names: Sequence[str | None], removable=lambda node: True) -> None:
+    """Remove the initializers and producers behind `names` that nothing reads any more, and so on back through
+    the inputs of the nodes removed; `removable(node)` says which producers may go."""
     pending = [name for name in names if name]
     while pending:
         name = pending.pop()
-        if name in consumed_names(graph) or name in {value.name for value in graph.output}:
+        read = consumed_names(graph) | {value.name for value in graph.output}
+        if name in read:
             continue
         for index, init in enumerate(graph.initializer):
             if init.name == name:
                 del graph.initializer[index]
                 break
         for index, node in enumerate(graph.node):
-            if name in node.output and node.op_type in ("Constant", "Identity", "Cast") and len(node.output) == 1:
+            if name in node.output and removable(node) and not read.intersection(node.output):
                 pending.extend(node.input)
                 del graph.node[index]
                 break
