@@ -56,6 +56,16 @@ def calibrated(
     return statistics
 
 
+def set_aside(calibration) -> tuple[Source, Source] | None:
+    """Without held-out data, (the calibration samples to fit on, a fifth of them set aside to measure fits on:
+    the source's samples are a seeded random order), or None where the data cannot be split (not a source of
+    known size that can be read again, or fewer than 10 samples)."""
+    size = getattr(calibration, "size", None) or 0
+    if not isinstance(calibration, Source) or type(calibration).subset is Source.subset or size < 10:
+        return None
+    return calibration.subset(size // 5, None), calibration.subset(0, size // 5)
+
+
 def held_out_moments(model, fitted, moments, calibration, holdout, config, signature, store, workers, progress):
     """The statistics on unseen data of the layers fitted from few vectors whose methods all give held-out
     errors in closed form (the SVD of a matrix: a classifier, a squeeze-and-excitation conv): their fits are
@@ -81,15 +91,14 @@ def held_out_moments(model, fitted, moments, calibration, holdout, config, signa
     if rereadable(holdout):
         logger.info("%d layers fitted from few vectors: their errors are measured on the held-out data", len(few))
         return {}, calibrated(model, few, holdout, config, signature, store, workers, progress).layers, holdout
-    size = getattr(calibration, "size", None) or 0
-    if not isinstance(calibration, Source) or type(calibration).subset is Source.subset or size < 10:
+    parts = set_aside(calibration)
+    if parts is None:
         logger.info("%d layers fitted from few vectors, no data to measure them on: in-sample estimates", len(few))
         return {}, {}, holdout
-    unseen = size // 5
-    fit_part, check_part = calibration.subset(unseen, None), calibration.subset(0, unseen)
+    fit_part, check_part = parts
     logger.info(
         "%d layers fitted from few vectors and no held-out data: they are fitted on %d of the %d calibration "
-        "samples and measured on the other %d", len(few), size - unseen, size, unseen,
+        "samples and measured on the other %d", len(few), fit_part.size, calibration.size, check_part.size,
     )  # fmt: skip
     fit = calibrated(model, few, fit_part, config, signature, store, workers, progress).layers
     return fit, calibrated(model, few, check_part, config, signature, store, workers, progress).layers, check_part
@@ -183,4 +192,5 @@ def prepare(
         layers=layers, fitted=fitted, reasons=reasons, calibration=calibration, holdout=holdout, signature=signature,
         statistics=statistics, problems=problems, settings=settings, timing=timing, costs=costs, fixed=fixed,
         pooled=pooled, tables=tables, sensitivity=sensitivity, counted=counted, compensable=compensable,
+        set_aside=set_aside(calibration) if holdout is None else None,
     )  # fmt: skip

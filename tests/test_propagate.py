@@ -253,3 +253,41 @@ def test_a_layer_fitted_from_few_vectors_keeps_its_plain_fit_under_propagation(t
     classifier = [weights(runs[p].model, "classifier") for p in (False, True)]
     assert classifier[0] and all(np.array_equal(a, b) for a, b in zip(*classifier))
     assert len(waves[("conv",)]["output_error"]) == 2  # the conv's wave was fitted propagated and judged
+
+
+def test_without_held_out_data_propagation_is_judged_on_calibration_samples_it_did_not_fit(tmp_path, monkeypatch):
+    """No held-out data: a seeded fifth of the calibration samples (the first of the source's seeded order) is
+    set aside; propagation's cross statistics never see it, and the waves and the whole model are judged on it
+    (the kept model's recorded error is its output error there, computed here with numpy)."""
+    from onnx_dacomp import propagate
+
+    model = conv_stack(channels=12, size=(12, 12), input_channels=3)
+    path = _npz(tmp_path)
+    images = np.load(path)["x"]
+    set_aside = images[np.random.default_rng(0).permutation(len(images))[: len(images) // 5]]
+    seen, collect = [], propagate.collect_cross_statistics
+
+    def recording(original, compressed, layers, batches, **options):
+        seen.append(np.concatenate([batch["x"] for batch in batches]))
+        return collect(original, compressed, layers, batches, **options)
+
+    monkeypatch.setattr(propagate, "collect_cross_statistics", recording)
+    config = CompressConfig(ratio=0.45, holdout=0, max_iter=10, propagate=True, compensate="none")
+    result = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False)
+
+    assert seen and all(len(batches) == len(images) - len(set_aside) for batches in seen)
+    fitted_on = {sample.tobytes() for sample in seen[0]}
+    assert not any(sample.tobytes() in fitted_on for sample in set_aside)
+    record = result.report.propagation
+    assert record["propagated"]["data"] == "calibration samples set aside"
+    assert all(len(wave["output_error"]) == 2 for wave in record["waves"]["choices"])
+
+    def outputs(candidate):
+        session = onnx_dacomp.runtime.create_session(candidate, "cpu")
+        return np.asarray(session.run(None, {"x": set_aside})[0], np.float64)
+
+    reference = outputs(model)
+    error = np.sum((outputs(result.model) - reference) ** 2) / np.sum(reference**2)
+    assert record[record["kept"]]["rel_output_error"] == pytest.approx(error, rel=1e-4)
+    other = "plain" if record["kept"] == "propagated" else "propagated"
+    assert record[record["kept"]]["rel_output_error"] < record[other]["rel_output_error"]
