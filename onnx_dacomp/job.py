@@ -233,7 +233,8 @@ class CompressionJob:
             new_model, fits, waves = self.build_propagated(rank_plan)
             propagation = {"waves": waves}
             if self.holdout is not None or self.set_aside is not None:  # propagation need not lower the model's error
-                new_model, fits, whole = keep_better((new_model, fits), lambda: self.build(rank_plan), self.unseen_error)
+                plain = lambda: self.build(rank_plan)  # noqa: E731
+                new_model, fits, whole = keep_better((new_model, fits), plain, self.unseen_error)
                 propagation |= whole
         else:
             new_model, fits = self.build(rank_plan)
