@@ -51,7 +51,7 @@ def fold_pads(model: onnx.ModelProto) -> PadFolding:
             for subgraph in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
                 inner |= consumed_names(subgraph)
     outputs = {value.name for value in graph.output}
-    constants = _Constants(model)
+    constants = Constants(model)
     folds = {}  # Pad node index -> (the Conv's index, its new pads)
     for index, node in enumerate(graph.node):
         if node.op_type != "Pad" or not node.output or node.output[0] in outputs | inner:
@@ -82,7 +82,7 @@ def fold_pads(model: onnx.ModelProto) -> PadFolding:
     return PadFolding(new, tuple(graph.node[index].name or graph.node[index].output[0] for index in sorted(folds)))
 
 
-def _spatial_pads(pad: onnx.NodeProto, conv: onnx.NodeProto, constants: _Constants) -> list[int] | None:
+def _spatial_pads(pad: onnx.NodeProto, conv: onnx.NodeProto, constants: Constants) -> list[int] | None:
     """The Conv's pads with the Pad's added, or None where the Pad is not a constant zero pad of the spatial
     axes only or the Conv pads by `auto_pad`."""
     attributes = {attr.name: helper.get_attribute_value(attr) for attr in pad.attribute}
@@ -124,7 +124,7 @@ def _spatial_pads(pad: onnx.NodeProto, conv: onnx.NodeProto, constants: _Constan
     return [int(a) + int(b) for a, b in zip(current, added)]
 
 
-class _Constants:
+class Constants:
     """Values of tensors computed from initializers alone (Constant nodes, shape arithmetic over constants),
     evaluated with onnx's reference evaluator; None for anything that depends on a graph input."""
 

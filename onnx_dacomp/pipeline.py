@@ -16,7 +16,7 @@ from .calibration.sources import Source
 from .calibration.statistics import Statistics
 from .config import CompressConfig
 from .errors import UserError
-from .job import CompressionJob, CompressionResult
+from .job import CompressionJob, CompressionResult, streamlined
 from .padding import fold_pads
 from .prepare import prepare
 from .runtime import blas_threads
@@ -59,7 +59,7 @@ def chosen_ratio(job: CompressionJob) -> tuple[float | None, dict | None]:
     if options.speedup is not None:  # each probe: the model at that ratio timed against the original
         sizes, seconds = [options.speedup_batch], job.config.verify.benchmark_seconds
         return largest_ratio_at_speed(
-            lambda r: job.timed(fold_pads(job.build(job.planned(r)[0])[0]).model, sizes, False, seconds)[0],
+            lambda r: job.timed(streamlined(job.build(job.planned(r)[0])[0])[0], sizes, False, seconds)[0],
             options.speedup,
             faster_whole=bool(fold_pads(job.model).folded),
         )

@@ -12,6 +12,7 @@ from .cache import Cache, digest, statistics_key
 from .calibration.collect import collect_statistics
 from .calibration.sources import Source, open_data, rereadable, split
 from .calibration.statistics import spilled, too_few_vectors
+from .channels import input_producers
 from .config import CompressConfig
 from .errors import UserError
 from .fit import FitSettings
@@ -21,6 +22,7 @@ from .job import CompressionJob
 from .load import default_opset, load_model
 from .log import StageClock, logger
 from .methods import get, methods_for
+from .padding import fold_pads
 from .problems import build_problems, needs_shrinkage
 from .ranks import overrides
 from .ranks.candidates import candidate_tables
@@ -54,6 +56,21 @@ def calibrated(
         if key:
             store.put_statistics(key, statistics)
     return statistics
+
+
+def pruned_producers(model, fitted: list, reasons: dict, method: str) -> tuple[list, dict[str, tuple[str, ...]]]:
+    """Where the method prunes input channels: the layers to fit without those that compute a pruned layer's
+    input channels (they then compute only the channels read: `channels.shrink_producers`), with their reasons
+    added to `reasons`, and the pruned layer -> those layers."""
+    pruned = [layer for layer in fitted if any(get(name).prunes_inputs for name in methods_for(method, layer.geometry))]
+    if not pruned:
+        return fitted, {}
+    coupled = input_producers(fold_pads(model).model, pruned)  # a Pad would stand between them
+    for consumer, producers in coupled.items():
+        for producer in producers:
+            reasons[producer] = f"computes the input channels of {consumer}: only those it reads, where it is pruned"
+    producing = {name for names in coupled.values() for name in names}
+    return [layer for layer in fitted if layer.name not in producing], coupled
 
 
 def set_aside(calibration) -> tuple[Source, Source] | None:
@@ -124,6 +141,7 @@ def prepare(
     if not scan.targets:
         raise UserError(f"no layer of the model can be decomposed: {nothing_to_compress(scan)}")
     fitted, reasons = select(scan, config.plan.exclude, covariance=covariance, unknown=signature.unknown())
+    fitted, coupled = pruned_producers(model, fitted, reasons, config.plan.method)
     config = speedup_budget(config)
     if config.plan.rank_multiple is None:
         config = config.replace(rank_multiple=channel_multiple(runtime.device))
@@ -168,7 +186,7 @@ def prepare(
     # a time target has every candidate chain timed: the latency budget counts the times, --speedup (counting
     # MACs) takes only chains faster than their layer
     timed = config.plan.budget == "latency" or config.plan.speedup is not None
-    costs = LayerCosts(layers, timing if timed else None)
+    costs = LayerCosts(layers, timing if timed else None, coupled)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
     managed = problems.restricted([name for name in problems if name not in fixed])
     pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))

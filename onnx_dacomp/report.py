@@ -54,6 +54,7 @@ class CompressionReport:
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
     compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
     folded_pads: tuple[str, ...] = ()  # explicit zero Pads folded into the convs after them (padding.py)
+    shrunk_producers: tuple[str, ...] = ()  # layers computing only the channels a pruned layer reads (channels.py)
     seconds: Mapping[str, float] = field(default_factory=dict)  # wall time per stage, and in total
     cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time (all threads) per stage
     peak_rss_gib: Mapping[str, float] = field(default_factory=dict)  # peak memory by the end of each stage
@@ -103,6 +104,7 @@ class CompressionReport:
             "propagation": self.propagation,
             "compensation": self.compensation,
             "folded_pads": list(self.folded_pads),
+            "shrunk_producers": list(self.shrunk_producers),
             "error_norm": self.error_norm,
             "calibration": self.calibration,
             "seconds": dict(self.seconds),
@@ -217,6 +219,11 @@ class CompressionReport:
                 f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} with the wave "
                 f"choices, {fits['plain']['rel_output_error']:.4f} all plain: kept the {self.propagation['kept']} fit"
             )
+        if self.shrunk_producers:
+            lines.append(
+                f"{len(self.shrunk_producers)} layer(s) compute only the channels the pruned layers after them read "
+                "(their Gathers removed)"
+            )
         if self.folded_pads:
             lines.append(
                 f"{len(self.folded_pads)} explicit zero Pad(s) folded into the convs after them (the same function; "
@@ -294,6 +301,26 @@ def fitted_row(name: str, geometry: LayerGeometry, choice, fit) -> LayerReport:
 def kept_row(name: str, geometry: LayerGeometry, reason: str) -> LayerReport:
     cost = original_cost(geometry)
     return LayerReport(name, None, None, cost.params, cost.params, cost.macs, cost.macs, 0.0, reason=reason)
+
+
+def sliced_rows(rows, layers: Mapping, coupled: Mapping, plan, shrunk: Iterable[str]) -> tuple[LayerReport, ...]:
+    """`rows` with each layer that computes a pruned layer's input channels (`coupled`: pruned layer -> such
+    layers) and was sliced to them (`shrunk`) at the cost of computing only those channels."""
+    channels = {}
+    for consumer, producers in coupled.items():
+        choice = plan.get(consumer)
+        for producer in producers:
+            if choice is not None and producer in shrunk:
+                channels[producer] = (consumer, choice.ranks[0])
+    sliced = []
+    for row in rows:
+        if row.name in channels:
+            consumer, count = channels[row.name]
+            cost = original_cost(replace(layers[row.name].geometry, out_channels=count))
+            reason = f"computes only the {count} channels {consumer} reads"
+            row = replace(row, params_after=cost.params, macs_after=cost.macs, reason=reason)
+        sliced.append(row)
+    return tuple(sliced)
 
 
 def kept_reason(geometry: LayerGeometry, method: str, budget: str, ratio: float | None) -> str:

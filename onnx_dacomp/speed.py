@@ -156,24 +156,43 @@ def _optimized_chain(width: int, device: str) -> onnx.ModelProto | None:
 
 class LayerCosts:
     """Each layer's cost, and its chains', in the budget's terms: parameters and MACs from the geometry and,
-    with a `timing` table (the latency budget), the measured latency too."""
+    with a `timing` table (the latency budget), the measured latency too.
 
-    def __init__(self, layers: Mapping[str, Layer], timing: LatencyTable | None = None):
-        self.layers, self.timing = layers, timing
+    `coupled` (pruned layer -> the layers computing its input channels, `channels.input_producers`): those
+    layers' costs count with the pruned layer's, in proportion to the channels it reads, and not on their own."""
+
+    def __init__(self, layers: Mapping[str, Layer], timing: LatencyTable | None = None, coupled: Mapping | None = None):
+        self.layers, self.timing, self.coupled = layers, timing, dict(coupled or {})
+        self.producers = {name for names in self.coupled.values() for name in names}
 
     def original(self, name: str) -> Cost:
-        layer = self.layers[name]
-        cost = original_cost(layer.geometry)
-        return cost if self.timing is None else cost._replace(latency=self.timing.original(layer))
+        if name in self.producers:
+            return Cost(0, 0)
+        return self._sum([self._own(name), *(self._own(producer) for producer in self.coupled.get(name, ()))])
 
     def chain(self, name: str, method: str, ranks: Ranks) -> Cost:
         layer = self.layers[name]
         cost = get(method).cost(layer.geometry, ranks)
-        return cost if self.timing is None else cost._replace(latency=self.timing.chain(layer, method, ranks))
+        cost = cost if self.timing is None else cost._replace(latency=self.timing.chain(layer, method, ranks))
+        if not get(method).prunes_inputs or name not in self.coupled:
+            return cost
+        share = ranks[0] / layer.geometry.in_channels  # the producers compute only the channels read
+        return self._sum([cost, *(self._own(producer, share) for producer in self.coupled[name])])
+
+    def _own(self, name: str, share: float = 1.0) -> Cost:
+        """A layer's own cost, or `share` of its output channels' (weights, bias and MACs all follow them)."""
+        layer = self.layers[name]
+        cost = original_cost(layer.geometry)
+        latency = 0.0 if self.timing is None else self.timing.original(layer) * share
+        return Cost(round(cost.params * share), round(cost.macs * share), latency)
+
+    @staticmethod
+    def _sum(costs) -> Cost:
+        return Cost(*(sum(values) for values in zip(*costs)))
 
     def timed(self, table: CandidateTable) -> CandidateTable:
-        """The table with every candidate's cost measured (shared by layers of the same geometry)."""
-        if self.timing is None:
+        """The table with every candidate's cost measured (shared by layers of the same geometry) and coupled."""
+        if self.timing is None and table.name not in self.coupled:
             return table
         original = self.original(table.name)
         candidates = tuple(replace(c, cost=self.chain(table.name, c.method, c.ranks)) for c in table.candidates)

@@ -1,4 +1,4 @@
-"""Factor containers for the three chain realizations (docs/MATH.md), and their reconstructions.
+"""Factor containers for the chain realizations (docs/MATH.md), and their reconstructions.
 
 Pure numpy. Weights follow the ONNX Conv layout `(T, S, *kernel)`; each container holds the factors of one
 group (a grouped conv has one container per group).
@@ -55,7 +55,20 @@ class FusedCPFactors(CPFactors):
     the spatial factors' column r) instead of one 1-D depthwise conv per axis: the same function."""
 
 
-Factors = SVDFactors | Tucker2Factors | CPFactors
+@dataclass(frozen=True, eq=False)
+class ChannelFactors:
+    """`W ~ weight` on the input `channels` only (zero on the others): a pruned layer's refit weight."""
+
+    channels: np.ndarray  # (R,) sorted input channel indices
+    weight: np.ndarray  # (T, R, *kernel)
+    in_channels: int  # S
+
+    @property
+    def rank(self) -> int:
+        return len(self.channels)
+
+
+Factors = SVDFactors | Tucker2Factors | CPFactors | ChannelFactors
 
 
 def reconstruct(factors: Factors) -> np.ndarray:
@@ -71,4 +84,8 @@ def reconstruct(factors: Factors) -> np.ndarray:
         operands = [factors.output_factor, factors.input_factor, *factors.spatial_factors]
         spec = "tr,sr," + ",".join(f"{axis}r" for axis in letters) + "->ts" + letters
         return np.einsum(spec, *operands, optimize=True)
+    if isinstance(factors, ChannelFactors):
+        weight = np.zeros((len(factors.weight), factors.in_channels, *factors.weight.shape[2:]))
+        weight[:, factors.channels] = factors.weight
+        return weight
     raise TypeError(f"not a factor container: {type(factors).__name__}")

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from ..geometry import LayerGeometry
 from ..moments import Moments
@@ -113,6 +114,15 @@ def unique_name(name: str, taken: set[str]) -> str:
         candidate, suffix = f"{name}_{suffix}", suffix + 1
     taken.add(candidate)
     return candidate
+
+
+def channel_gather(tensor: str, channels, axis: int, base: str, nodes: list, initializers: list, taken: set) -> str:
+    """Appends a Gather of `channels` of `tensor` along `axis` (a pruned layer's input) to `nodes`; its output."""
+    indices = unique_name(f"{base}.channels", taken)
+    initializers.append(numpy_helper.from_array(np.asarray(channels, np.int64), indices))
+    output = unique_name(f"{base}_channels", taken)
+    nodes.append(helper.make_node("Gather", [tensor, indices], [output], name=output, axis=axis))
+    return output
 
 
 TIMING_IR_VERSION = 8  # of the one-layer timing models: what every supported onnxruntime loads

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..geometry import LayerGeometry
-from .base import NON_FINITE_WEIGHT, one_layer_model, unique_name
+from .base import NON_FINITE_WEIGHT, channel_gather, one_layer_model, unique_name
 from .constants import ConstantResolver
 from .conv_patches import patches
 from .conv_statistics import patch_sum_nodes
@@ -131,6 +131,8 @@ class ConvLayer:
         current = self.input
         for index, stage in enumerate(stages):
             last = index == len(stages) - 1
+            if stage.channels is not None:
+                current = channel_gather(current, stage.channels, 1, f"{base}_{index}", nodes, initializers, taken)
             weight_name = unique_name(f"{base}_{index}.weight", taken)
             initializers.append(numpy_helper.from_array(stage.weight.astype(dtype), weight_name))
             inputs = [current, weight_name]

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..geometry import LayerGeometry
 from ..moments import Moments
-from .base import NON_FINITE_WEIGHT, one_layer_model, unique_name
+from .base import NON_FINITE_WEIGHT, channel_gather, one_layer_model, unique_name
 from .constants import ConstantResolver
 
 OP_TYPES = ("Gemm", "MatMul")
@@ -131,6 +131,9 @@ class DenseLayer:
         with_bias = bias is not None or self.bias is not None
         nodes, initializers, current = [], [], self.input
         for index, stage in enumerate(stages):
+            if stage.channels is not None:  # features lie on the last axis
+                axis = len(self.input_shape) - 1
+                current = channel_gather(current, stage.channels, axis, f"{base}_{index}", nodes, initializers, taken)
             matrix = stage.weight.reshape(len(stage.weight), -1).T  # (in, out): rows @ matrix
             weight_name = unique_name(f"{base}_{index}.weight", taken)
             initializers.append(numpy_helper.from_array(matrix.astype(dtype), weight_name))

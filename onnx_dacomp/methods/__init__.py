@@ -10,11 +10,12 @@ from ..decompose.factors import Factors
 from ..geometry import Cost, LayerGeometry
 from .base import Method, Ranks, Stage
 from .cp import CP, FusedCP
+from .prune import Prune
 from .svd import SVD
 from .tucker2 import Tucker2
 
-METHODS: dict[str, Method] = {method.name: method for method in (SVD(), Tucker2(), CP(), FusedCP())}
-AUTO = "auto"  # every method that applies, chosen per layer by the allocation
+METHODS: dict[str, Method] = {method.name: method for method in (SVD(), Tucker2(), CP(), FusedCP(), Prune())}
+AUTO = "auto"  # every automatic method that applies, chosen per layer by the allocation
 CHOICES = (*METHODS, AUTO)
 
 __all__ = [
@@ -32,11 +33,12 @@ def get(name: str) -> Method:
 
 def methods_for(choice: str, geometry: LayerGeometry) -> tuple[str, ...]:
     """The methods tried on a layer for the configured `choice` (a method name or `auto`, which leaves out the
-    variants). A method that does not apply (Tucker-2 and CP on a 1x1 conv, which is a matrix) gives way to
-    those that do; a variant first to the method it realizes (`cp-fused` on a 1-D kernel: `cp`)."""
+    variants and the methods not `automatic`). A method that does not apply (Tucker-2 and CP on a 1x1 conv, which
+    is a matrix) gives way to those that do; a variant first to the method it realizes (`cp-fused` on a 1-D kernel:
+    `cp`)."""
     applicable = tuple(name for name, method in METHODS.items() if method.applies(geometry))
     if choice == AUTO:
-        return tuple(name for name in applicable if METHODS[name].variant_of is None)
+        return tuple(name for name in applicable if METHODS[name].variant_of is None and METHODS[name].automatic)
     method = get(choice)
     if method.applies(geometry):
         return (choice,)

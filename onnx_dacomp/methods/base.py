@@ -32,6 +32,7 @@ class Stage:
     weight: np.ndarray
     group: int
     axes: tuple[int, ...] | None
+    channels: np.ndarray | None = None  # the input channels it reads (a Gather first), None: all of them
 
 
 class Method(ABC):
@@ -45,6 +46,8 @@ class Method(ABC):
     # in `auto`'s tables, but chosen for a planned layer where its chain is measured faster
     variant_of: str | None = None
     held_out_estimates: bool = False  # `estimate_held_out` in closed form (every rank at once)
+    automatic: bool = True  # among the methods `auto` chooses from
+    prunes_inputs: bool = False  # reads some of the layer's input channels: the layers computing them shrink too
 
     def applies(self, geometry: LayerGeometry) -> bool:
         """Whether the method is worth trying on the layer (a 1x1 conv is a matrix: SVD is optimal there)."""

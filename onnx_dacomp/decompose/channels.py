@@ -1,0 +1,69 @@
+"""Input-channel selection (docs/MATH.md, "Channel pruning"): keep R of a layer's S input channels and refit its
+weight on them by least squares in the input covariance, `W' = W Sigma[:, K] Sigma[K, K]^-1`; the channels are
+chosen greedily, each step taking the one whose columns remove the most output error given those already
+kept (a block Schur complement of Sigma). Pure numpy: arrays in, arrays out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .covariance import output_energy, regularize, solve_psd
+
+
+@dataclass(frozen=True)
+class ChannelOrder:
+    """Channels in the order the greedy selection takes them and the relative output error after each."""
+
+    channels: np.ndarray  # (S,) every input channel, most useful first
+    errors: np.ndarray  # (S,): errors[r - 1] is the error with the first r channels kept
+
+
+def channel_order(weight: np.ndarray, sigma: np.ndarray) -> ChannelOrder:
+    """The greedy order of the input channels of `weight` (T, S, *kernel) in `sigma`, the covariance of its input
+    vectors (S * taps, channel-major as the weight's columns), and the error after each step (exact: each
+    step's error is that of the least-squares refit on the channels kept so far)."""
+    out_channels, channels = weight.shape[:2]
+    taps = int(np.prod(weight.shape[2:], dtype=int))
+    matrix = weight.reshape(out_channels, -1)
+    residual = regularize(sigma).copy()  # the covariance of the input given the kept channels
+    total = output_energy(matrix, residual)
+    if total <= 0:
+        return ChannelOrder(np.arange(channels), np.zeros(channels))
+    projected = matrix @ residual  # W R: the output's covariance with each input column, given the kept ones
+    order, errors, remaining, kept = [], [], total, np.zeros(channels, bool)
+    for _ in range(channels):
+        candidates = np.flatnonzero(~kept)
+        gains = _gains(projected, residual, candidates, taps)
+        best, best_gain = int(candidates[np.argmax(gains)]), float(np.max(gains))
+        columns = slice(best * taps, (best + 1) * taps)
+        coupling = residual[:, columns]
+        inverse_block = np.linalg.inv(coupling[columns])
+        projected -= projected[:, columns] @ inverse_block @ coupling.T
+        residual -= coupling @ inverse_block @ coupling.T
+        kept[best] = True
+        remaining = max(remaining - best_gain, 0.0)
+        order.append(best)
+        errors.append(remaining / total)
+    errors[-1] = 0.0  # every channel kept: the layer itself
+    return ChannelOrder(np.array(order), np.array(errors))
+
+
+def _gains(projected: np.ndarray, residual: np.ndarray, candidates: np.ndarray, taps: int) -> np.ndarray:
+    """The output error each candidate channel removes: `tr(P_c^T R_cc^-1 P_c)` with `P_c` its columns of W R."""
+    columns = candidates[:, None] * taps + np.arange(taps)  # (m, taps)
+    blocks = residual[columns[:, :, None], columns[:, None, :]]  # (m, taps, taps)
+    parts = np.moveaxis(projected[:, columns], 0, -1)  # (m, taps, T)
+    return np.einsum("mkt,mkt->m", parts, np.linalg.solve(blocks, parts))
+
+
+def refit_on_channels(weight: np.ndarray, sigma: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """The least-squares weight (T, R, *kernel) on the input `channels` (sorted): `W Sigma[:, K] Sigma[K, K]^-1`."""
+    out_channels, _ = weight.shape[:2]
+    taps = int(np.prod(weight.shape[2:], dtype=int))
+    columns = (channels[:, None] * taps + np.arange(taps)).ravel()
+    sigma = regularize(sigma)
+    refit = solve_psd(sigma[np.ix_(columns, columns)], sigma[columns] @ weight.reshape(out_channels, -1).T).T
+    return refit.reshape(out_channels, len(channels), *weight.shape[2:])

@@ -1,0 +1,180 @@
+"""Channel pruning: the greedy selection against least squares on samples and brute force, the Gather removal
+against onnxruntime outputs of the unchanged graph, and the budget's accounting against the written model."""
+
+import itertools
+
+import numpy as np
+import pytest
+from builders import IR_VERSION
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_dacomp
+from onnx_dacomp.channels import shrink_producers
+from onnx_dacomp.decompose.channels import channel_order, refit_on_channels
+from onnx_dacomp.runtime import create_session
+
+
+def _samples(count, dims, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((count, dims)) @ rng.standard_normal((dims, dims)) * 0.5 + rng.standard_normal(dims)
+
+
+@pytest.mark.parametrize("kernel", [(), (3, 3)])
+def test_channel_order_errors_are_those_of_least_squares_refits_on_the_samples(kernel):
+    out_channels, channels, taps = 5, 6, int(np.prod(kernel, dtype=int))
+    x = _samples(3000, channels * taps)
+    weight = np.random.default_rng(1).standard_normal((out_channels, channels, *kernel))
+    y = x @ weight.reshape(out_channels, -1).T
+    order = channel_order(weight, x.T @ x / len(x))
+    assert sorted(order.channels) == list(range(channels))
+
+    def least_squares_error(kept):
+        columns = (np.asarray(kept)[:, None] * taps + np.arange(taps)).ravel()
+        fit = np.linalg.lstsq(x[:, columns], y, rcond=None)[0]
+        return np.sum((x[:, columns] @ fit - y) ** 2) / np.sum(y**2), columns
+
+    for count in range(1, channels + 1):
+        kept = np.sort(order.channels[:count])
+        error, columns = least_squares_error(kept)
+        refit = refit_on_channels(weight, x.T @ x / len(x), kept).reshape(out_channels, -1)
+        assert order.errors[count - 1] == pytest.approx(error, rel=1e-5, abs=1e-9)
+        assert np.sum((x[:, columns] @ refit.T - y) ** 2) / np.sum(y**2) == pytest.approx(error, rel=1e-5, abs=1e-9)
+    # the first channel taken is the best single one; all channels kept give the layer itself
+    assert order.errors[0] == pytest.approx(min(least_squares_error([c])[0] for c in range(channels)), rel=1e-6)
+    assert order.errors[-1] == 0.0
+    pairs = [least_squares_error(list(pair))[0] for pair in itertools.combinations(range(channels), 2)]
+    assert order.errors[1] <= 1.25 * min(pairs)  # greedy: near the best pair, never better than it
+    assert order.errors[1] >= min(pairs) - 1e-9
+
+
+def _model(nodes, inits, channels_last=False, input_channels=4):
+    shape = ["n", 5, 5, input_channels] if channels_last else ["n", input_channels, 5, 5]
+    graph = helper.make_graph(
+        nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def _array(rng, *shape, name):
+    return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+
+def _mlp(rng, extra_reader=False):
+    """Channels-last MLP: MatMul + bias, GELU written out with Constant nodes, a Gather of 5 of its 12 hidden
+    units, MatMul (ConvNeXt's block as PyTorch exports it)."""
+    consts = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(np.array(v, np.float32), n))
+              for n, v in (("sqrt2", 1.4142135), ("one", 1.0), ("half", 0.5))]  # fmt: skip
+    nodes = [
+        *consts,
+        helper.make_node("MatMul", ["x", "w1"], ["m"], name="expand"),
+        helper.make_node("Add", ["b1", "m"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["g0"]),
+        helper.make_node("Mul", ["g0", "half"], ["g1"]),
+        helper.make_node("Mul", ["g1", "scale"], ["g"]),  # a per-channel constant: sliced too
+        helper.make_node("Gather", ["g", "kept"], ["s"], axis=3),
+        helper.make_node("MatMul", ["s", "w2"], ["y"], name="project"),
+    ]
+    kept = numpy_helper.from_array(np.array([7, 0, 3, 11, 5], np.int64), "kept")
+    inits = [_array(rng, 4, 12, name="w1"), _array(rng, 12, name="b1"), _array(rng, 12, name="scale"),
+             _array(rng, 5, 3, name="w2"), kept]  # fmt: skip
+    if extra_reader:  # the activation also leaves the graph: it needs every channel
+        nodes.append(helper.make_node("ReduceSum", ["g"], ["other"], keepdims=0))
+    model = _model(nodes, inits, channels_last=True)
+    if extra_reader:
+        model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+    return model
+
+
+def _convs(rng):
+    """Conv -> BatchNorm -> Relu -> depthwise Conv (bias) -> Clip -> Gather of 3 of 6 channels -> Conv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="expand", kernel_shape=[1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "dw", "dwb"], ["d"], group=6, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["a"]),
+        helper.make_node("Gather", ["a", "kept"], ["s"], axis=1),
+        helper.make_node("Conv", ["s", "w2"], ["y"], name="project", kernel_shape=[3, 3]),
+    ]
+    inits = [
+        _array(rng, 6, 4, 1, 1, name="w1"), _array(rng, 6, name="b1"), _array(rng, 6, name="bn_s"),
+        _array(rng, 6, name="bn_b"), _array(rng, 6, name="bn_m"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), "bn_v"),
+        _array(rng, 6, 1, 3, 3, name="dw"), _array(rng, 6, name="dwb"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        numpy_helper.from_array(np.array([4, 1, 2], np.int64), "kept"), _array(rng, 2, 3, 3, 3, name="w2"),
+    ]  # fmt: skip
+    return _model(nodes, inits)
+
+
+def _outputs(model, x):
+    return create_session(model, "cpu").run(None, {"x": x})
+
+
+@pytest.mark.parametrize("build, shape, sliced", [(_mlp, (2, 5, 5, 4), ("w1", 5)), (_convs, (2, 4, 5, 5), ("w1", 3))])
+def test_shrinking_producers_removes_the_gather_and_keeps_the_function(build, shape, sliced):
+    model = build(np.random.default_rng(0))
+    before = model.SerializeToString()
+    result = shrink_producers(model)
+    assert model.SerializeToString() == before  # the input model is not changed
+    assert result.shrunk == ("expand",)
+    assert not [node for node in result.model.graph.node if node.op_type == "Gather"]
+    weights = {init.name.split("_pruned")[0]: numpy_helper.to_array(init) for init in result.model.graph.initializer}
+    name, count = sliced
+    assert count in weights[name].shape
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(_outputs(result.model, x)[0], _outputs(model, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_region_read_elsewhere_keeps_its_gather():
+    model = _mlp(np.random.default_rng(0), extra_reader=True)
+    result = shrink_producers(model)
+    assert result.shrunk == () and result.model is model
+
+
+def test_pruned_model_budget_counts_the_producers_it_slices(tmp_path):
+    """Conv -> Relu -> Conv -> Relu -> Conv: the last conv pruned and the one computing its input sliced with it
+    (not pruned itself). The report's rows are the written model's weights, its totals meet the ratio, and the
+    whole model's output error is the one verified."""
+    rng = np.random.default_rng(3)
+    inits, nodes, current, width = [], [], "x", 4
+    for index, out in enumerate((16, 16, 8)):
+        inits += [_array(rng, out, width, 3, 3, name=f"w{index}"), _array(rng, out, name=f"b{index}")]
+        nodes += [
+            helper.make_node("Conv", [current, f"w{index}", f"b{index}"], [f"c{index}"], name=f"conv{index}",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{index}"], ["y" if index == 2 else f"r{index}"]),
+        ]  # fmt: skip
+        current, width = f"r{index}", out
+    model = _model(nodes, inits)
+    images = (rng.standard_normal((160, 4, 5, 5)) * 0.5 + rng.standard_normal((160, 4, 1, 1))).astype(np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=images)
+    result = onnx_dacomp.compress(
+        model, str(path), method="prune", ratio=0.6, holdout=32, rank_multiple=1, progress=False, benchmark=False,
+        compensate="none",
+    )  # fmt: skip
+    report = result.report
+    rows = {row.name: row for row in report.layers}
+    assert rows["conv2"].method == "prune" and rows["conv1"].method is None
+    assert rows["conv1"].reason == f"computes only the {rows['conv2'].ranks[0]} channels conv2 reads"
+    weights = {n.name: n.input[1] for n in result.model.graph.node if n.op_type == "Conv"}
+    sizes = {init.name: int(np.prod(init.dims)) for init in result.model.graph.initializer}
+    for name, row in rows.items():
+        if row.method is None:  # kept, or sliced to the channels the pruned layer reads
+            node = next(n for n in result.model.graph.node if n.name == name)
+            assert row.params_after == sizes[node.input[1]] + sizes[node.input[2]]
+    total = sum(sizes[init] for init in sizes)
+    assert report.totals["params_after"] == total
+    assert report.totals["params_after"] <= 0.6 * report.totals["params_before"]
+    assert not [node for node in result.model.graph.node if node.op_type == "Gather"]
+    assert len(weights) == 3  # every conv is still one Conv
+    held_out = images[np.random.default_rng(0).permutation(160)[:32]]
+    reference = _outputs(model, held_out)[0].astype(np.float64)
+    error = np.sum((_outputs(result.model, held_out)[0] - reference) ** 2) / np.sum(reference**2)
+    assert report.verification.rel_output_error == pytest.approx(np.sqrt(error), rel=1e-4)
