@@ -28,6 +28,7 @@ UNARY = {
     "Selu", "Softplus", "Softsign", "Mish", "Exp", "Neg", "Abs", "Sqrt", "Identity",
 }  # fmt: skip
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"}  # elementwise, broadcasting
+POOLS = ("GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool")  # each channel from its own
 
 
 @dataclass(frozen=True)
@@ -128,41 +129,42 @@ class _Region:
     @classmethod
     def search(cls, graph, reader, source, axis, ranks, constants, channels=None) -> _Region | None:
         """The region computing the channels (`axis`) of `source`, whose only reader is the node `reader`."""
-        rank = ranks.get(source)
         region = cls(reader, channels)
         producers = {output: node for node in graph.node for output in node.output}
         outputs = {value.name for value in graph.output} | {value.name for value in graph.input}
-        pending, seen = [source], set()
+        pending, seen = [(source, axis)], {}  # tensor -> its channel axis
         while pending:
-            tensor = pending.pop()
+            tensor, axis = pending.pop()
             if tensor in seen:
+                if seen[tensor] != axis:
+                    return None
                 continue
-            seen.add(tensor)
-            node = producers.get(tensor)
-            if node is None or tensor in outputs or rank is None or ranks.get(tensor) != rank:
+            seen[tensor] = axis
+            node, rank = producers.get(tensor), ranks.get(tensor)
+            if node is None or tensor in outputs or rank is None:
                 return None
-            if not region._take(node, axis, rank, constants, pending):
+            if not region._take(node, axis, rank, constants, pending, producers):
                 return None
         inside = {id(node) for node in region.nodes + region.producers} | {id(reader)}
         for node in graph.node:
-            if id(node) not in inside and seen.intersection(node.input):
+            if id(node) not in inside and seen.keys() & set(node.input):
                 return None  # a tensor of the region read elsewhere: it needs all its channels
         return region if region.producers else None
 
-    def _take(self, node, axis, rank, constants, pending) -> bool:
+    def _take(self, node, axis, rank, constants, pending, producers) -> bool:
         """Adds `node` (which computes a tensor of the region) and queues the region tensors it reads."""
         op = node.op_type
         if op in UNARY:
             if any(name and not _scalar(constants.value(name)) for name in node.input[1:]):
                 return False
-            pending.append(node.input[0])
+            pending.append((node.input[0], axis))
             self.nodes.append(node)
             return True
         if op in BINARY:
             for index, name in enumerate(node.input):
                 value = constants.value(name)
                 if value is None:
-                    pending.append(name)
+                    pending.append((name, axis))
                     continue
                 if _scalar(value):
                     continue
@@ -186,10 +188,25 @@ class _Region:
                 self.producers.append(node)
                 return True
             if group == len(weight) and weight.shape[1] == 1:  # depthwise: each channel from its own
-                pending.append(node.input[0])
+                pending.append((node.input[0], axis))
                 self.nodes.append(node)
                 return True
             return False
+        if op in POOLS and axis == 1:  # per channel, the channel axis kept
+            pending.append((node.input[0], 1))
+            self.nodes.append(node)
+            return True
+        source = producers.get(node.input[0])
+        if (
+            op == "Flatten"
+            and axis == 1
+            and _attribute(node, "axis", 1) == 1
+            and source
+            and source.op_type in POOLS[:2]
+        ):
+            pending.append((node.input[0], 1))  # -> (N, C): the channels stay on axis 1
+            self.nodes.append(node)
+            return True
         if op == "BatchNormalization" and axis == 1 and len(node.output) == 1:
             for index in range(1, 5):
                 value = constants.value(node.input[index])
@@ -197,7 +214,7 @@ class _Region:
                     return False
                 self.values[id(node), index] = value
                 self.slices.append((node, index, 0))
-            pending.append(node.input[0])
+            pending.append((node.input[0], axis))
             self.nodes.append(node)
             return True
         if op == "MatMul" and axis == rank - 1:

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_dacomp
 from onnx_dacomp.channels import shrink_producers
-from onnx_dacomp.decompose.channels import channel_order, refit_on_channels
+from onnx_dacomp.decompose.channels import channel_order, held_out_errors, refit_on_channels
 from onnx_dacomp.runtime import create_session
 
 
@@ -45,6 +45,23 @@ def test_channel_order_errors_are_those_of_least_squares_refits_on_the_samples(k
     pairs = [least_squares_error(list(pair))[0] for pair in itertools.combinations(range(channels), 2)]
     assert order.errors[1] <= 1.25 * min(pairs)  # greedy: near the best pair, never better than it
     assert order.errors[1] >= min(pairs) - 1e-9
+
+
+def test_held_out_errors_are_those_of_the_refits_on_other_samples():
+    """A layer fitted from few vectors (40 in 24 dims): each refit's error on other samples, computed here."""
+    x = _samples(1040, 24, seed=2)
+    fit, other = x[:40], x[40:]
+    weight = np.random.default_rng(3).standard_normal((7, 24))
+    sigma = fit.T @ fit / len(fit) + 0.1 * np.eye(24)  # a ridge, as a shrunk estimate would be
+    counts = [4, 12, 24]
+    errors = held_out_errors(weight, sigma, other.T @ other / len(other), counts)
+    order = channel_order(weight, sigma)
+    y = other @ weight.T
+    for count, error in zip(counts, errors):
+        kept = np.sort(order.channels[:count])
+        refit = refit_on_channels(weight, sigma, kept)
+        assert error == pytest.approx(np.sum((other[:, kept] @ refit.T - y) ** 2) / np.sum(y**2), rel=1e-6)
+    assert errors[0] > order.errors[3]  # worse than the in-sample estimate: what the held-out figure is for
 
 
 def _model(nodes, inits, channels_last=False, input_channels=4):

@@ -1,14 +1,16 @@
 """Accuracy against measured speed-up: what each way of asking for a smaller model buys in end-to-end time.
 
     python3 tools/bench_latency.py [--models resnet56,resnet20,convnext,efficientnet,resnet50]
-                                   [--settings params,macs,latency,speedup1.2,speedup1.25,speedup1.5,speedup2]
+                                   [--settings params,macs,latency,speedup1.2,speedup1.25,speedup1.5,speedup2,
+                                               prune0.6,prune-speedup1.3-b32,prune-speedup1.5]
 
 Per model (data as in tools/benchmark.py: CIFAR-10 models calibrate on 2000 seeded-random train images and
 are evaluated on the 10,000 test images; EfficientNet-Lite0 and the ResNet-50-shaped model of
 tools/make_resnet50.py, whose weights are random, calibrate on 400 of the even-class half of the ImageNet
 sample and are evaluated on the odd-class half) and per setting of the model (`MODEL_SETTINGS`, all by
 default), `compress` with `--method auto` and the defaults otherwise: `--budget params|macs|latency --ratio
-0.5`, or `--speedup X` (measured at batch 1). Each compressed model is then timed against its original (the
+0.5`, or `--speedup X` (measured at batch 1), and `--method prune` at `--ratio 0.6`, `--speedup 1.3
+--speedup-batch 32` and `--speedup 1.5`. Each compressed model is then timed against its original (the
 interleaved A/B measurement of `evaluate --benchmark`: alternating rounds, the median ratio and its 95 %
 interval, until +-3 % or the time cap) at batch 1 and 32, and evaluated on the test data (top-1 with its
 Wilson interval). Every compression of a model shares one `--cache-dir` (statistics, candidate tables and
@@ -36,6 +38,10 @@ SETTINGS = {
     "speedup1.25": dict(speedup=1.25),
     "speedup1.5": dict(speedup=1.5),
     "speedup2": dict(speedup=2.0),
+    # channel pruning: the layers computing the pruned channels compute only those
+    "prune0.6": dict(method="prune", ratio=0.6),
+    "prune-speedup1.3-b32": dict(method="prune", speedup=1.3, speedup_batch=32),
+    "prune-speedup1.5": dict(method="prune", speedup=1.5),
 }
 
 # the settings each model is measured with (the issue's targets; all of SETTINGS for models not named)
@@ -86,8 +92,9 @@ def main() -> None:
         cache = args.workdir / f"cache-{key}"
         settings = args.settings.split(",") if args.settings else MODEL_SETTINGS.get(key, tuple(SETTINGS))
         for setting in settings:
-            config = CompressConfig(method="auto", holdout=IMAGENET_HOLDOUT if imagenet else 0, cache_dir=str(cache),
-                                    benchmark=False, **SETTINGS[setting])  # fmt: skip
+            options = {"method": "auto"} | SETTINGS[setting]
+            config = CompressConfig(holdout=IMAGENET_HOLDOUT if imagenet else 0, cache_dir=str(cache), benchmark=False,
+                                    **options)  # fmt: skip
             start = time.perf_counter()
             try:
                 result = onnx_dacomp.compress(model, calibration, config, progress=False)

@@ -6,6 +6,7 @@ kept (a block Schur complement of Sigma). Pure numpy: arrays in, arrays out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,3 +68,20 @@ def refit_on_channels(weight: np.ndarray, sigma: np.ndarray, channels: np.ndarra
     sigma = regularize(sigma)
     refit = solve_psd(sigma[np.ix_(columns, columns)], sigma[columns] @ weight.reshape(out_channels, -1).T).T
     return refit.reshape(out_channels, len(channels), *weight.shape[2:])
+
+
+def held_out_errors(weight: np.ndarray, sigma: np.ndarray, held_out: np.ndarray, counts: Sequence[int]) -> list[float]:
+    """Relative errors in the second moment `held_out` (of vectors the fit did not see) of the refits in `sigma`
+    on the first R channels of the greedy order, for each R in `counts`: what a layer fitted from few vectors
+    loses on others (its calibration estimates are optimistic)."""
+    order = channel_order(weight, sigma)
+    matrix = weight.reshape(len(weight), -1)
+    total = output_energy(matrix, held_out)
+    errors = []
+    for count in counts:
+        channels = np.sort(order.channels[:count])
+        fitted = np.zeros_like(weight, dtype=np.float64)
+        fitted[:, channels] = refit_on_channels(weight, sigma, channels)
+        error = output_energy((weight - fitted).reshape(len(weight), -1), held_out)
+        errors.append(error / total if total > 0 else 0.0)
+    return errors

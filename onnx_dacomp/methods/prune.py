@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..decompose.channels import channel_order, refit_on_channels
+from ..decompose.channels import channel_order, held_out_errors, refit_on_channels
 from ..decompose.factors import ChannelFactors
 from ..decompose.result import Decomposition
 from ..geometry import Cost, LayerGeometry
@@ -24,6 +24,7 @@ class Prune(SingleRankMethod):
     factors_type = ChannelFactors
     automatic = False
     prunes_inputs = True
+    held_out_estimates = True
 
     def applies(self, geometry: LayerGeometry) -> bool:
         return geometry.group == 1 and geometry.in_channels > 1
@@ -38,6 +39,10 @@ class Prune(SingleRankMethod):
     def estimate(self, weight, sigma, ranks, seed):
         errors = _order(weight, sigma).errors  # exact for every count at once (the greedy order is nested)
         return [float(errors[r - 1]) for (r,) in ranks]
+
+    def estimate_held_out(self, weight, sigma, held_out, ranks, seed):
+        weight = np.asarray(weight, np.float64)
+        return held_out_errors(weight, _covariance(weight, sigma), held_out, [r for (r,) in ranks])
 
     def solve(self, weight, sigma, ranks, *, max_iter, seed):
         order = _order(weight, sigma)

@@ -164,11 +164,12 @@ def _hull(table: CandidateTable, candidates: Sequence[Candidate], budget: str) -
 def _admissible(table: CandidateTable) -> list[Candidate]:
     """The candidates that save at least 1 - MAX_CHAIN_MACS of the layer's MACs and, where the chains were
     timed (a speed target), run faster than the layer: a chain that saves MACs but not time only costs accuracy
-    (ResNet-56 at batch 32: CP at rank 64 on the 32-channel layers, half their MACs, 0.652 ms against 0.567)."""
+    (ResNet-56 at batch 32: CP at rank 64 on the 32-channel layers, half their MACs, 0.652 ms against 0.567).
+    A pruned layer is the layer itself on fewer channels, no chain of extra passes: any saving counts."""
     original = table.original
     return [
         c for c in table.candidates
-        if c.cost.macs <= MAX_CHAIN_MACS * original.macs
+        if (c.cost.macs <= MAX_CHAIN_MACS * original.macs or get(c.method).prunes_inputs)
         and not (c.cost.latency and original.latency and c.cost.latency >= original.latency)
     ]  # fmt: skip
 
