@@ -7,7 +7,7 @@ give the same model at the same ratio since they run the same code on the same s
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 
 import onnx
 
@@ -243,7 +243,7 @@ class CompressionJob:
             new_model, fits, waves = self.build_propagated(rank_plan)
             propagation = {"waves": waves}
             if self.holdout is not None or self.set_aside is not None:  # propagation need not lower the model's error
-                plain = lambda: self.build(rank_plan)  # noqa: E731
+                plain = partial(self.build, rank_plan)
                 new_model, fits, whole = keep_better((new_model, fits), plain, self.unseen_error)
                 propagation |= whole
         else:

@@ -248,6 +248,15 @@ def test_where_chains_were_timed_the_allocation_takes_none_that_is_not_faster_th
     assert allocate([timed], "macs", target=55, fixed=0)["a"].ranks == (64,)
 
 
+def test_a_pruned_layer_saving_few_macs_is_admissible_where_a_chain_is_not():
+    # two layers, each with one candidate saving 20 % of its MACs at the same error: the target needs one of
+    # them; only the pruned layer (no extra pass) may take it without opening every candidate
+    chain = CandidateTable("chain", Cost(100, 100), (Candidate("svd", (8,), Cost(80, 80), 0.01),))
+    pruned = CandidateTable("pruned", Cost(100, 100), (Candidate("prune", (8,), Cost(80, 80), 0.02),))
+    choices = allocate([chain, pruned], "macs", target=185, fixed=0)
+    assert choices["chain"] is None and choices["pruned"].method == "prune"
+
+
 def test_allocation_leaves_layers_that_cannot_shrink_and_stops_at_the_cheapest():
     tables = [_table("a", [(30, 0.5), (60, 0.1)]), _table("b", [])]
     choices = allocate(tables, "params", target=1, fixed=0)  # unreachable
