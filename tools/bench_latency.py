@@ -49,7 +49,14 @@ MODEL_SETTINGS = {
     "resnet56": ("params", "macs", "latency", "speedup1.25", "speedup1.5", "speedup2"),
     "resnet20": ("params", "macs", "latency", "speedup1.25", "speedup1.5", "speedup2"),
     "convnext": (
-        "params", "macs", "latency", "speedup1.25", "speedup1.5", "speedup2", "prune0.6", "prune-speedup1.3-b32",
+        "params",
+        "macs",
+        "latency",
+        "speedup1.25",
+        "speedup1.5",
+        "speedup2",
+        "prune0.6",
+        "prune-speedup1.3-b32",
     ),  # fmt: skip
     "efficientnet": ("params", "macs", "speedup1.2"),
     "resnet50": ("params", "speedup1.5"),
