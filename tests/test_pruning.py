@@ -195,3 +195,35 @@ def test_pruned_model_budget_counts_the_producers_it_slices(tmp_path):
     reference = _outputs(model, held_out)[0].astype(np.float64)
     error = np.sum((_outputs(result.model, held_out)[0] - reference) ** 2) / np.sum(reference**2)
     assert report.verification.rel_output_error == pytest.approx(np.sqrt(error), rel=1e-4)
+
+
+def test_a_pruned_layer_costs_its_producers_share_and_its_time_in_proportion():
+    """LayerCosts with a pruned layer coupled to the layer computing its input: its original cost holds both,
+    the producer's none on its own; a candidate keeping R of S channels costs its own chain plus R/S of the
+    producer (weights, bias, MACs) and R/S of both layers' times (no Gather runs in the written model)."""
+    from onnx_dacomp.geometry import original_cost
+    from onnx_dacomp.speed import LayerCosts
+    from onnx_dacomp.targets import find_targets
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="expand", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="project", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    inits = [_array(rng, 16, 4, 1, 1, name="w1"), _array(rng, 16, name="b1"), _array(rng, 8, 16, 3, 3, name="w2")]
+    scan = find_targets(_model(nodes, inits), {"x": (1, 4, 5, 5)})
+    layers = {layer.name: layer for layer in scan.layers}
+
+    class Timing:  # fixed one-layer times (ms)
+        def original(self, layer):
+            return {"expand": 2.0, "project": 6.0}[layer.name]
+
+    costs = LayerCosts(layers, Timing(), {"project": ("expand",)})
+    expand, project = (original_cost(layers[name].geometry) for name in ("expand", "project"))
+    assert costs.original("expand") == (0, 0, 0)
+    assert costs.original("project") == (expand.params + project.params, expand.macs + project.macs, 8.0)
+    params, macs, latency = costs.chain("project", "prune", (4,))
+    assert params == 8 * 4 * 9 + (4 * 4 + 4)  # the pruned conv, and 4 of the 16 output channels of expand
+    assert macs == 25 * (8 * 4 * 9 + 4 * 4)
+    assert latency == pytest.approx((6.0 + 2.0) * 4 / 16)
