@@ -110,8 +110,9 @@ class _Region:
     """The nodes between one Gather and the layers computing its input, and the slices that remove the channels
     it does not read."""
 
-    def __init__(self, gather: onnx.NodeProto, channels: np.ndarray):
-        self.gather, self.channels = gather, channels
+    def __init__(self, reader: onnx.NodeProto, channels: np.ndarray | None):
+        # the Gather whose channels are kept (or, to find the producers, the layer that will read them)
+        self.reader, self.channels = reader, channels
         self.nodes: list[onnx.NodeProto] = []  # per-channel nodes inside the region
         self.producers: list[onnx.NodeProto] = []
         self.slices: list[tuple[onnx.NodeProto, int, int]] = []  # (node, input index, axis of that input)
@@ -132,17 +133,17 @@ class _Region:
         region = cls(reader, channels)
         producers = {output: node for node in graph.node for output in node.output}
         outputs = {value.name for value in graph.output} | {value.name for value in graph.input}
-        pending, seen = [(source, axis)], {}  # tensor -> its channel axis
+        pending, seen = [(source, axis, None)], {}  # (tensor, its channel axis, its rank where it must have one)
         while pending:
-            tensor, axis = pending.pop()
+            tensor, axis, expected = pending.pop()
             if tensor in seen:
                 if seen[tensor] != axis:
                     return None
                 continue
             seen[tensor] = axis
             node, rank = producers.get(tensor), ranks.get(tensor)
-            if node is None or tensor in outputs or rank is None:
-                return None
+            if node is None or tensor in outputs or rank is None or expected not in (None, rank):
+                return None  # a tensor of another rank broadcast into the region: its channel axis is elsewhere
             if not region._take(node, axis, rank, constants, pending, producers):
                 return None
         inside = {id(node) for node in region.nodes + region.producers} | {id(reader)}
@@ -157,14 +158,14 @@ class _Region:
         if op in UNARY:
             if any(name and not _scalar(constants.value(name)) for name in node.input[1:]):
                 return False
-            pending.append((node.input[0], axis))
+            pending.append((node.input[0], axis, rank))
             self.nodes.append(node)
             return True
         if op in BINARY:
             for index, name in enumerate(node.input):
                 value = constants.value(name)
                 if value is None:
-                    pending.append((name, axis))
+                    pending.append((name, axis, rank))
                     continue
                 if _scalar(value):
                     continue
@@ -188,12 +189,12 @@ class _Region:
                 self.producers.append(node)
                 return True
             if group == len(weight) and weight.shape[1] == 1:  # depthwise: each channel from its own
-                pending.append((node.input[0], axis))
+                pending.append((node.input[0], axis, rank))
                 self.nodes.append(node)
                 return True
             return False
         if op in POOLS and axis == 1:  # per channel, the channel axis kept
-            pending.append((node.input[0], 1))
+            pending.append((node.input[0], 1, rank))
             self.nodes.append(node)
             return True
         source = producers.get(node.input[0])
@@ -204,7 +205,7 @@ class _Region:
             and source
             and source.op_type in POOLS[:2]
         ):
-            pending.append((node.input[0], 1))  # -> (N, C): the channels stay on axis 1
+            pending.append((node.input[0], 1, None))  # -> (N, C): the channels stay on axis 1
             self.nodes.append(node)
             return True
         if op == "BatchNormalization" and axis == 1 and len(node.output) == 1:
@@ -214,7 +215,7 @@ class _Region:
                     return False
                 self.values[id(node), index] = value
                 self.slices.append((node, index, 0))
-            pending.append((node.input[0], axis))
+            pending.append((node.input[0], axis, rank))
             self.nodes.append(node)
             return True
         if op == "MatMul" and axis == rank - 1:
@@ -242,16 +243,17 @@ class _Region:
                 kept = [attr for attr in node.attribute if attr.name != "group"]
                 del node.attribute[:]
                 node.attribute.extend([*kept, helper.make_attribute("group", len(self.channels))])
-        source, output = self.gather.input[0], self.gather.output[0]
+        gather = self.reader
+        source, output = gather.input[0], gather.output[0]
         for node in graph.node:
             for index, name in enumerate(node.input):
                 if name == output:
                     node.input[index] = source
-        graph.node.remove(self.gather)
+        graph.node.remove(gather)
         region = {out for node in self.nodes + self.producers for out in node.output}
         for value in [value for value in graph.value_info if value.name in region]:
             graph.value_info.remove(value)  # their channel counts changed
-        return [*replaced, *self.gather.input[1:]]
+        return [*replaced, *gather.input[1:]]
 
 
 def _scalar(value) -> bool:
