@@ -42,6 +42,8 @@ SETTINGS = {
     "prune0.6": dict(method="prune", ratio=0.6),
     "prune-speedup1.3-b32": dict(method="prune", speedup=1.3, speedup_batch=32),
     "prune-speedup1.5": dict(method="prune", speedup=1.5),
+    # the fits propagated through the model (the search times plain fits: the same chains)
+    "speedup1.6-b32-propagate": dict(speedup=1.6, speedup_batch=32, propagate=True),
 }
 
 # the settings each model is measured with (the targets; all of SETTINGS for models not named)
