@@ -44,6 +44,7 @@ SETTINGS = {
     "prune-speedup1.5": dict(method="prune", speedup=1.5),
     # the fits propagated through the model (the search times plain fits: the same chains)
     "speedup1.6-b32-propagate": dict(speedup=1.6, speedup_batch=32, propagate=True),
+    "macs0.4-propagate": dict(budget="macs", ratio=0.4, propagate=True),
 }
 
 # the settings each model is measured with (the targets; all of SETTINGS for models not named)
