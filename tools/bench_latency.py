@@ -45,6 +45,7 @@ SETTINGS = {
     # the fits propagated through the model (the search times plain fits: the same chains)
     "speedup1.6-b32-propagate": dict(speedup=1.6, speedup_batch=32, propagate=True),
     "macs0.4-propagate": dict(budget="macs", ratio=0.4, propagate=True),
+    "speedup1.6-b32-propagate-bias": dict(speedup=1.6, speedup_batch=32, propagate=True, bias_refit=True),
 }
 
 # the settings each model is measured with (the targets; all of SETTINGS for models not named)
