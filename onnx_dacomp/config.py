@@ -346,6 +346,11 @@ class PlanConfig:
         True, "count every layer's error alike in the allocation (default: weighted by measured output sensitivity)",
         flag="--no-sensitivity",
     )  # fmt: skip
+    reallocate: bool = option(
+        True, "keep the allocation as the sensitivity probes make it (default: each compressed layer's share of the "
+        "output error measured at the chosen plan, the weights corrected, the budget allocated once more and the "
+        "better model kept)", flag="--no-reallocate",
+    )  # fmt: skip
     sensitivity_samples: int | None = option(
         None, "calibration samples each layer's sensitivity probe runs on (whole batches; default: 128, fewer for "
         "models that cost more per sample, down to 32)", parse=positive_int, metavar="N",

@@ -25,10 +25,11 @@ from .padding import fold_pads
 from .propagate import OutputError, fit_propagated, keep_better
 from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan
+from .reallocate import corrected_weights, layer_shares
 from .report import CompressionReport, layer_rows, model_totals, predicted_output_error, sliced_rows
 from .rewrite import replace_layers, with_provenance
 from .search import closing_measurement, meets
-from .sensitivity import probe_batches
+from .sensitivity import probe_batches, probe_samples
 from .speed import LatencyTable, LayerCosts, faster_realizations, keep_faster
 from .targets import TargetScan, read_biases, read_weights
 from .verify import compare_models, end_to_end_latency, warn_if_lost
@@ -89,7 +90,8 @@ class CompressionJob:
     set_aside: tuple | None = None
     fit_cache: dict = field(default_factory=dict)
 
-    def plan_at(self, ratio: float | None, warn: bool = True) -> RankPlan:
+    def plan_at(self, ratio: float | None, warn: bool = True, weights: dict[str, float] | None = None) -> RankPlan:
+        """The rank plan at `ratio`, the layers' errors weighted by `weights` (default: their sensitivities)."""
         options = self.config.plan
         budget = Budget(
             options.budget, ratio, options.allocation, options.method, options.rank_multiple, self.config.runtime.seed
@@ -97,20 +99,53 @@ class CompressionJob:
         original_costs = {name: self.costs.original(name) for name in self.counted}
         return plan(
             self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
-            weights=self.sensitivity, warn=warn,
+            weights=self.sensitivity if weights is None else weights, warn=warn,
         )  # fmt: skip
 
-    def planned(self, ratio: float | None) -> tuple[RankPlan, dict[str, str]]:
+    def planned(self, ratio: float | None, weights: dict[str, float] | None = None) -> tuple[RankPlan, dict[str, str]]:
         """The plan at `ratio` as it is built: where the target is time (--speedup, --budget latency,
         --require-speedup) each chain in its realization measured faster; with --require-speedup, the layers
         whose chain is still not faster kept, with their reasons."""
         options, kept = self.config.plan, {}
-        rank_plan = self.plan_at(ratio)
+        rank_plan = self.plan_at(ratio, weights=weights)
         if options.speedup is not None or options.budget == "latency" or options.require_speedup:
             rank_plan = faster_realizations(rank_plan, self.costs, self.timing, self.fixed)
         if options.require_speedup:
             rank_plan, kept = keep_faster(rank_plan, self.layers, self.timing, self.fixed)
         return rank_plan, kept
+
+    def reallocated(self, ratio: float, rank_plan: RankPlan, kept: dict[str, str]):
+        """The plan allocated once more with each layer's weight corrected by its measured share of the output
+        error at `rank_plan` (`reallocate.py`), where that model has the lower output error on the judge's
+        samples; else `rank_plan`. Returns the plan, its kept layers' reasons and the record."""
+        fits = self.build(rank_plan)[1]
+        managed = [name for name in fits if name in self.tables]
+        errors = {name: rank_plan.get(name).error for name in managed}
+        chains = self.chains(fits)
+        total, shares = layer_shares(self.model, chains, self.share_judge, managed, self.progress)
+        predicted = sum(self.sensitivity[name] * error for name, error in errors.items())
+        weights = corrected_weights(self.sensitivity, errors, shares)
+        record = {
+            "output_error": total, "predicted": predicted, "shares": shares,
+            "factors": {name: weights[name] / self.sensitivity[name] for name in managed},
+        }  # fmt: skip
+        replanned, replanned_kept = self.planned(ratio, weights)
+        moved = [name for name in managed if replanned.get(name) != rank_plan.get(name)]
+        if not moved:
+            logger.info("reallocation: the corrected weights give the same plan")
+            return rank_plan, kept, record | {"moved": [], "kept": "first"}
+        error = self.share_judge(self.build(replanned)[0])
+        better = error < total
+        logger.info(
+            "reallocation: %d layers moved, output error %.4g -> %.4g on the judge's samples: %s",
+            len(moved), total, error, "the reallocated plan kept" if better else "the first plan kept",
+        )  # fmt: skip
+        record |= {"moved": moved, "output_error_reallocated": error, "kept": "reallocated" if better else "first"}
+        return (replanned, replanned_kept, record) if better else (rank_plan, kept, record)
+
+    def chains(self, fits) -> dict:
+        """The rewrite's chains of `fits`: layer output -> (layer, factors, bias)."""
+        return {self.layers[n].output: (self.layers[n], f.factors, f.bias) for n, f in fits.items()}
 
     def build_propagated(self, rank_plan: RankPlan):
         """The model with the plan's chains fitted on the partially compressed model, wave by wave, each wave
@@ -140,6 +175,17 @@ class CompressionJob:
             logger.info("no held-out data: propagation and compensation choose their fits on calibration samples")
             judged = self.calibration
         return OutputError(self.model, probe_batches(judged, JUDGE_SAMPLES, self.signature), self.config.runtime.device)
+
+    @cached_property
+    def share_judge(self) -> OutputError:
+        """The judge on as many samples as a sensitivity probe takes (`probe_samples`: fewer for models that
+        cost more per sample), for reallocation's one model per compressed layer."""
+        macs = [layer.macs for layer in self.layers.values()]
+        samples = probe_samples(None if None in macs else sum(macs))
+        if samples >= JUDGE_SAMPLES:
+            return self.judge
+        batches = probe_batches(self.judge.batches, samples, self.signature)
+        return OutputError(self.model, batches, self.config.runtime.device)
 
     def unseen_error(self, candidate: onnx.ModelProto) -> tuple[float, dict]:
         """`candidate`'s output error on data propagation did not fit on, and its record: the verification on
@@ -176,8 +222,7 @@ class CompressionJob:
             self.problems, rank_plan.choices, self.settings, map=self.pooled, cache=self.fit_cache, store=self.store,
             show_progress=self.progress,
         )  # fmt: skip
-        chains = {self.layers[n].output: (self.layers[n], f.factors, f.bias) for n, f in fits.items()}
-        return replace_layers(self.model, chains), fits
+        return replace_layers(self.model, self.chains(fits)), fits
 
     def timed(self, candidate: onnx.ModelProto, sizes, show: bool, seconds: float):
         """`candidate` timed against the original, end to end, at each batch size in `sizes`."""
@@ -203,6 +248,15 @@ class CompressionJob:
         if isinstance(calibration, Source) and size is not None and type(calibration).subset is not Source.subset:
             calibration = calibration.subset(0, min(size, IN_SAMPLE_SAMPLES))
         return replace(self.verify(candidate, source=calibration), in_sample=True)
+
+    @property
+    def reallocatable(self) -> bool:
+        """Whether the plan is reallocated at the final ratio: allocated from sensitivities, with data the fits
+        did not see to measure the layers' shares on (held-out, or calibration samples set aside)."""
+        return (
+            self.config.plan.reallocate and self.sensitivity is not None and bool(self.tables)
+            and (self.holdout is not None or self.set_aside is not None)
+        )  # fmt: skip
 
     def _settings(self, ratio) -> dict:
         return {k: v for k, v in self.config.options().items() if k != "input_shapes"} | {"ratio": ratio}
@@ -236,6 +290,9 @@ class CompressionJob:
         """The compressed model at `ratio` and its report (`search`: the record of the search that chose it)."""
         config, clock = self.config, self.clock
         rank_plan, slower = self.planned(ratio)
+        reallocation = None
+        if self.reallocatable:
+            rank_plan, slower, reallocation = self.reallocated(ratio, rank_plan, slower)
         reasons = self.reasons | slower
         clock.mark("ranks")
         propagation = None
@@ -303,6 +360,7 @@ class CompressionJob:
             target_ratio=ratio,
             verification=verification,
             search=search,
+            reallocation=reallocation,
             propagation=propagation,
             compensation=compensation,
             folded_pads=folded,

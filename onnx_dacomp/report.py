@@ -51,6 +51,8 @@ class CompressionReport:
     calibration: str | None  # description of the data the statistics came from
     latency: tuple[Latency, ...] = ()
     search: Mapping[str, object] | None = None  # the ratio search (accuracy or speed target): target, ratio, probes
+    # the plan checked at its own errors and allocated once more (reallocate.py): shares, factors, which kept
+    reallocation: Mapping[str, object] | None = None
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
     compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
     folded_pads: tuple[str, ...] = ()  # explicit zero Pads folded into the convs after them (padding.py)
@@ -101,6 +103,7 @@ class CompressionReport:
             "verification": verification,
             "latency": [asdict(item) for item in self.latency],
             "search": self.search,
+            "reallocation": self.reallocation,
             "propagation": self.propagation,
             "compensation": self.compensation,
             "folded_pads": list(self.folded_pads),
@@ -210,6 +213,14 @@ class CompressionReport:
                 f"predicted relative output error {self.predicted_output_error:.4f} (the layers' fit errors weighted "
                 "by their sensitivities, added as if independent; without compensation)"
             )
+        if self.reallocation:
+            item = self.reallocation
+            lines.append(
+                f"reallocation: output error energy {item['output_error']:.4g} at the first plan (predicted "
+                f"{item['predicted']:.4g}); "
+                + (f"{len(item['moved'])} layers moved, {item['output_error_reallocated']:.4g}: kept the "
+                   f"{item['kept']} plan" if item["moved"] else "the corrected weights give the same plan")
+            )  # fmt: skip
         if self.propagation and "waves" in self.propagation:
             waves = self.propagation["waves"]
             lines.append(f"--propagate: propagated fits kept in {waves['propagated_waves']} of {waves['waves']} waves")
