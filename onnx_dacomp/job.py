@@ -21,10 +21,11 @@ from .errors import UserError
 from .fit import FitSettings, fit_all
 from .layers import Layer
 from .log import StageClock, logger
+from .methods import get
 from .padding import fold_pads
 from .propagate import OutputError, fit_propagated, keep_better
 from .ranks.candidates import CandidateTable
-from .ranks.plan import Budget, RankPlan, plan
+from .ranks.plan import Budget, RankPlan, plan, sliced
 from .reallocate import corrected_weights, layer_shares
 from .report import CompressionReport, layer_rows, model_totals, predicted_output_error, sliced_rows
 from .rewrite import replace_layers, with_provenance
@@ -84,14 +85,17 @@ class CompressionJob:
     pooled: object
     tables: dict[str, CandidateTable]
     sensitivity: dict[str, float] | None
+    # `auto`'s groups: the prunable layers' sensitivities probed pruned (`sensitivity.allocation_weights`)
+    pruned_sensitivity: dict[str, float] | None
     counted: list[str]
     compensable: list[Layer]  # the layers compensation may refit (targets.refittable), graph order
     # without held-out data: (calibration samples to fit on, a fifth set aside to judge fits on), where splittable
     set_aside: tuple | None = None
     fit_cache: dict = field(default_factory=dict)
 
-    def plan_at(self, ratio: float | None, warn: bool = True, weights: dict[str, float] | None = None) -> RankPlan:
-        """The rank plan at `ratio`, the layers' errors weighted by `weights` (default: their sensitivities)."""
+    def plan_at(self, ratio: float | None, warn: bool = True, weights: tuple | None = None) -> RankPlan:
+        """The rank plan at `ratio`, the layers' errors weighted by `weights` (their sensitivities, and those
+        of the pruned candidates of `auto`'s groups; default: as measured)."""
         options = self.config.plan
         budget = Budget(
             options.budget, ratio, options.allocation, options.method, options.rank_multiple, self.config.runtime.seed
@@ -99,10 +103,11 @@ class CompressionJob:
         original_costs = {name: self.costs.original(name) for name in self.counted}
         return plan(
             self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
-            weights=self.sensitivity if weights is None else weights, warn=warn,
+            weights=(weights or (self.sensitivity, None))[0], warn=warn, groups=self.groups,
+            pruned_weights=(weights or (None, self.pruned_sensitivity))[1],
         )  # fmt: skip
 
-    def planned(self, ratio: float | None, weights: dict[str, float] | None = None) -> tuple[RankPlan, dict[str, str]]:
+    def planned(self, ratio: float | None, weights: tuple | None = None) -> tuple[RankPlan, dict[str, str]]:
         """The plan at `ratio` as it is built: where the target is time (--speedup, --budget latency,
         --require-speedup) each chain in its realization measured faster; with --require-speedup, the layers
         whose chain is still not faster kept, with their reasons."""
@@ -123,13 +128,19 @@ class CompressionJob:
         errors = {name: rank_plan.get(name).error for name in managed}
         chains = self.chains(fits)
         total, shares = layer_shares(self.model, chains, self.share_judge, managed, self.progress)
-        predicted = sum(self.sensitivity[name] * error for name, error in errors.items())
-        weights = corrected_weights(self.sensitivity, errors, shares)
+        used = self.weights_for(rank_plan.choices)
+        predicted = sum(used[name] * error for name, error in errors.items())
+        weights = corrected_weights(used, errors, shares)
         record = {
             "output_error": total, "predicted": predicted, "shares": shares,
-            "factors": {name: weights[name] / self.sensitivity[name] for name in managed},
+            "factors": {name: weights[name] / used[name] for name in managed},
         }  # fmt: skip
-        replanned, replanned_kept = self.planned(ratio, weights)
+        pruned = {name for name in managed if used[name] != self.sensitivity[name]}  # measured pruned
+        corrected = (
+            self.sensitivity | {name: weights[name] for name in managed if name not in pruned},
+            self.pruned_sensitivity and self.pruned_sensitivity | {name: weights[name] for name in pruned},
+        )
+        replanned, replanned_kept = self.planned(ratio, corrected)
         moved = [name for name in managed if replanned.get(name) != rank_plan.get(name)]
         if not moved:
             logger.info("reallocation: the corrected weights give the same plan")
@@ -249,6 +260,20 @@ class CompressionJob:
             calibration = calibration.subset(0, min(size, IN_SAMPLE_SAMPLES))
         return replace(self.verify(candidate, source=calibration), in_sample=True)
 
+    def weights_for(self, choices) -> dict[str, float] | None:
+        """Each layer's sensitivity as its choice is measured: the pruned probe's where `auto` prunes it."""
+        if self.sensitivity is None or not self.pruned_sensitivity:
+            return self.sensitivity
+        pruned = {name for name, choice in choices.items() if choice is not None and get(choice.method).prunes_inputs}
+        return self.sensitivity | {
+            name: self.pruned_sensitivity[name] for name in pruned & set(self.pruned_sensitivity)
+        }
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]] | None:
+        """The layers `auto` allocates together: a prunable layer and those computing its input channels."""
+        return self.costs.coupled if self.costs.joint else None
+
     @property
     def reallocatable(self) -> bool:
         """Whether the plan is reallocated at the final ratio: allocated from sensitivities, with data the fits
@@ -273,8 +298,8 @@ class CompressionJob:
         curve = []
         for ratio in CURVE_RATIOS:
             chosen = self.plan_at(ratio, warn=False).choices  # the curve's low end may lie out of reach
-            after = {unit: 0 for unit in before}
-            for name in self.counted:
+            after, inside = {unit: 0 for unit in before}, sliced(chosen, self.groups)
+            for name in set(self.counted) - inside:
                 choice = chosen.get(name)
                 for unit in after:
                     after[unit] += (choice.cost if choice else self.costs.original(name)).of(unit)
@@ -282,7 +307,7 @@ class CompressionJob:
             curve.append({
                 "ratio": ratio, "params": after["params"] / max(before["params"], 1),
                 "macs": after["macs"] / max(before["macs"], 1),
-                "estimated_output_error": predicted_output_error(errors, self.sensitivity),
+                "estimated_output_error": predicted_output_error(errors, self.weights_for(chosen)),
             })  # fmt: skip
         return tuple(curve)
 
@@ -341,8 +366,9 @@ class CompressionJob:
         )
         rows = layer_rows(
             self.scan.layers, rank_plan, fits, reasons, method=config.plan.method, budget=config.plan.budget,
-            ratio=ratio, sensitivity=self.sensitivity, timed=row_costs.timed_row if row_costs is not None else None,
-            counted=self.counted, sampling=self.problems.sampling,
+            ratio=ratio, sensitivity=self.weights_for(rank_plan.choices),
+            timed=row_costs.timed_row if row_costs is not None else None, counted=self.counted,
+            sampling=self.problems.sampling,
         )  # fmt: skip
         rows = sliced_rows(rows, self.layers, self.costs.coupled, rank_plan, shrunk)
         if compensation is not None and compensation.get("kept", True):
@@ -351,7 +377,8 @@ class CompressionJob:
                          for row in rows)  # fmt: skip
         predicted = None
         if self.sensitivity is not None:
-            predicted = predicted_output_error({name: fit.rel_error for name, fit in fits.items()}, self.sensitivity)
+            errors = {name: fit.rel_error for name, fit in fits.items()}
+            predicted = predicted_output_error(errors, self.weights_for(rank_plan.choices))
         report = CompressionReport(
             layers=rows,
             model_totals=model_totals(self.model, new_model),

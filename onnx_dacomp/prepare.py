@@ -21,11 +21,11 @@ from .inputs import input_signature, with_image_size
 from .job import CompressionJob
 from .load import default_opset, load_model
 from .log import StageClock, logger
-from .methods import get, methods_for
+from .methods import AUTO, get, methods_for, pruning_method
 from .padding import fold_pads
 from .problems import build_problems, needs_shrinkage
 from .ranks import overrides
-from .ranks.candidates import candidate_tables
+from .ranks.candidates import candidate_tables, merged
 from .sensitivity import allocation_weights
 from .speed import LatencyTable, LayerCosts, channel_multiple, speedup_budget
 from .targets import TargetScan, find_targets, nothing_to_compress, read_biases, read_weights, refittable, select
@@ -61,7 +61,12 @@ def calibrated(
 def pruned_producers(model, fitted: list, reasons: dict, method: str) -> tuple[list, dict[str, tuple[str, ...]]]:
     """Where the method prunes input channels: the layers to fit without those that compute a pruned layer's
     input channels (they then compute only the channels read: `channels.shrink_producers`), with their reasons
-    added to `reasons`, and the pruned layer -> those layers."""
+    added to `reasons`, and the pruned layer -> those layers. With `auto`, the layers whose input channels
+    other layers compute (pruning them makes those smaller) -> those layers, all of them fitted: the allocation
+    chooses for each group (`ranks.allocate.Joint`)."""
+    if method == AUTO:
+        prunable = [layer for layer in fitted if pruning_method(layer.geometry) is not None]
+        return fitted, input_producers(fold_pads(model).model, prunable) if prunable else {}
     pruned = [layer for layer in fitted if any(get(name).prunes_inputs for name in methods_for(method, layer.geometry))]
     if not pruned:
         return fitted, {}
@@ -71,6 +76,39 @@ def pruned_producers(model, fitted: list, reasons: dict, method: str) -> tuple[l
             reasons[producer] = f"computes the input channels of {consumer}: only those it reads, where it is pruned"
     producing = {name for names in coupled.values() for name in names}
     return [layer for layer in fitted if layer.name not in producing], coupled
+
+
+def probed_weights(
+    model, layers, managed, coupled, calibration, settings, config, signature, progress, store, workers, unseen
+) -> tuple[dict | None, dict | None]:
+    """The allocation's weights (`allocation_weights`): each layer probed by its own kind of error, pruned
+    where `--method` prunes it, else by a low-rank fit; with `auto`, the groups' pruned layers (`coupled`)
+    probed pruned as well (the second mapping)."""
+
+    def pruning(name: str) -> str | None:
+        method = pruning_method(managed.geometry(name))
+        if config.plan.method == AUTO:
+            return method if name in coupled else None
+        return method if method in methods_for(config.plan.method, managed.geometry(name)) else None
+
+    pruned = {name: method for name in managed if (method := pruning(name)) is not None}
+    low_rank = [name for name in managed if config.plan.method == AUTO or name not in pruned]
+
+    def probed(names, **method):
+        return allocation_weights(
+            model, layers, managed.restricted(names), calibration, settings, config, signature, progress, store=store,
+            workers=workers, holdout=unseen, **method,
+        )  # fmt: skip
+
+    sensitivity = probed(low_rank) if low_rank else {}
+    if sensitivity is None:  # not measured (switched off, data-free fit, data not re-readable)
+        return None, None
+    probed_pruned = {}
+    for method in sorted(set(pruned.values())):
+        probed_pruned |= probed([name for name, m in pruned.items() if m == method], method=method)
+    if config.plan.method == AUTO:
+        return sensitivity, probed_pruned or None
+    return sensitivity | probed_pruned, None
 
 
 def set_aside(calibration) -> tuple[Source, Source] | None:
@@ -186,22 +224,30 @@ def prepare(
     # a time target has every candidate chain timed: the latency budget counts the times, --speedup (counting
     # MACs) takes only chains faster than their layer
     timed = config.plan.budget == "latency" or config.plan.speedup is not None
-    costs = LayerCosts(layers, timing if timed else None, coupled)
+    costs = LayerCosts(layers, timing if timed else None, coupled, joint=config.plan.method == AUTO)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
     managed = problems.restricted([name for name in problems if name not in fixed])
     pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))
     budgeted = budgeted or config.plan.target_ratio is not None or config.plan.targeted or config.plan.speedup
-    tables, sensitivity = {}, None
+    tables, sensitivity, pruned_sensitivity = {}, None, None
     if budgeted and managed and config.plan.allocation == "allocated":
         tables = candidate_tables(
             managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed,
             show_progress=progress, map=pooled, cache=store,
         )  # fmt: skip
+        if config.plan.method == AUTO and coupled:  # the groups' pruned candidates
+            pruned = [name for name in coupled if name in tables]
+            pruning = {pruning_method(managed.geometry(name)) for name in pruned}
+            for method in pruning:
+                extra = candidate_tables(
+                    managed.restricted([n for n in pruned if pruning_method(managed.geometry(n)) == method]), method,
+                    multiple=config.plan.rank_multiple, seed=runtime.seed, show_progress=False, map=pooled, cache=store,
+                )  # fmt: skip
+                tables = {name: merged(table, extra.get(name)) for name, table in tables.items()}
         tables = {name: costs.timed(table) for name, table in tables.items()}
-        sensitivity = allocation_weights(
-            model, layers, managed, calibration, settings, config, signature, progress, store=store, workers=workers,
-            holdout=unseen,
-        )  # fmt: skip
+        sensitivity, pruned_sensitivity = probed_weights(
+            model, layers, managed, coupled, calibration, settings, config, signature, progress, store, workers, unseen
+        )
     # the budget counts the decomposable layers (as `inspect` lists them), excluded ones too, less those the
     # calibration data cannot fit
     counted = [layer.name for layer in scan.targets if layer.geometry is not None and layer.name not in unfittable]
@@ -209,6 +255,7 @@ def prepare(
         model=model, config=config, progress=progress, workers=workers, store=store, clock=clock, scan=scan,
         layers=layers, fitted=fitted, reasons=reasons, calibration=calibration, holdout=holdout, signature=signature,
         statistics=statistics, problems=problems, settings=settings, timing=timing, costs=costs, fixed=fixed,
-        pooled=pooled, tables=tables, sensitivity=sensitivity, counted=counted, compensable=compensable,
+        pooled=pooled, tables=tables, sensitivity=sensitivity, pruned_sensitivity=pruned_sensitivity, counted=counted,
+        compensable=compensable,
         set_aside=set_aside(calibration) if holdout is None else None,
     )  # fmt: skip

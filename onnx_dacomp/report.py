@@ -327,9 +327,11 @@ def sliced_rows(rows, layers: Mapping, coupled: Mapping, plan, shrunk: Iterable[
     for row in rows:
         if row.name in channels:
             consumer, count = channels[row.name]
-            cost = original_cost(replace(layers[row.name].geometry, out_channels=count))
+            geometry = layers[row.name].geometry
+            cost = original_cost(replace(geometry, out_channels=count))
             reason = f"computes only the {count} channels {consumer} reads"
-            row = replace(row, params_after=cost.params, macs_after=cost.macs, reason=reason)
+            latency = None if row.latency_before is None else row.latency_before * count / geometry.out_channels
+            row = replace(row, params_after=cost.params, macs_after=cost.macs, reason=reason, latency_after=latency)
         sliced.append(row)
     return tuple(sliced)
 

@@ -159,13 +159,22 @@ class LayerCosts:
     with a `timing` table (the latency budget), the measured latency too.
 
     `coupled` (pruned layer -> the layers computing its input channels, `channels.input_producers`): those
-    layers' costs count with the pruned layer's, in proportion to the channels it reads, and not on their own."""
+    layers' costs count with the pruned layer's pruned candidates, in proportion to the channels it reads; and
+    not on their own, unless `joint` (the allocation chooses for the group: pruned, or each layer on its own)."""
 
-    def __init__(self, layers: Mapping[str, Layer], timing: LatencyTable | None = None, coupled: Mapping | None = None):
-        self.layers, self.timing, self.coupled = layers, timing, dict(coupled or {})
+    def __init__(
+        self,
+        layers: Mapping[str, Layer],
+        timing: LatencyTable | None = None,
+        coupled: Mapping | None = None,
+        joint: bool = False,
+    ):
+        self.layers, self.timing, self.coupled, self.joint = layers, timing, dict(coupled or {}), joint
         self.producers = {name for names in self.coupled.values() for name in names}
 
     def original(self, name: str) -> Cost:
+        if self.joint:
+            return self._own(name)
         if name in self.producers:
             return Cost(0, 0)
         return self._sum([self._own(name), *(self._own(producer) for producer in self.coupled.get(name, ()))])
@@ -217,8 +226,14 @@ class LayerCosts:
         before = self.original(row.name).latency
         if choice is None:
             return replace(row, latency_before=before, latency_after=before)
+        layer = self.layers[row.name]
+        if self.joint and get(choice.method).prunes_inputs and row.name in self.coupled:
+            # its own share: the rows of the layers computing its input show theirs (`report.sliced_rows`)
+            return replace(
+                row, latency_before=before, latency_after=before * choice.ranks[0] / layer.geometry.in_channels
+            )
         # a plan made in another unit has no measured chain (0): its timing is looked up or measured now
-        after = choice.cost.latency or self.timing.chain(self.layers[row.name], choice.method, choice.ranks)
+        after = choice.cost.latency or self.timing.chain(layer, choice.method, choice.ranks)
         return replace(row, latency_before=before, latency_after=after)
 
 

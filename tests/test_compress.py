@@ -382,18 +382,20 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
 
     monkeypatch.setattr("onnx_dacomp.speed.layer_latency", fake_latency)
     model = _stack()
-    base = dict(ratio=0.5, holdout=0, max_iter=3, rank_multiple=1)
+    base = dict(ratio=0.5, holdout=0, max_iter=3, rank_multiple=1, reallocate=False)  # the plans as allocated
     plain = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**base), progress=False).report
     config = CompressConfig(**base, require_speedup=True, speed_batch=4, benchmark_batch=4)
     report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
     by_name = {layer.name: layer for layer in report.layers}
     assert "conv1" in timed and by_name["conv1"].method is None and "not faster" in by_name["conv1"].reason
-    # every other layer keeps the plain plan; the model is larger than the target by conv1's saving
+    # every other layer keeps the plain plan (but for those sliced to the channels a pruned conv1 read); the
+    # model is larger than the target by conv1's saving (and theirs)
+    sliced = [layer for layer in plain.layers if (layer.reason or "").endswith("channels conv1 reads")]
     for layer in plain.layers:
-        if layer.name != "conv1":
+        if layer.name != "conv1" and layer not in sliced:
             assert (by_name[layer.name].method, by_name[layer.name].ranks) == (layer.method, layer.ranks)
     conv1 = next(layer for layer in plain.layers if layer.name == "conv1")
-    saved = conv1.params_before - conv1.params_after
+    saved = sum(layer.params_before - layer.params_after for layer in (conv1, *sliced))
     assert saved > 0 and report.totals["params_after"] == plain.totals["params_after"] + saved
     assert [item.batch for item in report.latency] == [1, 4]
 
@@ -461,15 +463,23 @@ def test_latency_budget_allocates_by_measured_chain_latency(data_file, monkeypat
     by_name = {layer.name: layer for layer in report.layers}
     assert by_name["conv2"].method is None
     before = sum(fake_original(None, layer) for layer in layers.values())
-    after = sum(
-        fake_chain(None, layers[r.name], r.method, tuple(r.ranks)) if r.method else fake_original(None, layers[r.name])
-        for r in report.layers
-    )
+
+    def fake_after(row) -> float:
+        """The row's time: its chain's; a pruned conv's in proportion to the input channels it keeps, and a conv
+        sliced to the channels a pruned one reads in proportion to those (no chain, no Gather runs)."""
+        layer = layers[row.name]
+        if row.method == "prune":
+            return fake_original(None, layer) * row.ranks[0] / layer.in_channels
+        if row.reason and row.reason.startswith("computes only the"):
+            return fake_original(None, layer) * int(row.reason.split()[3]) / layer.out_channels
+        return fake_chain(None, layer, row.method, tuple(row.ranks)) if row.method else fake_original(None, layer)
+
+    after = sum(fake_after(row) for row in report.layers)
     assert after <= 0.6 * before * 1.0001
     assert report.totals["latency_before"] == pytest.approx(before)
     assert report.totals["latency_after"] == pytest.approx(after)
     assert report.ratio == pytest.approx(after / before)
-    assert sum(r.method is not None for r in report.layers) >= 3
+    assert sum(r.method is not None or r.latency_after < r.latency_before for r in report.layers) >= 3
     with pytest.raises(UserError, match="--budget latency needs --allocation allocated"):
         CompressConfig(budget="latency", allocation="uniform")
 

@@ -227,3 +227,69 @@ def test_a_pruned_layer_costs_its_producers_share_and_its_time_in_proportion():
     assert params == 8 * 4 * 9 + (4 * 4 + 4)  # the pruned conv, and 4 of the 16 output channels of expand
     assert macs == 25 * (8 * 4 * 9 + 4 * 4)
     assert latency == pytest.approx((6.0 + 2.0) * 4 / 16)
+
+
+def test_auto_allocates_a_pruned_layer_together_with_the_layers_computing_its_input():
+    """A group (c, whose input channels p computes) and a lone layer q at 0.6 of 200 parameters. Pruning c
+    (its cost holds p's sliced share) is the cheapest error while its measured weight is low: c pruned, p and q
+    kept. Probed pruned at 100 times the weight, c and p get chains of their own (the least weighted error of
+    the combinations that fit: c at 60, p at 20, q at 30, error 0.4), and nothing is pruned."""
+    from onnx_dacomp.geometry import Cost
+    from onnx_dacomp.ranks.allocate import allocate
+    from onnx_dacomp.ranks.candidates import Candidate, CandidateTable
+    from onnx_dacomp.ranks.plan import sliced
+
+    def table(name, original, *options):
+        candidates = tuple(Candidate(m, (r,), Cost(cost, cost), error) for m, r, cost, error in options)
+        return CandidateTable(name, Cost(original, original), candidates)
+
+    tables = [
+        table("c", 100, ("svd", 6, 60, 0.2), ("svd", 3, 30, 0.5), ("prune", 8, 50, 0.05), ("prune", 4, 25, 0.3)),
+        table("p", 40, ("svd", 2, 20, 0.1)),
+        table("q", 60, ("svd", 3, 30, 0.1)),
+    ]
+    groups = {"c": ("p",)}
+    low = allocate(tables, "params", 120, 0, {}, groups, {"c": 1.0})
+    assert (low["c"].method, low["c"].cost.params, low["p"], low["q"]) == ("prune", 50, None, None)
+    assert sliced(low, groups) == {"p"}  # its cost is in c's: 50 + q's 60 = 110 <= 120
+    high = allocate(tables, "params", 120, 0, {}, groups, {"c": 100.0})
+    assert {name: choice.cost.params for name, choice in high.items()} == {"c": 60, "p": 20, "q": 30}
+    assert sliced(high, groups) == set()
+
+
+def test_auto_prunes_redundant_input_channels_and_counts_the_producer_it_slices(tmp_path):
+    """conv0 -> Relu -> conv1 -> Relu -> conv2 where conv1's 16 output channels are 8 channels twice: conv2 and
+    conv1 form a group, and `auto` at 0.6 prunes conv2 to the channels it needs (exact), slicing conv1. The
+    report's rows are the written model's weights and its totals meet the ratio."""
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    inits = [
+        _array(rng, 16, 4, 3, 3, name="w0"), _array(rng, 16, name="b0"),
+        numpy_helper.from_array(np.concatenate([w1, w1]), "w1"),
+        numpy_helper.from_array(np.concatenate([b1, b1]), "b1"),
+        _array(rng, 8, 16, 3, 3, name="w2"), _array(rng, 8, name="b2"),
+    ]  # fmt: skip
+    nodes, current = [], "x"
+    for index in range(3):
+        nodes += [
+            helper.make_node("Conv", [current, f"w{index}", f"b{index}"], [f"c{index}"], name=f"conv{index}",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{index}"], ["y" if index == 2 else f"r{index}"]),
+        ]  # fmt: skip
+        current = f"r{index}"
+    model = _model(nodes, inits)
+    images = (rng.standard_normal((160, 4, 5, 5)) * 0.5 + rng.standard_normal((160, 4, 1, 1))).astype(np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=images)
+    result = onnx_dacomp.compress(
+        model, str(path), ratio=0.6, holdout=32, rank_multiple=1, progress=False, benchmark=False, compensate="none"
+    )
+    rows = {row.name: row for row in result.report.layers}
+    assert rows["conv2"].method == "prune" and rows["conv2"].ranks[0] <= 8
+    assert rows["conv1"].method is None and rows["conv1"].reason.startswith("computes only the")
+    assert rows["conv2"].rel_error < 1e-6  # the duplicated channels carry nothing new
+    sizes = {init.name: int(np.prod(init.dims)) for init in result.model.graph.initializer}
+    assert result.report.totals["params_after"] == sum(sizes.values())
+    assert result.report.totals["params_after"] <= 0.6 * result.report.totals["params_before"]
+    assert not [node for node in result.model.graph.node if node.op_type == "Gather"]

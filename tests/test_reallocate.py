@@ -11,7 +11,7 @@ import onnx_dacomp
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.prepare import prepare
-from onnx_dacomp.reallocate import FACTOR_RANGE, corrected_weights, layer_shares
+from onnx_dacomp.reallocate import MIN_FACTOR, corrected_weights, layer_shares
 from onnx_dacomp.runtime import create_session
 from onnx_dacomp.workers import executor
 
@@ -41,9 +41,9 @@ def test_corrected_weights_scale_each_weight_by_its_measured_over_predicted_shar
     errors = {"a": 0.1, "b": 0.2}
     corrected = corrected_weights(weights, errors, {"a": 0.6, "b": 1e-4})
     assert corrected["a"] == pytest.approx(2.0 * 0.6 / (2.0 * 0.1))  # measured 3 times the prediction
-    assert corrected["b"] == pytest.approx(1.0 * FACTOR_RANGE[0])  # a share within the noise: held at the floor
+    assert corrected["b"] == pytest.approx(1.0 * MIN_FACTOR)  # a share within the noise: held at the floor
     assert corrected["c"] == 5.0  # not measured: unchanged
-    assert corrected_weights(weights, errors, {"a": 100.0})["a"] == pytest.approx(2.0 * FACTOR_RANGE[1])
+    assert corrected_weights(weights, errors, {"a": -0.01})["a"] == pytest.approx(2.0 * MIN_FACTOR)
 
 
 def test_layer_shares_are_leave_one_out_differences_of_the_output_error(tmp_path):

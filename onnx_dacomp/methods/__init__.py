@@ -20,7 +20,7 @@ CHOICES = (*METHODS, AUTO)
 
 __all__ = [
     "AUTO", "CHOICES", "METHODS", "Method", "Ranks", "Stage", "chain_cost", "get", "method_of", "methods_for",
-    "realizations",
+    "pruning_method", "realizations",
 ]  # fmt: skip
 
 
@@ -45,6 +45,12 @@ def methods_for(choice: str, geometry: LayerGeometry) -> tuple[str, ...]:
     if method.variant_of is not None and get(method.variant_of).applies(geometry):
         return (method.variant_of,)  # a variant gives way to the method it realizes
     return applicable[:1]
+
+
+def pruning_method(geometry: LayerGeometry) -> str | None:
+    """The method that prunes the layer's input channels, where one applies: `auto` offers it for layers whose
+    input channels other layers compute, together with those (`ranks.allocate.Joint`)."""
+    return next((n for n, m in METHODS.items() if m.prunes_inputs and m.applies(geometry)), None)
 
 
 def realizations(name: str, geometry: LayerGeometry) -> tuple[str, ...]:

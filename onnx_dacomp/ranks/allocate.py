@@ -11,9 +11,11 @@ layer that still meets the budget.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-from ..geometry import LayerGeometry, original_cost
+from ..geometry import Cost, LayerGeometry, original_cost
 from ..methods import get
 from .candidates import Candidate, CandidateTable
 
@@ -28,35 +30,88 @@ Choice = Candidate | None  # None: keep the original layer
 MAX_CHAIN_MACS = 0.7
 
 
+@dataclass(frozen=True)
+class Joint:
+    """One option of a group allocated together: a layer whose input channels can be pruned and the layers
+    computing them (`channels.input_producers`). Either it is pruned and they compute only the channels it
+    reads (they keep their weights), or each member gets a chain of its own or is kept."""
+
+    choices: tuple[tuple[str, Choice], ...]
+    cost: Cost
+    error: float  # the members' errors, each times its weight
+
+
 def allocate(
     tables: Sequence[CandidateTable],
     budget: str,
     target: float,
     fixed: float,
     weights: Mapping[str, float] | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    pruned_weights: Mapping[str, float] | None = None,
 ) -> dict[str, Choice]:
     """Pick at most one candidate per layer so that `fixed + sum(costs) <= target` with the least total
     weighted error `sum(weights[layer] * error)`, among the candidates that save enough MACs
     (`MAX_CHAIN_MACS`), or among all of them where those cannot meet the target (layers too small to have any).
 
     `fixed`: the cost of everything not in `tables`. When the target cannot be reached every layer gets its
-    cheapest candidate (the caller reports the ratio reached).
+    cheapest candidate (the caller reports the ratio reached). `groups` (layer -> the layers computing its
+    input channels): each such layer and those are allocated together (`Joint`): the layer's pruned candidates
+    (their costs count the producers' sliced costs, their errors weighted by `pruned_weights`, else by
+    `weights`) against every combination of the members' own chains.
     """
-    weights = weights or {}
-    choices, total = _allocated(tables, budget, target, fixed, weights, _admissible)
+    weights, groups = (
+        weights or {},
+        {c: (p, (pruned_weights or weights or {}).get(c)) for c, p in (groups or {}).items()},
+    )
+    choices, total = _allocated(tables, budget, target, fixed, weights, _admissible, groups)
     if total > target:
-        choices, total = _allocated(tables, budget, target, fixed, weights, lambda table: table.candidates)
+        choices, total = _allocated(tables, budget, target, fixed, weights, lambda t: t.candidates, groups)
     return choices
 
 
-def _allocated(tables, budget, target, fixed, weights, candidates) -> tuple[dict[str, Choice], float]:
-    """The greedy Lagrangian allocation over `candidates(table)` of each table, and the total it reaches."""
-    hulls = {table.name: _hull(table, candidates(table), budget) for table in tables}
+def _units(tables, budget, weights, candidates, groups) -> dict[str, tuple[float, list, float, tuple[str, ...]]]:
+    """What the allocation moves along: unit -> (original cost, options, weight, layers). A layer is a unit of
+    its own, a group one unit named after its pruned layer, with `Joint` options whose errors are weighted."""
+    by_name = {table.name: table for table in tables}
+    members_of = {consumer: (consumer, *producers) for consumer, (producers, _) in groups.items()}
+    grouped = {name: members for name, members in members_of.items() if all(m in by_name for m in members)}
+    inside = {name for members in grouped.values() for name in members}
+    units = {
+        table.name: (table.original.of(budget), list(candidates(table)), weights.get(table.name, 1.0), (table.name,))
+        for table in tables if table.name not in inside
+    }  # fmt: skip
+    for consumer, members in grouped.items():
+        original = Cost(*(sum(values) for values in zip(*(by_name[name].original for name in members))))
+        options = []
+        own = [[p for p in candidates(by_name[name]) if not get(p.method).prunes_inputs] for name in members]
+        hulls = [_hull(by_name[name].original.of(budget), points, budget) for name, points in zip(members, own)]
+        for points in itertools.product(*hulls):  # the lower hull of a sum is made of sums of hull points
+            if all(not isinstance(point, Candidate) for point in points):
+                continue  # every member kept: the group's original
+            chosen = [point if isinstance(point, Candidate) else None for point in points]
+            costs = [c.cost if c else by_name[name].original for name, c in zip(members, chosen)]
+            error = sum(weights.get(name, 1.0) * c.error for name, c in zip(members, chosen) if c)
+            options.append(Joint(tuple(zip(members, chosen)), Cost(*(sum(v) for v in zip(*costs))), error))
+        for pruned in candidates(by_name[consumer]):
+            if get(pruned.method).prunes_inputs:
+                kept = tuple((name, None) for name in members[1:])  # they compute only the channels it reads
+                weight = groups[consumer][1]
+                options.append(Joint(((consumer, pruned), *kept), pruned.cost, (weight or 1.0) * pruned.error))
+        units[consumer] = (original.of(budget), options, 1.0, members)
+    return units
+
+
+def _allocated(tables, budget, target, fixed, weights, candidates, groups) -> tuple[dict[str, Choice], float]:
+    """The greedy Lagrangian allocation over `candidates(table)` of each table (groups allocated together),
+    and the total it reaches."""
+    units = _units(tables, budget, weights, candidates, groups)
+    hulls = {name: _hull(start, options, budget) for name, (start, options, *_) in units.items()}
     position = {name: 0 for name in hulls}
-    total = fixed + sum(table.original.of(budget) for table in tables)
+    total = fixed + sum(start for start, *_ in units.values())
 
     def slope(name: str, index: int) -> float:  # a positive weight scales a hull without changing it
-        return weights.get(name, 1.0) * _slope(hulls[name], index, budget)
+        return units[name][2] * _slope(hulls[name], index, budget)
 
     moves = [(slope(name, 0), name) for name, hull in hulls.items() if len(hull) > 1]
     heapq.heapify(moves)
@@ -69,16 +124,19 @@ def _allocated(tables, budget, target, fixed, weights, candidates) -> tuple[dict
         last = name
         if index + 2 < len(hull):
             heapq.heappush(moves, (slope(name, index + 1), name))
-    choices = {name: _choice(hulls[name][position[name]]) for name in hulls}
+    chosen = {name: hulls[name][position[name]] for name in hulls}
     if last is not None and total <= target:
-        table = next(t for t in tables if t.name == last)
-        room = target - (total - _cost(choices[last], budget))
-        fitting = [c for c in candidates(table) if c.cost.of(budget) <= room]
+        room = target - (total - _cost(chosen[last], budget))
+        fitting = [c for c in units[last][1] if c.cost.of(budget) <= room]
         if fitting:
             best = min(fitting, key=lambda c: (c.error, c.cost.of(budget)))
-            if best.error < choices[last].error:
-                total += best.cost.of(budget) - _cost(choices[last], budget)
-                choices[last] = best
+            if best.error < chosen[last].error:
+                total += best.cost.of(budget) - _cost(chosen[last], budget)
+                chosen[last] = best
+    choices = {}
+    for name, point in chosen.items():  # a group left at its original: every member kept
+        members = units[name][3]
+        choices.update(point.choices if isinstance(point, Joint) else {member: _choice(point) for member in members})
     return choices, total
 
 
@@ -140,14 +198,14 @@ def _choice(point) -> Choice:
     return point if isinstance(point, Candidate) else None
 
 
-def _cost(choice: Choice, budget: str) -> int:
-    return choice.cost.of(budget) if isinstance(choice, Candidate) else choice
+def _cost(point, budget: str) -> float:
+    """A hull point's cost: a candidate's (or a group's option's), or the original's, which the point is."""
+    return point.cost.of(budget) if isinstance(point, Candidate | Joint) else point
 
 
-def _hull(table: CandidateTable, candidates: Sequence[Candidate], budget: str) -> list:
-    """Lower convex hull of (cost, error) from the original layer (first entry: its cost as an int) down to
+def _hull(start: float, candidates: Sequence, budget: str) -> list:
+    """Lower convex hull of (cost, error) from the original (first entry: its cost `start`, a number) down to
     the cheapest of `candidates`; costs strictly decrease and errors strictly increase along it."""
-    start = table.original.of(budget)
     front, best = [], float("inf")
     for candidate in sorted(candidates, key=lambda c: (c.cost.of(budget), c.error)):
         if candidate.cost.of(budget) < start and candidate.error < best:  # Pareto-optimal
@@ -175,7 +233,7 @@ def _admissible(table: CandidateTable) -> list[Candidate]:
 
 
 def _error(point) -> float:
-    return point.error if isinstance(point, Candidate) else 0.0
+    return point.error if isinstance(point, Candidate | Joint) else 0.0
 
 
 def _slope(hull: list, index: int, budget: str) -> float:

@@ -8,7 +8,7 @@ Weights and covariances come per group; errors are combined weighted by each gro
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,6 +32,11 @@ class CandidateTable:
     name: str
     original: Cost
     candidates: tuple[Candidate, ...]  # only candidates that are cheaper than the original in some budget
+
+
+def merged(table: CandidateTable, other: CandidateTable | None) -> CandidateTable:
+    """`table` with the candidates of `other` (the same layer's, of other methods) added."""
+    return table if other is None else replace(table, candidates=table.candidates + other.candidates)
 
 
 def estimate_errors(

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..geometry import Cost
 from ..log import logger
-from ..methods import methods_for
+from ..methods import get, methods_for
 from ..problems import LayerProblem
 from .allocate import Choice, allocate, uniform
 from .candidates import CandidateTable
@@ -45,6 +45,14 @@ class RankPlan:
         return RankPlan({name: None if name in names else c for name, c in self.choices.items()}, self.ratio)
 
 
+def sliced(choices: Mapping[str, Choice], groups: Mapping[str, tuple[str, ...]] | None) -> set[str]:
+    """The layers that compute only the channels a pruned layer of `groups` reads: their cost is in its choice's."""
+    return {
+        producer for consumer, producers in (groups or {}).items()
+        if (choice := choices.get(consumer)) is not None and get(choice.method).prunes_inputs for producer in producers
+    }  # fmt: skip
+
+
 def plan(
     problems: Mapping[str, LayerProblem],
     tables: Mapping[str, CandidateTable],
@@ -53,11 +61,14 @@ def plan(
     original_costs: Mapping[str, Cost],
     overrides: Mapping[str, Choice] | None = None,
     weights: Mapping[str, float] | None = None,
+    groups: Mapping[str, tuple[str, ...]] | None = None,
+    pruned_weights: Mapping[str, float] | None = None,
     warn: bool = True,
 ) -> RankPlan:
     """The method and ranks of every fitted layer (`problems`): `overrides` first, then the budget for the
     rest. `original_costs` holds the cost of every layer the budget counts (fitted or not, in graph order);
-    `tables` the candidates of the fitted layers (allocated budgets); `weights` their sensitivities; `warn`:
+    `tables` the candidates of the fitted layers (allocated budgets); `weights` their sensitivities; `groups`
+    the layers allocated together (`allocate`), `pruned_weights` their pruned layers' sensitivities; `warn`:
     log a warning when the budget cannot be reached."""
     choices = {name: overrides[name] for name in problems if overrides and name in overrides}
     managed = [name for name in problems if name not in choices]
@@ -87,9 +98,9 @@ def plan(
             choose,
         )
     else:
-        chosen = allocate([tables[name] for name in managed], unit, target, fixed, weights)
+        chosen = allocate([tables[name] for name in managed], unit, target, fixed, weights, groups, pruned_weights)
     choices.update(chosen)
-    reached = fixed + sum(cost(name) for name in managed)
+    reached = fixed + sum(cost(name) for name in managed if name not in sliced(choices, groups))
     if reached > target * 1.0001 and warn:
         logger.warning(
             "the target %s ratio %.3g cannot be reached: the smallest ranks give %.3g (layers that are "
