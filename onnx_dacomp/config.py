@@ -302,8 +302,9 @@ class PlanConfig:
     # 82.8 % against 77.9 % top-1, ResNet-20 79.8 % against 72.6 %; EfficientNet-Lite0 the same model) for
     # about twice the rank-selection time
     method: str = option(
-        "auto", "decomposition; auto lets the allocation pick Tucker-2, CP or SVD per layer", choices=METHOD_CHOICES
-    )
+        "auto", "decomposition; auto lets the allocation pick Tucker-2, CP or SVD per layer, or channel pruning "
+        "where other layers compute a layer's input channels (they then compute fewer)", choices=METHOD_CHOICES,
+    )  # fmt: skip
     ratio: float | None = option(
         None, "target size of the decomposable part relative to before", parse=unit_ratio,
         shown=f"{DEFAULT_RATIO}, or none with --ranks, --max-drop or --min-agreement",

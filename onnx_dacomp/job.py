@@ -101,10 +101,10 @@ class CompressionJob:
             options.budget, ratio, options.allocation, options.method, options.rank_multiple, self.config.runtime.seed
         )
         original_costs = {name: self.costs.original(name) for name in self.counted}
+        sensitivity, pruned = weights if weights is not None else (self.sensitivity, self.pruned_sensitivity)
         return plan(
             self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
-            weights=(weights or (self.sensitivity, None))[0], warn=warn, groups=self.groups,
-            pruned_weights=(weights or (None, self.pruned_sensitivity))[1],
+            weights=sensitivity, warn=warn, groups=self.groups, pruned_weights=pruned,
         )  # fmt: skip
 
     def planned(self, ratio: float | None, weights: tuple | None = None) -> tuple[RankPlan, dict[str, str]]:
@@ -135,10 +135,10 @@ class CompressionJob:
             "output_error": total, "predicted": predicted, "shares": shares,
             "factors": {name: weights[name] / used[name] for name in managed},
         }  # fmt: skip
-        pruned = {name for name in managed if used[name] != self.sensitivity[name]}  # measured pruned
+        pruned = self.probed_pruned(rank_plan.choices)
         corrected = (
             self.sensitivity | {name: weights[name] for name in managed if name not in pruned},
-            self.pruned_sensitivity and self.pruned_sensitivity | {name: weights[name] for name in pruned},
+            None if self.pruned_sensitivity is None else self.pruned_sensitivity | {n: weights[n] for n in pruned},
         )
         replanned, replanned_kept = self.planned(ratio, corrected)
         moved = [name for name in managed if replanned.get(name) != rank_plan.get(name)]
@@ -260,14 +260,16 @@ class CompressionJob:
             calibration = calibration.subset(0, min(size, IN_SAMPLE_SAMPLES))
         return replace(self.verify(candidate, source=calibration), in_sample=True)
 
+    def probed_pruned(self, choices) -> set[str]:
+        """The layers `choices` prune whose pruned probe (`auto`'s groups) measures them."""
+        measured = self.pruned_sensitivity or {}
+        return {n for n, c in choices.items() if c is not None and get(c.method).prunes_inputs and n in measured}
+
     def weights_for(self, choices) -> dict[str, float] | None:
         """Each layer's sensitivity as its choice is measured: the pruned probe's where `auto` prunes it."""
-        if self.sensitivity is None or not self.pruned_sensitivity:
-            return self.sensitivity
-        pruned = {name for name, choice in choices.items() if choice is not None and get(choice.method).prunes_inputs}
-        return self.sensitivity | {
-            name: self.pruned_sensitivity[name] for name in pruned & set(self.pruned_sensitivity)
-        }
+        if self.sensitivity is None:
+            return None
+        return self.sensitivity | {name: self.pruned_sensitivity[name] for name in self.probed_pruned(choices)}
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]] | None:

@@ -78,6 +78,15 @@ def pruned_producers(model, fitted: list, reasons: dict, method: str) -> tuple[l
     return [layer for layer in fitted if layer.name not in producing], coupled
 
 
+def by_pruning_method(names, problems) -> dict[str, list[str]]:
+    """`names` by the method that prunes each (`methods.pruning_method`), where one does."""
+    grouped = {}
+    for name in names:
+        if (method := pruning_method(problems.geometry(name))) is not None:
+            grouped.setdefault(method, []).append(name)
+    return grouped
+
+
 def probed_weights(
     model, layers, managed, coupled, calibration, settings, config, signature, progress, store, workers, unseen
 ) -> tuple[dict | None, dict | None]:
@@ -85,14 +94,12 @@ def probed_weights(
     where `--method` prunes it, else by a low-rank fit; with `auto`, the groups' pruned layers (`coupled`)
     probed pruned as well (the second mapping)."""
 
-    def pruning(name: str) -> str | None:
-        method = pruning_method(managed.geometry(name))
+    def pruned(name: str) -> bool:
         if config.plan.method == AUTO:
-            return method if name in coupled else None
-        return method if method in methods_for(config.plan.method, managed.geometry(name)) else None
+            return name in coupled
+        return pruning_method(managed.geometry(name)) in methods_for(config.plan.method, managed.geometry(name))
 
-    pruned = {name: method for name in managed if (method := pruning(name)) is not None}
-    low_rank = [name for name in managed if config.plan.method == AUTO or name not in pruned]
+    low_rank = [name for name in managed if config.plan.method == AUTO or not pruned(name)]
 
     def probed(names, **method):
         return allocation_weights(
@@ -104,8 +111,8 @@ def probed_weights(
     if sensitivity is None:  # not measured (switched off, data-free fit, data not re-readable)
         return None, None
     probed_pruned = {}
-    for method in sorted(set(pruned.values())):
-        probed_pruned |= probed([name for name, m in pruned.items() if m == method], method=method)
+    for method, names in by_pruning_method([name for name in managed if pruned(name)], managed).items():
+        probed_pruned |= probed(names, method=method)
     if config.plan.method == AUTO:
         return sensitivity, probed_pruned or None
     return sensitivity | probed_pruned, None
@@ -235,13 +242,11 @@ def prepare(
             managed, config.plan.method, multiple=config.plan.rank_multiple, seed=runtime.seed,
             show_progress=progress, map=pooled, cache=store,
         )  # fmt: skip
-        if config.plan.method == AUTO and coupled:  # the groups' pruned candidates
-            pruned = [name for name in coupled if name in tables]
-            pruning = {pruning_method(managed.geometry(name)) for name in pruned}
-            for method in pruning:
+        if config.plan.method == AUTO:  # the groups' pruned candidates
+            for method, names in by_pruning_method([name for name in coupled if name in tables], managed).items():
                 extra = candidate_tables(
-                    managed.restricted([n for n in pruned if pruning_method(managed.geometry(n)) == method]), method,
-                    multiple=config.plan.rank_multiple, seed=runtime.seed, show_progress=False, map=pooled, cache=store,
+                    managed.restricted(names), method, multiple=config.plan.rank_multiple, seed=runtime.seed,
+                    show_progress=False, map=pooled, cache=store,
                 )  # fmt: skip
                 tables = {name: merged(table, extra.get(name)) for name, table in tables.items()}
         tables = {name: costs.timed(table) for name, table in tables.items()}
