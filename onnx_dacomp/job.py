@@ -56,6 +56,8 @@ class CompressionResult:
     report: CompressionReport
     # the allocation's candidate tables (layer -> ranks, cost, estimated error), for --sensitivity-csv
     tables: dict[str, CandidateTable] = field(default_factory=dict)
+    # `auto`'s groups: layer -> (its low-rank and pruned sensitivities, the layers it slices), for the same
+    pruned: dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -272,6 +274,13 @@ class CompressionJob:
         return self.sensitivity | {name: self.pruned_sensitivity[name] for name in self.probed_pruned(choices)}
 
     @property
+    def pruned_probes(self) -> dict[str, tuple]:
+        """Layer -> (low-rank sensitivity, pruned sensitivity, the layers computing its input channels), for
+        the layers of `auto`'s groups probed pruned (`exports.sensitivity_rows`)."""
+        measured = self.pruned_sensitivity or {}
+        return {name: (self.sensitivity[name], measured[name], self.costs.coupled[name]) for name in measured}
+
+    @property
     def groups(self) -> dict[str, tuple[str, ...]] | None:
         """The layers `auto` allocates together: a prunable layer and those computing its input channels."""
         return self.costs.coupled if self.costs.joint else None
@@ -404,4 +413,4 @@ class CompressionJob:
             predicted_output_error=predicted,
         )
         logger.info("%s", report.table())
-        return CompressionResult(new_model, report, self.tables)
+        return CompressionResult(new_model, report, self.tables, self.pruned_probes)

@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -49,6 +49,7 @@ class SweepResult:
     seconds: float
     tables: dict[str, CandidateTable]
     settings: dict
+    pruned: dict = field(default_factory=dict)  # as `CompressionResult.pruned`
 
     def rows(self) -> list[dict]:
         return [point.figures() for point in self.points]
@@ -174,7 +175,8 @@ def sweep(
         SweepPoint(ratio, report, pareto) for ratio, report, pareto in zip(ratios, reports, pareto_flags(rows))
     )
     settings = {k: v for k, v in config.options().items() if k != "input_shapes"} | {"ratios": list(ratios)}
-    result = SweepResult(points, _original(reports[0]), round(time.perf_counter() - start, 3), job.tables, settings)
+    seconds = round(time.perf_counter() - start, 3)
+    result = SweepResult(points, _original(reports[0]), seconds, job.tables, settings, job.pruned_probes)
     logger.info("%s", result.table())
     return result
 

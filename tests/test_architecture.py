@@ -50,7 +50,18 @@ def _imports(path: Path):
 def test_the_rank_math_imports_no_onnx():
     """methods/, ranks/ and the problem/geometry/moments types are numpy/scipy math: testable and reusable
     on arrays alone, and sendable to any worker."""
-    allowed = {"numpy", "scipy", "__future__", "dataclasses", "collections", "math", "typing", "abc", "heapq"}
+    allowed = {
+        "numpy",
+        "scipy",
+        "__future__",
+        "dataclasses",
+        "collections",
+        "math",
+        "typing",
+        "abc",
+        "heapq",
+        "itertools",
+    }
     allowed.add("hashlib")  # LayerProblem.digest: the cache key
     files = [*PACKAGE.glob("methods/*.py"), *PACKAGE.glob("ranks/*.py")]
     files += [PACKAGE / f"{name}.py" for name in ("geometry", "moments", "problems")]

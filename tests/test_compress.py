@@ -505,9 +505,9 @@ def test_layer_timings_report_each_chain_against_its_layer(data_file, capsys):
     layers = {layer.name: layer for layer in find_targets(model).layers}
     for row in report.layers:
         assert row.latency_before > 0 and row.latency_after > 0
-        if row.method is None:
+        if row.method is None and not row.reason.startswith("computes only"):  # kept, not sliced by a pruned one
             assert row.latency_after == row.latency_before
-    fitted = next(row for row in report.layers if row.method is not None)
+    fitted = next(row for row in report.layers if row.method not in (None, "prune"))  # a chain
     # an independent one-layer timing of the same chain: the reported figure is that, less the baseline
     again = layer_latency(layers[fitted.name], fitted.method, fitted.ranks, batch=2, device="auto", opset=17)
     assert MIN_LAYER_MS <= fitted.latency_after < 2 * again.chain_ms

@@ -16,8 +16,10 @@ from onnx_dacomp import fit as fit_module
 from onnx_dacomp import log, workers
 from onnx_dacomp.calibration import collect
 from onnx_dacomp.calibration.sources import ArraySource
+from onnx_dacomp.channels import input_producers
 from onnx_dacomp.config import CompressConfig
 from onnx_dacomp.errors import UserError, WorkerLost
+from onnx_dacomp.targets import find_targets
 
 BASE = dict(method="auto", ratio=0.5, holdout=0, max_iter=4, sensitivity_samples=32)
 
@@ -206,7 +208,9 @@ def test_the_cache_resumes_an_interrupted_run_and_serves_another_ratio(data_file
     assert other.SerializeToString() == _compress(data_file, ratio=0.35).SerializeToString()
     counts = _cache_counts(caplog)
     assert counts["statistics"] == (1, 0) and counts["tables"][1] == counts["sensitivities"][1] == 0
-    assert counts["tables"][0] == 6
+    # a table per layer, and one of pruned candidates per layer whose input channels another layer computes
+    model = conv_stack(channels=16, size=(12, 12), input_channels=3)
+    assert counts["tables"][0] == 6 + len(input_producers(model, find_targets(model).layers))
 
 
 def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning(data_file, tmp_path, caplog):

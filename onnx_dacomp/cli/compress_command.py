@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     report = result.report
     write_report(args.report, report.to_json, lambda: compress_html(report, f"onnx-dacomp compress {args.model}"))
     if args.sensitivity_csv:
-        write_text(args.sensitivity_csv, sensitivity_csv(report.layers, result.tables))
+        write_text(args.sensitivity_csv, sensitivity_csv(report.layers, result.tables, result.pruned))
     before, after = file_size(args.model), file_size(args.output)
     logger.info(
         "%s: %.2f MB -> %.2f MB (%.1f%%) in %.0f s",

@@ -95,5 +95,5 @@ def run(args: argparse.Namespace) -> int:
     write_report(args.report, result.to_json, lambda: sweep_html(result, f"onnx-dacomp sweep {args.model}"))
     write_text(args.csv, result.to_csv())
     if args.sensitivity_csv and result.points:
-        write_text(args.sensitivity_csv, sensitivity_csv(result.points[0].report.layers, result.tables))
+        write_text(args.sensitivity_csv, sensitivity_csv(result.points[0].report.layers, result.tables, result.pruned))
     return 0
