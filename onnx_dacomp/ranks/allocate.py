@@ -60,10 +60,8 @@ def allocate(
     (their costs count the producers' sliced costs, their errors weighted by `pruned_weights`, else by
     `weights`) against every combination of the members' own chains.
     """
-    weights, groups = (
-        weights or {},
-        {c: (p, (pruned_weights or weights or {}).get(c)) for c, p in (groups or {}).items()},
-    )
+    weights, pruned_weights = weights or {}, pruned_weights or weights or {}
+    groups = {consumer: (producers, pruned_weights.get(consumer, 1.0)) for consumer, producers in (groups or {}).items()}
     choices, total = _allocated(tables, budget, target, fixed, weights, _admissible, groups)
     if total > target:
         choices, total = _allocated(tables, budget, target, fixed, weights, lambda t: t.candidates, groups)
@@ -96,8 +94,7 @@ def _units(tables, budget, weights, candidates, groups) -> dict[str, tuple[float
         for pruned in candidates(by_name[consumer]):
             if get(pruned.method).prunes_inputs:
                 kept = tuple((name, None) for name in members[1:])  # they compute only the channels it reads
-                weight = groups[consumer][1]
-                options.append(Joint(((consumer, pruned), *kept), pruned.cost, (weight or 1.0) * pruned.error))
+                options.append(Joint(((consumer, pruned), *kept), pruned.cost, groups[consumer][1] * pruned.error))
         units[consumer] = (original.of(budget), options, 1.0, members)
     return units
 
