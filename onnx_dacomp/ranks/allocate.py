@@ -61,7 +61,7 @@ def allocate(
     `weights`) against every combination of the members' own chains.
     """
     weights, pruned_weights = weights or {}, pruned_weights or weights or {}
-    groups = {consumer: (producers, pruned_weights.get(consumer, 1.0)) for consumer, producers in (groups or {}).items()}
+    groups = {name: (producers, pruned_weights.get(name, 1.0)) for name, producers in (groups or {}).items()}
     choices, total = _allocated(tables, budget, target, fixed, weights, _admissible, groups)
     if total > target:
         choices, total = _allocated(tables, budget, target, fixed, weights, lambda t: t.candidates, groups)
