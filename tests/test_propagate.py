@@ -6,10 +6,11 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-from builders import IR_VERSION, conv_model, conv_stack, reference_patches
+from builders import IR_VERSION, conv_model, conv_stack, reference_patches, run
 from onnx import numpy_helper
 
 import onnx_dacomp
+from onnx_dacomp.calibration.collect import exposing
 from onnx_dacomp.calibration.cross import collect_cross_statistics
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
@@ -62,6 +63,28 @@ def test_cross_statistics_match_numpy_reference():
         assert got.count == count
         for actual, expected in ((got.cross, cross), (got.second, second), (got.first, first)):
             assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_exposing_keeps_only_the_nodes_the_tensors_need():
+    # the initializers listed as graph inputs too (models before IR 4): dropped ones leave the inputs as well
+    model = conv_stack(channels=4, size=(9, 11), input_channels=3)
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((2, 3, 9, 11)).astype(np.float32)}
+    full = onnx.ModelProto()
+    full.CopyFrom(model)
+    full.graph.output.extend(onnx.ValueInfoProto(name=name) for name in ("r0", "c1"))
+    expected = run(full, batch)[1:]  # the whole model with the two tensors as outputs
+
+    exposed = exposing(model, ["r0", "c1"])
+    assert [node.name or node.op_type for node in exposed.graph.node] == ["conv0", "Relu", "conv1"]
+    assert sorted(t.name for t in exposed.graph.initializer) == ["b0", "b1", "w0", "w1"]
+    assert [value.name for value in exposed.graph.input] == ["x", "w0", "b0", "w1", "b1"]
+    for actual, wanted in zip(run(exposed, batch), expected):
+        np.testing.assert_array_equal(actual, wanted)
+    assert len(model.graph.node) == 12  # the model itself is untouched
 
 
 def _layer_problem(seed=0, bias_refit=False, samples=4000):

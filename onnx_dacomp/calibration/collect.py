@@ -306,11 +306,31 @@ class _Totals:
 
 
 def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose outputs are the tensors `names` (and nothing else)."""
+    """A copy of `model` whose outputs are the tensors `names` (and nothing else), with only the nodes they
+    need: onnxruntime runs every node of a graph whichever outputs are asked for (onnxruntime#16483), and a
+    propagation or compensation wave of early layers would pay for the whole model (ResNet-56 exposing the
+    input of its fourth conv: 0.17 s per 64 samples with every node, as much as the whole model)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    nodes = model.graph.node
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(attribute.type in subgraphs for node in nodes for attribute in node.attribute):
+        return probe  # a subgraph may read any tensor of the graph around it: keep every node
+    producers = {output: index for index, node in enumerate(nodes) for output in node.output}
+    needed, pending = set(), list(names)
+    while pending:
+        index = producers.get(pending.pop())
+        if index is not None and index not in needed:
+            needed.add(index)
+            pending.extend(nodes[index].input)
+    used = {name for index in needed for name in nodes[index].input} | set(names)
+    dropped = {tensor.name for tensor in model.graph.initializer} - used  # also graph inputs in old models
+    del probe.graph.node[:], probe.graph.initializer[:], probe.graph.input[:]  # refilled from `model`'s own
+    probe.graph.node.extend(node for index, node in enumerate(nodes) if index in needed)
+    probe.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
+    probe.graph.input.extend(value for value in model.graph.input if value.name not in dropped)
     return probe
 
 
