@@ -30,7 +30,7 @@ def sensitivity_rows(
     rows, pruned, reports = [], pruned or {}, {layer.name: layer for layer in layers}
     for layer in layers:
         table, sensitivity = tables.get(layer.name), layer.sensitivity
-        if layer.name in pruned:  # the report's row has the sensitivity of the option chosen
+        if layer.name in pruned:  # the report holds the chosen option's; the low-rank rows take the low-rank one
             sensitivity = pruned[layer.name][0]
         base = {"layer": layer.name, "sensitivity": sensitivity, "params_before": layer.params_before}
         base["macs_before"] = layer.macs_before
