@@ -305,22 +305,25 @@ class CompressionJob:
         unweighted layer errors predicts no output error)."""
         if not self.tables or self.sensitivity is None:
             return ()
-        before = {unit: sum(self.costs.original(name).of(unit) for name in self.counted) for unit in ("params", "macs")}
         curve = []
         for ratio in CURVE_RATIOS:
             chosen = self.plan_at(ratio, warn=False).choices  # the curve's low end may lie out of reach
-            after, inside = {unit: 0 for unit in before}, sliced(chosen, self.groups)
-            for name in set(self.counted) - inside:
-                choice = chosen.get(name)
-                for unit in after:
-                    after[unit] += (choice.cost if choice else self.costs.original(name)).of(unit)
             errors = {name: choice.error for name, choice in chosen.items() if choice is not None}
             curve.append({
-                "ratio": ratio, "params": after["params"] / max(before["params"], 1),
-                "macs": after["macs"] / max(before["macs"], 1),
+                "ratio": ratio, "params": self.kept_share(chosen, "params"), "macs": self.kept_share(chosen, "macs"),
                 "estimated_output_error": predicted_output_error(errors, self.weights_for(chosen)),
             })  # fmt: skip
         return tuple(curve)
+
+    def kept_share(self, choices, unit: str) -> float:
+        """The share of the counted layers' cost in `unit` (params, macs, latency) that `choices` keep."""
+        inside = sliced(choices, self.groups)
+        before = sum(self.costs.original(name).of(unit) for name in self.counted)
+        after = sum(
+            (choice.cost if (choice := choices.get(name)) else self.costs.original(name)).of(unit)
+            for name in self.counted if name not in inside
+        )  # fmt: skip
+        return after / before if before else 1.0
 
     def result(self, ratio: float | None, search: dict | None = None) -> CompressionResult:
         """The compressed model at `ratio` and its report (`search`: the record of the search that chose it)."""
@@ -328,7 +331,10 @@ class CompressionJob:
         rank_plan, slower = self.planned(ratio)
         reallocation = None
         if self.reallocatable:
-            rank_plan, slower, reallocation = self.reallocated(ratio, rank_plan, slower)
+            # a speed search timed the first plan: the reallocated one may cost no more than it does (at the
+            # search's ratio it could take the room the first plan left, and the time with it)
+            at = ratio if config.plan.speedup is None else self.kept_share(rank_plan.choices, config.plan.budget)
+            rank_plan, slower, reallocation = self.reallocated(at, rank_plan, slower)
         reasons = self.reasons | slower
         clock.mark("ranks")
         propagation = None
