@@ -116,27 +116,23 @@ def _enough(batches: Sequence[dict[str, np.ndarray]], wave: Sequence[Layer], len
     return chosen
 
 
-def _groups(weight: np.ndarray, bias: np.ndarray | None, groups: int):
-    """(weight, bias) of each group."""
-    size = len(weight) // groups
-    return [(weight[g * size : (g + 1) * size], None if bias is None else bias[g * size : (g + 1) * size])
-            for g in range(groups)]  # fmt: skip
+def _moments(cross) -> tuple:
+    """(reference mean, cross moment, second moment, mean) of cross moments, stacked over groups."""
+    return cross.reference_mean, cross.cross_moment, cross.covariance, cross.mean
 
 
-def _moments(cross, g: int) -> tuple:
-    """Group g's (reference mean, cross moment, second moment, mean) of cross moments."""
-    return cross.reference_mean[g], cross.cross_moment[g], cross.covariance[g], cross.mean[g]
+def _grouped(weight: np.ndarray, bias: np.ndarray | None, groups: int) -> tuple:
+    """`weight` (T, S / G, *kernel) and `bias` (T,) with a leading group axis."""
+    return weight.reshape(groups, -1, *weight.shape[1:]), None if bias is None else bias.reshape(groups, -1)
 
 
 def _refit(weight: np.ndarray, bias: np.ndarray | None, cross, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's refit weight and bias from its cross moments, group by group."""
-    groups = _groups(weight, bias, len(cross.second))
-    parts = [ridge_refit(w, b, *_moments(cross, g), ridge) for g, (w, b) in enumerate(groups)]
-    return np.concatenate([w for w, _ in parts]), np.concatenate([b for _, b in parts])
+    """The layer's refit weight and bias from its cross moments, every group on its own."""
+    refit, refit_bias = ridge_refit(*_grouped(weight, bias, len(cross.second)), *_moments(cross), ridge)
+    return refit.reshape(weight.shape), refit_bias.reshape(-1)
 
 
 def _loss(weight: np.ndarray, bias: np.ndarray | None, refit: tuple, cross) -> float:
     """The refit's output error under `cross` (other samples' moments), up to a constant."""
-    groups = _groups(weight, bias, len(cross.second))
-    refits = _groups(*refit, len(groups))
-    return sum(refit_loss(w, b, r, *_moments(cross, g)) for g, ((w, b), r) in enumerate(zip(groups, refits)))
+    groups = len(cross.second)
+    return refit_loss(*_grouped(weight, bias, groups), _grouped(*refit, groups), *_moments(cross))

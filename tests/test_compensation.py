@@ -48,6 +48,22 @@ def test_refit_loss_is_the_sampled_output_error_less_the_output_energy():
     assert refit_loss(weight, bias, refit, *_moments(reference, observed)) == pytest.approx(expected, rel=1e-9)
 
 
+def test_stacked_groups_are_each_refit_and_measured_on_their_own():
+    rng = np.random.default_rng(7)
+    groups, samples = 5, 600
+    weights, biases = rng.standard_normal((groups, 3, 2, 2, 2)), rng.standard_normal((groups, 3))
+    references = rng.standard_normal((groups, samples, 8)) + 0.2
+    observed = references + 0.4 * rng.standard_normal((groups, samples, 8))
+    per_group = [_moments(r, o) for r, o in zip(references, observed)]
+    stacked = [np.stack(parts) for parts in zip(*per_group)]
+    refit = ridge_refit(weights, biases, *stacked, ridge=0.01)
+    singles = [ridge_refit(w, b, *m, ridge=0.01) for w, b, m in zip(weights, biases, per_group)]
+    np.testing.assert_allclose(refit[0], np.stack([w for w, _ in singles]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(refit[1], np.stack([b for _, b in singles]), rtol=1e-9, atol=1e-12)
+    expected = sum(refit_loss(w, b, r, *m) for w, b, r, m in zip(weights, biases, singles, per_group))
+    assert refit_loss(weights, biases, refit, *stacked) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize("ridge", [1e-6, 1.0, 1e6])
 def test_an_unperturbed_input_keeps_the_layer_at_any_ridge(ridge):
     rng = np.random.default_rng(1)

@@ -36,8 +36,8 @@ def collect_cross_statistics(
     for batch in batches:
         inputs, perturbed = (dict(zip(names, session.run(names, batch))) for session in sessions)
         for layer in layers:
-            reference = layer.input_vectors(inputs[layer.input]).astype(np.float32)
-            observed = layer.input_vectors(perturbed[layer.input]).astype(np.float32)
+            reference = layer.input_vectors(inputs[layer.input], np.float32)
+            observed = layer.input_vectors(perturbed[layer.input], np.float32)
             part = Moments(
                 cross=np.matmul(reference, observed.transpose(0, 2, 1)).astype(np.float64),
                 second=np.matmul(observed, observed.transpose(0, 2, 1)).astype(np.float64),

@@ -77,8 +77,8 @@ class Layer(Protocol):
 
     def renamed(self, name: str) -> Layer: ...
 
-    def input_vectors(self, x: np.ndarray) -> np.ndarray:
-        """The input vectors of a batch of the layer's input: `(group, n, vectors)` in float64."""
+    def input_vectors(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """The input vectors of a batch of the layer's input: `(group, n, vectors)` in `dtype`."""
 
     def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True) -> tuple[list, list, GraphSums]:
         """Nodes and initializers that compute the layer's per-batch moment sums inside onnxruntime for an

@@ -118,8 +118,8 @@ class ConvLayer:
     def bias_vector(self, raw: np.ndarray) -> np.ndarray:
         return np.asarray(raw, np.float64)
 
-    def input_vectors(self, x: np.ndarray) -> np.ndarray:
-        return patches(x, self)
+    def input_vectors(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
+        return patches(x, self, dtype)
 
     def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True):
         return patch_sum_nodes(self, tuple(input_shape[2:]), opset, sampled)

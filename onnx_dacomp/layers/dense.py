@@ -102,8 +102,8 @@ class DenseLayer:
     def bias_vector(self, raw: np.ndarray) -> np.ndarray:
         return np.asarray(raw, np.float64).reshape(-1) * self.bias_scale * np.ones(self.out_features)
 
-    def input_vectors(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, np.float64).reshape(-1, self.in_features).T[None]
+    def input_vectors(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
+        return np.asarray(x, dtype).reshape(-1, self.in_features).T[None]
 
     def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True):
         prefix = f"{self.output}/dacomp_stats"
