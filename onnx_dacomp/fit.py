@@ -4,7 +4,7 @@ relative error. Work units are picklable (`FitTask`); `fit_all` runs them throug
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,7 +98,9 @@ def fit_all(
     method, ranks) across calls (the ratio search revisits the same choices); `store` (a `cache.Cache`) keeps
     them on disk."""
     cache = {} if cache is None else cache
-    keys = {name: (name, choice.method, choice.ranks) for name in problems if (choice := choices.get(name)) is not None}
+    # a variant's fit is the fit of the method it realizes, in its chain: fitted (and kept) once for both
+    fitted = {name: _realized_method(choice) for name in problems if (choice := choices.get(name)) is not None}
+    keys = {name: (name, choice.method, choice.ranks) for name, choice in fitted.items()}
     stored, works = {}, solver_works(problems)
     work = sum(works[name] for name in keys)
     with progress(len(keys), "decomposing", "layer", work=work, enabled=show_progress) as bar:
@@ -109,13 +111,13 @@ def fit_all(
                     continue
                 problem = problems[name]
                 if store is not None:
-                    stored[name] = problem.digest("fit", choices[name].method, choices[name].ranks, settings)
+                    stored[name] = problem.digest("fit", fitted[name].method, fitted[name].ranks, settings)
                     found = store.fit(stored[name])
                     if found is not None:
                         cache[keys[name]] = found
                         bar.update(work=works[name])
                         continue
-                yield FitTask(problem, choices[name], settings)
+                yield FitTask(problem, fitted[name], settings)
 
         done = [name for name, key in keys.items() if key in cache]
         bar.update(len(done), work=sum(works[name] for name in done))
@@ -124,4 +126,14 @@ def fit_all(
             if store is not None:
                 store.put_fit(stored[name], fit)
             bar.update(work=works[name])
-    return {name: cache[key] for name, key in keys.items()}
+    return {name: _realized_fit(cache[key], choices[name].method) for name, key in keys.items()}
+
+
+def _realized_method(choice: Candidate) -> Candidate:
+    family = get(choice.method).variant_of
+    return choice if family is None else replace(choice, method=family)
+
+
+def _realized_fit(fit: LayerFit, method: str) -> LayerFit:
+    solver = get(method)
+    return fit if solver.variant_of is None else replace(fit, factors=[solver.realize(f) for f in fit.factors])

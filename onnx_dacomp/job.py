@@ -94,6 +94,8 @@ class CompressionJob:
     # without held-out data: (calibration samples to fit on, a fifth set aside to judge fits on), where splittable
     set_aside: tuple | None = None
     fit_cache: dict = field(default_factory=dict)
+    # (method, kernel) -> the realization of such chains measured faster in the model (`speed.faster_realizations`)
+    realizations: dict = field(default_factory=dict)
 
     def plan_at(self, ratio: float | None, warn: bool = True, weights: tuple | None = None) -> RankPlan:
         """The rank plan at `ratio`, the layers' errors weighted by `weights` (their sensitivities, and those
@@ -116,10 +118,19 @@ class CompressionJob:
         options, kept = self.config.plan, {}
         rank_plan = self.plan_at(ratio, weights=weights)
         if options.speedup is not None or options.budget == "latency" or options.require_speedup:
-            rank_plan = faster_realizations(rank_plan, self.costs, self.timing, self.fixed)
+            rank_plan = faster_realizations(rank_plan, self.costs, self.fixed, self.realizations, self.time_ratio)
         if options.require_speedup:
             rank_plan, kept = keep_faster(rank_plan, self.layers, self.timing, self.fixed)
         return rank_plan, kept
+
+    def time_ratio(self, rank_plan: RankPlan, other: RankPlan) -> float:
+        """The latency of `other`'s model over `rank_plan`'s, end to end at the batch the target is timed at."""
+        options = self.config.plan
+        batch = options.speedup_batch if options.speedup is not None else self.timing.batch
+        models = [streamlined(self.build(plan)[0])[0] for plan in (rank_plan, other)]
+        source, seconds = self.holdout or self.calibration, self.config.verify.benchmark_seconds
+        latency = end_to_end_latency(*models, source, [batch], self.signature, self.config.runtime, False, seconds)
+        return latency[0].ratio
 
     def reallocated(self, ratio: float, rank_plan: RankPlan, kept: dict[str, str]):
         """The plan allocated once more with each layer's weight corrected by its measured share of the output

@@ -93,9 +93,10 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
         onnx_dacomp.compress(model, ArraySource(path, ["x"]), speedup=1.25, ratio=0.5, progress=False)
 
 
-def test_each_planned_chain_takes_the_realization_measured_faster():
-    """CP's fit as separable or fused depthwise convs: the faster by the timing table wins, its cost is the
-    fused chain's; a layer named in --ranks keeps its method; Tucker-2 has no other realization."""
+def test_planned_chains_take_the_realization_that_runs_the_model_faster():
+    """CP's fits as separable or fused depthwise convs: per (method, kernel) group, the realization whose model
+    the comparison finds faster wins, its cost the fused chain's; a later plan follows the decision without
+    timing again; a layer named in --ranks keeps its method; Tucker-2 has no other realization."""
     from onnx_dacomp.geometry import original_cost
     from onnx_dacomp.methods import get
     from onnx_dacomp.ranks.candidates import Candidate
@@ -104,26 +105,69 @@ def test_each_planned_chain_takes_the_realization_measured_faster():
     from onnx_dacomp.targets import find_targets
 
     layers = {layer.name: layer for layer in find_targets(conv_stack(channels=16, size=(12, 12))).targets}
-    names = list(layers)
+    names = ["conv0", "conv2"]  # 3x3 kernels both (conv1's is 3x2)
+    compared = []
 
-    class Timing:  # the fused chain is faster on the first layer only
-        def chain(self, layer, method, ranks):
-            return {"cp": 1.0, "cp-fused": 0.5 if layer.name == names[0] else 2.0}.get(method, 1.0)
+    def compare(plan, other):  # a model runs faster the more of its chains are fused
+        compared.append((plan, other))
+        fused = [sum(c.method == "cp-fused" for c in p.choices.values() if c is not None) for p in (plan, other)]
+        return 1.0 - 0.1 * (fused[1] - fused[0])
 
     def choice(name, method, ranks):
         return Candidate(method, ranks, get(method).cost(layers[name].geometry, ranks), 0.1)
 
+    costs = LayerCosts(layers)
     plan = RankPlan({names[0]: choice(names[0], "cp", (8,)), names[1]: choice(names[1], "cp", (8,))}, 0.5)
-    realized = faster_realizations(plan, LayerCosts(layers), Timing(), fixed={})
-    first, second = realized.get(names[0]), realized.get(names[1])
-    assert (first.method, first.ranks, first.error) == ("cp-fused", (8,), 0.1)
-    assert first.cost == get("cp-fused").cost(layers[names[0]].geometry, (8,))
-    assert first.cost.macs > plan.get(names[0]).cost.macs  # more MACs, one node fewer
-    assert second is plan.get(names[1])
-    assert faster_realizations(plan, LayerCosts(layers), Timing(), fixed={names[0]: None}).get(names[0]).method == "cp"
+    decided = {}
+    realized = faster_realizations(plan, costs, {}, decided, compare)
+    assert len(compared) == 1 and decided == {("cp", (3, 3)): "cp-fused"}
+    for name in names:
+        chosen = realized.get(name)
+        assert (chosen.method, chosen.ranks, chosen.error) == ("cp-fused", (8,), 0.1)
+        assert chosen.cost == get("cp-fused").cost(layers[name].geometry, (8,))
+        assert chosen.cost.params > plan.get(name).cost.params  # 9 taps per rank instead of 3 + 3, one node fewer
+        assert original_cost(layers[name].geometry).params > chosen.cost.params
+    later = RankPlan({names[0]: choice(names[0], "cp", (4,))}, 0.3)
+    assert faster_realizations(later, costs, {}, decided, compare).get(names[0]).method == "cp-fused"
+    assert len(compared) == 1  # decided once
+    kept = faster_realizations(plan, costs, {names[0]: None}, {}, compare)
+    assert [kept.get(name).method for name in names] == ["cp", "cp-fused"]
+    slower = faster_realizations(plan, costs, {}, {}, lambda plan, other: 1.02)
+    assert [slower.get(name).method for name in names] == ["cp", "cp"]
     tucker = RankPlan({names[0]: choice(names[0], "tucker2", (8, 8))}, 0.5)
-    assert faster_realizations(tucker, LayerCosts(layers), Timing(), fixed={}).get(names[0]) is tucker.get(names[0])
-    assert original_cost(layers[names[0]].geometry).params > first.cost.params
+    assert faster_realizations(tucker, costs, {}, {}, compare).get(names[0]) is tucker.get(names[0])
+    two_kernels = RankPlan({name: choice(name, "cp", (8,)) for name in ("conv0", "conv1")}, 0.5)
+    decided, compared[:] = {}, []
+    faster_realizations(two_kernels, costs, {}, decided, compare)
+    assert len(compared) == 2 and set(decided) == {("cp", (3, 3)), ("cp", (3, 2))}
+
+
+def test_a_variant_is_fitted_as_the_method_it_realizes():
+    """`cp-fused` on a layer whose CP fit is cached reuses that fit, its kernels the outer products of the
+    separable factors: the same weight reconstructed, bit for bit close."""
+    from onnx_dacomp.decompose.factors import CPFactors, FusedCPFactors, reconstruct
+    from onnx_dacomp.fit import FitSettings, fit_all
+    from onnx_dacomp.geometry import LayerGeometry
+    from onnx_dacomp.methods import get
+    from onnx_dacomp.problems import LayerProblem
+    from onnx_dacomp.ranks.candidates import Candidate
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 6, 3, 3))
+    geometry = LayerGeometry(8, 6, 1, (3, 3), (8, 8), (8, 8), False)
+    problem = LayerProblem("layer", geometry, [weight], [weight], None, None, None)
+    settings = FitSettings(max_iter=30, seed=0)
+    cache = {}
+    separable = fit_all({"layer": problem}, {"layer": Candidate("cp", (5,), None, 0.0)}, settings, cache=cache,
+                        show_progress=False)["layer"]  # fmt: skip
+    fused = fit_all({"layer": problem}, {"layer": Candidate("cp-fused", (5,), None, 0.0)}, settings, cache=cache,
+                    show_progress=False)["layer"]  # fmt: skip
+    assert list(cache) == [("layer", "cp", (5,))]  # one fit for both
+    assert type(separable.factors[0]) is CPFactors and type(fused.factors[0]) is FusedCPFactors
+    assert fused.rel_error == separable.rel_error
+    np.testing.assert_allclose(reconstruct(fused.factors[0]), reconstruct(separable.factors[0]), atol=1e-12)
+    direct = get("cp-fused").solve(weight, None, (5,), max_iter=30, seed=0).factors  # what propagation fits
+    np.testing.assert_allclose(reconstruct(direct), reconstruct(separable.factors[0]), atol=1e-12)
 
 
 def test_layer_timings_are_the_one_layer_time_less_its_baseline(monkeypatch):

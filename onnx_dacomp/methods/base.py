@@ -86,6 +86,10 @@ class Method(ABC):
     ) -> Decomposition:
         """The full solver at `ranks`, started where `estimate` was computed."""
 
+    def realize(self, factors: Factors) -> Factors:
+        """A variant's factors of a fit of the method it realizes (`variant_of`): the same function, its chain."""
+        raise NotImplementedError(f"{self.name} realizes no other method's fits")
+
     @abstractmethod
     def ranks_of(self, factors: Factors) -> Ranks:
         """The per-group ranks of a factors object of this method."""

@@ -118,7 +118,10 @@ class FusedCP(CP):
 
     def solve(self, weight, sigma, ranks, *, max_iter, seed):
         result = super().solve(weight, sigma, ranks, max_iter=max_iter, seed=seed)
-        return replace(result, factors=_fused(result.factors))
+        return replace(result, factors=self.realize(result.factors))
+
+    def realize(self, factors: CPFactors) -> FusedCPFactors:
+        return FusedCPFactors(**{field.name: getattr(factors, field.name) for field in fields(factors)})
 
     def stages(self, factors):
         first = factors[0]
@@ -136,8 +139,4 @@ class FusedCP(CP):
         ]
 
     def placeholder(self, shape, ranks, rng):
-        return _fused(super().placeholder(shape, ranks, rng))
-
-
-def _fused(factors: CPFactors) -> FusedCPFactors:
-    return FusedCPFactors(**{field.name: getattr(factors, field.name) for field in fields(factors)})
+        return self.realize(super().placeholder(shape, ranks, rng))
