@@ -6,8 +6,8 @@ The fused chain has more MACs (9 instead of 3 + 3 per rank and position for 3x3)
 every node costs a pass over the feature map: on ResNet-56 with 52 CP layers (--method auto --speedup 1.3,
 2 cores, onnxruntime CPU) the fused chains ran the whole model at 0.931 [0.916, 0.943] of the separable
 ones' latency at batch 1 and 0.891 [0.865, 0.905] at batch 32. So the budgets that count parameters or MACs
-plan the separable chain, and where the target is time each planned CP layer gets the realization measured
-faster (`speed.faster_realizations`)."""
+plan the separable chain, and where the target is time the planned CP layers of each kernel shape get the
+realization that runs the whole model faster (`speed.faster_realizations`). Either is fitted as CP, once."""
 
 from __future__ import annotations
 
