@@ -127,10 +127,8 @@ class CompressionJob:
         """The latency of `other`'s model over `rank_plan`'s, end to end at the batch the target is timed at."""
         options = self.config.plan
         batch = options.speedup_batch if options.speedup is not None else self.timing.batch
-        models = [streamlined(self.build(plan)[0])[0] for plan in (rank_plan, other)]
-        source, seconds = self.holdout or self.calibration, self.config.verify.benchmark_seconds
-        latency = end_to_end_latency(*models, source, [batch], self.signature, self.config.runtime, False, seconds)
-        return latency[0].ratio
+        first, second = (streamlined(self.build(plan)[0])[0] for plan in (rank_plan, other))
+        return self.timed(second, [batch], False, self.config.verify.benchmark_seconds, baseline=first)[0].ratio
 
     def reallocated(self, ratio: float, rank_plan: RankPlan, kept: dict[str, str]):
         """The plan allocated once more with each layer's weight corrected by its measured share of the output
@@ -248,10 +246,11 @@ class CompressionJob:
         )  # fmt: skip
         return replace_layers(self.model, self.chains(fits)), fits
 
-    def timed(self, candidate: onnx.ModelProto, sizes, show: bool, seconds: float):
-        """`candidate` timed against the original, end to end, at each batch size in `sizes`."""
+    def timed(self, candidate: onnx.ModelProto, sizes, show: bool, seconds: float, baseline=None):
+        """`candidate` timed against `baseline` (the original), end to end, at each batch size in `sizes`."""
         source, runtime = self.holdout or self.calibration, self.config.runtime
-        return end_to_end_latency(self.model, candidate, source, sizes, self.signature, runtime, show, seconds)
+        baseline = self.model if baseline is None else baseline
+        return end_to_end_latency(baseline, candidate, source, sizes, self.signature, runtime, show, seconds)
 
     def verify(self, candidate: onnx.ModelProto, show: bool | None = None, source=None):
         return compare_models(
