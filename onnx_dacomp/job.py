@@ -128,7 +128,8 @@ class CompressionJob:
         options = self.config.plan
         batch = options.speedup_batch if options.speedup is not None else self.timing.batch
         first, second = (streamlined(self.build(plan)[0])[0] for plan in (rank_plan, other))
-        return self.timed(second, [batch], False, self.config.verify.benchmark_seconds, baseline=first)[0].ratio
+        seconds = self.config.verify.benchmark_seconds
+        return self.timed(second, [batch], False, seconds, baseline=first, threshold=1.0)[0].ratio
 
     def reallocated(self, ratio: float, rank_plan: RankPlan, kept: dict[str, str]):
         """The plan allocated once more with each layer's weight corrected by its measured share of the output
@@ -246,11 +247,14 @@ class CompressionJob:
         )  # fmt: skip
         return replace_layers(self.model, self.chains(fits)), fits
 
-    def timed(self, candidate: onnx.ModelProto, sizes, show: bool, seconds: float, baseline=None):
-        """`candidate` timed against `baseline` (the original), end to end, at each batch size in `sizes`."""
+    def timed(self, candidate: onnx.ModelProto, sizes, show: bool, seconds: float, baseline=None, threshold=None):
+        """`candidate` timed against `baseline` (the original), end to end, at each batch size in `sizes`
+        (until decided against `threshold` where one is given)."""
         source, runtime = self.holdout or self.calibration, self.config.runtime
         baseline = self.model if baseline is None else baseline
-        return end_to_end_latency(baseline, candidate, source, sizes, self.signature, runtime, show, seconds)
+        return end_to_end_latency(
+            baseline, candidate, source, sizes, self.signature, runtime, show, seconds, threshold=threshold
+        )
 
     def verify(self, candidate: onnx.ModelProto, show: bool | None = None, source=None):
         return compare_models(
@@ -383,7 +387,7 @@ class CompressionJob:
             logger.info("cache %s: %s", config.runtime.cache_dir, self.store.summary() or "nothing to keep")
 
         row_costs = self.costs if self.costs.timing is not None else None
-        if config.verify.layer_timings:
+        if config.verify.layer_timings or speedup is not None:  # a time target's report shows the layers' times
             row_costs = row_costs or LayerCosts(self.layers, self.timing)
             row_costs.measure(self.scan.layers, {name: rank_plan.get(name) for name in fits}, self.progress)
             clock.mark("layer_timings")

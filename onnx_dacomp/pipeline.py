@@ -23,10 +23,11 @@ from .runtime import blas_threads
 from .search import largest_ratio_at_speed, smallest_ratio
 from .workers import executor
 
-# a speed probe times this many times --benchmark-seconds: the pessimistic end of its interval decides, and on
-# 10 s ResNet-56's `--speedup 1.6 --speedup-batch 32` probes spanned up to 0.09 (ratio 0.3125: [0.540, 0.629],
-# missed) and the search settled at MACs 0.297 (81.46 %); on 30 s at most 0.04 ([0.536, 0.581]), 0.344 (82.18 %)
-PROBE_SECONDS_FACTOR = 3
+# a speed probe is timed until its interval lies on one side of the target, for at most this many times
+# --benchmark-seconds: the pessimistic end of its interval decides, and on 10 s ResNet-56's `--speedup 1.6
+# --speedup-batch 32` probes spanned up to 0.09 (ratio 0.3125: [0.540, 0.629], missed) and the search settled at
+# MACs 0.297 (81.46 %); on 30 s at most 0.04 ([0.536, 0.581]), 0.344 (82.18 %)
+PROBE_SECONDS_FACTOR = 6
 
 __all__ = ["CompressionResult", "compress"]
 
@@ -64,7 +65,9 @@ def chosen_ratio(job: CompressionJob) -> tuple[float | None, dict | None]:
     if options.speedup is not None:  # each probe: the model at that ratio timed against the original
         sizes, seconds = [options.speedup_batch], PROBE_SECONDS_FACTOR * job.config.verify.benchmark_seconds
         return largest_ratio_at_speed(
-            lambda r: job.timed(streamlined(job.build(job.planned(r)[0])[0])[0], sizes, False, seconds)[0],
+            lambda r: job.timed(
+                streamlined(job.build(job.planned(r)[0])[0])[0], sizes, False, seconds, threshold=1 / options.speedup
+            )[0],
             options.speedup,
             faster_whole=bool(fold_pads(job.model).folded),
         )

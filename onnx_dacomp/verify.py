@@ -295,9 +295,10 @@ def warn_if_lost(comparison: Comparison | None) -> None:
 def end_to_end_latency(
     original, compressed, source, sizes, signature: InputSignature, runtime, show_progress: bool = True,
     max_seconds: float = MAX_SECONDS,
+    threshold: float | None = None,
 ) -> tuple[Latency, ...]:  # fmt: skip
-    """Both models timed at each batch size (`latency.compare_latency`): on samples of `source` when there is
-    one, else random data."""
+    """Both models timed at each batch size (`latency.compare_latency`, until decided against `threshold` where
+    one is given): on samples of `source` when there is one, else random data."""
     batches = (benchmark_batches(source, sizes, signature) if source else None) or [
         random_batch(signature, size, runtime.seed) for size in sizes
     ]
@@ -310,6 +311,7 @@ def end_to_end_latency(
             device=runtime.device,
             max_seconds=max_seconds,
             show_progress=show_progress,
+            threshold=threshold,
         )  # fmt: skip
         for batch, size in zip(batches, sizes)
     )

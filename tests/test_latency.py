@@ -1,6 +1,8 @@
 """The latency comparison: alternating rounds, the ratio's median and bootstrap interval, and what it
 measures on models of known relative cost."""
 
+import itertools
+
 import numpy as np
 from builders import conv_model
 from onnx import helper, numpy_helper
@@ -66,3 +68,27 @@ def test_compare_latency_measures_relative_cost():
     )
     assert 1.4 < double.ratio < 2.8 and not double.faster and double.provider == "CPU"
     assert "ratio" in double.describe() and f"[{double.ratio_low:.3f}" in double.describe()
+
+
+def test_with_a_threshold_a_narrow_interval_that_straddles_it_is_timed_on(monkeypatch):
+    """Rounds of known times (the compressed model 0.99 or 1.01 of the original's, in turn): narrow at once, so
+    without a threshold, or asked about 1.1, the fewest rounds; asked about 1.0, every interval straddles it:
+    to the cap."""
+    original, compressed, calls = object(), object(), itertools.count()
+    monkeypatch.setattr(latency, "create_session", lambda model, *args, **kwargs: model)
+    monkeypatch.setattr(latency, "provider_name", lambda session: "CPU")
+    monkeypatch.setattr(
+        latency, "_timed", lambda s, batch, runs: 1e-3 * (1 if s is original else (0.99, 1.01)[next(calls) % 2])
+    )
+
+    def rounds(threshold):
+        measured = latency.compare_latency(
+            original, compressed, {}, 1, threshold=threshold, max_seconds=600, show_progress=False
+        )
+        return measured.rounds, measured
+
+    assert rounds(None)[0] == latency.MIN_ROUNDS
+    decided, measured = rounds(1.1)
+    assert decided == latency.MIN_ROUNDS and measured.ratio_high <= 1.1
+    undecided, measured = rounds(1.0)
+    assert undecided == latency.MAX_ROUNDS and measured.ratio_low < 1.0 < measured.ratio_high

@@ -72,7 +72,10 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
     def macs(model):
         return sum(layer.macs for layer in find_targets(model).layers)
 
-    def fake_latency(original, compressed, source, sizes, signature, runtime, *args):
+    thresholds = []
+
+    def fake_latency(original, compressed, source, sizes, signature, runtime, *args, threshold=None):
+        thresholds.append(threshold)
         ratio = macs(compressed) / macs(original)
         return tuple(_latency(ratio, 0.01) for _ in sizes)
 
@@ -89,6 +92,9 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
     assert met and report.search["ratio"] == max(item["ratio"] for item in met)
     assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01  # the pessimistic end meets the target
     assert report.search["closing"]["met"] and report.search["closing"]["latency_ratio"] == report.latency[0].ratio
+    # each probe is timed until decided against the target; the closing measurement until its interval is narrow
+    assert thresholds == [1 / 1.25] * len(report.search["probes"]) + [None]
+    assert all(row.latency_after is not None for row in report.layers if row.method)  # the layers' times shown
     with pytest.raises(UserError, match="--speedup sets the ratio itself"):
         onnx_dacomp.compress(model, ArraySource(path, ["x"]), speedup=1.25, ratio=0.5, progress=False)
 
