@@ -463,7 +463,8 @@ class VerifyConfig:
     )
     benchmark_seconds: float = option(
         10.0, "at most this long per batch size for the closing latency measurement (until the ratio's 95%% "
-        "interval is within +-3%%); a --speedup probe whose interval straddles the target up to six times as long", parse=number, metavar="S",
+        "interval is within +-3%%); a --speedup probe whose interval straddles the target up to six times as "
+        "long", parse=number, metavar="S",
     )  # fmt: skip
     classifier_outputs: tuple[str, ...] = option(
         (), "score this output as class scores (top-1; a map [N, C, ...] per position) whatever its shape and "
