@@ -218,7 +218,7 @@ def _hull(start: float, candidates: Sequence, budget: str) -> list:
 
 def _admissible(table: CandidateTable) -> list[Candidate]:
     """The candidates that save at least 1 - MAX_CHAIN_MACS of the layer's MACs and, where the chains were
-    timed (a speed target), run faster than the layer: a chain that saves MACs but not time only costs accuracy
+    timed (the latency budget), run faster than the layer: a chain that saves MACs but not time only costs accuracy
     (ResNet-56 at batch 32: CP at rank 64 on the 32-channel layers, half their MACs, 0.652 ms against 0.567).
     A pruned layer is the layer itself on fewer channels, no chain of extra passes: any saving counts."""
     original = table.original
