@@ -26,7 +26,7 @@ from .padding import fold_pads
 from .propagate import OutputError, fit_propagated, keep_better
 from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan, sliced
-from .reallocate import corrected_weights, layer_shares
+from .reallocate import FIRST_REACH, ROUNDS, corrected_weights, layer_shares, within_reach
 from .report import CompressionReport, layer_rows, model_totals, predicted_output_error, sliced_rows
 from .rewrite import replace_layers, with_provenance
 from .search import closing_measurement, meets
@@ -97,9 +97,11 @@ class CompressionJob:
     # (method, kernel) -> the realization of such chains measured faster in the model (`speed.faster_realizations`)
     realizations: dict = field(default_factory=dict)
 
-    def plan_at(self, ratio: float | None, warn: bool = True, weights: tuple | None = None) -> RankPlan:
+    def plan_at(
+        self, ratio: float | None, warn: bool = True, weights: tuple | None = None, tables: dict | None = None
+    ) -> RankPlan:
         """The rank plan at `ratio`, the layers' errors weighted by `weights` (their sensitivities, and those
-        of the pruned candidates of `auto`'s groups; default: as measured)."""
+        of the pruned candidates of `auto`'s groups; default: as measured), from `tables` (default: all)."""
         options = self.config.plan
         budget = Budget(
             options.budget, ratio, options.allocation, options.method, options.rank_multiple, self.config.runtime.seed
@@ -107,16 +109,18 @@ class CompressionJob:
         original_costs = {name: self.costs.original(name) for name in self.counted}
         sensitivity, pruned = weights if weights is not None else (self.sensitivity, self.pruned_sensitivity)
         return plan(
-            self.problems, self.tables, budget, original_costs=original_costs, overrides=self.fixed,
+            self.problems, tables or self.tables, budget, original_costs=original_costs, overrides=self.fixed,
             weights=sensitivity, warn=warn, groups=self.groups, pruned_weights=pruned,
         )  # fmt: skip
 
-    def planned(self, ratio: float | None, weights: tuple | None = None) -> tuple[RankPlan, dict[str, str]]:
+    def planned(
+        self, ratio: float | None, weights: tuple | None = None, tables: dict | None = None
+    ) -> tuple[RankPlan, dict[str, str]]:
         """The plan at `ratio` as it is built: where the target is time (--speedup, --budget latency,
         --require-speedup) each chain in its realization measured faster; with --require-speedup, the layers
         whose chain is still not faster kept, with their reasons."""
         options, kept = self.config.plan, {}
-        rank_plan = self.plan_at(ratio, weights=weights)
+        rank_plan = self.plan_at(ratio, weights=weights, tables=tables)
         if options.speedup is not None or options.budget == "latency" or options.require_speedup:
             rank_plan = faster_realizations(rank_plan, self.costs, self.fixed, self.realizations, self.time_ratio)
         if options.require_speedup:
@@ -132,39 +136,60 @@ class CompressionJob:
         return self.timed(second, [batch], False, seconds, baseline=first, threshold=1.0)[0].ratio
 
     def reallocated(self, ratio: float, rank_plan: RankPlan, kept: dict[str, str]):
-        """The plan allocated once more with each layer's weight corrected by its measured share of the output
-        error at `rank_plan` (`reallocate.py`), where that model has the lower output error on the judge's
-        samples; else `rank_plan`. Returns the plan, its kept layers' reasons and the record."""
+        """The plan allocated again with each layer's weight corrected by its measured share of the output error
+        (`reallocate.py`), where that model has the lower output error on the judge's samples: allocated freely,
+        or where that is no better, with each compressed layer's error kept within reach of the plan's. A kept
+        plan is measured and reallocated again, with twice the reach, for `ROUNDS` rounds at most. Returns the
+        plan, its kept layers' reasons and the record."""
+        weights, reach, rounds, first = (self.sensitivity, self.pruned_sensitivity), FIRST_REACH, [], rank_plan
+        for _ in range(ROUNDS):
+            replanned, replanned_kept, weights, record = self.reallocation_round(ratio, rank_plan, weights, reach)
+            rounds.append(record)
+            if replanned is None:
+                break
+            rank_plan, kept, reach = replanned, replanned_kept, 2 * reach
+        moved = [name for name in first.choices if rank_plan.get(name) != first.get(name)]
+        final = [record["output_error_reallocated"] for record in rounds if "output_error_reallocated" in record]
+        summary = {
+            "output_error": rounds[0]["output_error"], "predicted": rounds[0]["predicted"], "moved": moved,
+            "output_error_reallocated": final[-1] if final else None, "kept": "reallocated" if final else "first",
+            "rounds": rounds,
+        }  # fmt: skip
+        return rank_plan, kept, summary
+
+    def reallocation_round(self, ratio: float, rank_plan: RankPlan, weights: tuple, reach: float):
+        """One round of `reallocated` from `rank_plan`, allocated with `weights` (low-rank and pruned
+        sensitivities, as `plan_at` takes them): the new plan and its kept layers' reasons (None where none is
+        better), the weights corrected and the round's record."""
+        sensitivity, pruned_sensitivity = weights
+        pruned = self.probed_pruned(rank_plan.choices)
+        used = sensitivity | {name: pruned_sensitivity[name] for name in pruned}
         fits = self.build(rank_plan)[1]
         managed = [name for name in fits if name in self.tables]
         errors = {name: rank_plan.get(name).error for name in managed}
-        chains = self.chains(fits)
-        total, shares = layer_shares(self.model, chains, self.share_judge, managed, self.progress)
-        used = self.weights_for(rank_plan.choices)
-        predicted = sum(used[name] * error for name, error in errors.items())
-        weights = corrected_weights(used, errors, shares)
-        record = {
-            "output_error": total, "predicted": predicted, "shares": shares,
-            "factors": {name: weights[name] / used[name] for name in managed},
-        }  # fmt: skip
-        pruned = self.probed_pruned(rank_plan.choices)
+        total, shares = layer_shares(self.model, self.chains(fits), self.share_judge, managed, self.progress)
+        scaled = corrected_weights(used, errors, shares)
         corrected = (
-            self.sensitivity | {name: weights[name] for name in managed if name not in pruned},
-            None if self.pruned_sensitivity is None else self.pruned_sensitivity | {n: weights[n] for n in pruned},
+            sensitivity | {name: scaled[name] for name in managed if name not in pruned},
+            None if pruned_sensitivity is None else pruned_sensitivity | {name: scaled[name] for name in pruned},
         )
-        replanned, replanned_kept = self.planned(ratio, corrected)
-        moved = [name for name in managed if replanned.get(name) != rank_plan.get(name)]
-        if not moved:
-            logger.info("reallocation: the corrected weights give the same plan")
-            return rank_plan, kept, record | {"moved": [], "kept": "first"}
-        error = self.share_judge(self.build(replanned)[0])
-        better = error < total
-        logger.info(
-            "reallocation: %d layers moved, output error %.4g -> %.4g on the judge's samples: %s",
-            len(moved), total, error, "the reallocated plan kept" if better else "the first plan kept",
-        )  # fmt: skip
-        record |= {"moved": moved, "output_error_reallocated": error, "kept": "reallocated" if better else "first"}
-        return (replanned, replanned_kept, record) if better else (rank_plan, kept, record)
+        record = {
+            "output_error": total, "predicted": sum(used[name] * e for name, e in errors.items()), "shares": shares,
+            "factors": {name: scaled[name] / used[name] for name in managed}, "tries": [],
+        }  # fmt: skip
+        for within in (None, reach):
+            tables = None if within is None else within_reach(self.tables, rank_plan, managed, within, self.groups)
+            replanned, replanned_kept = self.planned(ratio, corrected, tables)
+            moved = [name for name in replanned.choices if replanned.get(name) != rank_plan.get(name)]
+            error = self.share_judge(self.build(replanned)[0]) if moved else total
+            record["tries"].append({"reach": within, "moved": moved, "output_error": error})
+            logger.info(
+                "reallocation, %s: %d layers moved, output error %.4g -> %.4g on the judge's samples",
+                "free" if within is None else f"within {within:g}x", len(moved), total, error,
+            )  # fmt: skip
+            if error < total:
+                return replanned, replanned_kept, corrected, record | {"output_error_reallocated": error}
+        return None, None, corrected, record
 
     def chains(self, fits) -> dict:
         """The rewrite's chains of `fits`: layer output -> (layer, factors, bias)."""

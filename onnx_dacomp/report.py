@@ -51,7 +51,7 @@ class CompressionReport:
     calibration: str | None  # description of the data the statistics came from
     latency: tuple[Latency, ...] = ()
     search: Mapping[str, object] | None = None  # the ratio search (accuracy or speed target): target, ratio, probes
-    # the plan checked at its own errors and allocated once more (reallocate.py): shares, factors, which kept
+    # the plan checked at its own errors and allocated again (reallocate.py): its rounds, which plan kept
     reallocation: Mapping[str, object] | None = None
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
     compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
@@ -215,12 +215,17 @@ class CompressionReport:
             )
         if self.reallocation:
             item = self.reallocation
+            tries = "; ".join(
+                ", ".join(
+                    ("free" if t["reach"] is None else f"within {t['reach']:g}x")
+                    + (f" {t['output_error']:.4g}" if t["moved"] else " the same plan") for t in r["tries"]
+                ) for r in item["rounds"]
+            )  # fmt: skip
             lines.append(
                 f"reallocation: output error energy {item['output_error']:.4g} at the first plan (predicted "
-                f"{item['predicted']:.4g}); "
-                + (f"{len(item['moved'])} layers moved, {item['output_error_reallocated']:.4g}: kept the "
-                   f"{item['kept']} plan" if item["moved"] else "the corrected weights give the same plan")
-            )  # fmt: skip
+                f"{item['predicted']:.4g}); {tries}: kept the {item['kept']} plan"
+                + (f" ({len(item['moved'])} layers moved)" if item["kept"] == "reallocated" else "")
+            )
         if self.propagation and "waves" in self.propagation:
             waves = self.propagation["waves"]
             lines.append(f"--propagate: propagated fits kept in {waves['propagated_waves']} of {waves['waves']} waves")

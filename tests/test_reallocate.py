@@ -1,5 +1,6 @@
-"""Reallocation at the chosen plan: each layer's measured share of the output error corrects its weight, and
-the plan allocated again is kept only where its model has the lower output error on data the fits did not see."""
+"""Reallocation at the chosen plan: each layer's measured share of the output error corrects its weight, the
+plan allocated again (freely, or with each layer's error kept within reach) is kept only where its model has the
+lower output error on data the fits did not see, and a kept plan is measured and reallocated again."""
 
 import tempfile
 
@@ -10,8 +11,11 @@ from builders import conv_stack
 import onnx_dacomp
 from onnx_dacomp.calibration.sources import ArraySource
 from onnx_dacomp.config import CompressConfig
+from onnx_dacomp.geometry import Cost
 from onnx_dacomp.prepare import prepare
-from onnx_dacomp.reallocate import MIN_FACTOR, corrected_weights, layer_shares
+from onnx_dacomp.ranks.candidates import Candidate, CandidateTable
+from onnx_dacomp.ranks.plan import RankPlan
+from onnx_dacomp.reallocate import MIN_FACTOR, ROUNDS, corrected_weights, layer_shares, within_reach
 from onnx_dacomp.runtime import create_session
 from onnx_dacomp.workers import executor
 
@@ -75,10 +79,29 @@ def test_layer_shares_are_leave_one_out_differences_of_the_output_error(tmp_path
     assert sum(shares.values()) != pytest.approx(0.0)
 
 
+def test_within_reach_keeps_a_compressed_layers_method_and_errors_near_its_own():
+    def table(name, *candidates):
+        options = tuple(Candidate(method, (rank,), Cost(rank, 10 * rank), e) for method, rank, e in candidates)
+        return CandidateTable(name, Cost(100, 1000), options)
+
+    tables = {
+        "a": table("a", ("svd", 8, 0.4), ("svd", 16, 0.2), ("svd", 24, 0.11), ("svd", 32, 0.04), ("cp", 16, 0.1)),
+        "b": table("b", ("prune", 4, 0.5), ("prune", 8, 0.3), ("prune", 12, 0.05), ("svd", 8, 0.3)),
+        "c": table("c", ("svd", 8, 0.1)),  # computes b's input channels
+        "d": table("d", ("svd", 8, 0.9), ("svd", 16, 0.01)),  # not compressed: free
+    }
+    plan = RankPlan({"a": tables["a"].candidates[1], "b": tables["b"].candidates[1], "c": None, "d": None}, 0.5)
+    near = within_reach(tables, plan, ["a", "b"], 2.0, {"b": ("c",)})
+    assert [(c.method, c.ranks) for c in near["a"].candidates] == [("svd", (8,)), ("svd", (16,)), ("svd", (24,))]
+    assert [(c.method, c.ranks) for c in near["b"].candidates] == [("prune", (4,)), ("prune", (8,))]
+    assert near["c"].candidates == () and near["d"] == tables["d"]
+    assert tables["c"].candidates  # the input tables are not changed
+
+
 def test_the_reallocated_plan_is_kept_only_where_its_output_error_is_lower(tmp_path):
     """Without held-out data the judge is the seeded fifth of the calibration samples set aside: the written
-    model's output error there (numpy) is the record's error of the plan it says it kept, the lower of the two;
-    `--no-reallocate` writes the first plan's model."""
+    model's output error there (numpy) is the lowest of the plans the rounds measured, each kept plan is the
+    next round's starting point, and `--no-reallocate` writes the first plan's model."""
     path, images = _data(tmp_path)
     set_aside = images[np.random.default_rng(0).permutation(len(images))[: len(images) // 5]]
     model = conv_stack(channels=12, size=(12, 12), input_channels=3)
@@ -89,10 +112,21 @@ def test_the_reallocated_plan_is_kept_only_where_its_output_error_is_lower(tmp_p
         results[reallocate] = onnx_dacomp.compress(model, ArraySource(path, ["x"]), config, progress=False)
     record = results[True].report.reallocation
     assert results[False].report.reallocation is None
+    rounds = record["rounds"]
+    assert 1 <= len(rounds) <= ROUNDS and record["output_error"] == rounds[0]["output_error"]
     assert record["output_error"] == pytest.approx(error(results[False].model), rel=1e-4)
-    assert set(record["shares"]) == {layer.name for layer in results[True].report.compressed} | set(record["moved"])
-    assert record["moved"], "the corrected weights should move some layer of this stack"
-    kept = record["output_error_reallocated"] if record["kept"] == "reallocated" else record["output_error"]
-    assert kept == min(record["output_error"], record["output_error_reallocated"])
-    assert error(results[True].model) == pytest.approx(kept, rel=1e-4)
+    first_compressed = {layer.name for layer in results[False].report.compressed}
+    assert set(rounds[0]["shares"]) == first_compressed
+    assert any(t["moved"] for t in rounds[0]["tries"]), "the corrected weights should move some layer of this stack"
+    for this, after in zip(rounds, rounds[1:]):
+        assert after["output_error"] == pytest.approx(this["output_error_reallocated"], rel=1e-9)  # measured again
+    for this in rounds:
+        kept = [t["output_error"] for t in this["tries"] if t["output_error"] < this["output_error"]]
+        assert this.get("output_error_reallocated") == (kept[0] if kept else None)  # the first better try
+    kept_errors = [r["output_error_reallocated"] for r in rounds if "output_error_reallocated" in r]
+    measured = [record["output_error"], *kept_errors]
+    assert error(results[True].model) == pytest.approx(min(measured), rel=1e-4)
+    assert record["kept"] == ("reallocated" if len(measured) > 1 else "first")
+    final = {layer.name for layer in results[True].report.compressed}
+    assert final ^ first_compressed <= set(record["moved"])
     assert results[True].report.ratio <= 0.4 + 1e-9
