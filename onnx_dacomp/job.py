@@ -163,7 +163,7 @@ class CompressionJob:
         better), the weights corrected and the round's record."""
         sensitivity, pruned_sensitivity = weights
         pruned = self.probed_pruned(rank_plan.choices)
-        used = sensitivity | {name: pruned_sensitivity[name] for name in pruned}
+        used = self.weights_for(rank_plan.choices, weights)
         fits = self.build(rank_plan)[1]
         managed = [name for name in fits if name in self.tables]
         errors = {name: rank_plan.get(name).error for name in managed}
@@ -306,11 +306,13 @@ class CompressionJob:
         measured = self.pruned_sensitivity or {}
         return {n for n, c in choices.items() if c is not None and get(c.method).prunes_inputs and n in measured}
 
-    def weights_for(self, choices) -> dict[str, float] | None:
-        """Each layer's sensitivity as its choice is measured: the pruned probe's where `auto` prunes it."""
-        if self.sensitivity is None:
+    def weights_for(self, choices, weights: tuple | None = None) -> dict[str, float] | None:
+        """Each layer's sensitivity as its choice is measured: the pruned probe's where `auto` prunes it; from
+        `weights` (low-rank and pruned, as `plan_at` takes them; default: as measured)."""
+        sensitivity, pruned = weights if weights is not None else (self.sensitivity, self.pruned_sensitivity)
+        if sensitivity is None:
             return None
-        return self.sensitivity | {name: self.pruned_sensitivity[name] for name in self.probed_pruned(choices)}
+        return sensitivity | {name: pruned[name] for name in self.probed_pruned(choices)}
 
     @property
     def pruned_probes(self) -> dict[str, tuple]:
