@@ -27,12 +27,13 @@ from .propagate import OutputError, fit_propagated, keep_better
 from .ranks.candidates import CandidateTable
 from .ranks.plan import Budget, RankPlan, plan, sliced
 from .reallocate import FIRST_REACH, ROUNDS, corrected_weights, layer_shares, within_reach
+from .rectify import refit_outputs
 from .report import CompressionReport, layer_rows, model_totals, predicted_output_error, sliced_rows
 from .rewrite import replace_layers, with_provenance
 from .search import closing_measurement, meets
 from .sensitivity import probe_batches, probe_samples
 from .speed import LatencyTable, LayerCosts, faster_realizations, keep_faster
-from .targets import TargetScan, read_biases, read_weights
+from .targets import MAX_VECTOR_LENGTH, TargetScan, find_targets, read_biases, read_weights
 from .verify import compare_models, end_to_end_latency, warn_if_lost
 from .workers import Workers
 
@@ -91,6 +92,7 @@ class CompressionJob:
     pruned_sensitivity: dict[str, float] | None
     counted: list[str]
     compensable: list[Layer]  # the layers compensation may refit (targets.refittable), graph order
+    input_shapes: dict  # the model inputs' static shapes (to find the layers of a compressed model)
     # without held-out data: (calibration samples to fit on, a fifth set aside to judge fits on), where splittable
     set_aside: tuple | None = None
     fit_cache: dict = field(default_factory=dict)
@@ -244,6 +246,26 @@ class CompressionJob:
         error = self.judge(candidate)
         return error, {"rel_output_error": error, "data": "calibration samples set aside"}
 
+    def rectified(self, new_model: onnx.ModelProto, fits) -> tuple[onnx.ModelProto, dict | None]:
+        """`new_model` with the node that writes each compressed layer's output refit on the input it gets there,
+        through the activation after it (`rectify.py`), and the record; as it is with --no-refit-outputs or
+        without calibration data."""
+        if not self.config.fit.refit_outputs or self.calibration is None or not rereadable(self.calibration):
+            return new_model, None
+        originals = {self.layers[name].output: self.layers[name] for name in fits}
+        nodes = [
+            layer for layer in find_targets(new_model, self.input_shapes).layers
+            if layer.output in originals and layer.refittable and layer.geometry is not None
+            and layer.geometry.group == 1 and layer.vector_length <= MAX_VECTOR_LENGTH
+        ]  # fmt: skip
+        if not nodes:
+            return new_model, None
+        seen = self.set_aside[0] if self.set_aside is not None else self.calibration
+        return refit_outputs(
+            self.model, new_model, nodes, originals, list(seen), self.judge, length=self.signature.length,
+            seed=self.config.runtime.seed, device=self.config.runtime.device, show_progress=self.progress,
+        )  # fmt: skip
+
     def compensated(self, new_model: onnx.ModelProto, fits) -> tuple[onnx.ModelProto, dict | None]:
         """`new_model` with the kept layers downstream of the compressed ones (`fits`; with `--compensate tail`
         only those after every compressed layer) refit on the input they get there (`compensate.py`), and the
@@ -388,20 +410,25 @@ class CompressionJob:
                 propagation |= whole
         else:
             new_model, fits = self.build(rank_plan)
-        uncompensated = new_model
+        refined = new_model
+        new_model, rectification = self.rectified(new_model, fits)
         new_model, compensation = self.compensated(new_model, fits)
         new_model, folded, shrunk = streamlined(new_model)
         clock.mark("decompose")
 
         verification = self.check(new_model)
-        if compensation is not None and config.plan.targeted and not meets(verification, config.plan):
-            # the search's probes measured the model without compensation: where that one meets the target and
-            # the compensated one does not (its judge saw only part of the held-out data), it is kept
-            uncompensated = streamlined(uncompensated)[0]
-            plain = self.check(uncompensated)
+        refit = rectification is not None or compensation is not None
+        if refit and config.plan.targeted and not meets(verification, config.plan):
+            # the search's probes measured the model without these refits: where that one meets the target and
+            # the refit one does not (its judge saw only part of the held-out data), it is kept
+            refined = streamlined(refined)[0]
+            plain = self.check(refined)
             if meets(plain, config.plan):
-                logger.warning("the compensated model misses the target on the held-out data: keeping it uncompensated")
-                new_model, verification, compensation = uncompensated, plain, compensation | {"kept": False}
+                logger.warning("the refit model misses the target on the held-out data: keeping it without refits")
+                new_model, verification = refined, plain
+                rectification, compensation = (
+                    None if record is None else record | {"kept": False} for record in (rectification, compensation)
+                )
         warn_if_lost(verification)
         latency, speedup = (), config.plan.speedup
         if config.verify.benchmark:  # is the result faster, end to end?
@@ -447,6 +474,7 @@ class CompressionJob:
             search=search,
             reallocation=reallocation,
             propagation=propagation,
+            output_refit=rectification,
             compensation=compensation,
             folded_pads=folded,
             shrunk_producers=shrunk,

@@ -264,6 +264,6 @@ def prepare(
         layers=layers, fitted=fitted, reasons=reasons, calibration=calibration, holdout=holdout, signature=signature,
         statistics=statistics, problems=problems, settings=settings, timing=timing, costs=costs, fixed=fixed,
         pooled=pooled, tables=tables, sensitivity=sensitivity, pruned_sensitivity=pruned_sensitivity, counted=counted,
-        compensable=compensable,
+        compensable=compensable, input_shapes=input_shapes,
         set_aside=set_aside(calibration) if holdout is None else None,
     )  # fmt: skip

@@ -54,6 +54,8 @@ class CompressionReport:
     # the plan checked at its own errors and allocated again (reallocate.py): its rounds, which plan kept
     reallocation: Mapping[str, object] | None = None
     propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
+    # the node writing each compressed layer's output refit through the activation after it (rectify.py)
+    output_refit: Mapping[str, object] | None = None
     compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
     folded_pads: tuple[str, ...] = ()  # explicit zero Pads folded into the convs after them (padding.py)
     shrunk_producers: tuple[str, ...] = ()  # layers computing only the channels a pruned layer reads (channels.py)
@@ -105,6 +107,7 @@ class CompressionReport:
             "search": self.search,
             "reallocation": self.reallocation,
             "propagation": self.propagation,
+            "output_refit": self.output_refit,
             "compensation": self.compensation,
             "folded_pads": list(self.folded_pads),
             "shrunk_producers": list(self.shrunk_producers),
@@ -245,12 +248,20 @@ class CompressionReport:
                 f"{len(self.folded_pads)} explicit zero Pad(s) folded into the convs after them (the same function; "
                 "onnxruntime runs such a Pad outside its blocked layout)"
             )
+        if self.output_refit:
+            errors = [wave["output_error"] for wave in self.output_refit["waves"]]
+            lines.append(
+                f"chain outputs: {self.output_refit['refitted']} of {self.output_refit['layers']} refit through the "
+                f"activation after them (output error {errors[0][0]:.4g} -> {errors[-1][1]:.4g} on the judge's samples)"
+                + ("; not kept: the model without refits meets the target, the refit one does not"
+                   if self.output_refit.get("kept") is False else "")
+            )  # fmt: skip
         if self.compensation:
             errors = [wave["output_error"] for wave in self.compensation["waves"]]
             lines.append(
                 f"compensation: {self.compensation['refitted']} of {self.compensation['layers']} kept layers after "
                 f"compressed ones refit (output error {errors[0][0]:.4g} -> {errors[-1][1]:.4g} on the judge's samples)"
-                + ("; not kept: the uncompensated model meets the target, the compensated one does not"
+                + ("; not kept: the model without refits meets the target, the refit one does not"
                    if self.compensation.get("kept") is False else "")
             )  # fmt: skip
         for item in self.latency:

@@ -80,6 +80,10 @@ class Layer(Protocol):
     def input_vectors(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
         """The input vectors of a batch of the layer's input: `(group, n, vectors)` in `dtype`."""
 
+    def output_vectors(self, y: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """The layer's output `y` (a batch) as `(out_channels, batch * positions)`, positions ordered as the
+        input vectors are."""
+
     def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True) -> tuple[list, list, GraphSums]:
         """Nodes and initializers that compute the layer's per-batch moment sums inside onnxruntime for an
         input of `input_shape` (batch 1), and how their outputs combine. `sampled`: the layer may sum a random

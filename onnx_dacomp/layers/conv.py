@@ -121,6 +121,10 @@ class ConvLayer:
     def input_vectors(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
         return patches(x, self, dtype)
 
+    def output_vectors(self, y: np.ndarray, dtype=np.float64) -> np.ndarray:
+        y = np.asarray(y, dtype)
+        return y.reshape(len(y), y.shape[1], -1).transpose(1, 0, 2).reshape(y.shape[1], -1)
+
     def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True):
         return patch_sum_nodes(self, tuple(input_shape[2:]), opset, sampled)
 

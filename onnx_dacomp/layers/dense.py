@@ -105,6 +105,9 @@ class DenseLayer:
     def input_vectors(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
         return np.asarray(x, dtype).reshape(-1, self.in_features).T[None]
 
+    def output_vectors(self, y: np.ndarray, dtype=np.float64) -> np.ndarray:
+        return np.asarray(y, dtype).reshape(-1, self.out_features).T
+
     def statistics_graph(self, input_shape: Shape, opset: int, sampled: bool = True):
         prefix = f"{self.output}/dacomp_stats"
         shape, axis = f"{prefix}/rows_shape", f"{prefix}/batch_axis"

@@ -1,0 +1,190 @@
+"""Rectified output refit: the intervals against the activations themselves, the solver against least squares
+and a general-purpose optimizer, the activation found after a layer, and the stage on a model whose exact
+answer is known."""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import scipy.optimize
+from builders import relative_error, run
+from onnx import helper, numpy_helper
+
+from onnx_dacomp.decompose.rectified import interval_objective, output_intervals, rectified_refit
+from onnx_dacomp.propagate import OutputError
+from onnx_dacomp.rectify import Activation, activation_after, refit_outputs
+from onnx_dacomp.targets import find_targets
+
+IR_VERSION = 8
+
+
+@pytest.mark.parametrize("low, high", [(0.0, math.inf), (0.0, 6.0), (-math.inf, math.inf)])
+def test_intervals_hold_exactly_the_outputs_the_activation_cannot_tell_apart(low, high):
+    rng = np.random.default_rng(0)
+    targets = 4 * rng.standard_normal(2000)
+    residual = 3 * rng.standard_normal(2000)  # what an Add puts on the output before the activation
+    inputs = targets + residual
+    lower, upper = output_intervals(targets, inputs, low, high)
+    predictions = targets + 5 * rng.standard_normal(2000)
+    after = np.clip(predictions + residual, low, high)
+    wanted = np.clip(inputs, low, high)
+    inside = (predictions >= lower) & (predictions <= upper)
+    np.testing.assert_array_equal(inside, np.isclose(after, wanted, rtol=0, atol=1e-12))
+    # the squared distance to the interval bounds the squared error after the activation from above
+    distance = (predictions - np.clip(predictions, lower, upper)) ** 2
+    assert np.all(distance >= (after - wanted) ** 2 - 1e-9)
+
+
+def test_point_intervals_give_the_affine_least_squares_fit():
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((3000, 6)) @ rng.standard_normal((6, 6)) + 0.5
+    targets = inputs @ rng.standard_normal((6, 4)) + rng.standard_normal(4) + 0.1 * rng.standard_normal((3000, 4))
+    weight, bias = rectified_refit(inputs, targets, targets, np.zeros((4, 6)), np.zeros(4), ridge=1e-12)
+    design = np.hstack([inputs, np.ones((len(inputs), 1))])
+    solution = np.linalg.lstsq(design, targets, rcond=None)[0]  # independent: numpy's solver
+    np.testing.assert_allclose(weight, solution[:-1].T, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(bias, solution[-1], rtol=1e-6, atol=1e-8)
+
+
+def test_the_refit_reaches_the_optimum_a_general_optimizer_finds():
+    rng = np.random.default_rng(2)
+    inputs = rng.standard_normal((1500, 5))
+    truth = rng.standard_normal((3, 5))
+    targets = inputs @ truth.T + 0.3 * rng.standard_normal((1500, 3))
+    residual = rng.standard_normal((1500, 3))
+    lower, upper = output_intervals(targets, targets + residual, 0.0, math.inf)
+    start = (truth + 0.5 * rng.standard_normal(truth.shape), rng.standard_normal(3))
+    ridge = 1e-3
+    weight, bias = rectified_refit(inputs, lower, upper, *start, ridge=ridge)
+    design = np.hstack([inputs, np.ones((len(inputs), 1))])
+    shift = ridge * np.trace(design.T @ design) / design.shape[1]
+    initial = np.hstack([start[0], start[1][:, None]])
+
+    def objective(flat):
+        mapping = flat.reshape(initial.shape)
+        outputs = design @ mapping.T
+        gap = outputs - np.clip(outputs, lower, upper)
+        value = np.sum(gap**2) + shift * np.sum((mapping - initial) ** 2)
+        return value, (2 * gap.T @ design + 2 * shift * (mapping - initial)).ravel()
+
+    reference = scipy.optimize.minimize(objective, initial.ravel(), jac=True, method="L-BFGS-B", tol=1e-14)
+    ours = objective(np.hstack([weight, bias[:, None]]).ravel())[0]
+    assert ours <= reference.fun * (1 + 1e-3)
+    assert ours < objective(initial.ravel())[0] * 0.5
+    # the hinge matters: the fit for the intervals beats the least squares fit of the outputs on them
+    linear = rectified_refit(inputs, targets, targets, *start, ridge=ridge)
+    assert ours < objective(np.hstack([linear[0], linear[1][:, None]]).ravel())[0]
+
+
+def test_the_objective_counts_only_what_lies_outside():
+    outputs = np.array([[-1.0, 2.0, 5.0]])
+    lower, upper = np.array([[-np.inf, 2.0, 1.0]]), np.array([[0.0, 2.0, np.inf]])
+    assert interval_objective(outputs, lower, upper) == 0.0
+    assert interval_objective(outputs + 1, lower, upper) == pytest.approx(0 + 1 + 0)
+
+
+def _graph_model(nodes, initializers, outputs=("y",), opset=17):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+
+
+def _weight(name, shape, seed):
+    return numpy_helper.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), name)
+
+
+def test_the_activation_after_a_layer_is_found_directly_after_an_add_or_not_at_all():
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
+    weight = _weight("w", (4, 4, 1, 1), 0)
+    relu = _graph_model([conv, helper.make_node("Relu", ["c"], ["y"])], [weight])
+    assert activation_after(relu, "c") == Activation(None, 0.0, math.inf)
+    residual = _graph_model(
+        [conv, helper.make_node("Add", ["c", "x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])], [weight]
+    )
+    assert activation_after(residual, "c") == Activation("s", 0.0, math.inf)
+    bounds = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+    clip = _graph_model([conv, helper.make_node("Clip", ["c", "lo", "hi"], ["y"])], [weight, *bounds])
+    assert activation_after(clip, "c") == Activation(None, 0.0, 6.0)
+    old_clip = _graph_model([conv, helper.make_node("Clip", ["c"], ["y"], min=0.0, max=6.0)], [weight], opset=6)
+    assert activation_after(old_clip, "c") == Activation(None, 0.0, 6.0)
+    # read twice (by the ReLU and as a model output): the activation does not see all its uses
+    exposed = _graph_model([conv, helper.make_node("Relu", ["c"], ["y"])], [weight], outputs=("y", "c"))
+    assert activation_after(exposed, "c").linear
+    assert activation_after(_graph_model([conv, helper.make_node("Sigmoid", ["c"], ["y"])], [weight]), "c").linear
+
+
+def test_the_stage_restores_a_chain_whose_last_conv_was_disturbed():
+    """Original: x -> 1x1 conv (4 -> 5) -> Add x' -> ReLU. "Compressed": the conv as a 1x1 chain 4 -> 4 -> 5 whose
+    first conv is invertible and whose last conv is disturbed: the refit can give back every activation."""
+    rng = np.random.default_rng(3)
+    weight, bias = rng.standard_normal((5, 4)), rng.standard_normal(5)
+    mixing = np.linalg.qr(rng.standard_normal((4, 4)))[0]
+    last = weight @ mixing.T + 0.3 * rng.standard_normal((5, 4))
+    skip = _weight("ws", (5, 4, 1, 1), 9)
+    tail = [
+        helper.make_node("Conv", ["x", "ws"], ["side"], name="side"),
+        helper.make_node("Add", ["c", "side"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+
+    def array(name, value):
+        return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+    original = _graph_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"), *tail],
+        [array("w", weight[..., None, None]), array("b", bias), skip],
+    )
+    compressed = _graph_model(
+        [
+            helper.make_node("Conv", ["x", "w0"], ["z"], name="conv/dacomp_0"),
+            helper.make_node("Conv", ["z", "w1", "b1"], ["c"], name="conv/dacomp_1"),
+            *tail,
+        ],
+        [array("w0", mixing[..., None, None]), array("w1", last[..., None, None]), array("b1", bias), skip],
+    )
+    batches = [{"x": rng.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(8)]
+    judge = OutputError(original, batches[:2], "cpu")
+    assert judge(compressed) > 0.01
+    nodes = [layer for layer in find_targets(compressed).layers if layer.output == "c"]
+    originals = {"c": find_targets(original).layer("conv")}
+    model, record = refit_outputs(original, compressed, nodes, originals, batches, judge, device="cpu",
+                                  show_progress=False)  # fmt: skip
+    assert record["refitted"] == 1 and record["waves"][0]["refit"]
+    before, after = record["waves"][0]["output_error"]
+    assert after < 1e-5 < before
+    x = batches[-1]["x"]
+    assert relative_error(run(model, {"x": x})[0], run(original, {"x": x})[0]) < 1e-3
+    assert run(model, {"x": x})[0].shape == run(original, {"x": x})[0].shape
+
+
+def test_a_refit_that_the_judge_finds_worse_is_not_kept():
+    """The judge measures on other data than the refit sees: judged on an output the refit cannot match, the
+    model is left as it was."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((5, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"])]
+    original = _graph_model(nodes, [numpy_helper.from_array(weight, "w")])
+    compressed = _graph_model(nodes, [numpy_helper.from_array(weight * 0.5, "w")])
+    batches = [{"x": rng.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+
+    class Contrary:
+        """A judge that finds every change worse."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, model):
+            self.calls += 1
+            return float(self.calls)
+
+    layers = find_targets(compressed).layers
+    model, record = refit_outputs(original, compressed, layers, {"c": find_targets(original).layer("conv")},
+                                  batches, Contrary(), device="cpu", show_progress=False)  # fmt: skip
+    assert record["refitted"] == 0 and not record["waves"][0]["refit"]
+    assert model is compressed
