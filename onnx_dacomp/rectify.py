@@ -107,13 +107,20 @@ def refit_outputs(
     show_progress: bool = True,
 ) -> tuple[onnx.ModelProto, dict]:
     """`compressed` with `nodes` (the layers of the compressed model that write a compressed layer's output,
-    one group each; `originals`: output -> the original layer) refit wave by wave on `batches`, and the record.
+    one group each; `originals`: output -> the original layer) refit wave by wave on `batches`, and the record;
+    nodes whose output feeds no clipping activation are left as they are (the record's `no_activation`).
 
     Each node's input vectors come from `compressed` as refit so far, its targets (the original layer's output
     and the activation's input) from `original`; a wave's refits are kept where the judge finds a lower output
     error with them."""
-    model, record, error = compressed, [], judge(compressed)
     activations = {node.output: activation_after(original, node.output) for node in nodes}
+    # the activation is the point: a linear refit of EfficientNet-Lite0's 12 pruned projections (no activation
+    # after them) took 140-200 s and changed top-1 within its interval (81.6 -> 81.4 %, 69.2 -> 68.6 %)
+    linear = [node.name for node in nodes if activations[node.output].linear]
+    nodes = [node for node in nodes if not activations[node.output].linear]
+    if not nodes:
+        return compressed, {"layers": 0, "refitted": 0, "waves": [], "no_activation": linear}
+    model, record, error = compressed, [], judge(compressed)
     by_output = {node.output: node for node in nodes}
     rng = np.random.default_rng(seed)
     with progress(len(nodes), "refitting chain outputs", "layer", enabled=show_progress) as bar:
@@ -147,7 +154,7 @@ def refit_outputs(
     if record:
         logger.info("chain outputs: %d of %d refit through their activation, output error %.4g -> %.4g on the "
                     "judge's samples", refitted, len(nodes), record[0]["output_error"][0], error)  # fmt: skip
-    return model, {"layers": len(nodes), "refitted": refitted, "waves": record}
+    return model, {"layers": len(nodes), "refitted": refitted, "waves": record, "no_activation": linear}
 
 
 def _enough(batches: Sequence[dict[str, np.ndarray]], nodes: Sequence[Layer], length: Callable) -> list[dict]:

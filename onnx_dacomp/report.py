@@ -248,7 +248,7 @@ class CompressionReport:
                 f"{len(self.folded_pads)} explicit zero Pad(s) folded into the convs after them (the same function; "
                 "onnxruntime runs such a Pad outside its blocked layout)"
             )
-        if self.output_refit:
+        if self.output_refit and self.output_refit["waves"]:
             errors = [wave["output_error"] for wave in self.output_refit["waves"]]
             lines.append(
                 f"chain outputs: {self.output_refit['refitted']} of {self.output_refit['layers']} refit through the "

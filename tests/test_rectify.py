@@ -188,3 +188,17 @@ def test_a_refit_that_the_judge_finds_worse_is_not_kept():
                                   batches, Contrary(), device="cpu", show_progress=False)  # fmt: skip
     assert record["refitted"] == 0 and not record["waves"][0]["refit"]
     assert model is compressed
+
+
+def test_a_node_no_activation_reads_is_left_as_it_is():
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((5, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    original = _graph_model(nodes, [numpy_helper.from_array(weight, "w")])
+    compressed = _graph_model(nodes, [numpy_helper.from_array(weight * 0.5, "w")])
+    batches = [{"x": rng.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    judge = OutputError(original, batches[:2], "cpu")
+    layers = find_targets(compressed).layers
+    model, record = refit_outputs(original, compressed, layers, {"y": find_targets(original).layer("conv")},
+                                  batches, judge, device="cpu", show_progress=False)  # fmt: skip
+    assert model is compressed and record["no_activation"] == ["conv"] and record["refitted"] == 0
