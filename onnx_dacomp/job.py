@@ -248,9 +248,10 @@ class CompressionJob:
 
     def rectified(self, new_model: onnx.ModelProto, fits) -> tuple[onnx.ModelProto, dict | None]:
         """`new_model` with the node that writes each compressed layer's output refit on the input it gets there,
-        through the activation after it (`rectify.py`), and the record; as it is with --no-refit-outputs or
-        without calibration data."""
-        if not self.config.fit.refit_outputs or self.calibration is None or not rereadable(self.calibration):
+        through the activation after it (`rectify.py`), and the record; as it is with --no-refit-outputs, with the
+        data-free fit (--norm frobenius) or without calibration data."""
+        fit = self.config.fit
+        if not fit.refit_outputs or fit.norm != "sigma" or self.calibration is None or not rereadable(self.calibration):
             return new_model, None
         originals = {self.layers[name].output: self.layers[name] for name in fits}
         nodes = [

@@ -135,9 +135,8 @@ def refit_outputs(
                     skipped[node.name] = f"{inputs.shape[1]} vectors for {node.vector_length} inputs"
                     continue
                 weight, bias = _read(model, node)
-                refit, refit_bias = rectified_refit(
-                    inputs.T, lower, upper, weight.reshape(len(weight), -1), bias, RIDGE
-                )
+                matrix = weight.reshape(len(weight), -1)
+                refit, refit_bias = rectified_refit(inputs.T, lower, upper, matrix, bias, RIDGE)
                 refits[node.output] = (node, refit.reshape(weight.shape), refit_bias)
             entry = {"layers": [node.name for node in wave_nodes], "refit": False, "output_error": [error, error]}
             if skipped:
@@ -188,7 +187,7 @@ def _wave_data(original, model, nodes, activations, batches, length, rng, device
     observed = create_session(exposing(model, inputs), device)
     samples = sum(length(batch) for batch in batches)
     shares = {node.output: min(1.0, _wanted(node) / (samples * _positions(node))) for node in nodes}
-    parts: dict[str, list] = {node.output: [] for node in nodes}
+    parts = {node.output: ([], [], []) for node in nodes}  # input vectors, lower and upper ends
     for batch in batches:
         values = dict(zip(targets, reference.run(targets, batch))) | dict(zip(inputs, observed.run(inputs, batch)))
         for node in nodes:
@@ -199,15 +198,12 @@ def _wave_data(original, model, nodes, activations, batches, length, rng, device
                 keep = np.sort(rng.choice(len(keep), math.ceil(shares[node.output] * len(keep)), replace=False))
             output = node.output_vectors(values[node.output]).T[keep]
             before = None if activation.input is None else node.output_vectors(values[activation.input]).T[keep]
-            parts[node.output].append(
-                (vectors[:, keep], *output_intervals(output, before, activation.low, activation.high))
-            )
+            lower, upper = output_intervals(output, before, activation.low, activation.high)
+            for part, value in zip(parts[node.output], (vectors[:, keep], lower, upper)):
+                part.append(value)
     return {
-        output: (
-            np.concatenate([c[0] for c in chunks], axis=1),
-            *(np.concatenate([c[i] for c in chunks]) for i in (1, 2)),
-        )
-        for output, chunks in parts.items()
+        output: (np.concatenate(vectors, axis=1), np.concatenate(lower), np.concatenate(upper))
+        for output, (vectors, lower, upper) in parts.items()
     }
 
 
