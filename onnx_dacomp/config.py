@@ -280,10 +280,12 @@ class FitConfig:
     # tail by measurement: the classifier after the compressed layers gave nearly all of the gain (ResNet-56 at
     # 0.5: output error 0.0114 -> 0.0113 from 15 kept convs, -> 0.0104 from the classifier) for a fraction of the
     # time (EfficientNet-Lite0 conv-only at 0.5: 16 waves, 329 s, 0.580 -> 0.571)
-    # on by default by measurement: ResNet-20 `auto` at 0.5 79.97 -> 80.78 % top-1 (docs/BENCHMARKS.md)
+    # on by default by measurement: `auto` at 0.5, ResNet-20 79.97 -> 80.50 %, ResNet-56 82.69 -> 82.91 % top-1
+    # (docs/BENCHMARKS.md)
     refit_outputs: bool = option(
-        True, "keep each chain's last conv as fitted (default: refit on the input it gets in the compressed model, "
-        "through the ReLU after it; kept where the output error falls)", flag="--no-refit-outputs",
+        True, "keep each chain's last conv as fitted (default: where a ReLU or ReLU6 reads a compressed layer, refit "
+        "it on the input it gets in the compressed model, through that activation; kept where the output error "
+        "falls)", flag="--no-refit-outputs",
     )  # fmt: skip
     compensate: str = option(
         "tail", "refit kept layers on the input the compressed ones give them: tail (those after every compressed "

@@ -457,10 +457,14 @@ class CompressionJob:
             sampling=self.problems.sampling,
         )  # fmt: skip
         rows = sliced_rows(rows, self.layers, self.costs.coupled, rank_plan, shrunk)
-        if compensation is not None and compensation.get("kept", True):
-            refit = {name for wave in compensation["waves"] if wave["refit"] for name in wave["layers"]}
-            rows = tuple(replace(row, reason=f"{row.reason}; refit (compensation)") if row.name in refit else row
-                         for row in rows)  # fmt: skip
+        for record, note in (
+            (rectification, "output refit through the activation"),
+            (compensation, "refit (compensation)"),
+        ):
+            if record is not None and record.get("kept", True):
+                refit = {name for wave in record["waves"] if wave["refit"] for name in wave["layers"]}
+                rows = tuple(replace(row, reason=f"{row.reason}; {note}" if row.reason else note)
+                             if row.name in refit else row for row in rows)  # fmt: skip
         predicted = None
         if self.sensitivity is not None:
             errors = {name: fit.rel_error for name, fit in fits.items()}

@@ -107,8 +107,9 @@ def refit_outputs(
     show_progress: bool = True,
 ) -> tuple[onnx.ModelProto, dict]:
     """`compressed` with `nodes` (the layers of the compressed model that write a compressed layer's output,
-    one group each; `originals`: output -> the original layer) refit wave by wave on `batches`, and the record;
-    nodes whose output feeds no clipping activation are left as they are (the record's `no_activation`).
+    one group each; `originals`: output -> the original layer, whose names the record uses) refit wave by wave
+    on `batches`, and the record; nodes whose output feeds no clipping activation are left as they are (the
+    record's `no_activation`).
 
     Each node's input vectors come from `compressed` as refit so far, its targets (the original layer's output
     and the activation's input) from `original`; a wave's refits are kept where the judge finds a lower output
@@ -116,7 +117,7 @@ def refit_outputs(
     activations = {node.output: activation_after(original, node.output) for node in nodes}
     # the activation is the point: a linear refit of EfficientNet-Lite0's 12 pruned projections (no activation
     # after them) took 140-200 s and changed top-1 within its interval (81.6 -> 81.4 %, 69.2 -> 68.6 %)
-    linear = [node.name for node in nodes if activations[node.output].linear]
+    linear = [originals[node.output].name for node in nodes if activations[node.output].linear]
     nodes = [node for node in nodes if not activations[node.output].linear]
     if not nodes:
         return compressed, {"layers": 0, "refitted": 0, "waves": [], "no_activation": linear}
@@ -132,13 +133,13 @@ def refit_outputs(
             for node in wave_nodes:
                 inputs, lower, upper = data[node.output]
                 if inputs.shape[1] < MIN_VECTORS_PER_INPUT * (node.vector_length + 1):
-                    skipped[node.name] = f"{inputs.shape[1]} vectors for {node.vector_length} inputs"
+                    skipped[originals[node.output].name] = f"{inputs.shape[1]} vectors for {node.vector_length} inputs"
                     continue
                 weight, bias = _read(model, node)
                 matrix = weight.reshape(len(weight), -1)
                 refit, refit_bias = rectified_refit(inputs.T, lower, upper, matrix, bias, RIDGE)
                 refits[node.output] = (node, refit.reshape(weight.shape), refit_bias)
-            entry = {"layers": [node.name for node in wave_nodes], "refit": False, "output_error": [error, error]}
+            entry = {"layers": [layer.name for layer in wave], "refit": False, "output_error": [error, error]}
             if skipped:
                 entry["skipped"] = skipped
             if refits:
