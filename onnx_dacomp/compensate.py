@@ -20,7 +20,7 @@ from .calibration.cross import collect_cross_statistics
 from .decompose.compensation import refit_loss, ridge_refit
 from .layers import Layer
 from .log import logger, progress
-from .propagate import OutputError, waves
+from .propagate import OutputError, first_batches, waves
 from .rewrite import refit_layers
 
 # a wave's statistics come from enough samples for this many input vectors per input dimension (at least
@@ -107,13 +107,7 @@ def _enough(batches: Sequence[dict[str, np.ndarray]], wave: Sequence[Layer], len
             for layer in wave
         ),
     )
-    chosen, count = [], 0
-    for batch in batches:
-        if count >= needed:
-            break
-        chosen.append(batch)
-        count += length(batch)
-    return chosen
+    return first_batches(batches, needed, length)
 
 
 def _moments(cross) -> tuple:

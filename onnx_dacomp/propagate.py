@@ -44,6 +44,17 @@ def waves(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[list[Layer]]:
     return [[layer for layer in layers if depth[layer.name] == level] for level in sorted(set(depth.values()))]
 
 
+def first_batches(batches: Sequence[dict[str, np.ndarray]], needed: int, length: Callable) -> list[dict]:
+    """The first of `batches` that hold `needed` samples (`length`: a batch's sample count), or all."""
+    chosen, count = [], 0
+    for batch in batches:
+        if count >= needed:
+            break
+        chosen.append(batch)
+        count += length(batch)
+    return chosen
+
+
 class OutputError:
     """The relative output error energy of candidate models against `model` on fixed batches (the reference
     outputs computed once): how the propagated and the plain fit of a wave are compared."""

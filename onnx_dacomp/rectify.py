@@ -23,7 +23,7 @@ from .calibration.collect import exposing
 from .decompose.rectified import output_intervals, rectified_refit
 from .layers import ConstantResolver, Layer
 from .log import logger, progress
-from .propagate import OutputError, waves
+from .propagate import OutputError, first_batches, waves
 from .rewrite import refit_layers
 from .runtime import create_session
 
@@ -163,13 +163,7 @@ def _enough(batches: Sequence[dict[str, np.ndarray]], nodes: Sequence[Layer], le
         MIN_SAMPLES,
         *(math.ceil(VECTORS_PER_INPUT * (node.vector_length + 1) / _positions(node)) for node in nodes),
     )
-    chosen, count = [], 0
-    for batch in batches:
-        if count >= needed:
-            break
-        chosen.append(batch)
-        count += length(batch)
-    return chosen
+    return first_batches(batches, needed, length)
 
 
 def _positions(node: Layer) -> int:
