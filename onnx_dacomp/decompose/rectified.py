@@ -16,7 +16,10 @@ solved by majorization: a step replaces `dist(y~, [L, H])^2` by `(y~ - clip(y~_k
 the current outputs and lies above it everywhere, and solves that least squares problem (one factorization
 shared by all steps and channels). Steps are taken from an extrapolated point (Nesterov's momentum; on a
 ResNet-20 layer 30 steps come within 0.1 % of the optimum where plain steps need 300), and where one would
-raise the objective, from the current point without momentum, so the objective never rises.
+raise the objective, from the current point without momentum, so the objective never rises. The vectors, the
+intervals and the outputs are float32 (the Gram matrix, its factor and the maps float64): each step's two
+products with the vectors are most of the time, and in float32 they take half of it (a ResNet-20 layer of 69,350
+vectors in 121 dimensions: the same objective to seven digits).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def output_intervals(
 
 
 def interval_objective(outputs: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
-    """`sum dist(outputs, [lower, upper])^2`."""
-    return float(np.sum((outputs - np.clip(outputs, lower, upper)) ** 2))
+    """`sum dist(outputs, [lower, upper])^2` (summed in float64)."""
+    gap = outputs - np.clip(outputs, lower, upper)
+    return float(np.sum(np.square(gap), dtype=np.float64))
 
 
 def rectified_refit(
@@ -58,20 +62,25 @@ def rectified_refit(
     the intervals `[lower, upper]` (P, T), pulled toward `(weight (T, R), bias (T,))` by `ridge` (relative to
     the mean eigenvalue of the inputs' second moment, the constant 1 appended). Starts at `(weight, bias)`;
     the objective never rises. Where every interval is a point this is ridge least squares, in one step."""
-    design = np.hstack([np.asarray(inputs, np.float64), np.ones((len(inputs), 1))])
+    design = np.hstack([np.asarray(inputs, np.float32), np.ones((len(inputs), 1), np.float32)])
+    lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
     start = np.hstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[:, None]])  # (T, R + 1)
-    gram = design.T @ design
+    gram = np.einsum("pi,pj->ij", design, design, dtype=np.float64)
     shift = ridge * max(np.trace(gram) / len(gram), np.finfo(float).tiny)
     factor = scipy.linalg.cho_factor(gram + shift * np.eye(len(gram)))
+
+    def outputs_of(mapping):
+        return design @ mapping.T.astype(np.float32)
 
     def objective(mapping, outputs):
         return interval_objective(outputs, lower, upper) + shift * float(np.sum((mapping - start) ** 2))
 
     def step(outputs):  # the majorizer's minimizer, from the outputs of the point it touches
-        mapping = scipy.linalg.cho_solve(factor, design.T @ np.clip(outputs, lower, upper) + shift * start.T).T
-        return mapping, design @ mapping.T
+        moment = (design.T @ np.clip(outputs, lower, upper)).astype(np.float64)
+        mapping = scipy.linalg.cho_solve(factor, moment + shift * start.T).T
+        return mapping, outputs_of(mapping)
 
-    mapping, outputs = start, design @ start.T
+    mapping, outputs = start, outputs_of(start)
     value, point, momentum = objective(mapping, outputs), (mapping, outputs), 1.0
     for _ in range(MAX_STEPS):
         stepped, stepped_outputs = step(point[1])
@@ -85,7 +94,7 @@ def rectified_refit(
         # outputs are linear in the map: the extrapolated point's are extrapolated the same way
         point = (
             stepped + weight_of_move * (stepped - mapping),
-            stepped_outputs + weight_of_move * (stepped_outputs - outputs),
+            stepped_outputs + np.float32(weight_of_move) * (stepped_outputs - outputs),
         )
         done = value - stepped_value <= TOLERANCE * value
         mapping, outputs, value, momentum = stepped, stepped_outputs, min(value, stepped_value), following
