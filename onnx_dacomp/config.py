@@ -280,7 +280,7 @@ class FitConfig:
     # tail by measurement: the classifier after the compressed layers gave nearly all of the gain (ResNet-56 at
     # 0.5: output error 0.0114 -> 0.0113 from 15 kept convs, -> 0.0104 from the classifier) for a fraction of the
     # time (EfficientNet-Lite0 conv-only at 0.5: 16 waves, 329 s, 0.580 -> 0.571)
-    # on by default by measurement: `auto` at 0.5, ResNet-20 79.97 -> 80.50 %, ResNet-56 82.69 -> 82.91 % top-1
+    # on by default by measurement: `auto` at 0.5, ResNet-20 79.97 -> 80.45 %, ResNet-56 82.69 -> 82.91 % top-1
     # (docs/BENCHMARKS.md)
     refit_outputs: bool = option(
         True, "keep each chain's last conv as fitted (default: where a ReLU or ReLU6 reads a compressed layer, refit "
