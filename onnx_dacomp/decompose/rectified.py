@@ -18,8 +18,8 @@ shared by all steps and channels). Steps are taken from an extrapolated point (N
 ResNet-20 layer 30 steps come within 0.1 % of the optimum where plain steps need 300), and where one would
 raise the objective, from the current point without momentum, so the objective never rises. The vectors, the
 intervals and the outputs are float32 (the Gram matrix, its factor and the maps float64): each step's two
-products with the vectors are most of the time, and in float32 they take half of it (a ResNet-20 layer of 69,350
-vectors in 121 dimensions: the same objective to seven digits).
+products with the vectors are most of the time, and float32 halves them (a ResNet-20 layer of 69,350 vectors in
+121 dimensions: 10.5 -> 6.6 s, the same objective to seven digits).
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def rectified_refit(
     design = np.hstack([np.asarray(inputs, np.float32), np.ones((len(inputs), 1), np.float32)])
     lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
     start = np.hstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[:, None]])  # (T, R + 1)
-    gram = np.einsum("pi,pj->ij", design, design, dtype=np.float64)
+    exact = design.astype(np.float64)  # once: a float64 product is BLAS's (an einsum in float64 took 8x as long)
+    gram = exact.T @ exact
+    del exact
     shift = ridge * max(np.trace(gram) / len(gram), np.finfo(float).tiny)
     factor = scipy.linalg.cho_factor(gram + shift * np.eye(len(gram)))
 
