@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dacomp.decompose.rectified import interval_objective, output_intervals, rectified_refit
 from onnx_dacomp.propagate import OutputError
-from onnx_dacomp.rectify import Activation, activation_after, refit_outputs
+from onnx_dacomp.rectify import Activation, activations_after, refit_outputs
 from onnx_dacomp.targets import find_targets
 
 IR_VERSION = 8
@@ -104,20 +104,21 @@ def test_the_activation_after_a_layer_is_found_directly_after_an_add_or_not_at_a
     conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
     weight = _weight("w", (4, 4, 1, 1), 0)
     relu = _graph_model([conv, helper.make_node("Relu", ["c"], ["y"])], [weight])
-    assert activation_after(relu, "c") == Activation(None, 0.0, math.inf)
+    assert activations_after(relu, ["c"])["c"] == Activation(None, 0.0, math.inf)
     residual = _graph_model(
         [conv, helper.make_node("Add", ["c", "x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])], [weight]
     )
-    assert activation_after(residual, "c") == Activation("s", 0.0, math.inf)
+    assert activations_after(residual, ["c"])["c"] == Activation("s", 0.0, math.inf)
     bounds = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
     clip = _graph_model([conv, helper.make_node("Clip", ["c", "lo", "hi"], ["y"])], [weight, *bounds])
-    assert activation_after(clip, "c") == Activation(None, 0.0, 6.0)
+    assert activations_after(clip, ["c"])["c"] == Activation(None, 0.0, 6.0)
     old_clip = _graph_model([conv, helper.make_node("Clip", ["c"], ["y"], min=0.0, max=6.0)], [weight], opset=6)
-    assert activation_after(old_clip, "c") == Activation(None, 0.0, 6.0)
+    assert activations_after(old_clip, ["c"])["c"] == Activation(None, 0.0, 6.0)
     # read twice (by the ReLU and as a model output): the activation does not see all its uses
     exposed = _graph_model([conv, helper.make_node("Relu", ["c"], ["y"])], [weight], outputs=("y", "c"))
-    assert activation_after(exposed, "c").linear
-    assert activation_after(_graph_model([conv, helper.make_node("Sigmoid", ["c"], ["y"])], [weight]), "c").linear
+    assert activations_after(exposed, ["c"])["c"].linear
+    sigmoid = _graph_model([conv, helper.make_node("Sigmoid", ["c"], ["y"])], [weight])
+    assert activations_after(sigmoid, ["c"])["c"].linear
 
 
 def test_the_stage_restores_a_chain_whose_last_conv_was_disturbed():
