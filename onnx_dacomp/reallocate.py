@@ -89,9 +89,10 @@ def within_reach(
     restricted = dict(tables)
     for name in names:
         chosen = plan.get(name)
+        fitted_as = get(chosen.method).variant_of or chosen.method  # a `cp-fused` chain: the tables' `cp`
         restricted[name] = replace(tables[name], candidates=tuple(
             c for c in tables[name].candidates
-            if c.method == chosen.method and chosen.error / reach <= c.error <= chosen.error * reach
+            if c.method == fitted_as and chosen.error / reach <= c.error <= chosen.error * reach
         ))  # fmt: skip
         if get(chosen.method).prunes_inputs:
             for producer in (groups or {}).get(name, ()):

@@ -3,6 +3,7 @@ plan allocated again (freely, or with each layer's error kept within reach) is k
 lower output error on data the fits did not see, and a kept plan is measured and reallocated again."""
 
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -96,6 +97,10 @@ def test_within_reach_keeps_a_compressed_layers_method_and_errors_near_its_own()
     assert [(c.method, c.ranks) for c in near["b"].candidates] == [("prune", (4,)), ("prune", (8,))]
     assert near["c"].candidates == () and near["d"] == tables["d"]
     assert tables["c"].candidates  # the input tables are not changed
+
+    # a chain realized as `cp-fused` (where the target is time) keeps the candidates of the `cp` fit it realizes
+    fused = RankPlan({**plan.choices, "a": replace(tables["a"].candidates[4], method="cp-fused")}, 0.5)
+    assert [(c.method, c.ranks) for c in within_reach(tables, fused, ["a"], 2.0)["a"].candidates] == [("cp", (16,))]
 
 
 def test_the_reallocated_plan_is_kept_only_where_its_output_error_is_lower(tmp_path):
