@@ -120,7 +120,14 @@ def evaluate(
     batches = benchmark_batches(source, benchmark_batch, signature) if benchmark_batch else []
     latency = tuple(
         compare_latency(
-            original, compressed, batch, size, device=runtime.device, max_seconds=max_seconds, show_progress=progress
+            original,
+            compressed,
+            batch,
+            size,
+            device=runtime.device,
+            threads=runtime.timing_threads,
+            max_seconds=max_seconds,
+            show_progress=progress,
         )
         for batch, size in zip(batches, benchmark_batch)
     )

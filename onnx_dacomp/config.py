@@ -427,6 +427,11 @@ class RuntimeConfig:
     )
     seed: int = option(0, "seed of everything random (data subsets, natural crops, solver starts)", parse=int)
     speed_batch: int = option(1, "batch size of the latency measurements", parse=positive_int)
+    timing_threads: int | None = option(
+        None, "onnxruntime threads of every latency measurement (end to end, the --speedup probes, one-layer "
+        "tables): as many as the model will get where it runs (at batch 1 often 1)", parse=positive_int,
+        shown="the machine's cores",
+    )  # fmt: skip
     workers: int | None = option(
         None, "processes for calibration shards and per-layer work (candidate tables, probes, fits)",
         parse=positive_int, shown="the machine's cores",
@@ -446,6 +451,8 @@ class RuntimeConfig:
             raise UserError(f"--workers must be a positive integer, got {self.workers}")
         if self.speed_batch < 1:
             raise UserError(f"--speed-batch must be a positive integer, got {self.speed_batch}")
+        if self.timing_threads is not None and self.timing_threads < 1:
+            raise UserError(f"--timing-threads must be a positive integer, got {self.timing_threads}")
 
 
 @dataclass(frozen=True)

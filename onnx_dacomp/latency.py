@@ -66,8 +66,9 @@ class Latency:
         return self.ratio_high < 1.0
 
     def describe(self) -> str:
+        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
         return (
-            f"latency at batch {self.batch} ({self.provider}, {self.threads} threads): {self.original_ms:.2f} ms -> "
+            f"latency at batch {self.batch} ({self.provider}, {threads}): {self.original_ms:.2f} ms -> "
             f"{self.compressed_ms:.2f} ms, ratio {self.ratio:.3f} [{self.ratio_low:.3f}, {self.ratio_high:.3f}] "
             f"({self.rounds} rounds on {self.sessions} session pairs)"
         )
@@ -170,9 +171,11 @@ def compare_latency(
     )
 
 
-def session_latency(model: onnx.ModelProto, batch: dict[str, np.ndarray], *, device: str = "auto", runs: int = 30):
+def session_latency(
+    model: onnx.ModelProto, batch: dict[str, np.ndarray], *, device: str = "auto", threads: int | None = None, runs=30
+):
     """Median latency (ms) of one model on `batch` and the provider that ran it (one-layer timing tables)."""
-    session = create_session(model, device, spinning=False)
+    session = create_session(model, device, threads=threads or default_threads(), spinning=False)
     for _ in range(WARMUP_RUNS):
         session.run(None, batch)
     return 1000 * stats.median(_timed(session, batch, 1) for _ in range(runs)), provider_name(session)

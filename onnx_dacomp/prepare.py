@@ -227,7 +227,9 @@ def prepare(
     settings = FitSettings.of(config)
     # chains are timed at the batch of the speed target where there is one
     speed_batch = config.plan.speedup_batch if config.plan.speedup is not None else runtime.speed_batch
-    timing = LatencyTable(batch=speed_batch, device=runtime.device, opset=default_opset(model) or 17)
+    timing = LatencyTable(
+        batch=speed_batch, device=runtime.device, opset=default_opset(model) or 17, threads=runtime.timing_threads
+    )
     # the latency budget counts every candidate chain's one-layer time. --speedup counts MACs and times whole
     # models: one-layer times at its batch 1 are too noisy to choose by (ResNet-56's 16-channel layers measured
     # 0.096 ms and then 0.043, a chain 0.013 and then 0.058), and taking only chains measured faster than their

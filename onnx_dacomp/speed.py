@@ -41,7 +41,7 @@ class LayerTiming:
 
 
 def layer_latency(
-    layer: Layer, method: str, ranks: Ranks, *, batch: int, device: str, opset: int, runs: int = 30
+    layer: Layer, method: str, ranks: Ranks, *, batch: int, device: str, opset: int, threads=None, runs: int = 30
 ) -> LayerTiming:
     """Median latency of the original layer and of its chain at `batch` samples."""
     model, feeds = layer.timing_model(batch, opset)
@@ -50,8 +50,8 @@ def layer_latency(
     shape = layer.geometry.weight_shape
     factors = [solver.placeholder(shape, ranks, np.random.default_rng(g)) for g in range(layer.geometry.group)]
     chain = replace_layers(model, {"y": (single, factors)})
-    original_ms, provider = session_latency(model, feeds, device=device, runs=runs)
-    chain_ms, _ = session_latency(chain, feeds, device=device, runs=runs)
+    original_ms, provider = session_latency(model, feeds, device=device, threads=threads, runs=runs)
+    chain_ms, _ = session_latency(chain, feeds, device=device, threads=threads, runs=runs)
     return LayerTiming(original_ms, chain_ms, provider)
 
 
@@ -71,8 +71,8 @@ class LatencyTable:
     their measurements, so a network with many repeated blocks is timed once per distinct layer.
     """
 
-    def __init__(self, *, batch: int, device: str, opset: int):
-        self.batch, self.device, self.opset = batch, device, opset
+    def __init__(self, *, batch: int, device: str, opset: int, threads: int | None = None):
+        self.batch, self.device, self.opset, self.threads = batch, device, opset, threads
         self._measured: dict[tuple, float] = {}
         self.provider = None
 
@@ -80,14 +80,16 @@ class LatencyTable:
         key = (layer.timing_key, None, None)
         if key not in self._measured:
             model, feeds = layer.timing_model(self.batch, self.opset)
-            measured, self.provider = session_latency(model, feeds, device=self.device)
+            measured, self.provider = session_latency(model, feeds, device=self.device, threads=self.threads)
             self._measured[key] = self._in_context(layer, measured)
         return self._measured[key]
 
     def chain(self, layer: Layer, method: str, ranks: Ranks) -> float:
         key = (layer.timing_key, method, tuple(ranks))
         if key not in self._measured:
-            latency = layer_latency(layer, method, ranks, batch=self.batch, device=self.device, opset=self.opset)
+            latency = layer_latency(
+                layer, method, ranks, batch=self.batch, device=self.device, opset=self.opset, threads=self.threads
+            )
             self._measured[key] = self._in_context(layer, latency.chain_ms)
             self._measured.setdefault((layer.timing_key, None, None), self._in_context(layer, latency.original_ms))
             self.provider = latency.provider
@@ -98,7 +100,7 @@ class LatencyTable:
         key = (type(layer).__name__, tuple(layer.input_shape[1:]), layer.dtype, "baseline")
         if key not in self._measured:
             model, feeds = layer.timing_baseline(self.batch, self.opset)
-            self._measured[key] = session_latency(model, feeds, device=self.device)[0]
+            self._measured[key] = session_latency(model, feeds, device=self.device, threads=self.threads)[0]
         return self._measured[key]
 
     def _in_context(self, layer: Layer, measured: float) -> float:

@@ -309,6 +309,7 @@ def end_to_end_latency(
             batch,
             size,
             device=runtime.device,
+            threads=runtime.timing_threads,
             max_seconds=max_seconds,
             show_progress=show_progress,
             threshold=threshold,

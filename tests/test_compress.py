@@ -291,6 +291,8 @@ def test_cli_evaluate_reports_accuracy_agreement_and_latency(tmp_path, data_file
             "1,8",
             "--benchmark-seconds",
             "2",
+            "--timing-threads",
+            "1",
             "--classifier-output",
             "r5",
         ]
@@ -301,7 +303,7 @@ def test_cli_evaluate_reports_accuracy_agreement_and_latency(tmp_path, data_file
     # the generated model's output is a feature map: top-1 over its channel axis, per position
     assert 0 <= result["top1_agreement"] <= 1 and result["rel_output_error"] > 0
     assert [entry["batch"] for entry in result["latency"]] == [1, 8]
-    assert all(entry["ratio"] > 0 for entry in result["latency"])
+    assert all(entry["ratio"] > 0 and entry["threads"] == 1 for entry in result["latency"])
     argv = [
         "evaluate",
         str(model_path),
@@ -380,7 +382,7 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
 
     timed = []
 
-    def fake_latency(layer, method, ranks, *, batch, device, opset, runs=30):
+    def fake_latency(layer, method, ranks, *, batch, device, opset, threads, runs=30):
         timed.append(layer.name)
         return LayerTiming(1.0, 2.0 if layer.name == "conv1" else 0.5, "CPU")
 
@@ -390,7 +392,7 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
     model = _stack()
     base = dict(ratio=0.5, holdout=0, max_iter=3, rank_multiple=1, reallocate=False)  # the plans as allocated
     plain = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), CompressConfig(**base), progress=False).report
-    config = CompressConfig(**base, require_speedup=True, speed_batch=4, benchmark_batch=4)
+    config = CompressConfig(**base, require_speedup=True, speed_batch=4, benchmark_batch=4, timing_threads=1)
     report = onnx_dacomp.compress(model, ArraySource(data_file, ["x"]), config, progress=False).report
     by_name = {layer.name: layer for layer in report.layers}
     assert "conv1" in timed and by_name["conv1"].method is None and "not faster" in by_name["conv1"].reason
@@ -403,7 +405,7 @@ def test_require_speedup_keeps_layers_whose_chain_is_slower(data_file, monkeypat
     conv1 = next(layer for layer in plain.layers if layer.name == "conv1")
     saved = sum(layer.params_before - layer.params_after for layer in (conv1, *sliced))
     assert saved > 0 and report.totals["params_after"] == plain.totals["params_after"] + saved
-    assert [item.batch for item in report.latency] == [1, 4]
+    assert [(item.batch, item.threads) for item in report.latency] == [(1, 1), (4, 1)]
 
 
 def test_layer_latency_times_real_chains():

@@ -185,7 +185,7 @@ def test_layer_timings_are_the_one_layer_time_less_its_baseline(monkeypatch):
     layer = find_targets(conv_stack(channels=16, size=(12, 12))).targets[0]
     baselines = []
 
-    def fake_session_latency(model, feeds, device):
+    def fake_session_latency(model, feeds, device, threads):
         if model.graph.node[0].name == "baseline":
             baselines.append(model)
             return 0.010, "CPU"

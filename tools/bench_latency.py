@@ -12,9 +12,10 @@ default), `compress` with `--method auto` and the defaults otherwise: `--budget 
 0.5`, or `--speedup X` (measured at batch 1), and `--method prune` at `--ratio 0.6`, `--speedup 1.3
 --speedup-batch 32` and `--speedup 1.5`. Each compressed model is then timed against its original (the
 interleaved A/B measurement of `evaluate --benchmark`: alternating rounds, the median ratio and its 95 %
-interval, until +-3 % or the time cap) at batch 1 and 32, and evaluated on the test data (top-1 with its
-Wilson interval). Every compression of a model shares one `--cache-dir` (statistics, candidate tables and
-sensitivities are the same for every setting). Writes bench/latency.json and bench/latency.md.
+interval, until +-3 % or the time cap) at batch 1 and 32 (one thread per core) and at batch 1 on one thread,
+and evaluated on the test data (top-1 with its Wilson interval). Every compression of a model shares one
+`--cache-dir` (statistics, candidate tables and sensitivities are the same for every setting). Writes
+bench/latency.json and bench/latency.md.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ MODEL_SETTINGS = {
     "resnet50": ("params", "speedup1.5"),
 }
 IMAGENET_HOLDOUT = 100  # of the 500 even-class images: 400 calibrate
+# (key, index into the batches of sizes 1 and 32, batch size, threads): one per core, and batch 1 on one thread,
+# where a second one rarely pays on a small model (--timing-threads in the README)
+TIMINGS = (("1", 0, 1, None), ("1x1", 0, 1, 1), ("32", 1, 32, None))
 
 
 def main() -> None:
@@ -118,18 +122,19 @@ def main() -> None:
                 continue
             seconds = time.perf_counter() - start
             comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
-            latency = [
-                compare_latency(
+            latency = {
+                key: compare_latency(
                     model,
                     result.model,
-                    batch,
+                    batches[index],
                     size,
                     device="cpu",
+                    threads=threads,
                     max_seconds=args.latency_seconds,
                     show_progress=False,
                 )  # fmt: skip
-                for batch, size in zip(batches, (1, 32))
-            ]
+                for key, index, size, threads in TIMINGS
+            }
             totals, classifier = result.report.totals, comparison.classifier
             row = {
                 "model": key, "setting": setting, "ratio": result.report.target_ratio,
@@ -140,9 +145,9 @@ def main() -> None:
                 "rel_error": comparison.rel_output_error, "rel_error_high": comparison.rel_output_error_high,
                 "labels_meaningful": key != "resnet50",  # random weights: only the output error means anything
                 "latency": {
-                    str(item.batch): {"ratio": item.ratio, "interval": [item.ratio_low, item.ratio_high],
-                                      "rounds": item.rounds, "threads": item.threads}
-                    for item in latency
+                    key: {"ratio": item.ratio, "interval": [item.ratio_low, item.ratio_high],
+                          "rounds": item.rounds, "threads": item.threads}
+                    for key, item in latency.items()
                 },
                 "search": result.report.search, "seconds": seconds,
             }  # fmt: skip
@@ -156,14 +161,17 @@ def main() -> None:
 
 
 def line(row: dict) -> str:
-    b1, b32 = row["latency"]["1"], row["latency"]["32"]
     return (
         f"{row['model']} {row['setting']}: ratio {row['ratio']:.3f} params {row['params_kept']:.3f} MACs "
         f"{row['macs_kept']:.3f} top-1 {row['top1']:.2%} (original {row['top1_original']:.2%}) rel. error "
-        f"{row['rel_error']:.4f} latency b1 "
-        f"{b1['ratio']:.3f} [{b1['interval'][0]:.3f}, {b1['interval'][1]:.3f}] b32 {b32['ratio']:.3f} "
-        f"[{b32['interval'][0]:.3f}, {b32['interval'][1]:.3f}] in {row['seconds']:.0f} s"
+        f"{row['rel_error']:.4f} latency b1 {_ratio(row, '1')}, b1 on 1 thread {_ratio(row, '1x1')}, b32 "
+        f"{_ratio(row, '32')} in {row['seconds']:.0f} s"
     )
+
+
+def _ratio(row: dict, key: str) -> str:
+    item = row["latency"].get(key)  # rows of earlier runs have no batch-1 timing on one thread
+    return "" if item is None else f"{item['ratio']:.3f} [{item['interval'][0]:.3f}, {item['interval'][1]:.3f}]"
 
 
 def table(results: dict) -> str:
@@ -173,12 +181,13 @@ def table(results: dict) -> str:
         "ResNet-50-shaped model has random weights: its relative output error on the test data instead, with the "
         "upper end of its interval).",
         "",
-        "| model | setting | ratio | params kept | MACs kept | top-1 (or output error) | latency b1 | latency b32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | setting | ratio | params kept | MACs kept | top-1 (or output error) | latency b1 | latency b1, 1 "
+        "thread | latency b32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['setting']} | | | | {row['error']} | | |")
+            lines.append(f"| {row['model']} | {row['setting']} | | | | {row['error']} | | | |")
             continue
         low, high = row["top1_interval"]
         if row.get("labels_meaningful", True):
@@ -189,10 +198,8 @@ def table(results: dict) -> str:
         cells = [
             row["model"], row["setting"], f"{row['ratio']:.3f}", f"{row['params_kept']:.3f}", f"{row['macs_kept']:.3f}",
             quality,
+            *(_ratio(row, key) for key, *_ in TIMINGS),
         ]  # fmt: skip
-        for batch in ("1", "32"):
-            item = row["latency"][batch]
-            cells.append(f"{item['ratio']:.3f} [{item['interval'][0]:.3f}, {item['interval'][1]:.3f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -31,7 +31,7 @@ def add_parser(commands) -> None:
     )  # fmt: skip
     add_options(parser, VerifyConfig, only=("classifier_outputs",))
     add_data_options(parser)
-    add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed"))
+    add_options(parser, RuntimeConfig, title="runtime", only=("device", "seed", "timing_threads"))
 
 
 def run(args: argparse.Namespace) -> int:
