@@ -172,7 +172,12 @@ def compare_latency(
 
 
 def session_latency(
-    model: onnx.ModelProto, batch: dict[str, np.ndarray], *, device: str = "auto", threads: int | None = None, runs=30
+    model: onnx.ModelProto,
+    batch: dict[str, np.ndarray],
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    runs: int = 30,
 ):
     """Median latency (ms) of one model on `batch` and the provider that ran it (one-layer timing tables)."""
     session = create_session(model, device, threads=threads or default_threads(), spinning=False)

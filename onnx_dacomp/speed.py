@@ -41,7 +41,15 @@ class LayerTiming:
 
 
 def layer_latency(
-    layer: Layer, method: str, ranks: Ranks, *, batch: int, device: str, opset: int, threads=None, runs: int = 30
+    layer: Layer,
+    method: str,
+    ranks: Ranks,
+    *,
+    batch: int,
+    device: str,
+    opset: int,
+    threads: int | None = None,
+    runs: int = 30,
 ) -> LayerTiming:
     """Median latency of the original layer and of its chain at `batch` samples."""
     model, feeds = layer.timing_model(batch, opset)
