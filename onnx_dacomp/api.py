@@ -17,10 +17,10 @@ from .calibration.statistics import Statistics
 from .config import DataConfig, RuntimeConfig
 from .errors import UserError
 from .inputs import InputSignature, declared_dims, graph_inputs, input_signature, with_image_size
-from .latency import MAX_SECONDS, Latency, compare_latency
+from .latency import MAX_SECONDS, Latency
 from .load import load_model
 from .targets import TargetScan, find_targets
-from .verify import Comparison, benchmark_batches, compare_models
+from .verify import Comparison, compare_models, end_to_end_latency
 from .workers import executor
 
 Model = onnx.ModelProto | str | os.PathLike
@@ -117,19 +117,10 @@ def evaluate(
         original, compressed, source, device=runtime.device, progress=progress, signature=signature,
         classifier_outputs=classifier_outputs,
     )  # fmt: skip
-    batches = benchmark_batches(source, benchmark_batch, signature) if benchmark_batch else []
-    latency = tuple(
-        compare_latency(
-            original,
-            compressed,
-            batch,
-            size,
-            device=runtime.device,
-            threads=runtime.timing_threads,
-            max_seconds=max_seconds,
-            show_progress=progress,
-        )
-        for batch, size in zip(batches, benchmark_batch)
+    latency = (
+        end_to_end_latency(original, compressed, source, benchmark_batch, signature, runtime, progress, max_seconds)
+        if benchmark_batch
+        else ()
     )
     return Evaluation(comparison, latency)
 
