@@ -70,6 +70,20 @@ def test_compare_latency_measures_relative_cost():
     assert "ratio" in double.describe() and f"[{double.ratio_low:.3f}" in double.describe()
 
 
+def test_a_bound_run_computes_the_model_on_the_bound_inputs():
+    """The timed run (inputs and outputs bound to the provider's device) against a numpy 1x1 convolution."""
+    from onnx_dacomp.runtime import create_session
+
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((6, 4, 1, 1))
+    x = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    run = latency.BoundRun(create_session(conv_model(weight, input_shape=("n", 4, 5, 5)), "cpu"), {"x": x})
+    run()
+    expected = np.einsum("oi,nihw->nohw", weight[:, :, 0, 0], x.astype(np.float64))
+    (output,) = run.outputs()
+    assert output.shape == (3, 6, 5, 5) and np.allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_with_a_threshold_a_narrow_interval_that_straddles_it_is_timed_on(monkeypatch):
     """Rounds of known times (the compressed model 0.99 or 1.01 of the original's, in turn): narrow at once, so
     without a threshold, or asked about 1.1, the fewest rounds; asked about 1.0, every interval straddles it:
@@ -77,8 +91,9 @@ def test_with_a_threshold_a_narrow_interval_that_straddles_it_is_timed_on(monkey
     original, compressed, calls = object(), object(), itertools.count()
     monkeypatch.setattr(latency, "create_session", lambda model, *args, **kwargs: model)
     monkeypatch.setattr(latency, "provider_name", lambda session: "CPU")
+    monkeypatch.setattr(latency, "BoundRun", lambda session, batch: session)
     monkeypatch.setattr(
-        latency, "_timed", lambda s, batch, runs: 1e-3 * (1 if s is original else (0.99, 1.01)[next(calls) % 2])
+        latency, "_timed", lambda run, runs: 1e-3 * (1 if run is original else (0.99, 1.01)[next(calls) % 2])
     )
 
     def rounds(threshold):
