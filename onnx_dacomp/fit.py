@@ -115,12 +115,12 @@ def fit_all(
                     found = store.fit(stored[name])
                     if found is not None:
                         cache[keys[name]] = found
-                        bar.update(work=works[name])
+                        bar.update(work=works[name], reused=True)
                         continue
                 yield FitTask(problem, fitted[name], settings)
 
         done = [name for name, key in keys.items() if key in cache]
-        bar.update(len(done), work=sum(works[name] for name in done))
+        bar.update(len(done), work=sum(works[name] for name in done), reused=True)
         for name, fit in map(run_task, pending()):
             cache[keys[name]] = fit
             if store is not None:

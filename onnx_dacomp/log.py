@@ -76,6 +76,7 @@ class Progress:
         self.total, self.description, self.unit, self.enabled = total, description, unit, enabled
         self.work, self.work_done = work, 0.0
         self.count, self.start, self.announced = 0, time.monotonic(), False
+        self.reused, self.reused_work = 0, 0.0  # units found done (cache hits): counted, but took no time
         self.first = None  # (time, count, work) of the first update: the end of the stage's one-off start
         self.parallel = 1  # units that run at once after the first (workers): the first estimate divides by it
         self.units_start = self.start  # when the units began (`restart`)
@@ -85,10 +86,14 @@ class Progress:
         if enabled and self.bar is None:
             self._schedule()
 
-    def update(self, count: int = 1, work: float = 0.0) -> None:
-        """`count` more units done, weighing `work` (of the stage's `work`, where it was given)."""
+    def update(self, count: int = 1, work: float = 0.0, *, reused: bool = False) -> None:
+        """`count` more units done, weighing `work` (of the stage's `work`, where it was given). `reused`: found
+        done (a cache hit), so they tell nothing of the rate: the time left counts only the units worked on."""
         with self.lock:
-            if self.first is None:
+            if reused:
+                self.reused += count
+                self.reused_work += work
+            elif self.first is None:
                 self.first = (time.monotonic(), count, work)
             self.count += count
             self.work_done += work
@@ -100,7 +105,7 @@ class Progress:
         elapsed = time.monotonic() - self.start
         text = f"{self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}s"
         text += f", {elapsed:.0f} s elapsed"
-        if self.total is not None and 0 < self.count < self.total:
+        if self.total is not None and self.first is not None and self.reused < self.count < self.total:
             text += f", about {self._left():.0f} s left"
         return text
 
@@ -108,10 +113,13 @@ class Progress:
         """Seconds left at the rate so far. Once the first update is a few units behind, the rate is that
         since the first update: the first unit carries the stage's one-off start (sessions, reference
         outputs, worker processes starting) that the others do not repeat."""
-        weighted = bool(self.work and self.work_done > 0)
-        done, total = (self.work_done, self.work) if weighted else (self.count, self.total)
+        weighted = bool(self.work and self.work_done > self.reused_work)
+        if weighted:
+            done, total = self.work_done - self.reused_work, self.work - self.reused_work
+        else:
+            done, total = self.count - self.reused, self.total - self.reused
         at, count, work = self.first
-        since = self.work_done - work if weighted else self.count - count
+        since = self.work_done - self.reused_work - work if weighted else self.count - self.reused - count
         if self.count - count >= 2 and since > 0 and time.monotonic() > at:
             return max(total - done, 0) * (time.monotonic() - at) / since
         return max(total - done, 0) * (time.monotonic() - self.units_start) / done / self.parallel

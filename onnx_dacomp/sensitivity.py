@@ -236,7 +236,7 @@ def sensitivities(
     measured = dict(found)
     title = "layer sensitivity" + (f" ({method})" if method != PROBE_METHOD else "")
     with progress(len(problems), title, "layer", enabled=show_progress) as bar:
-        bar.update(len(found))
+        bar.update(len(found), reused=True)
         for where, chosen in probes.items():
             if chosen:
                 measured |= measure_sensitivities(

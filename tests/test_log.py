@@ -75,3 +75,20 @@ def test_the_time_left_leaves_out_the_one_off_start_of_the_first_unit(monkeypatc
     clock[0] += 2.0
     probes.update()
     assert probes.status() == "1/10 layers, 6 s elapsed, about 9 s left"  # 9 units x 2 s / 2 workers
+
+
+def test_units_found_done_count_but_do_not_set_the_rate(monkeypatch):
+    """Fits reused from the ratio search's earlier probes (or the cache) are done at once: a stage that
+    starts with 7 of 33 such units and then works 10 s on the next has 25 units of 10 s ahead, not 7 units'
+    worth of nothing in 10 s (an estimate that grew by 960 s every 10 s without them)."""
+    clock = [0.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: clock[0])
+    bar = log.Progress(33, "decomposing", "layer", work=33.0, enabled=False)
+    bar.update(7, work=7.0, reused=True)
+    clock[0] += 10.0
+    assert bar.status() == "7/33 layers, 10 s elapsed"  # nothing worked on yet: no estimate
+    bar.update(work=1.0)
+    assert bar.status() == "8/33 layers, 10 s elapsed, about 250 s left"
+    clock[0] += 20.0
+    bar.update(2, work=2.0)
+    assert bar.status() == "10/33 layers, 30 s elapsed, about 230 s left"  # 23 units at 10 s (since the first)

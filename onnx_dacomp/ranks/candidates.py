@@ -136,7 +136,7 @@ def candidate_tables(
                     found = cache.table(keys[name])
                     if found is not None:
                         tables[name] = found
-                        bar.update(work=works[name])
+                        bar.update(work=works[name], reused=True)
                         continue
                 yield TableTask(problem, method, multiple, seed)
 
