@@ -88,7 +88,7 @@ def test_calibrate_errors(tmp_path, capsys):
     onnx.save_model(conv_stack(channels=4, input_channels=3), str(model_path))
     out = tmp_path / "stats.npz"
     base = ["calibrate", str(model_path), "-o", str(out)]
-    assert "calibration data not found" in _error(capsys, base + ["--data", str(tmp_path / "nothing")], out)
+    assert "data not found: " in _error(capsys, base + ["--data", str(tmp_path / "nothing")], out)
     (tmp_path / "empty").mkdir()
     assert "no images" in _error(capsys, base + ["--data", str(tmp_path / "empty")], out)
     np.savez(tmp_path / "wrong.npz", x=np.zeros((2, 5, 9, 11), np.float32))

@@ -331,9 +331,9 @@ class RandomSource(Source):
         if unknown:
             hints = " ".join(f"--input-shape {spec.hint()}" for spec in unknown)
             raise UserError(f"random data needs fixed input dims: pass {hints} (N: any batch size)")
-        logger.warning(
-            "calibrating on random data: the statistics do not describe real inputs, so the "
-            "distribution-aware fit loses its advantage; pass --data with real samples"
+        logger.warning(  # compress calibrates on it, evaluate verifies on it: either way not on real inputs
+            "random data stands in for real inputs: statistics and errors measured on it do not describe the "
+            "model's inputs (the distribution-aware fit loses its advantage); pass --data with real samples"
         )
         self.signature, self.batch_size, self.batches, self.seed = signature, batch_size, batches, seed
         self.size = batches * (signature.fixed_batch or batch_size)
@@ -427,7 +427,7 @@ def open_source(
     path = Path(spec)
     if str(spec) != "natural" and not path.exists():
         raise UserError(
-            f"calibration data not found: {path} (give a folder of images, .npz/.npy files, 'natural' or 'random')"
+            f"data not found: {path} (give a folder of images, .npz/.npy files, 'natural' or 'random')"
         )
     if str(spec) == "natural" or path.is_dir() and not _holds_arrays(path):
         images = [spec for spec in signature.specs if spec.rank == 4]
