@@ -1,6 +1,7 @@
 """--speedup: the largest ratio (most accurate model) whose measured end-to-end speed-up meets the target, on
 the pessimistic end of the interval; wiring through compress with a latency that follows the MACs."""
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -33,6 +34,30 @@ def test_the_search_finds_the_largest_ratio_that_is_fast_enough():
     assert len(probed) == len(record["probes"]) <= 10
     with pytest.raises(UserError, match="--speedup 6 not reached: the fastest model probed"):
         largest_ratio_at_speed(probe, 6)  # 0.2 of the time is fixed: 5x at most
+
+
+def test_a_search_whose_misses_stop_getting_faster_ends_there():
+    """Where the time is per node (a GPU: ResNet-56's chains ran 1.49x the original's time at half its MACs),
+    halving the ratio changes nothing: the search stops at the second such miss instead of bisecting down to
+    models that lost their accuracy for no speed. A time that still follows the ratio is searched on."""
+    probed = []
+
+    def flat(ratio):
+        probed.append(ratio)
+        return _latency(1.49 - 0.01 * ratio)  # 1.485 at 0.5, 1.4875 at 0.25: slower still
+
+    with pytest.raises(UserError, match=r"not reached.*ratio 0.2500 took 1.488 .* where ratio 0.5000 took 1.485"):
+        largest_ratio_at_speed(flat, 1.3)
+    assert probed == [0.5, 0.25]
+    probed.clear()
+
+    def slowly(ratio):  # 5 % faster per halving: still following the ratio
+        probed.append(ratio)
+        return _latency(1.2 * 0.95 ** -math.log2(ratio))
+
+    with pytest.raises(UserError, match="not reached: the fastest model probed"):
+        largest_ratio_at_speed(slowly, 5)
+    assert len(probed) > 2
 
 
 def test_a_model_faster_as_a_whole_is_probed_at_ratio_one_first_and_kept_there_if_fast_enough():

@@ -426,9 +426,7 @@ def open_source(
         return RandomSource(signature, batch_size, batches=batches, seed=seed)
     path = Path(spec)
     if str(spec) != "natural" and not path.exists():
-        raise UserError(
-            f"data not found: {path} (give a folder of images, .npz/.npy files, 'natural' or 'random')"
-        )
+        raise UserError(f"data not found: {path} (give a folder of images, .npz/.npy files, 'natural' or 'random')")
     if str(spec) == "natural" or path.is_dir() and not _holds_arrays(path):
         images = [spec for spec in signature.specs if spec.rank == 4]
         if len(images) != 1 or len(signature.specs) != 1:
