@@ -113,14 +113,15 @@ class Progress:
         """Seconds left at the rate so far. Once the first update is a few units behind, the rate is that
         since the first update: the first unit carries the stage's one-off start (sessions, reference
         outputs, worker processes starting) that the others do not repeat."""
+        worked = self.count - self.reused  # units worked on, not found done
         weighted = bool(self.work and self.work_done > self.reused_work)
         if weighted:
             done, total = self.work_done - self.reused_work, self.work - self.reused_work
         else:
-            done, total = self.count - self.reused, self.total - self.reused
+            done, total = worked, self.total - self.reused
         at, count, work = self.first
-        since = self.work_done - self.reused_work - work if weighted else self.count - self.reused - count
-        if self.count - count >= 2 and since > 0 and time.monotonic() > at:
+        since = done - work if weighted else worked - count
+        if worked - count >= 2 and since > 0 and time.monotonic() > at:
             return max(total - done, 0) * (time.monotonic() - at) / since
         return max(total - done, 0) * (time.monotonic() - self.units_start) / done / self.parallel
 
