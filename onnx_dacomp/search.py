@@ -127,11 +127,10 @@ def largest_ratio_at_speed(
             ratio, 1 / latency.ratio, latency.batch, latency.ratio, latency.ratio_low, latency.ratio_high,
             "meets the target" if met else "misses it",
         )  # fmt: skip
-        missed = [item for item in probes[:-1] if not item["met"]]
         if met:
             low, best = ratio, ratio
-        elif best is None and missed and latency.ratio >= missed[-1]["latency_ratio"] * (1 - SATURATION):
-            saturated = missed[-1], probes[-1]
+        elif best is None and len(probes) > 1 and latency.ratio >= probes[-2]["latency_ratio"] * (1 - SATURATION):
+            saturated = probes[-2], probes[-1]  # with nothing met, the probe before was a miss too
             break
         else:
             high = ratio
