@@ -47,6 +47,11 @@ SETTINGS = {
     "speedup1.6-b32-propagate": dict(speedup=1.6, speedup_batch=32, propagate=True),
     "macs0.4-propagate": dict(budget="macs", ratio=0.4, propagate=True),
     "speedup1.6-b32-propagate-bias": dict(speedup=1.6, speedup_batch=32, propagate=True, bias_refit=True),
+    "speedup1.65-b32-propagate-bias": dict(speedup=1.65, speedup_batch=32, propagate=True, bias_refit=True),
+    # the ratios issue 27 judges (EfficientNet-Lite0 at 0.82 / 0.75 of all its decomposable layers)
+    "params0.82": dict(budget="params", ratio=0.82),
+    "params0.75": dict(budget="params", ratio=0.75),
+    "params0.35": dict(budget="params", ratio=0.35),
 }
 
 # the settings each model is measured with (the issue's targets; all of SETTINGS for models not named)
@@ -117,7 +122,7 @@ def main() -> None:
                 result = onnx_dacomp.compress(model, calibration, config, progress=False)
             except UserError as error:  # a speed-up no ratio reaches
                 print(f"{key} {setting}: {error}", flush=True)
-                row = {"model": key, "setting": setting, "error": str(error)}
+                row = {"model": key, "setting": setting, "error": str(error), "date": date.today().isoformat()}
                 results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
                 continue
             seconds = time.perf_counter() - start
@@ -149,7 +154,7 @@ def main() -> None:
                           "rounds": item.rounds, "threads": item.threads}
                     for key, item in latency.items()
                 },
-                "search": result.report.search, "seconds": seconds,
+                "search": result.report.search, "seconds": seconds, "date": date.today().isoformat(),
             }  # fmt: skip
             results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
             results |= {"machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU, "
@@ -176,18 +181,19 @@ def _ratio(row: dict, key: str) -> str:
 
 def table(results: dict) -> str:
     lines = [
-        f"Measured {results.get('date')} on {results.get('machine')}: latency = compressed / original, median of "
+        f"Measured on {results.get('machine')} (each row on its date; rows of earlier releases stay until run "
+        "again): latency = compressed / original, median of "
         "interleaved rounds with its 95 % interval; top-1 on the test data with its 95 % interval (the "
         "ResNet-50-shaped model has random weights: its relative output error on the test data instead, with the "
         "upper end of its interval).",
         "",
-        "| model | setting | ratio | params kept | MACs kept | top-1 (or output error) | latency b1 | latency b1, 1 "
-        "thread | latency b32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| date | model | setting | ratio | params kept | MACs kept | top-1 (or output error) | latency b1 | latency "
+        "b1, 1 thread | latency b32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['setting']} | | | | {row['error']} | | | |")
+            lines.append(f"| {row.get('date', '')} | {row['model']} | {row['setting']} | | | | {row['error']} | | | |")
             continue
         low, high = row["top1_interval"]
         if row.get("labels_meaningful", True):
@@ -196,7 +202,8 @@ def table(results: dict) -> str:
         else:
             quality = f"rel. error {row['rel_error']:.4f} (<= {row['rel_error_high']:.4f})"
         cells = [
-            row["model"], row["setting"], f"{row['ratio']:.3f}", f"{row['params_kept']:.3f}", f"{row['macs_kept']:.3f}",
+            row.get("date", ""), row["model"], row["setting"], f"{row['ratio']:.3f}", f"{row['params_kept']:.3f}",
+            f"{row['macs_kept']:.3f}",
             quality,
             *(_ratio(row, key) for key, *_ in TIMINGS),
         ]  # fmt: skip
