@@ -2,7 +2,7 @@
 
     python3 tools/bench_latency.py [--models resnet56,resnet20,convnext,efficientnet,resnet50]
                                    [--settings params,macs,latency,speedup1.2,speedup1.25,speedup1.5,speedup2,
-                                               prune0.6,prune-speedup1.3-b32,prune-speedup1.5]
+                                               prune0.6,prune-speedup1.3-b32,prune-speedup1.5,params0.35,...]
 
 Per model (data as in tools/benchmark.py: CIFAR-10 models calibrate on 2000 seeded-random train images and
 are evaluated on the 10,000 test images; EfficientNet-Lite0 and the ResNet-50-shaped model of
@@ -48,7 +48,7 @@ SETTINGS = {
     "macs0.4-propagate": dict(budget="macs", ratio=0.4, propagate=True),
     "speedup1.6-b32-propagate-bias": dict(speedup=1.6, speedup_batch=32, propagate=True, bias_refit=True),
     "speedup1.65-b32-propagate-bias": dict(speedup=1.65, speedup_batch=32, propagate=True, bias_refit=True),
-    # the ratios issue 27 judges (EfficientNet-Lite0 at 0.82 / 0.75 of all its decomposable layers)
+    # other parameter ratios (EfficientNet-Lite0 at 0.82 / 0.75 of its decomposable layers, ResNet-56 at 0.35)
     "params0.82": dict(budget="params", ratio=0.82),
     "params0.75": dict(budget="params", ratio=0.75),
     "params0.35": dict(budget="params", ratio=0.35),
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dacomp-bench")
     args = parser.parse_args()
+    today = date.today().isoformat()
 
     import onnx_dacomp
     from onnx_dacomp.config import CompressConfig
@@ -122,7 +123,7 @@ def main() -> None:
                 result = onnx_dacomp.compress(model, calibration, config, progress=False)
             except UserError as error:  # a speed-up no ratio reaches
                 print(f"{key} {setting}: {error}", flush=True)
-                row = {"model": key, "setting": setting, "error": str(error), "date": date.today().isoformat()}
+                row = {"model": key, "setting": setting, "error": str(error), "date": today}
                 results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
                 continue
             seconds = time.perf_counter() - start
@@ -154,11 +155,11 @@ def main() -> None:
                           "rounds": item.rounds, "threads": item.threads}
                     for key, item in latency.items()
                 },
-                "search": result.report.search, "seconds": seconds, "date": date.today().isoformat(),
+                "search": result.report.search, "seconds": seconds, "date": today,
             }  # fmt: skip
             results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
             results |= {"machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU, "
-                        f"{default_threads()} threads", "date": date.today().isoformat()}  # fmt: skip
+                        f"{default_threads()} threads", "date": today}  # fmt: skip
             path.write_text(json.dumps(results, indent=2))
             print(line(row), flush=True)
     (args.out / "latency.md").write_text(table(results))
