@@ -2,7 +2,7 @@
 another ratio or target reuses every statistic, candidate table, sensitivity and fit that still applies.
 
 Each entry is keyed by a digest of everything its result depends on (the layer's weight and geometry, its
-statistics, the settings that matter, the tool's version), stored as one `.npz` (arrays and a JSON header,
+statistics, the settings that matter, the tool's code), stored as one `.npz` (arrays and a JSON header,
 no pickle) written atomically. An entry that cannot be read, or whose header does not match its key (a
 foreign or corrupt file), is ignored with a warning and computed again.
 """
@@ -10,6 +10,7 @@ foreign or corrupt file), is ignored with a warning and computed again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -50,8 +51,19 @@ def digest(*parts) -> str:
         else:
             hasher.update(repr(part).encode())
 
-    feed((__version__, *parts))
+    feed((code_digest(), *parts))
     return hasher.hexdigest()[:40]
+
+
+@functools.cache
+def code_digest(package: Path = Path(__file__).parent) -> str:
+    """The version and a digest of the package's source: results of other code miss, even where the version
+    string is the same (a development checkout between releases)."""
+    hasher = hashlib.sha256(__version__.encode())
+    for path in sorted(package.rglob("*.py")):
+        hasher.update(path.relative_to(package).as_posix().encode())
+        hasher.update(path.read_bytes())
+    return hasher.hexdigest()
 
 
 def statistics_key(model_digest: str, layers, data, settings) -> str | None:
@@ -67,7 +79,7 @@ def statistics_key(model_digest: str, layers, data, settings) -> str | None:
 
 
 class Cache:
-    """Entries under `folder/<kind>/<digest of the key and the tool's version>.npz`, and what a run reused and
+    """Entries under `folder/<kind>/<digest of the key and the tool's code>.npz`, and what a run reused and
     stored of each kind."""
 
     def __init__(self, folder: str | Path):
@@ -165,7 +177,7 @@ class Cache:
         return ", ".join(f"{kind}: {self.reused.get(kind, 0)} reused, {self.stored.get(kind, 0)} new" for kind in kinds)
 
     def _path(self, kind: str, key: str) -> Path:
-        return self.folder / kind / f"{digest(key)}.npz"  # another version of the tool misses, never misreads
+        return self.folder / kind / f"{digest(key)}.npz"  # other code of the tool misses, never misreads
 
     def _read(self, kind: str, key: str):
         path = self._path(kind, key)

@@ -5,13 +5,16 @@ entry."""
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 from builders import conv_stack
 
 import onnx_dacomp
+from onnx_dacomp import cache as cache_module
 from onnx_dacomp import fit as fit_module
 from onnx_dacomp import log, workers
 from onnx_dacomp.calibration import collect
@@ -211,6 +214,26 @@ def test_the_cache_resumes_an_interrupted_run_and_serves_another_ratio(data_file
     # a table per layer, and one of pruned candidates per layer whose input channels another layer computes
     model = conv_stack(channels=16, size=(12, 12), input_channels=3)
     assert counts["tables"][0] == 6 + len(input_producers(model, find_targets(model).layers))
+
+
+def test_entries_of_other_code_are_not_read(data_file, tmp_path, monkeypatch, caplog):
+    # the version string stays the same between releases: the key carries a digest of the source
+    package = Path(cache_module.__file__).parent
+    same, other = (tmp_path / "same", tmp_path / "other")
+    for copy in (same, other):
+        shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "fit.py").write_text((other / "fit.py").read_text() + "# changed\n")
+    assert cache_module.code_digest(same) == cache_module.code_digest()
+    changed = cache_module.code_digest(other)
+    assert changed != cache_module.code_digest()
+
+    caplog.set_level(logging.INFO, logger="onnx_dacomp")
+    cache = tmp_path / "cache"
+    _compress(data_file, cache_dir=str(cache))
+    monkeypatch.setattr(cache_module, "code_digest", lambda: changed)
+    _compress(data_file, cache_dir=str(cache))
+    counts = _cache_counts(caplog)
+    assert counts["statistics"] == (0, 1) and counts["fits"][0] == counts["tables"][0] == 0
 
 
 def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning(data_file, tmp_path, caplog):

@@ -158,12 +158,21 @@ def main() -> None:
                 "search": result.report.search, "seconds": seconds, "date": today,
             }  # fmt: skip
             results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
-            results |= {"machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU, "
+            results |= {"machine": f"{platform.machine()}{_vector_units()}, {os.cpu_count()} cores, onnxruntime CPU, "
                         f"{default_threads()} threads", "date": today}  # fmt: skip
             path.write_text(json.dumps(results, indent=2))
             print(line(row), flush=True)
     (args.out / "latency.md").write_text(table(results))
     print(table(results))
+
+
+def _vector_units() -> str:
+    """The widest x86 vector extension the CPU has (onnxruntime's kernels, and so the figures, depend on it)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return ""
+    return " with AVX-512" if "avx512f" in flags else " with AVX2" if "avx2" in flags else ""
 
 
 def line(row: dict) -> str:
