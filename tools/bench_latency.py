@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dacomp-bench")
     args = parser.parse_args()
     today = date.today().isoformat()
+    machine = f"{platform.machine()}{_vector_units()}, {os.cpu_count()} cores"
 
     import onnx_dacomp
     from onnx_dacomp.config import CompressConfig
@@ -123,7 +124,7 @@ def main() -> None:
                 result = onnx_dacomp.compress(model, calibration, config, progress=False)
             except UserError as error:  # a speed-up no ratio reaches
                 print(f"{key} {setting}: {error}", flush=True)
-                row = {"model": key, "setting": setting, "error": str(error), "date": today}
+                row = {"model": key, "setting": setting, "error": str(error), "date": today, "machine": machine}
                 results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
                 continue
             seconds = time.perf_counter() - start
@@ -155,11 +156,10 @@ def main() -> None:
                           "rounds": item.rounds, "threads": item.threads}
                     for key, item in latency.items()
                 },
-                "search": result.report.search, "seconds": seconds, "date": today,
+                "search": result.report.search, "seconds": seconds, "date": today, "machine": machine,
             }  # fmt: skip
             results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
-            results |= {"machine": f"{platform.machine()}{_vector_units()}, {os.cpu_count()} cores, onnxruntime CPU, "
-                        f"{default_threads()} threads", "date": today}  # fmt: skip
+            results |= {"machine": f"{machine}, onnxruntime CPU, {default_threads()} threads", "date": today}
             path.write_text(json.dumps(results, indent=2))
             print(line(row), flush=True)
     (args.out / "latency.md").write_text(table(results))
@@ -191,7 +191,8 @@ def _ratio(row: dict, key: str) -> str:
 
 def table(results: dict) -> str:
     lines = [
-        f"Measured on {results.get('machine')} (each row on its date; rows of earlier releases stay until run "
+        f"Latest run on {results.get('machine')} (each row on its date and, in latency.json, its machine; rows of "
+        "earlier releases and other machines stay until run "
         "again): latency = compressed / original, median of "
         "interleaved rounds with its 95 % interval; top-1 on the test data with its 95 % interval (the "
         "ResNet-50-shaped model has random weights: its relative output error on the test data instead, with the "
