@@ -2,8 +2,14 @@
 measures on models of known relative cost."""
 
 import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from builders import conv_model
 from onnx import helper, numpy_helper
 
@@ -107,3 +113,19 @@ def test_with_a_threshold_a_narrow_interval_that_straddles_it_is_timed_on(monkey
     assert decided == latency.MIN_ROUNDS and measured.ratio_high <= 1.1
     undecided, measured = rounds(1.0)
     assert undecided == latency.MAX_ROUNDS and measured.ratio_low < 1.0 < measured.ratio_high
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="other processes' CPU time is read from /proc/stat")
+def test_other_work_counts_the_cpu_time_of_other_processes_not_this_ones(monkeypatch):
+    """A child process spinning for a second is seen as about one busy core and warned about (above half a
+    core); this process spinning as long (as onnxruntime's threads do while timing) is not other work."""
+    monkeypatch.setattr(latency, "BUSY_SHARE_WARNING", 0.5 / (os.cpu_count() or 1))
+    spin = "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass"
+    meter, warnings = latency.OtherWork(), []
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    other = meter.warn_if_busy(log=lambda *args: warnings.append(args))
+    assert 0.6 < other < 1.5 and len(warnings) == 1
+    meter, end = latency.OtherWork(), time.monotonic() + 1.0
+    while time.monotonic() < end:
+        pass
+    assert meter.cores() < other - 0.5

@@ -153,7 +153,7 @@ def main() -> None:
                 "labels_meaningful": key != "resnet50",  # random weights: only the output error means anything
                 "latency": {
                     key: {"ratio": item.ratio, "interval": [item.ratio_low, item.ratio_high],
-                          "rounds": item.rounds, "threads": item.threads}
+                          "rounds": item.rounds, "threads": item.threads, "other_work": item.other_work}
                     for key, item in latency.items()
                 },
                 "search": result.report.search, "seconds": seconds, "date": today, "machine": machine,
