@@ -9,9 +9,10 @@ and are evaluated on all 10,000 `test/` images (the project's ConvNeXt-style mod
 EfficientNet-Lite0 uses disjoint halves of the ImageNet sample (even class indices calibrate, odd ones
 evaluate). Statistics are gathered once per model and data and reused by every row; every row runs the
 defaults but for its method's options and `holdout=0` (the test data verifies). Each row: params and MACs
-kept (of the decomposable layers: convolutions and dense), top-1, drop against the
-original, top-1 agreement, onnxruntime CPU latency ratio (compressed / original, median of interleaved
-runs) at batch 1 and 32, and the compression time. Writes `results.md`, `results.json` (rows are merged
+kept (of the decomposable layers: convolutions and dense), top-1, drop against the original, top-1
+agreement, onnxruntime CPU latency ratio (compressed / original, median of interleaved runs) at batch 1 and
+32, the compression time, and for a propagated row run beside its base (`PAIRED`) the paired change of top-1
+against it on the same images with its 95 % interval. Writes `results.md`, `results.json` (rows are merged
 by model/ratio/method, so methods can be run separately) and `results.png` (top-1 versus MACs kept).
 """
 
@@ -58,6 +59,9 @@ METHODS = {
     "frobenius-svd": (dict(method="svd", norm="frobenius"), None),  # ... the data-free truncated SVD
 }
 DEFAULT_METHODS = "frobenius-uniform,da-uniform,da-allocated,da-cp,auto"
+# a row of the key is compared with the row of the value at its ratio on the same images, where both run:
+# the paired change of top-1 with its 95 % interval (a difference of a few images is within it)
+PAIRED = {"auto-propagated": "auto", "da-propagated": "da-bias-refit"}
 
 
 def cifar_sources(workdir: Path, model, calibration: int, normalized: bool = True):
@@ -150,6 +154,7 @@ def main() -> None:
             print(f"{key}: {kind} statistics in {seconds[kind]:.1f} s", flush=True)
         batches = benchmark_batches(evaluation, (1, 32), input_signature(model))
         for ratio in map(float, args.ratios.split(",")):
+            compressed = {}  # method -> its model at this ratio, for the paired comparisons
             for name in methods:
                 fields, kind = METHODS[name]
                 config = CompressConfig(ratio=ratio, holdout=0, device="cpu", **fields)  # otherwise the defaults
@@ -160,6 +165,14 @@ def main() -> None:
                 )
                 elapsed = time.perf_counter() - start + seconds.get(kind, 0.0)
                 comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
+                compressed[name] = result.model
+                paired = None
+                if PAIRED.get(name) in compressed:  # the base row's model as the "original": its drop is ours
+                    against = compare_models(compressed[PAIRED[name]], result.model, evaluation, device="cpu",
+                                             progress=False).classifier  # fmt: skip
+                    low, high = against.top1_drop_interval
+                    paired = {"against": PAIRED[name], "change": against.top1_compressed - against.top1_original,
+                              "interval": [-high, -low]}  # fmt: skip
                 quiet = dict(device="cpu", show_progress=False)
                 latency = [
                     compare_latency(model, result.model, batch, size, max_seconds=args.latency_seconds, **quiet)
@@ -183,6 +196,7 @@ def main() -> None:
                     "latency_b32_interval": [latency[1].ratio_low, latency[1].ratio_high],
                     "seconds": elapsed,
                     "samples": comparison.samples,
+                    "paired": paired,
                 }
                 results["rows"] = [
                     r for r in results["rows"] if (r["model"], r["ratio"], r["method"]) != (key, ratio, name)
@@ -191,7 +205,8 @@ def main() -> None:
                 print(
                     f"{key} ratio {ratio} {name}: params {row['params_kept']:.3f} MACs {row['macs_kept']:.3f} "
                     f"top-1 {row['top1']:.4f} (drop {row['drop']:.4f}) agreement {row['agreement']:.4f} "
-                    f"latency b1 {row['latency_b1']:.3f} b32 {row['latency_b32']:.3f} {elapsed:.0f} s",
+                    f"latency b1 {row['latency_b1']:.3f} b32 {row['latency_b32']:.3f} {elapsed:.0f} s"
+                    + (f"; against {paired['against']} {_paired(paired)}" if paired else ""),
                     flush=True,
                 )
                 results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU"
@@ -204,22 +219,29 @@ def main() -> None:
 def write_table(results: dict, path: Path) -> None:
     order = list(METHODS)
     columns = ["model", "ratio", "method", "params kept", "MACs kept", "top-1", "change", "agreement"]
-    columns += ["latency b1", "latency b32", "time"]
+    columns += ["latency b1", "latency b32", "time", "paired change"]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     rows = sorted(
         results["rows"],
         key=lambda r: (list(MODELS).index(r["model"]), -r["ratio"], order.index(r["method"])),
     )
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines.append(f"| {model} | 1.0 | original | 1.000 | 1.000 | {results['baselines'][model]:.2%} | | | | | |")
+        lines.append(f"| {model} | 1.0 | original | 1.000 | 1.000 | {results['baselines'][model]:.2%} | | | | | | |")
         for r in (r for r in rows if r["model"] == model):
             lines.append(
                 f"| {model} | {r['ratio']} | {r['method']} | {r['params_kept']:.3f} | {r['macs_kept']:.3f} | "
                 f"{r['top1']:.2%} | {-r['drop'] * 100:+.2f} | {r['agreement']:.2%} | {r['latency_b1']:.2f} | "
-                f"{r['latency_b32']:.2f} | {r['seconds']:.0f} s |"
+                f"{r['latency_b32']:.2f} | {r['seconds']:.0f} s | "
+                + (f"against {r['paired']['against']}: {_paired(r['paired'])} |" if r.get("paired") else "|")
             )
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
+
+
+def _paired(paired: dict) -> str:
+    """A paired change of top-1 in points with its 95 % interval."""
+    low, high = paired["interval"]
+    return f"{100 * paired['change']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points"
 
 
 def write_plot(results: dict, path: Path) -> None:
