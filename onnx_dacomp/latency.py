@@ -18,7 +18,7 @@ pair in a row ranged from 0.80 to 0.86 as the original's own time went from 1.73
 
 Nor can it cover other work on the machine, which slows the compressed model (more, smaller nodes) more than
 the original: eight measurements of a ResNet-56 pair at batch 32 beside a compression job agreed with each
-other at 0.62-0.63, against 0.75-0.86 on the quiet machine. So the CPU time other processes take while the
+other at 0.62-0.63, against 0.75-0.85 on the quiet machine. So the CPU time other processes take while the
 models are timed is measured too (`OtherWork`: the machine's busy time in /proc/stat less this process's own),
 reported with the figure and warned about.
 """

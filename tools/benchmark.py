@@ -154,7 +154,7 @@ def main() -> None:
             print(f"{key}: {kind} statistics in {seconds[kind]:.1f} s", flush=True)
         batches = benchmark_batches(evaluation, (1, 32), input_signature(model))
         for ratio in map(float, args.ratios.split(",")):
-            compressed = {}  # method -> its model at this ratio, for the paired comparisons
+            bases = {}  # the base rows' models at this ratio (`PAIRED`'s values), for the paired comparisons
             for name in methods:
                 fields, kind = METHODS[name]
                 config = CompressConfig(ratio=ratio, holdout=0, device="cpu", **fields)  # otherwise the defaults
@@ -165,10 +165,11 @@ def main() -> None:
                 )
                 elapsed = time.perf_counter() - start + seconds.get(kind, 0.0)
                 comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
-                compressed[name] = result.model
+                if name in PAIRED.values():
+                    bases[name] = result.model
                 paired = None
-                if PAIRED.get(name) in compressed:  # the base row's model as the "original": its drop is ours
-                    against = compare_models(compressed[PAIRED[name]], result.model, evaluation, device="cpu",
+                if PAIRED.get(name) in bases:  # the base row's model as the "original": its drop is ours
+                    against = compare_models(bases[PAIRED[name]], result.model, evaluation, device="cpu",
                                              progress=False).classifier  # fmt: skip
                     low, high = against.top1_drop_interval
                     paired = {"against": PAIRED[name], "change": against.top1_compressed - against.top1_original,
