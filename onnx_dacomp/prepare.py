@@ -238,6 +238,7 @@ def prepare(
     timed = config.plan.budget == "latency"
     costs = LayerCosts(layers, timing if timed else None, coupled, joint=config.plan.method == AUTO)
     fixed = overrides.override_choices(problems, config.plan.ranks, config.plan.method, costs.chain, runtime.seed)
+    overrides.check_sliced(fixed, coupled)
     managed = problems.restricted([name for name in problems if name not in fixed])
     pooled = workers.map_for(sum(solver_work(problems.geometry(name)) for name in problems))
     budgeted = budgeted or config.plan.target_ratio is not None or config.plan.targeted or config.plan.speedup

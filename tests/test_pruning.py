@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_dacomp
 from onnx_dacomp.channels import shrink_producers
 from onnx_dacomp.decompose.channels import channel_order, held_out_errors, refit_on_channels
+from onnx_dacomp.errors import UserError
 from onnx_dacomp.runtime import create_session
 
 
@@ -257,11 +258,8 @@ def test_auto_allocates_a_pruned_layer_together_with_the_layers_computing_its_in
     assert sliced(high, groups) == set()
 
 
-def test_auto_prunes_redundant_input_channels_and_counts_the_producer_it_slices(tmp_path):
-    """conv0 -> Relu -> conv1 -> Relu -> conv2 where conv1's 16 output channels are 8 channels twice: conv2 and
-    conv1 form a group, and `auto` at 0.6 prunes conv2 to the channels it needs (exact), slicing conv1. The
-    report's rows are the written model's weights and its totals meet the ratio."""
-    rng = np.random.default_rng(4)
+def _three_convs(rng):
+    """conv0 -> Relu -> conv1 -> Relu -> conv2 -> Relu on 4x5x5 inputs, conv1's 16 output channels 8 channels twice."""
     w1 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
     b1 = rng.standard_normal(8).astype(np.float32)
     inits = [
@@ -278,7 +276,69 @@ def test_auto_prunes_redundant_input_channels_and_counts_the_producer_it_slices(
             helper.make_node("Relu", [f"c{index}"], ["y" if index == 2 else f"r{index}"]),
         ]  # fmt: skip
         current = f"r{index}"
-    model = _model(nodes, inits)
+    return _model(nodes, inits)
+
+
+def test_a_layer_pruned_by_ranks_counts_the_producer_it_slices_once():
+    """`--ranks` prunes c, whose cost holds the share of p that computes its input: p is then neither counted
+    again nor given a chain of its own. At 0.6 of 200 parameters, c's 50 and q's 60 (110) already fit: q is
+    kept; counting p's 40 again (150) would have compressed q and p as well."""
+    from onnx_dacomp.geometry import Cost
+    from onnx_dacomp.ranks.candidates import Candidate, CandidateTable
+    from onnx_dacomp.ranks.plan import Budget, plan
+
+    originals = {"c": 100, "p": 40, "q": 60}
+    tables = {
+        "p": CandidateTable("p", Cost(40, 40), (Candidate("svd", (2,), Cost(20, 20), 0.1),)),
+        "q": CandidateTable("q", Cost(60, 60), (Candidate("svd", (3,), Cost(30, 30), 0.1),)),
+    }
+    pruned = Candidate("prune", (8,), Cost(50, 50), 0.05)
+    rank_plan = plan(
+        dict.fromkeys(originals), tables, Budget("params", 0.6, "allocated", "auto", 1, 0),
+        original_costs={name: Cost(size, size) for name, size in originals.items()}, overrides={"c": pruned},
+        groups={"c": ("p",)},
+    )  # fmt: skip
+    assert rank_plan.choices == {"c": pruned, "p": None, "q": None}
+
+
+def test_a_layer_pruned_by_ranks_slices_its_producer_and_the_ratio_counts_it_once(tmp_path):
+    """`--ranks` prunes conv2 to 8 of its 16 input channels at --ratio 0.6: conv1 then computes only those 8,
+    and the model keeps 2336 of 4072 parameters (0.57), so conv0 stays as it is."""
+    rng = np.random.default_rng(4)
+    model = _three_convs(rng)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=(rng.standard_normal((160, 4, 5, 5)) + rng.standard_normal((160, 4, 1, 1))).astype(np.float32))
+    result = onnx_dacomp.compress(
+        model, str(path), ratio=0.6, ranks={"conv2": {"method": "prune", "ranks": 8}}, holdout=32, rank_multiple=1,
+        progress=False, benchmark=False, compensate="none",
+    )  # fmt: skip
+    rows = {row.name: row for row in result.report.layers}
+    assert (rows["conv2"].method, list(rows["conv2"].ranks)) == ("prune", [8])
+    assert rows["conv1"].method is None and rows["conv1"].reason.startswith("computes only the 8 channels")
+    assert rows["conv0"].method is None
+    sizes = {init.name: int(np.prod(init.dims)) for init in result.model.graph.initializer}
+    assert result.report.totals["params_after"] == sum(sizes.values()) == 2336
+
+
+def test_ranks_may_not_give_a_chain_to_a_layer_they_slice(tmp_path):
+    """A layer that computes the input channels of a layer `--ranks` prunes computes only the channels kept:
+    a chain of its own is a contradiction, refused in one line."""
+    model = _three_convs(np.random.default_rng(4))
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((64, 4, 5, 5)).astype(np.float32))
+    with pytest.raises(UserError, match="--ranks prunes the input channels of conv2, which conv1"):
+        onnx_dacomp.compress(
+            model, str(path), ranks={"conv2": {"method": "prune", "ranks": 8}, "conv1": [4, 4]},
+            progress=False, benchmark=False,
+        )  # fmt: skip
+
+
+def test_auto_prunes_redundant_input_channels_and_counts_the_producer_it_slices(tmp_path):
+    """conv0 -> Relu -> conv1 -> Relu -> conv2 where conv1's 16 output channels are 8 channels twice: conv2 and
+    conv1 form a group, and `auto` at 0.6 prunes conv2 to the channels it needs (exact), slicing conv1. The
+    report's rows are the written model's weights and its totals meet the ratio."""
+    rng = np.random.default_rng(4)
+    model = _three_convs(rng)
     images = (rng.standard_normal((160, 4, 5, 5)) * 0.5 + rng.standard_normal((160, 4, 1, 1))).astype(np.float32)
     path = tmp_path / "data.npz"
     np.savez(path, x=images)

@@ -22,6 +22,18 @@ def check_names(specs: Mapping[str, object], layers: Sequence) -> None:
             raise UserError(f"--ranks names layer {layer.name}, which cannot be decomposed: {layer.skip_reason}")
 
 
+def check_sliced(choices: Mapping[str, Candidate], coupled: Mapping[str, Sequence[str]]) -> None:
+    """No layer named in --ranks computes the input channels of a layer that --ranks prunes: pruning slices it."""
+    for consumer, producers in coupled.items():
+        choice = choices.get(consumer)
+        named = [producer for producer in producers if producer in choices]
+        if choice is not None and get(choice.method).prunes_inputs and named:
+            raise UserError(
+                f"--ranks prunes the input channels of {consumer}, which {named[0]} computes: leave {named[0]} out "
+                f"of --ranks (it then computes only the channels {consumer} keeps)"
+            )
+
+
 def parse(name: str, spec, default_method: str, geometry: LayerGeometry) -> tuple[str, Ranks]:
     """(method, per-group ranks) from a --ranks entry: int, [R_T, R_S], or {"method": ..., "ranks": ...}."""
     method = None
