@@ -65,7 +65,8 @@ def test_compare_latency_measures_relative_cost():
     single = conv_model(weight, input_shape=("n", 32, 32, 32), pads=[1, 1, 1, 1])
     batch = {"x": np.random.default_rng(1).standard_normal((4, 32, 32, 32)).astype(np.float32)}
     same = latency.compare_latency(single, single, batch, 4, device="cpu", max_seconds=5, show_progress=False)
-    assert same.rounds >= latency.MIN_ROUNDS and same.threads == latency.default_threads() and same.batch == 4
+    assert same.rounds >= latency.MIN_ROUNDS and same.batch == 4
+    assert same.threads == latency.serving_threads(single, batch, 4, "cpu") in (1, latency.default_threads())
     assert same.sessions == -(-same.rounds // latency.ROUNDS_PER_SESSION) >= 2  # a fresh pair every few rounds
     assert same.ratio_low <= same.ratio <= same.ratio_high and 0.75 < same.ratio < 1.33
     double = latency.compare_latency(
@@ -73,6 +74,32 @@ def test_compare_latency_measures_relative_cost():
     )
     assert 1.4 < double.ratio < 2.8 and not double.faster and double.provider == "CPU"
     assert "ratio" in double.describe() and f"[{double.ratio_low:.3f}" in double.describe()
+
+
+@pytest.mark.parametrize("one_thread_share, expected", [(0.95, 1), (0.97, 4), (2.0, 4)])
+def test_timing_takes_one_thread_only_where_the_original_runs_clearly_faster_on_one(
+    monkeypatch, one_thread_share, expected
+):
+    """Without a thread count, the models are timed on one per core (4 here) or on one, whichever a deployment
+    of the original would take: one only where its blocks take at most ONE_THREAD_SHARE of the time (the
+    timings faked by each session's thread count). Chosen once per model and batch; one core: one thread."""
+    monkeypatch.setattr(latency, "default_threads", lambda: 4)
+    monkeypatch.setattr(latency, "_serving", {})
+    timed = []
+
+    def fake_timed(run, runs):
+        timed.append(threads := run.session.get_session_options().intra_op_num_threads)
+        return one_thread_share if threads == 1 else 1.0
+
+    monkeypatch.setattr(latency, "_timed", fake_timed)
+    model = conv_model(np.ones((4, 4, 1, 1)), input_shape=("n", 4, 3, 3))
+    batch = {"x": np.ones((2, 4, 3, 3), np.float32)}
+    assert latency.serving_threads(model, batch, 2, "cpu") == expected
+    assert sorted(set(timed)) == [1, 4] and timed.count(1) == timed.count(4)  # alternating blocks of each
+    count = len(timed)
+    assert latency.serving_threads(model, batch, 2, "cpu") == expected and len(timed) == count  # chosen once
+    monkeypatch.setattr(latency, "default_threads", lambda: 1)
+    assert latency.serving_threads(model, {"x": np.ones((3, 4, 3, 3), np.float32)}, 3, "cpu") == 1
 
 
 def test_a_bound_run_computes_the_model_on_the_bound_inputs():
@@ -103,7 +130,7 @@ def test_with_a_threshold_a_narrow_interval_that_straddles_it_is_timed_on(monkey
 
     def rounds(threshold):
         measured = latency.compare_latency(
-            original, compressed, {}, 1, threshold=threshold, max_seconds=600, show_progress=False
+            original, compressed, {}, 1, threads=2, threshold=threshold, max_seconds=600, show_progress=False
         )
         return measured.rounds, measured
 
