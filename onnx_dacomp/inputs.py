@@ -88,6 +88,19 @@ class InputSignature:
             joined[spec.name] = parts[0] if spec.batch_axis is None else np.concatenate(parts, axis=spec.batch_axis)
         return joined
 
+    def random_batch(self, size: int, seed: int) -> dict[str, np.ndarray]:
+        """A random input batch of `size` samples for timing (latency does not depend on the values)."""
+        unknown = self.unknown()
+        if unknown:
+            hints = " ".join(f"--input-shape {spec.hint()}" for spec in unknown)
+            raise UserError(f"timing the models needs fixed input dims: pass --data, or {hints}")
+        rng = np.random.default_rng(seed)
+        batch = {}
+        for spec in self.specs:
+            shape = [size if axis == spec.batch_axis else d for axis, d in enumerate(spec.dims)]
+            batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        return batch
+
     def resized(self, batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
         """A batch of exactly `size` samples: its own, repeated as often as needed."""
         length = self.length(batch)

@@ -19,6 +19,7 @@ from .fit import FitSettings
 from .geometry import solver_work
 from .inputs import input_signature, with_image_size
 from .job import CompressionJob
+from .latency import serving_threads
 from .load import default_opset, load_model
 from .log import StageClock, logger
 from .methods import AUTO, get, methods_for, pruning_method
@@ -227,9 +228,12 @@ def prepare(
     settings = FitSettings.of(config)
     # chains are timed at the batch of the speed target where there is one
     speed_batch = config.plan.speedup_batch if config.plan.speedup is not None else runtime.speed_batch
-    timing = LatencyTable(
-        batch=speed_batch, device=runtime.device, opset=default_opset(model) or 17, threads=runtime.timing_threads
-    )
+    # layers are timed on the threads the whole model gets (`latency.serving_threads`)
+    threads = runtime.timing_threads
+    times_layers = config.plan.budget == "latency" or config.plan.require_speedup or config.verify.layer_timings
+    if threads is None and (times_layers or config.plan.speedup is not None) and not signature.unknown():
+        threads = serving_threads(model, signature.random_batch(speed_batch, runtime.seed), speed_batch, runtime.device)
+    timing = LatencyTable(batch=speed_batch, device=runtime.device, opset=default_opset(model) or 17, threads=threads)
     # the latency budget counts every candidate chain's one-layer time. --speedup counts MACs and times whole
     # models: one-layer times at its batch 1 are too noisy to choose by (ResNet-56's 16-channel layers measured
     # 0.096 ms and then 0.043, a chain 0.013 and then 0.058), and taking only chains measured faster than their

@@ -300,7 +300,7 @@ def end_to_end_latency(
     """Both models timed at each batch size (`latency.compare_latency`, until decided against `threshold` where
     one is given): on samples of `source` when there is one, else random data."""
     batches = (benchmark_batches(source, sizes, signature) if source else None) or [
-        random_batch(signature, size, runtime.seed) for size in sizes
+        signature.random_batch(size, runtime.seed) for size in sizes
     ]
     return tuple(
         compare_latency(
@@ -316,17 +316,3 @@ def end_to_end_latency(
         )  # fmt: skip
         for batch, size in zip(batches, sizes)
     )
-
-
-def random_batch(signature: InputSignature, size: int, seed: int) -> dict[str, np.ndarray]:
-    """A random input batch for timing when no data was given (latency does not depend on the values)."""
-    unknown = signature.unknown()
-    if unknown:
-        hints = " ".join(f"--input-shape {spec.hint()}" for spec in unknown)
-        raise UserError(f"timing the models needs fixed input dims: pass --data, or {hints}")
-    rng = np.random.default_rng(seed)
-    batch = {}
-    for spec in signature.specs:
-        shape = [size if axis == spec.batch_axis else d for axis, d in enumerate(spec.dims)]
-        batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return batch
