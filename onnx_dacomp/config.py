@@ -429,8 +429,8 @@ class RuntimeConfig:
     speed_batch: int = option(1, "batch size of the latency measurements", parse=positive_int)
     timing_threads: int | None = option(
         None, "onnxruntime threads of every latency measurement (end to end, the --speedup probes, one-layer "
-        "tables): as many as the model will get where it runs (at batch 1 often 1)", parse=positive_int,
-        shown="the machine's cores",
+        "tables): as many as the model will get where it runs", parse=positive_int,
+        shown="one per core, or one where the original runs as fast on one (measured per batch size)",
     )  # fmt: skip
     workers: int | None = option(
         None, "processes for calibration shards and per-layer work (candidate tables, probes, fits)",

@@ -228,7 +228,9 @@ class CompressionReport:
                 f"reallocation: output error energy {item['output_error']:.4g} at the first plan (predicted "
                 f"{item['predicted']:.4g}); {tries}: kept the {item['kept']} plan"
                 + (f" ({len(item['moved'])} layers moved)" if item["kept"] == "reallocated" else "")
-            )
+                + (f" (the reallocated one ran at {item['too_slow']:.3f} of the original's time)" if "too_slow" in item
+                   else "")
+            )  # fmt: skip
         if self.propagation and "waves" in self.propagation:
             waves = self.propagation["waves"]
             lines.append(f"--propagate: propagated fits kept in {waves['propagated_waves']} of {waves['waves']} waves")

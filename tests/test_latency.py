@@ -139,6 +139,24 @@ def test_with_a_threshold_a_narrow_interval_that_straddles_it_is_timed_on(monkey
     assert undecided == latency.MAX_ROUNDS and measured.ratio_low < 1.0 < measured.ratio_high
 
 
+def test_an_interval_is_never_narrower_than_the_resolution_between_processes(monkeypatch):
+    """Rounds without any spread (the compressed model always 0.9 of the original's time) still give an
+    interval of +-RESOLUTION, and a speed target within it stays undecided: timed to the cap."""
+    original, compressed = object(), object()
+    monkeypatch.setattr(latency, "create_session", lambda model, *args, **kwargs: model)
+    monkeypatch.setattr(latency, "provider_name", lambda session: "CPU")
+    monkeypatch.setattr(latency, "BoundRun", lambda session, batch: session)
+    monkeypatch.setattr(latency, "_timed", lambda run, runs: 1e-3 * (1 if run is original else 0.9))
+    measured = latency.compare_latency(original, compressed, {}, 1, threads=1, show_progress=False)
+    resolution = 0.9 * latency.RESOLUTION
+    assert measured.ratio == pytest.approx(0.9) and measured.rounds == latency.MIN_ROUNDS
+    assert (measured.ratio_low, measured.ratio_high) == pytest.approx((0.9 - resolution, 0.9 + resolution))
+    near = latency.compare_latency(
+        original, compressed, {}, 1, threads=1, threshold=0.905, max_seconds=600, show_progress=False
+    )
+    assert near.rounds == latency.MAX_ROUNDS
+
+
 def _other_cpu_seconds(work, log=None) -> float:
     """The CPU seconds `OtherWork` counts as other processes' while `work()` runs (with `log`: warned to it)."""
     start, meter = time.monotonic(), latency.OtherWork()

@@ -124,6 +124,41 @@ def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monk
         onnx_dacomp.compress(model, ArraySource(path, ["x"]), speedup=1.25, ratio=0.5, progress=False)
 
 
+def test_a_reallocated_plan_that_misses_the_speed_target_gives_way_to_the_first(tmp_path, monkeypatch):
+    """The search timed the first plan; reallocation keeps its cost in parameters or MACs, not its time. Where
+    the reallocated plan's model is not fast enough (fake times in proportion to MACs, and a reallocation that
+    keeps a compressed layer whole), the first plan is written and the report says why."""
+    from onnx_dacomp import job
+    from onnx_dacomp.targets import find_targets
+
+    def macs(model):
+        return sum(layer.macs for layer in find_targets(model).layers)
+
+    def fake_latency(original, compressed, source, sizes, signature, runtime, *args, threshold=None):
+        return tuple(_latency(macs(compressed) / macs(original), 0.01) for _ in sizes)
+
+    restored = []
+
+    def reallocated(self, ratio, rank_plan, kept):
+        restored.append(next(name for name, choice in rank_plan.choices.items() if choice is not None))
+        summary = {"output_error": 0.2, "predicted": 0.1, "moved": restored[-1:], "rounds": [], "kept": "reallocated"}
+        return rank_plan.without(restored[-1:]), kept, summary
+
+    monkeypatch.setattr(job, "end_to_end_latency", fake_latency)
+    monkeypatch.setattr(job.CompressionJob, "reallocated", reallocated)
+    model = conv_stack(channels=16, size=(12, 12), input_channels=3)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((96, 3, 12, 12)).astype(np.float32))
+    result = onnx_dacomp.compress(
+        model, ArraySource(path, ["x"]), speedup=1.25, holdout=16, max_iter=3, progress=False, rank_multiple=1
+    )
+    report = result.report
+    assert report.reallocation["kept"] == "first" and report.reallocation["too_slow"] > 1 / 1.25
+    assert {row.name: row.method for row in report.layers}[restored[0]] is not None  # compressed, as first planned
+    assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01 and report.search["closing"]["met"]
+    assert "the reallocated one ran at" in report.table()
+
+
 def test_planned_chains_take_the_realization_that_runs_the_model_faster():
     """CP's fits as separable or fused depthwise convs: per (method, kernel) group, the realization whose model
     the comparison finds faster wins, its cost the fused chain's; a later plan follows the decision without
