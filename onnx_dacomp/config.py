@@ -430,7 +430,7 @@ class RuntimeConfig:
     timing_threads: int | None = option(
         None, "onnxruntime threads of every latency measurement (end to end, the --speedup probes, one-layer "
         "tables): as many as the model will get where it runs", parse=positive_int,
-        shown="one per core, or one where the original runs as fast on one (measured per batch size)",
+        shown="one per core, or one where the original runs clearly faster on one (measured per batch size)",
     )  # fmt: skip
     workers: int | None = option(
         None, "processes for calibration shards and per-layer work (candidate tables, probes, fits)",

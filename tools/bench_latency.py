@@ -13,7 +13,7 @@ default), `compress` with `--method auto` and the defaults otherwise: `--budget 
 --speedup-batch 32` and `--speedup 1.5`. Each compressed model is then timed against its original (the
 interleaved A/B measurement of `evaluate --benchmark`: alternating rounds, the median ratio and its 95 %
 interval, until +-3 % or the time cap) at batch 1 and 32 on the threads the defaults take (one per core, or one
-where the original runs as fast on one) and at batch 1 on one thread per core,
+where the original runs clearly faster on one) and at batch 1 on one thread per core,
 and evaluated on the test data (top-1 with its Wilson interval). Every compression of a model shares one
 `--cache-dir` (statistics, candidate tables and sensitivities are the same for every setting). Writes
 bench/latency.json and bench/latency.md.
@@ -74,7 +74,7 @@ MODEL_SETTINGS = {
 }
 IMAGENET_HOLDOUT = 100  # of the 500 even-class images: 400 calibrate
 # (key, index into the batches of sizes 1 and 32, batch size, threads): the defaults' (None: one per core, or one
-# where the original runs as fast on one), and batch 1 on one per core ("cores"), what onnxruntime takes
+# where the original runs clearly faster on one), and batch 1 on one per core ("cores"), what onnxruntime takes
 TIMINGS = (("1", 0, 1, None), ("1xN", 0, 1, "cores"), ("32", 1, 32, None))
 
 
