@@ -24,12 +24,11 @@ reported with the figure and warned about.
 
 Without a thread count given, a CPU measurement runs both models on the threads a deployment of the original
 would take at that batch (`serving_threads`): one per core (onnxruntime's default), or one where the original
-runs clearly faster on one (by 5 %). On a 2-core machine at batch 1 the CIFAR ResNets and the ConvNeXt-style net take
-0.82-0.91 of their 2-thread time on one thread (EfficientNet-Lite0 1.16; at batch 32 every model 1.5-1.8x).
-There the 2-thread figure also depends on the machine's state: a ResNet-56 pair alternately timed on 2 threads
-and on 1 for ten minutes measured 0.68-0.73 while the original took 1.43 ms and 0.72-0.77 while it took 1.61
-(two of the 123 figures outside each other's intervals in 53 % of the pairs), and on one thread 0.60 at
-1.20 ms in both states (1.2 % of the pairs disagreeing).
+runs clearly faster on one (by 5 %). On a 2-core machine at batch 1 the CIFAR ResNets and the ConvNeXt-style net
+take 0.82-0.91 of their 2-thread time on one thread (EfficientNet-Lite0 1.16-1.19; at batch 32 every model
+1.5-1.8x), and there the 2-thread figure also depends on the machine's state: a ResNet-56 pair timed
+alternately on 2 threads and on 1 for ten minutes (128 measurements of each) gave 0.68-0.73 while the original
+took 1.43 ms and 0.72-0.77 while it took 1.61 ms on two threads, 0.595-0.608 at 1.20 ms in both states on one.
 """
 
 from __future__ import annotations
@@ -131,8 +130,8 @@ def serving_threads(model: onnx.ModelProto, batch: dict[str, np.ndarray], sample
         if runners[cores].provider != "CPU":
             _serving[key] = cores  # the threads only feed the device
         else:
-            first = [_timed(run, 1) for run in runners.values()][0]
-            runs = max(1, math.ceil(BLOCK_SECONDS / max(first, 1e-6)))
+            first = {count: _timed(run, 1) for count, run in runners.items()}  # each session's first run: warm-up
+            runs = max(1, math.ceil(BLOCK_SECONDS / max(first[cores], 1e-6)))
             times: dict[int, list[float]] = {cores: [], 1: []}
             start = time.monotonic()
             while len(times[1]) < THREAD_ROUNDS and (not times[1] or time.monotonic() - start < THREAD_SECONDS):
