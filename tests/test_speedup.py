@@ -90,32 +90,38 @@ def test_a_closing_measurement_that_misses_the_speed_the_probe_met_is_said(caplo
     assert steady["closing"]["met"] and not caplog.text and record.get("closing") is None
 
 
-def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monkeypatch):
-    from onnx_dacomp import job
+def _macs(model):
     from onnx_dacomp.targets import find_targets
 
-    def macs(model):
-        return sum(layer.macs for layer in find_targets(model).layers)
+    return sum(layer.macs for layer in find_targets(model).layers)
 
-    thresholds = []
+
+def _compressed_at_speed(tmp_path, monkeypatch, thresholds=None):
+    """A conv stack compressed with `--speedup 1.25`, its times faked in proportion to its MACs (each
+    measurement's threshold appended to `thresholds`)."""
+    from onnx_dacomp import job
 
     def fake_latency(original, compressed, source, sizes, signature, runtime, *args, threshold=None):
-        thresholds.append(threshold)
-        ratio = macs(compressed) / macs(original)
-        return tuple(_latency(ratio, 0.01) for _ in sizes)
+        if thresholds is not None:
+            thresholds.append(threshold)
+        return tuple(_latency(_macs(compressed) / _macs(original), 0.01) for _ in sizes)
 
     monkeypatch.setattr(job, "end_to_end_latency", fake_latency)
     model = conv_stack(channels=16, size=(12, 12), input_channels=3)
     path = tmp_path / "d.npz"
     np.savez(path, x=np.random.default_rng(0).standard_normal((96, 3, 12, 12)).astype(np.float32))
-    result = onnx_dacomp.compress(
-        model, ArraySource(path, ["x"]), speedup=1.25, holdout=16, max_iter=3, progress=False, rank_multiple=1
-    )
+    options = dict(speedup=1.25, holdout=16, max_iter=3, progress=False, rank_multiple=1)
+    return model, onnx_dacomp.compress(model, ArraySource(path, ["x"]), **options), path
+
+
+def test_compress_with_speedup_counts_macs_and_records_its_probes(tmp_path, monkeypatch):
+    thresholds = []
+    model, result, path = _compressed_at_speed(tmp_path, monkeypatch, thresholds)
     report = result.report
     assert report.budget == "macs" and report.search["target"] == "1.25x faster at batch 1"
     met = [item for item in report.search["probes"] if item["met"]]
     assert met and report.search["ratio"] == max(item["ratio"] for item in met)
-    assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01  # the pessimistic end meets the target
+    assert _macs(result.model) / _macs(model) <= 1 / 1.25 - 0.01  # the pessimistic end meets the target
     assert report.search["closing"]["met"] and report.search["closing"]["latency_ratio"] == report.latency[0].ratio
     # each probe is timed until decided against the target; the closing measurement until its interval is narrow
     assert thresholds == [1 / 1.25] * len(report.search["probes"]) + [None]
@@ -129,13 +135,6 @@ def test_a_reallocated_plan_that_misses_the_speed_target_gives_way_to_the_first(
     the reallocated plan's model is not fast enough (fake times in proportion to MACs, and a reallocation that
     keeps a compressed layer whole), the first plan is written and the report says why."""
     from onnx_dacomp import job
-    from onnx_dacomp.targets import find_targets
-
-    def macs(model):
-        return sum(layer.macs for layer in find_targets(model).layers)
-
-    def fake_latency(original, compressed, source, sizes, signature, runtime, *args, threshold=None):
-        return tuple(_latency(macs(compressed) / macs(original), 0.01) for _ in sizes)
 
     restored = []
 
@@ -144,18 +143,12 @@ def test_a_reallocated_plan_that_misses_the_speed_target_gives_way_to_the_first(
         summary = {"output_error": 0.2, "predicted": 0.1, "moved": restored[-1:], "rounds": [], "kept": "reallocated"}
         return rank_plan.without(restored[-1:]), kept, summary
 
-    monkeypatch.setattr(job, "end_to_end_latency", fake_latency)
     monkeypatch.setattr(job.CompressionJob, "reallocated", reallocated)
-    model = conv_stack(channels=16, size=(12, 12), input_channels=3)
-    path = tmp_path / "d.npz"
-    np.savez(path, x=np.random.default_rng(0).standard_normal((96, 3, 12, 12)).astype(np.float32))
-    result = onnx_dacomp.compress(
-        model, ArraySource(path, ["x"]), speedup=1.25, holdout=16, max_iter=3, progress=False, rank_multiple=1
-    )
+    model, result, _ = _compressed_at_speed(tmp_path, monkeypatch)
     report = result.report
     assert report.reallocation["kept"] == "first" and report.reallocation["too_slow"] > 1 / 1.25
     assert {row.name: row.method for row in report.layers}[restored[0]] is not None  # compressed, as first planned
-    assert macs(result.model) / macs(model) <= 1 / 1.25 - 0.01 and report.search["closing"]["met"]
+    assert _macs(result.model) / _macs(model) <= 1 / 1.25 - 0.01 and report.search["closing"]["met"]
     assert "the reallocated one ran at" in report.table()
 
 
