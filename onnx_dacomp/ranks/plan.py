@@ -72,7 +72,8 @@ def plan(
     log a warning when the budget cannot be reached."""
     choices = {name: overrides[name] for name in problems if overrides and name in overrides}
     # the layers computing only the channels a fixed pruned layer reads: their cost is in its choice
-    choices.update(dict.fromkeys(sliced(choices, groups) & set(problems) - set(choices)))
+    held = sliced(choices, groups)
+    choices.update(dict.fromkeys(held & set(problems) - set(choices)))
     managed = [name for name in problems if name not in choices]
     if budget.ratio is None or not managed:
         return RankPlan(choices, budget.ratio)
@@ -83,7 +84,7 @@ def plan(
         return choice.cost.of(unit) if choice else original_costs[name].of(unit)
 
     before = sum(original.of(unit) for original in original_costs.values())
-    fixed = sum(cost(name) for name in original_costs if name not in managed_names | sliced(choices, groups))
+    fixed = sum(cost(name) for name in original_costs if name not in managed_names | held)
     target = budget.ratio * before
     if budget.allocation == "uniform":
 
