@@ -89,7 +89,8 @@ class Latency:
     ratio_low: float
     ratio_high: float
     rounds: int = 0
-    threads: int = 0
+    threads: int = 0  # the original's intra-op threads
+    compressed_threads: int = 0  # the compressed model's (0: the same)
     sessions: int = 0  # pairs of sessions the rounds ran on
     other_work: float | None = None  # cores kept busy by other processes while timing (None: not measurable)
 
@@ -99,14 +100,22 @@ class Latency:
         return self.ratio_high < 1.0
 
     def describe(self) -> str:
-        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
         return (
-            f"latency at batch {self.batch} ({self.provider}, {threads}): {self.original_ms:.2f} ms -> "
+            f"latency at batch {self.batch} ({self.provider}, {self.threads_described}): {self.original_ms:.2f} ms -> "
             f"{self.compressed_ms:.2f} ms, ratio {self.ratio:.3f} [{self.ratio_low:.3f}, {self.ratio_high:.3f}] "
             f"({self.rounds} rounds on {self.sessions} session pairs"
             + (f", other work {self.other_work:.2f} cores" if self.other_work is not None else "")
             + ")"
         )
+
+    @property
+    def threads_described(self) -> str:
+        def counted(count: int) -> str:
+            return f"{count} thread" + ("s" if count != 1 else "")
+
+        if self.compressed_threads in (0, self.threads):
+            return counted(self.threads)
+        return f"the original on {counted(self.threads)}, the compressed model on {counted(self.compressed_threads)}"
 
 
 def default_threads() -> int:
@@ -125,7 +134,7 @@ def serving_threads(model: onnx.ModelProto, batch: dict[str, np.ndarray], sample
     payload = model.SerializeToString()
     key = (hashlib.sha256(payload).hexdigest(), tuple((name, array.shape) for name, array in batch.items()), device)
     if key not in _serving:
-        runners = {count: BoundRun(create_session(payload, device, threads=count, spinning=False), batch)
+        runners = {count: BoundRun(create_session(payload, device, threads=count, stop_spinning=True), batch)
                    for count in (cores, 1)}  # fmt: skip
         if runners[cores].provider != "CPU":
             _serving[key] = cores  # the threads only feed the device
@@ -139,7 +148,7 @@ def serving_threads(model: onnx.ModelProto, batch: dict[str, np.ndarray], sample
                     times[count].append(_timed(run, runs))
             share = stats.median(times[1]) / stats.median(times[cores])
             _serving[key] = 1 if share <= ONE_THREAD_SHARE else cores
-            logger.info("timing at batch %s on %d thread%s: the original takes %.2f of its %d-thread time on one",
+            logger.info("timing at batch %s on %d thread%s: the model takes %.2f of its %d-thread time on one",
                         samples, _serving[key], "" if _serving[key] == 1 else "s", share, cores)  # fmt: skip
     return _serving[key]
 
@@ -186,7 +195,8 @@ def compare_latency(
     still straddles it is timed on: such a probe of a speed target is undecided, not missed. (Stopping as soon
     as an interval lay on one side decided ResNet-56 probes after 20 rounds on intervals up to 0.15 wide,
     against each other: ratio 0.344 at 0.716 [0.652, 0.760], 0.359 at 0.875 [0.780, 0.921].)"""
-    threads = threads or serving_threads(original, batch, samples, device)
+    models = (original, compressed)
+    threads_of = [threads or serving_threads(model, batch, samples, device) for model in models]
     other_work = OtherWork()
     times: list[list[float]] = [[], []]
     ratios: list[float] = []
@@ -198,8 +208,9 @@ def compare_latency(
             pair = round_index // ROUNDS_PER_SESSION
             if round_index % ROUNDS_PER_SESSION == 0:
                 sessions = [
-                    create_session(model, device, threads=threads, spinning=False) for model in (original, compressed)
-                ]  # fmt: skip
+                    create_session(model, device, threads=count, stop_spinning=True)
+                    for model, count in zip(models, threads_of)
+                ]
                 runners = [BoundRun(session, batch) for session in sessions]
                 warmed = [_timed(run, 1) for run in runners for _ in range(WARMUP_RUNS)]
                 if pair == 0:
@@ -231,7 +242,8 @@ def compare_latency(
         ratio_low=interval[1],
         ratio_high=interval[2],
         rounds=len(ratios),
-        threads=threads,
+        threads=threads_of[0],
+        compressed_threads=threads_of[1],
         sessions=labels[-1] + 1,
         other_work=other_work.warn_if_busy(),
     )
@@ -252,7 +264,7 @@ def session_latency(
     runs: int = 30,
 ):
     """Median latency (ms) of one model on `batch` and the provider that ran it (one-layer timing tables)."""
-    session = create_session(model, device, threads=threads or default_threads(), spinning=False)
+    session = create_session(model, device, threads=threads or default_threads(), stop_spinning=True)
     run = BoundRun(session, batch)
     for _ in range(WARMUP_RUNS):
         run()

@@ -486,6 +486,8 @@ def _interval(interval, percent: bool = False) -> str:
 
 def latency_line(latency: Latency, macs_kept: float | None = None) -> str:
     text = latency.describe() + (f", MAC ratio {macs_kept:.3f}" if macs_kept is not None else "")
+    if latency.compressed_threads not in (0, latency.threads):  # the figure holds where it runs on those threads
+        text += f"; run the compressed model with intra_op_num_threads={latency.compressed_threads}"
     if not latency.faster:
         verdict = "not measurably faster" if latency.ratio_low < 1.0 else "SLOWER than the original"
         text += f"; {verdict}: --speedup X (e.g. 1.3) asks for a model that is X times faster, measured"

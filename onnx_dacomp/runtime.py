@@ -26,14 +26,15 @@ def create_session(
     optimize: bool = True,
     optimized_path: str | None = None,
     arena: bool = True,
-    spinning: bool = True,
+    stop_spinning: bool = False,
     threads: int | None = None,
     tf32: bool = True,
 ):
     """An InferenceSession on `device`; `auto` takes CUDA when it really starts, else the CPU.
     `optimized_path`: where onnxruntime writes the graph it optimized (to inspect what it will run).
     `arena=False`: release intermediate buffers instead of keeping the peak allocation (large graphs run
-    once per batch). `spinning=False`: worker threads sleep between runs instead of busy-waiting. `threads`:
+    once per batch). `stop_spinning=True`: worker threads stop busy-waiting as soon as a run returns (between
+    a run's operators they spin, as by default), so an idle session takes no core from another's runs. `threads`:
     intra-op threads (default: onnxruntime's, one per core), fewer where several processes share the cores.
     `tf32=False`: full float32 products on CUDA (TF32 rounds inputs to 10 mantissa bits: fine for inference,
     not for sums of squares).
@@ -56,8 +57,8 @@ def create_session(
     options.enable_mem_pattern = arena
     if threads is not None:
         options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
     if want_cuda:
         if device == "auto":

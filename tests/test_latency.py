@@ -77,9 +77,9 @@ def test_compare_latency_measures_relative_cost():
 
 
 @pytest.mark.parametrize("one_thread_share, expected", [(0.8, 1), (0.95, 1), (0.97, 4)])
-def test_timing_takes_one_thread_where_the_original_runs_clearly_faster_on_one(monkeypatch, one_thread_share, expected):
-    """Without a thread count, the models are timed on one per core (4 here) or on one, whichever a deployment
-    of the original would take: one only where its blocks take at most ONE_THREAD_SHARE of the time (the
+def test_timing_takes_one_thread_where_the_model_runs_clearly_faster_on_one(monkeypatch, one_thread_share, expected):
+    """A model's serving threads: one per core (4 here) or one, whichever a deployment of it would take: one
+    only where its blocks take at most ONE_THREAD_SHARE of the time (the
     timings faked by each session's thread count). Chosen once per model and batch; one core: one thread."""
     monkeypatch.setattr(latency, "default_threads", lambda: 4)
     monkeypatch.setattr(latency, "_serving", {})
@@ -98,6 +98,45 @@ def test_timing_takes_one_thread_where_the_original_runs_clearly_faster_on_one(m
     assert latency.serving_threads(model, batch, 2, "cpu") == expected and len(timed) == count  # chosen once
     monkeypatch.setattr(latency, "default_threads", lambda: 1)
     assert latency.serving_threads(model, {"x": np.ones((3, 4, 3, 3), np.float32)}, 3, "cpu") == 1
+
+
+def test_each_model_is_timed_on_its_own_serving_threads(monkeypatch):
+    """Without a thread count, the original and the compressed model each run on the threads a deployment of
+    it would take (here faked: two for the original, one for the compressed model), their sessions stop
+    spinning when a run returns; a given count holds for both."""
+    from onnx_dacomp.report import latency_line
+
+    original, compressed, created = object(), object(), []
+
+    def session(model, *args, threads=None, stop_spinning=False, **kwargs):
+        created.append((model, threads, stop_spinning))
+        return model
+
+    monkeypatch.setattr(latency, "create_session", session)
+    monkeypatch.setattr(latency, "provider_name", lambda session: "CPU")
+    monkeypatch.setattr(latency, "BoundRun", lambda session, batch: session)
+    monkeypatch.setattr(latency, "serving_threads", lambda model, *args: 2 if model is original else 1)
+    monkeypatch.setattr(latency, "_timed", lambda run, runs: 1e-3 * (1 if run is original else 0.5))
+    measured = latency.compare_latency(original, compressed, {}, 1, show_progress=False)
+    assert (measured.threads, measured.compressed_threads) == (2, 1)
+    assert set(created) == {(original, 2, True), (compressed, 1, True)}
+    assert "the original on 2 threads, the compressed model on 1 thread" in measured.describe()
+    assert "run the compressed model with intra_op_num_threads=1" in latency_line(measured)
+    created.clear()
+    given = latency.compare_latency(original, compressed, {}, 1, threads=3, show_progress=False)
+    assert (given.threads, given.compressed_threads) == (3, 3) and {threads for _, threads, _ in created} == {3}
+    assert "(CPU, 3 threads)" in given.describe() and "intra_op_num_threads" not in latency_line(given)
+
+
+def test_a_session_that_stops_spinning_says_so_to_onnxruntime():
+    from onnx_dacomp.runtime import create_session
+
+    model = conv_model(np.ones((4, 4, 1, 1)), input_shape=("n", 4, 3, 3))
+    stopping = create_session(model, "cpu", stop_spinning=True).get_session_options()
+    assert stopping.get_session_config_entry("session.force_spinning_stop") == "1"
+    default = create_session(model, "cpu").get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        default.get_session_config_entry("session.force_spinning_stop")
 
 
 def test_a_bound_run_computes_the_model_on_the_bound_inputs():

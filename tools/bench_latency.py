@@ -12,8 +12,9 @@ default), `compress` with `--method auto` and the defaults otherwise: `--budget 
 0.5`, or `--speedup X` (measured at batch 1), and `--method prune` at `--ratio 0.6`, `--speedup 1.3
 --speedup-batch 32` and `--speedup 1.5`. Each compressed model is then timed against its original (the
 interleaved A/B measurement of `evaluate --benchmark`: alternating rounds, the median ratio and its 95 %
-interval, until +-3 % or the time cap) at batch 1 and 32 on the threads the defaults take (one per core, or one
-where the original runs clearly faster on one) and at batch 1 on one thread per core,
+interval, until +-3 % or the time cap) at batch 1 and 32 on the threads the defaults take (each model one per
+core, or one where it runs clearly faster on one: "2/1 thr" is the original on two, the compressed model on one)
+and at batch 1 on one thread per core for both,
 and evaluated on the test data (top-1 with its Wilson interval). Every compression of a model shares one
 `--cache-dir` (statistics, candidate tables and sensitivities are the same for every setting). Writes
 bench/latency.json and bench/latency.md.
@@ -154,7 +155,8 @@ def main() -> None:
                 "labels_meaningful": key != "resnet50",  # random weights: only the output error means anything
                 "latency": {
                     key: {"ratio": item.ratio, "interval": [item.ratio_low, item.ratio_high],
-                          "rounds": item.rounds, "threads": item.threads, "other_work": item.other_work}
+                          "rounds": item.rounds, "threads": item.threads,
+                          "compressed_threads": item.compressed_threads, "other_work": item.other_work}
                     for key, item in latency.items()
                 },
                 "search": result.report.search, "seconds": seconds, "date": today, "machine": machine,
@@ -189,7 +191,8 @@ def _ratio(row: dict, key: str) -> str:
     item = row["latency"].get(key)  # rows of earlier runs have other timings
     if item is None:
         return ""
-    threads = f" ({item['threads']} thr)" if key != "1xN" else ""
+    counts = dict.fromkeys((item["threads"], item.get("compressed_threads") or item["threads"]))
+    threads = f" ({'/'.join(map(str, counts))} thr)" if key != "1xN" else ""
     return f"{item['ratio']:.3f} [{item['interval'][0]:.3f}, {item['interval'][1]:.3f}]{threads}"
 
 
