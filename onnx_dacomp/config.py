@@ -428,9 +428,9 @@ class RuntimeConfig:
     seed: int = option(0, "seed of everything random (data subsets, natural crops, solver starts)", parse=int)
     speed_batch: int = option(1, "batch size of the latency measurements", parse=positive_int)
     timing_threads: int | None = option(
-        None, "onnxruntime threads of every latency measurement (end to end, the --speedup probes, one-layer "
-        "tables): as many as the model will get where it runs", parse=positive_int,
-        shown="one per core, or one where the original runs clearly faster on one (measured per batch size)",
+        None, "onnxruntime threads of both models in every latency measurement (end to end, the --speedup probes, "
+        "one-layer tables): as many as the model will get where it runs", parse=positive_int,
+        shown="each model one per core, or one where it runs clearly faster on one (measured per batch size)",
     )  # fmt: skip
     workers: int | None = option(
         None, "processes for calibration shards and per-layer work (candidate tables, probes, fits)",

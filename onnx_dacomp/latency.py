@@ -3,11 +3,14 @@
 A single median of each model on a shared machine moves by more than the difference being measured (the
 same pair of EfficientNet-Lite0 models gave ratios of 1.153 and then 0.961). So the two models are timed in
 alternating rounds, the order alternating too (AB, BA, AB, ...), each round a block of runs of each model
-after a warm-up, with the thread count fixed and worker threads that sleep instead of spinning between runs
-(a spinning pool would steal the cores from the other session's block). Each round gives a ratio; the figure
-is the median ratio with a seeded bootstrap 95 % interval, and rounds go on until that interval is within
-+-TARGET_HALF_WIDTH of the median, or MAX_SECONDS have passed. Slow drifts of the machine hit both models of a
-round alike, so the ratio is steadier than either time.
+after a warm-up, each model on a fixed thread count. Worker threads spin between a run's operators, as
+onnxruntime's do by default, and stop when the run returns: a pool spinning after its run would steal the cores
+from the other session's block, and one that sleeps between operators pays a wake-up on each (ResNet-56 at
+batch 32 on two threads: 21.6 ms instead of 19.4, its `--speedup 2` model 14.6 instead of 11.1 ms, a ratio of
+0.68 instead of the 0.57 a default session gives). Each round gives a ratio; the figure is the median ratio
+with a seeded bootstrap 95 % interval, and rounds go on until that interval is within +-TARGET_HALF_WIDTH of
+the median, or MAX_SECONDS have passed. Slow drifts of the machine hit both models of a round alike, so the
+ratio is steadier than either time.
 
 A session has a speed of its own, too: four pairs of ResNet-56 sessions timed in the same interleaved rounds
 gave median ratios of 0.833, 0.845, 0.861 and 0.874. So every ROUNDS_PER_SESSION rounds a fresh pair of
@@ -22,13 +25,12 @@ other at 0.62-0.63, against 0.75-0.85 on the quiet machine. So the CPU time othe
 models are timed is measured too (`OtherWork`: the machine's busy time in /proc/stat less this process's own),
 reported with the figure and warned about.
 
-Without a thread count given, a CPU measurement runs both models on the threads a deployment of the original
-would take at that batch (`serving_threads`): one per core (onnxruntime's default), or one where the original
-runs clearly faster on one (by 5 %). On a 2-core machine at batch 1 the CIFAR ResNets and the ConvNeXt-style net
-take 0.82-0.91 of their 2-thread time on one thread (EfficientNet-Lite0 1.16-1.19; at batch 32 every model
-1.5-1.8x), and there the 2-thread figure also depends on the machine's state: a ResNet-56 pair timed
-alternately on 2 threads and on 1 for ten minutes (128 measurements of each) gave 0.68-0.73 while the original
-took 1.43 ms and 0.72-0.77 while it took 1.61 ms on two threads, 0.595-0.608 at 1.20 ms in both states on one.
+Without a thread count given, a CPU measurement runs each model on the threads a deployment of it would take
+at that batch (`serving_threads`): one per core (onnxruntime's default), or one where it runs clearly faster on
+one (by 5 %). A compressed model's chains have more, smaller nodes, each of which pays the pool's join on two
+threads: at batch 1 on a 2-core machine ResNet-56 ran in 1.0 ms on two threads and 1.15-1.2 ms on one, its
+`--speedup 2` model in 1.13-1.18 ms on two and 0.57-0.60 ms on one. Timed on the original's threads, that model
+was 1.1x slower than the original; where it is served, on one thread, 1.7x faster.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ BOOTSTRAP = 2000
 # other processes' CPU use during a measurement, as a share of the machine's cores, above which the figure is
 # said to be disturbed (a quarter of a core on two)
 BUSY_SHARE_WARNING = 0.125
-# one thread is taken where the original runs in at most this share of its time on all cores (CIFAR ResNets at
-# batch 1: 0.82-0.85, the ConvNeXt-style net 0.91). EfficientNet-Lite0 at batch 1 takes 1.16-1.19 of its 2-thread
-# time on one, but while the machine's second core is slow (the states above) about 1.0: at 1.05 it was timed
-# on one thread in such a state and on two otherwise
+# one thread is taken where a model runs in at most this share of its time on all cores: a margin, so that a
+# model about as fast on either is timed on all cores as onnxruntime's default runs it (with worker threads that
+# slept between operators, EfficientNet-Lite0 at batch 1 took 1.16-1.19 of its 2-thread time on one, but about
+# 1.0 while the machine's second core was slow: at 1.05 it was timed on one thread in such a state)
 ONE_THREAD_SHARE = 0.95
 THREAD_ROUNDS = 5  # alternating blocks of the original on all cores and on one thread
 THREAD_SECONDS = 2.0  # at most this long (after the first round), for models that take seconds a run
