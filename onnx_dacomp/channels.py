@@ -11,8 +11,8 @@ the Gather where it is (the model is correct either way).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -34,10 +34,12 @@ POOLS = ("GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool")  # each
 @dataclass(frozen=True)
 class ChannelShrinking:
     """The model with the Gathers of pruned channels removed where their producers could compute only those
-    channels, and the names of those producers (in graph order)."""
+    channels, the names of those producers (in graph order), and the depthwise convs between a producer and its
+    Gather, sliced with it (name -> the producer)."""
 
     model: onnx.ModelProto
     shrunk: tuple[str, ...]
+    along: Mapping[str, str] = field(default_factory=dict)
 
 
 def shrink_producers(model: onnx.ModelProto) -> ChannelShrinking:
@@ -52,7 +54,7 @@ def shrink_producers(model: onnx.ModelProto) -> ChannelShrinking:
         return ChannelShrinking(model, ())
     new = onnx.ModelProto()
     new.CopyFrom(model)
-    graph, shrunk, stale = new.graph, [], []
+    graph, shrunk, stale, along = new.graph, [], [], {}
     taken = {init.name for init in graph.initializer} | {n for node in graph.node for n in (*node.input, *node.output)}
     constants = Constants(new)  # regions are disjoint: the constants each reads are the original ones
     for gather in [node for node in graph.node if node.op_type == "Gather"]:
@@ -61,12 +63,14 @@ def shrink_producers(model: onnx.ModelProto) -> ChannelShrinking:
             continue
         stale += plan.apply(graph, taken)
         shrunk += [node.name or node.output[0] for node in plan.producers]
+        producer = shrunk[-1]
+        along |= {node.name or node.output[0]: producer for node in plan.nodes if node.op_type == "Conv"}
     if not shrunk:
         return ChannelShrinking(model, ())
     drop_unread(graph, stale)
     check_postcondition(model, new)
     order = [node.name or node.output[0] for node in model.graph.node]
-    return ChannelShrinking(new, tuple(sorted(set(shrunk), key=order.index)))
+    return ChannelShrinking(new, tuple(sorted(set(shrunk), key=order.index)), along)
 
 
 def input_producers(model: onnx.ModelProto, layers: Sequence[Layer]) -> dict[str, tuple[str, ...]]:

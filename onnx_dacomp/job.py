@@ -14,7 +14,7 @@ import onnx
 from .cache import Cache
 from .calibration.sources import Source, rereadable
 from .calibration.statistics import Statistics
-from .channels import shrink_producers
+from .channels import ChannelShrinking, shrink_producers
 from .compensate import compensate, downstream
 from .config import CompressConfig
 from .errors import UserError
@@ -49,13 +49,13 @@ IN_SAMPLE_SAMPLES = 500  # without held-out data, the result is compared on this
 CURVE_RATIOS = tuple(round(0.05 * step, 2) for step in range(2, 21))  # the estimated trade-off curve's points
 
 
-def streamlined(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...], tuple[str, ...]]:
+def streamlined(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...], ChannelShrinking]:
     """The same function, faster: `model` with its explicit zero Pads folded into the convs after them (the
     runtime ran them outside its layout) and the Gathers of pruned channels removed by slicing the layers that
-    computed them; the Pads folded and the layers sliced."""
+    computed them; the Pads folded and the slicing (`shrinking.model` is the model returned)."""
     folding = fold_pads(model)
     shrinking = shrink_producers(folding.model)
-    return shrinking.model, folding.folded, shrinking.shrunk
+    return shrinking.model, folding.folded, shrinking
 
 
 @dataclass(frozen=True, eq=False)
@@ -438,7 +438,7 @@ class CompressionJob:
         refined = new_model
         new_model, rectification = self.rectified(new_model, fits)
         new_model, compensation = self.compensated(new_model, fits)
-        new_model, folded, shrunk = streamlined(new_model)
+        new_model, folded, shrinking = streamlined(new_model)
         clock.mark("decompose")
 
         verification = self.check(new_model)
@@ -480,7 +480,7 @@ class CompressionJob:
             timed=row_costs.timed_row if row_costs is not None else None, counted=self.counted,
             sampling=self.problems.sampling,
         )  # fmt: skip
-        rows = sliced_rows(rows, self.layers, self.costs.coupled, rank_plan, shrunk)
+        rows = sliced_rows(rows, self.layers, self.costs.coupled, rank_plan, shrinking)
         for record, note in (
             (rectification, "output refit through the activation"),
             (compensation, "refit (compensation)"),
@@ -506,7 +506,7 @@ class CompressionJob:
             output_refit=rectification,
             compensation=compensation,
             folded_pads=folded,
-            shrunk_producers=shrunk,
+            shrunk_producers=shrinking.shrunk,
             latency=latency,
             calibration=self.statistics.source if self.statistics is not None else None,
             seconds=clock.seconds(),

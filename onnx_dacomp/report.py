@@ -332,24 +332,29 @@ def kept_row(name: str, geometry: LayerGeometry, reason: str) -> LayerReport:
     return LayerReport(name, None, None, cost.params, cost.params, cost.macs, cost.macs, 0.0, reason=reason)
 
 
-def sliced_rows(rows, layers: Mapping, coupled: Mapping, plan, shrunk: Iterable[str]) -> tuple[LayerReport, ...]:
+def sliced_rows(rows, layers: Mapping, coupled: Mapping, plan, shrinking) -> tuple[LayerReport, ...]:
     """`rows` with each layer that computes a pruned layer's input channels (`coupled`: pruned layer -> such
-    layers) and was sliced to them (`shrunk`) at the cost of computing only those channels."""
+    layers) and was sliced to them (`shrinking.shrunk`), and each depthwise conv sliced with it
+    (`shrinking.along`), at the cost of computing only those channels (in proportion: weights, bias and MACs
+    are per output channel)."""
     channels = {}
     for consumer, producers in coupled.items():
         choice = plan.get(consumer)
         for producer in producers:
-            if choice is not None and producer in shrunk:
+            if choice is not None and producer in shrinking.shrunk:
                 channels[producer] = (consumer, choice.ranks[0])
     sliced = []
     for row in rows:
-        if row.name in channels:
-            consumer, count = channels[row.name]
-            geometry = layers[row.name].geometry
-            cost = original_cost(replace(geometry, out_channels=count))
-            reason = f"computes only the {count} channels {consumer} reads"
-            latency = None if row.latency_before is None else row.latency_before * count / geometry.out_channels
-            row = replace(row, params_after=cost.params, macs_after=cost.macs, reason=reason, latency_after=latency)
+        source = row.name if row.name in channels else shrinking.along.get(row.name)
+        if source in channels:
+            consumer, count = channels[source]
+            kept = f"computes only the {count} channels {consumer} reads"
+            total = layers[row.name].geometry.out_channels
+            row = replace(
+                row, params_after=row.params_before * count // total, macs_after=row.macs_before * count // total,
+                reason=kept if source == row.name else f"{row.reason}; {kept}",
+                latency_after=None if row.latency_before is None else row.latency_before * count / total,
+            )  # fmt: skip
         sliced.append(row)
     return tuple(sliced)
 

@@ -134,13 +134,16 @@ def _outputs(model, x):
     return create_session(model, "cpu").run(None, {"x": x})
 
 
-@pytest.mark.parametrize("build, shape, sliced", [(_mlp, (2, 5, 5, 4), ("w1", 5)), (_convs, (2, 4, 5, 5), ("w1", 3))])
-def test_shrinking_producers_removes_the_gather_and_keeps_the_function(build, shape, sliced):
+@pytest.mark.parametrize(
+    "build, shape, sliced, along",
+    [(_mlp, (2, 5, 5, 4), ("w1", 5), {}), (_convs, (2, 4, 5, 5), ("w1", 3), {"d": "expand"})],
+)
+def test_shrinking_producers_removes_the_gather_and_keeps_the_function(build, shape, sliced, along):
     model = build(np.random.default_rng(0))
     before = model.SerializeToString()
     result = shrink_producers(model)
     assert model.SerializeToString() == before  # the input model is not changed
-    assert result.shrunk == ("expand",)
+    assert result.shrunk == ("expand",) and result.along == along  # the depthwise conv sliced with `expand`
     assert not [node for node in result.model.graph.node if node.op_type == "Gather"]
     weights = {init.name.split("_pruned")[0]: numpy_helper.to_array(init) for init in result.model.graph.initializer}
     name, count = sliced
@@ -196,6 +199,39 @@ def test_pruned_model_budget_counts_the_producers_it_slices(tmp_path):
     reference = _outputs(model, held_out)[0].astype(np.float64)
     error = np.sum((_outputs(result.model, held_out)[0] - reference) ** 2) / np.sum(reference**2)
     assert report.verification.rel_output_error == pytest.approx(np.sqrt(error), rel=1e-4)
+
+
+def test_the_rows_of_depthwise_convs_sliced_with_a_producer_are_the_written_weights(tmp_path):
+    """Conv 1x1 -> Relu -> depthwise 3x3 -> Relu -> Conv 1x1, the last pruned: the depthwise conv computes only
+    the channels kept too, and its row (not counted in the budget) says so with the written model's weights."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="expand", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "dw", "dwb"], ["c1"], name="depthwise", group=16, kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="project", kernel_shape=[1, 1]),
+    ]  # fmt: skip
+    inits = [_array(rng, 16, 4, 1, 1, name="w0"), _array(rng, 16, name="b0"), _array(rng, 16, 1, 3, 3, name="dw"),
+             _array(rng, 16, name="dwb"), _array(rng, 8, 16, 1, 1, name="w2"), _array(rng, 8, name="b2")]  # fmt: skip
+    model = _model(nodes, inits)
+    images = (rng.standard_normal((160, 4, 5, 5)) * 0.5 + rng.standard_normal((160, 4, 1, 1))).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=images)
+    result = onnx_dacomp.compress(
+        model, str(tmp_path / "data.npz"), method="prune", ratio=0.6, holdout=32, rank_multiple=1, progress=False,
+        benchmark=False, compensate="none",
+    )  # fmt: skip
+    rows = {row.name: row for row in result.report.layers}
+    kept = rows["project"].ranks[0]
+    assert rows["project"].method == "prune" and kept < 16
+    sizes = {init.name: int(np.prod(init.dims)) for init in result.model.graph.initializer}
+    depthwise = next(node for node in result.model.graph.node if node.name == "depthwise")
+    assert rows["depthwise"].params_after == sizes[depthwise.input[1]] + sizes[depthwise.input[2]] == 10 * kept
+    assert rows["depthwise"].macs_after == 9 * kept * 25 and rows["depthwise"].params_before == 160
+    assert rows["depthwise"].reason.endswith(f"; computes only the {kept} channels project reads")
+    assert not rows["depthwise"].counted
+    assert result.report.totals["params_before"] == rows["expand"].params_before + rows["project"].params_before
 
 
 def test_a_pruned_layer_costs_its_producers_share_and_its_time_in_proportion():
