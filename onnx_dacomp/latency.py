@@ -73,7 +73,7 @@ BUSY_SHARE_WARNING = 0.125
 # slept between operators, EfficientNet-Lite0 at batch 1 took 1.16-1.19 of its 2-thread time on one, but about
 # 1.0 while the machine's second core was slow: at 1.05 it was timed on one thread in such a state)
 ONE_THREAD_SHARE = 0.95
-THREAD_ROUNDS = 5  # alternating blocks of the original on all cores and on one thread
+THREAD_ROUNDS = 5  # alternating blocks of the model on all cores and on one thread
 THREAD_SECONDS = 2.0  # at most this long (after the first round), for models that take seconds a run
 _serving: dict[tuple, int] = {}  # (model digest, batch shapes, device) -> threads, chosen once per process
 
@@ -121,8 +121,7 @@ class Latency:
 
 
 def default_threads() -> int:
-    """Intra-op threads of the timed sessions: one per core (what onnxruntime takes by default), fixed so that
-    both models get the same."""
+    """Intra-op threads of a timed session on all cores: one per core, what onnxruntime takes by default."""
     return os.cpu_count() or 1
 
 
