@@ -228,7 +228,7 @@ def prepare(
     settings = FitSettings.of(config)
     # chains are timed at the batch of the speed target where there is one
     speed_batch = config.plan.speedup_batch if config.plan.speedup is not None else runtime.speed_batch
-    # layers are timed on the threads the whole model gets (`latency.serving_threads`)
+    # layers are timed on the threads the whole original model gets (`latency.serving_threads`)
     threads = runtime.timing_threads
     times_layers = config.plan.budget == "latency" or config.plan.require_speedup or config.verify.layer_timings
     if threads is None and (times_layers or config.plan.speedup is not None) and not signature.unknown():

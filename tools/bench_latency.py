@@ -74,8 +74,8 @@ MODEL_SETTINGS = {
     "resnet50": ("params", "speedup1.5"),
 }
 IMAGENET_HOLDOUT = 100  # of the 500 even-class images: 400 calibrate
-# (key, index into the batches of sizes 1 and 32, batch size, threads): the defaults' (None: one per core, or one
-# where the original runs clearly faster on one), and batch 1 on one per core ("cores"), what onnxruntime takes
+# (key, index into the batches of sizes 1 and 32, batch size, threads): the defaults' (None: each model one per
+# core, or one where it runs clearly faster on one), and batch 1 with both on one per core ("cores")
 TIMINGS = (("1", 0, 1, None), ("1xN", 0, 1, "cores"), ("32", 1, 32, None))
 
 
