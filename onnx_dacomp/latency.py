@@ -190,16 +190,20 @@ def compare_latency(
     show_progress: bool = True,
     threshold: float | None = None,
 ) -> Latency:
-    """Time `compressed` against `original` on `batch` (of `samples` samples) in alternating rounds, on a fresh
-    pair of sessions every ROUNDS_PER_SESSION rounds, until the ratio's interval is narrow enough or
-    `max_seconds` have passed. With a `threshold` (a question: is the ratio below it?) a narrow interval that
-    still straddles it is timed on: such a probe of a speed target is undecided, not missed. (Stopping as soon
-    as an interval lay on one side decided ResNet-56 probes after 20 rounds on intervals up to 0.15 wide,
-    against each other: ratio 0.344 at 0.716 [0.652, 0.760], 0.359 at 0.875 [0.780, 0.921].)"""
+    """Time `compressed` against `original` on `batch` (of `samples` samples) in alternating rounds, on fresh
+    sessions every ROUNDS_PER_SESSION rounds, until the ratio's interval is narrow enough or `max_seconds` have
+    passed. Without `threads`, each model runs a block on one thread per core and a block on one thread in each
+    round (on the CPU), and its time in the round is the faster block: each model on the threads it runs fastest
+    on at that moment (the thread counts each took most often are reported). With a `threshold` (a question: is
+    the ratio below it?) a narrow interval that still straddles it is timed on: such a probe of a speed target is
+    undecided, not missed. (Stopping as soon as an interval lay on one side decided ResNet-56 probes after 20
+    rounds on intervals up to 0.15 wide, against each other: ratio 0.344 at 0.716 [0.652, 0.760], 0.359 at 0.875
+    [0.780, 0.921].)"""
     models = (original, compressed)
-    threads_of = [threads or serving_threads(model, batch, samples, device) for model in models]
+    counts = (threads,) if threads else tuple(dict.fromkeys((default_threads(), 1)))
     other_work = OtherWork()
     times: list[list[float]] = [[], []]
+    fastest: list[list[int]] = [[], []]  # the thread count of each round's time, per model
     ratios: list[float] = []
     labels: list[int] = []
     interval = (math.nan, math.nan, math.nan)
@@ -209,21 +213,27 @@ def compare_latency(
             pair = round_index // ROUNDS_PER_SESSION
             if round_index % ROUNDS_PER_SESSION == 0:
                 sessions = [
-                    create_session(model, device, threads=count, stop_spinning=True)
-                    for model, count in zip(models, threads_of)
+                    {count: create_session(model, device, threads=count, stop_spinning=True) for count in counts}
+                    for model in models
                 ]
-                runners = [BoundRun(session, batch) for session in sessions]
-                warmed = [_timed(run, 1) for run in runners for _ in range(WARMUP_RUNS)]
+                if pair == 0:
+                    provider = provider_name(sessions[0][counts[0]])
+                    if provider != "CPU":  # the threads only feed the device
+                        counts = counts[:1]
+                        sessions = [{counts[0]: each[counts[0]]} for each in sessions]
+                runners = [{count: BoundRun(session, batch) for count, session in each.items()} for each in sessions]
+                warmed = [_timed(run, 1) for each in runners for run in each.values() for _ in range(WARMUP_RUNS)]
                 if pair == 0:
                     runs = max(1, math.ceil(BLOCK_SECONDS / max(min(warmed), 1e-6)))
-                    provider = provider_name(sessions[0])
             order = (0, 1) if round_index % 2 == 0 else (1, 0)
-            block = [0.0, 0.0]
+            block = [{}, {}]
             for which in order:
-                block[which] = _timed(runners[which], runs)
+                block[which] = {count: _timed(run, runs) for count, run in runners[which].items()}
             for which in (0, 1):
-                times[which].append(block[which])
-            ratios.append(block[1] / block[0])
+                count = min(block[which], key=block[which].get)
+                times[which].append(block[which][count])
+                fastest[which].append(count)
+            ratios.append(times[1][-1] / times[0][-1])
             labels.append(pair)
             bar.update()
             if len(ratios) >= MIN_ROUNDS and len(ratios) % ROUNDS_PER_SESSION == 0:
@@ -243,8 +253,8 @@ def compare_latency(
         ratio_low=interval[1],
         ratio_high=interval[2],
         rounds=len(ratios),
-        threads=threads_of[0],
-        compressed_threads=threads_of[1],
+        threads=stats.mode(fastest[0]),
+        compressed_threads=stats.mode(fastest[1]),
         sessions=labels[-1] + 1,
         other_work=other_work.warn_if_busy(),
     )
