@@ -430,7 +430,7 @@ class RuntimeConfig:
     timing_threads: int | None = option(
         None, "onnxruntime threads of both models in every latency measurement (end to end, the --speedup probes, "
         "one-layer tables): as many as the model will get where it runs", parse=positive_int,
-        shown="each model one per core, or one where it runs clearly faster on one (measured per batch size)",
+        shown="each model on one per core or on one, whichever it runs faster on at the moment (each round)",
     )  # fmt: skip
     workers: int | None = option(
         None, "processes for calibration shards and per-layer work (candidate tables, probes, fits)",

@@ -25,12 +25,16 @@ other at 0.62-0.63, against 0.75-0.85 on the quiet machine. So the CPU time othe
 models are timed is measured too (`OtherWork`: the machine's busy time in /proc/stat less this process's own),
 reported with the figure and warned about.
 
-Without a thread count given, a CPU measurement runs each model on the threads a deployment of it would take
-at that batch (`serving_threads`): one per core (onnxruntime's default), or one where it runs clearly faster on
-one (by 5 %). A compressed model's chains have more, smaller nodes, each of which pays the pool's join on two
-threads: at batch 1 on a 2-core machine ResNet-56 ran in 1.0 ms on two threads and 1.15-1.2 ms on one, its
-`--speedup 2` model in 1.13-1.18 ms on two and 0.57-0.60 ms on one. Timed on the original's threads, that model
-was 1.1x slower than the original; where it is served, on one thread, 1.7x faster.
+Without a thread count given, each model runs a block on one thread per core (onnxruntime's default) and one
+on one thread in every round of a CPU measurement, and its time in the round is the faster: each model on the
+threads it runs fastest on at that moment. A compressed model's chains have more, smaller nodes, each of which
+pays the pool's join on two threads: at batch 1 on a 2-core machine ResNet-56 ran in 1.0 ms on two threads and
+1.15-1.2 ms on one, its `--speedup 2` model in 1.13-1.18 ms on two and 0.57-0.60 ms on one; timed on the
+original's threads, that model was 1.1x slower than the original, where it is served, on one thread, 1.7x
+faster. Which is faster changes with the machine's state, within seconds: in another state two threads ran the
+original in 0.70 ms and the compressed model in 0.47. A choice made once before the measurement (timed in
+blocks on each count) was made in one state and timed in the other often enough to matter: the default
+ResNet-56 model then measured 1.35x slower at batch 1, where it was 0.90-0.93 in either state with each round's best.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def default_threads() -> int:
 def serving_threads(model: onnx.ModelProto, batch: dict[str, np.ndarray], samples: int, device: str = "auto") -> int:
     """The intra-op threads of a deployment of `model` at `batch` (of `samples` samples): one per core, or one
     where the model runs in at most ONE_THREAD_SHARE of that time on one (timed in alternating blocks; medians).
-    Chosen once per model, batch and device in a process, so that a speed target's probes are all timed alike."""
+    Chosen once per model, batch and device in a process: the one-layer timing tables run on the original's."""
     cores = default_threads()
     if cores == 1:
         return 1

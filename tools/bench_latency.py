@@ -12,9 +12,9 @@ default), `compress` with `--method auto` and the defaults otherwise: `--budget 
 0.5`, or `--speedup X` (measured at batch 1), and `--method prune` at `--ratio 0.6`, `--speedup 1.3
 --speedup-batch 32` and `--speedup 1.5`. Each compressed model is then timed against its original (the
 interleaved A/B measurement of `evaluate --benchmark`: alternating rounds, the median ratio and its 95 %
-interval, until +-3 % or the time cap) at batch 1 and 32 on the threads the defaults take (each model one per
-core, or one where it runs clearly faster on one: "2/1 thr" is the original on two, the compressed model on one)
-and at batch 1 on one thread per core for both,
+interval, until +-3 % or the time cap) at batch 1 and 32 on the threads the defaults take (each model in each
+round the faster of one thread per core and one thread: "2/1 thr" is the original mostly on two, the compressed
+model on one) and at batch 1 on one thread per core for both,
 and evaluated on the test data (top-1 with its Wilson interval). Every compression of a model shares one
 `--cache-dir` (statistics, candidate tables and sensitivities are the same for every setting). Writes
 bench/latency.json and bench/latency.md.
@@ -74,8 +74,8 @@ MODEL_SETTINGS = {
     "resnet50": ("params", "speedup1.5"),
 }
 IMAGENET_HOLDOUT = 100  # of the 500 even-class images: 400 calibrate
-# (key, index into the batches of sizes 1 and 32, batch size, threads): the defaults' (None: each model one per
-# core, or one where it runs clearly faster on one), and batch 1 with both on one per core ("cores")
+# (key, index into the batches of sizes 1 and 32, batch size, threads): the defaults' (None: each model in each
+# round the faster of one per core and one), and batch 1 with both on one per core ("cores")
 TIMINGS = (("1", 0, 1, None), ("1xN", 0, 1, "cores"), ("32", 1, 32, None))
 
 
