@@ -3,7 +3,7 @@
 A single median of each model on a shared machine moves by more than the difference being measured (the
 same pair of EfficientNet-Lite0 models gave ratios of 1.153 and then 0.961). So the two models are timed in
 alternating rounds, the order alternating too (AB, BA, AB, ...), each round a block of runs of each model
-after a warm-up, each model on a fixed thread count. Worker threads spin between a run's operators, as
+after a warm-up (each model's threads: below). Worker threads spin between a run's operators, as
 onnxruntime's do by default, and stop when the run returns: a pool spinning after its run would steal the cores
 from the other session's block, and one that sleeps between operators pays a wake-up on each (ResNet-56 at
 batch 32 on two threads: 21.6 ms instead of 19.4, its `--speedup 2` model 14.6 instead of 11.1 ms, a ratio of
