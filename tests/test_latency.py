@@ -106,7 +106,7 @@ def test_each_model_is_timed_on_its_fastest_threads_in_each_round(monkeypatch):
     here the original is faster on two threads, the compressed model on one, except in every fourth block
     (the machine's state), so the ratio is the compressed model's one-thread time over the original's two-thread
     time in most rounds and the reported threads are the ones each took most often. A given count holds for both."""
-    original, compressed, created, rounds = object(), object(), [], itertools.count()
+    original, compressed, created, blocks = object(), object(), [], itertools.count()
 
     class Run:
         def __init__(self, session, batch):
@@ -123,7 +123,7 @@ def test_each_model_is_timed_on_its_fastest_threads_in_each_round(monkeypatch):
         if run.model is original:
             return {2: 1.0, 1: 1.5}[run.threads] * 1e-3
         if run.threads == 2:  # every fourth block (another state of the machine) faster than on one thread
-            return (0.5 if next(rounds) % 4 == 3 else 0.9) * 1e-3
+            return (0.5 if next(blocks) % 4 == 3 else 0.9) * 1e-3
         return 0.6e-3
 
     from onnx_dacomp.report import latency_line
