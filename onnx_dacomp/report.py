@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from .channels import ChannelShrinking
 from .geometry import LayerGeometry, original_cost
 from .latency import Latency
 from .methods import get, methods_for
@@ -332,7 +333,7 @@ def kept_row(name: str, geometry: LayerGeometry, reason: str) -> LayerReport:
     return LayerReport(name, None, None, cost.params, cost.params, cost.macs, cost.macs, 0.0, reason=reason)
 
 
-def sliced_rows(rows, layers: Mapping, coupled: Mapping, plan, shrinking) -> tuple[LayerReport, ...]:
+def sliced_rows(rows, layers: Mapping, coupled: Mapping, plan, shrinking: ChannelShrinking) -> tuple[LayerReport, ...]:
     """`rows` with each layer that computes a pruned layer's input channels (`coupled`: pruned layer -> such
     layers) and was sliced to them (`shrinking.shrunk`), and each depthwise conv sliced with it
     (`shrinking.along`), at the cost of computing only those channels (in proportion: weights, bias and MACs
