@@ -7,7 +7,7 @@ give the same model at the same ratio since they run the same code on the same s
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property, partial
+from functools import cached_property
 
 import onnx
 
@@ -66,6 +66,18 @@ class CompressionResult:
     tables: dict[str, CandidateTable] = field(default_factory=dict)
     # `auto`'s groups: layer -> (its low-rank and pruned sensitivities, the layers it slices), for the same
     pruned: dict[str, tuple] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Refitted:
+    """A compressed model as its chains were fitted and after the refits (`rectify.py`, `compensate.py`), with
+    the fits and the refits' records."""
+
+    fitted: onnx.ModelProto
+    model: onnx.ModelProto
+    fits: dict
+    rectification: dict | None
+    compensation: dict | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,14 +256,19 @@ class CompressionJob:
         batches = probe_batches(self.judge.batches, samples, self.signature)
         return OutputError(self.model, batches, self.config.runtime.device)
 
-    def unseen_error(self, candidate: onnx.ModelProto) -> tuple[float, dict]:
-        """`candidate`'s output error on data propagation did not fit on, and its record: the verification on
-        the held-out data, or the judge's error on the calibration samples set aside."""
-        if self.holdout is not None:
-            verification = self.verify(candidate)
-            return verification.rel_output_error, verification.to_dict()
-        error = self.judge(candidate)
-        return error, {"rel_output_error": error, "data": "calibration samples set aside"}
+    @cached_property
+    def unseen(self) -> OutputError | None:
+        """The output error on every sample propagation did not fit on (the held-out data, or the calibration
+        samples set aside), by which the propagated model is kept over the plain one; None where there are none."""
+        data = self.holdout if self.holdout is not None else self.set_aside[1] if self.set_aside is not None else None
+        return None if data is None else OutputError(self.model, [dict(b) for b in data], self.config.runtime.device)
+
+    def refitted(self, fitted: onnx.ModelProto, fits) -> Refitted:
+        """`fitted` (the model of `fits`) with its chains' outputs refit through the activations and the kept
+        layers after them compensated."""
+        rectified, rectification = self.rectified(fitted, fits)
+        model, compensation = self.compensated(rectified, fits)
+        return Refitted(fitted, model, fits, rectification, compensation)
 
     def rectified(self, new_model: onnx.ModelProto, fits) -> tuple[onnx.ModelProto, dict | None]:
         """`new_model` with the node that writes each compressed layer's output refit on the input it gets there,
@@ -427,18 +444,17 @@ class CompressionJob:
         clock.mark("ranks")
         propagation = None
         if config.fit.propagate:
-            new_model, fits, waves = self.build_propagated(rank_plan)
-            propagation = {"waves": waves}
-            if self.holdout is not None or self.set_aside is not None:  # propagation need not lower the model's error
-                plain = partial(self.build, rank_plan)
-                new_model, fits, whole = keep_better((new_model, fits), plain, self.unseen_error)
-                propagation |= whole
+            *propagated, waves = self.build_propagated(rank_plan)
+            chosen, propagation = self.refitted(*propagated), {"waves": waves}
+            if self.unseen is not None:  # propagation need not lower the model's error, refits included
+                plain = self.refitted(*self.build(rank_plan))
+                kept, whole = keep_better(chosen.model, plain.model, self.unseen)
+                chosen, propagation = (chosen if kept else plain), propagation | whole
         else:
-            new_model, fits = self.build(rank_plan)
-        refined = new_model
-        new_model, rectification = self.rectified(new_model, fits)
-        new_model, compensation = self.compensated(new_model, fits)
-        new_model, folded, shrinking = streamlined(new_model)
+            chosen = self.refitted(*self.build(rank_plan))
+        refined, fits = chosen.fitted, chosen.fits
+        rectification, compensation = chosen.rectification, chosen.compensation
+        new_model, folded, shrinking = streamlined(chosen.model)
         clock.mark("decompose")
 
         verification = self.check(new_model)

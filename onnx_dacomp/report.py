@@ -54,7 +54,8 @@ class CompressionReport:
     search: Mapping[str, object] | None = None  # the ratio search (accuracy or speed target): target, ratio, probes
     # the plan checked at its own errors and allocated again (reallocate.py): its rounds, which plan kept
     reallocation: Mapping[str, object] | None = None
-    propagation: Mapping[str, object] | None = None  # --propagate with held-out data: both fits verified, which kept
+    # --propagate: its waves; with data it did not fit on, both models' errors there and which was kept
+    propagation: Mapping[str, object] | None = None
     # the node writing each compressed layer's output refit through the activation after it (rectify.py)
     output_refit: Mapping[str, object] | None = None
     compensation: Mapping[str, object] | None = None  # the kept layers refit after compressed ones (compensate.py)
@@ -236,10 +237,11 @@ class CompressionReport:
             waves = self.propagation["waves"]
             lines.append(f"--propagate: propagated fits kept in {waves['propagated_waves']} of {waves['waves']} waves")
         if self.propagation and "kept" in self.propagation:
-            fits = {fit: self.propagation[fit] for fit in ("propagated", "plain")}
+            errors, (low, high) = self.propagation["output_error"], self.propagation["difference_interval"]
             lines.append(
-                f"--propagate: relative output error {fits['propagated']['rel_output_error']:.4f} with the wave "
-                f"choices, {fits['plain']['rel_output_error']:.4f} all plain: kept the {self.propagation['kept']} fit"
+                f"--propagate: output error energy {errors['propagated']:.4f} with the wave choices, "
+                f"{errors['plain']:.4f} all plain (refits included) on {self.propagation['samples']} samples neither "
+                f"was fitted on, difference [{low:+.4f}, {high:+.4f}]: kept the {self.propagation['kept']} fit"
             )
         if self.shrunk_producers:
             lines.append(

@@ -203,8 +203,10 @@ def test_propagation_that_verifies_worse_gives_way_to_the_plain_fit(tmp_path, mo
     config = CompressConfig(ratio=0.45, holdout=40, max_iter=10, propagate=True, compensate="none", refit_outputs=False)
     report = onnx_dacomp.compress(model, source, config, progress=False).report
     assert report.propagation["kept"] == "propagated"  # on this stack propagation helps (test above)
-    assert report.verification.rel_output_error == report.propagation["propagated"]["rel_output_error"]
-    assert report.propagation["propagated"]["rel_output_error"] < report.propagation["plain"]["rel_output_error"]
+    errors = report.propagation["output_error"]  # on every held-out sample: the verification's
+    assert report.propagation["samples"] == report.verification.samples >= 32
+    assert errors["propagated"] == pytest.approx(report.verification.rel_output_error**2, rel=1e-6)
+    assert errors["propagated"] < errors["plain"] and report.propagation["difference_interval"][1] < 0
 
     real = LayerProblem.propagated
 
@@ -302,7 +304,7 @@ def test_without_held_out_data_propagation_is_judged_on_calibration_samples_it_d
     fitted_on = {sample.tobytes() for sample in seen[0]}
     assert not any(sample.tobytes() in fitted_on for sample in set_aside)
     record = result.report.propagation
-    assert record["propagated"]["data"] == "calibration samples set aside"
+    assert record["samples"] == len(set_aside)
     assert all(len(wave["output_error"]) == 2 for wave in record["waves"]["choices"])
 
     def outputs(candidate):
@@ -311,6 +313,31 @@ def test_without_held_out_data_propagation_is_judged_on_calibration_samples_it_d
 
     reference = outputs(model)
     error = np.sum((outputs(result.model) - reference) ** 2) / np.sum(reference**2)
-    assert record[record["kept"]]["rel_output_error"] == pytest.approx(error, rel=1e-4)
-    other = "plain" if record["kept"] == "propagated" else "propagated"
-    assert record[record["kept"]]["rel_output_error"] < record[other]["rel_output_error"]
+    assert record["output_error"][record["kept"]] == pytest.approx(error, rel=1e-4)
+    assert record["kept"] == "propagated" and record["difference_interval"][1] < 0
+    assert record["output_error"]["propagated"] < record["output_error"]["plain"]
+
+
+def test_the_whole_model_keeps_propagation_only_where_its_error_is_lower_beyond_doubt():
+    """`keep_better` on real sessions: a model whose error is far lower on every sample is kept; one whose error
+    differs from the other's by chance, and the same model twice, give way to the plain model."""
+    from onnx_dacomp.propagate import OutputError, keep_better
+
+    model = conv_stack(channels=8, size=(12, 12), input_channels=3)
+    rng = np.random.default_rng(7)
+    batches = [{"x": rng.standard_normal((20, 3, 12, 12)).astype(np.float32)} for _ in range(3)]
+    judge = OutputError(model, batches, "cpu")
+    assert len(judge.energies) == 60
+    # the same change of a weight with either sign: to first order the same error energy on every sample
+    near, far, other = (_perturbed(model, "w2", scale, seed) for scale, seed in ((0.02, 1), (0.2, 2), (-0.02, 1)))
+    kept, record = keep_better(near, far, judge)
+    assert kept and record["kept"] == "propagated" and record["difference_interval"][1] < 0
+    errors = judge.sample_errors(near), judge.sample_errors(far)
+    assert record["output_error"]["propagated"] == pytest.approx(errors[0].sum() / judge.energies.sum())
+    assert np.all(errors[0] < errors[1])
+    assert keep_better(far, near, judge)[0] is False
+    kept, record = keep_better(near, other, judge)
+    assert not kept and record["kept"] == "plain"
+    assert record["difference_interval"][0] < 0 < record["difference_interval"][1]
+    assert keep_better(near, near, judge) == (False, keep_better(near, near, judge)[1])
+    assert keep_better(near, near, judge)[1]["difference_interval"] == [0.0, 0.0]
