@@ -45,6 +45,7 @@ from .workers import Workers
 PROBE_SECONDS_FACTOR = 6
 
 JUDGE_SAMPLES = 128  # propagation and compensation choose each wave's fit by the output error on this many samples
+UNSEEN_SAMPLES = 1024  # the whole propagated model is checked on this many (every sample of most held-out sets)
 IN_SAMPLE_SAMPLES = 500  # without held-out data, the result is compared on this many calibration samples
 CURVE_RATIOS = tuple(round(0.05 * step, 2) for step in range(2, 21))  # the estimated trade-off curve's points
 
@@ -258,10 +259,13 @@ class CompressionJob:
 
     @cached_property
     def unseen(self) -> OutputError | None:
-        """The output error on every sample propagation did not fit on (the held-out data, or the calibration
-        samples set aside), by which the propagated model is kept over the plain one; None where there are none."""
+        """The output error on the samples propagation did not fit on (the held-out data, or the calibration
+        samples set aside; `UNSEEN_SAMPLES` at most, held in memory), by which the propagated model is kept over
+        the plain one; None where there are none."""
         data = self.holdout if self.holdout is not None else self.set_aside[1] if self.set_aside is not None else None
-        return None if data is None else OutputError(self.model, [dict(b) for b in data], self.config.runtime.device)
+        if data is None:
+            return None
+        return OutputError(self.model, probe_batches(data, UNSEEN_SAMPLES, self.signature), self.config.runtime.device)
 
     def refitted(self, fitted: onnx.ModelProto, fits) -> Refitted:
         """`fitted` (the model of `fits`) with its chains' outputs refit through the activations and the kept
