@@ -31,15 +31,7 @@ def _resamples(count: int, seed: int) -> np.ndarray:
 def relative_error_interval(errors, energies, seed: int = 0) -> tuple[float, float]:
     """The 95 % interval of sqrt(sum errors / sum energies) over the samples (per-sample error and reference
     energies), by resampling the samples."""
-    errors, energies = np.asarray(errors, np.float64), np.asarray(energies, np.float64)
-    if len(errors) < 2:
-        value = float(np.sqrt(errors.sum() / energies.sum())) if energies.sum() > 0 else 0.0
-        return value, value
-    draws = _resamples(len(errors), seed)
-    totals = energies[draws].sum(axis=1)
-    ratios = np.sqrt(np.where(totals > 0, errors[draws].sum(axis=1) / np.where(totals > 0, totals, 1), 0.0))
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(low), float(high)
+    return _ratio_of_sums_interval(errors, energies, seed, np.sqrt)
 
 
 def paired_difference_interval(first, second, seed: int = 0) -> tuple[float, float]:
@@ -58,13 +50,19 @@ def relative_difference_interval(first, second, energies, seed: int = 0) -> tupl
     """The 95 % interval of (sum first - sum second) / sum energies for paired per-sample squared errors of two
     models and the reference energies (the difference of their relative output error energies), by resampling
     the samples."""
-    difference = np.asarray(first, np.float64) - np.asarray(second, np.float64)
-    energies = np.asarray(energies, np.float64)
-    if len(difference) < 2:
-        value = float(difference.sum() / energies.sum()) if energies.sum() > 0 else 0.0
+    return _ratio_of_sums_interval(np.asarray(first, np.float64) - np.asarray(second, np.float64), energies, seed)
+
+
+def _ratio_of_sums_interval(numerators, energies, seed: int, transform=None) -> tuple[float, float]:
+    """The 95 % interval of `transform(sum numerators / sum energies)` (0 where no energy), by resampling the
+    samples."""
+    numerators, energies = np.asarray(numerators, np.float64), np.asarray(energies, np.float64)
+    transform = transform or (lambda ratio: ratio)
+    if len(numerators) < 2:
+        value = float(transform(numerators.sum() / energies.sum())) if energies.sum() > 0 else 0.0
         return value, value
-    draws = _resamples(len(difference), seed)
+    draws = _resamples(len(numerators), seed)
     totals = energies[draws].sum(axis=1)
-    ratios = np.where(totals > 0, difference[draws].sum(axis=1) / np.where(totals > 0, totals, 1), 0.0)
+    ratios = transform(np.where(totals > 0, numerators[draws].sum(axis=1) / np.where(totals > 0, totals, 1), 0.0))
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
