@@ -35,6 +35,12 @@ faster. Which is faster changes with the machine's state, within seconds: in ano
 original in 0.70 ms and the compressed model in 0.47. A choice made once before the measurement (timed in
 blocks on each count) was made in one state and timed in the other often enough to matter: the default
 ResNet-56 model then measured 1.35x slower at batch 1, where it was 0.90-0.93 in either state with each round's best.
+
+The same rounds' one-thread blocks give a second figure, both models on one thread, which does not follow
+the second core's state. Six runs of `evaluate --benchmark` on each of four pairs (2-core machine, three pairs
+of back-to-back runs within 13 minutes, the state changing among them): at batch 1 the CIFAR-10 pairs'
+one-thread figures lay within each other's intervals in 44 of 45 pairs of runs, the figures on each model's
+fastest threads in 16 of 45 (the state moved ResNet-20's from 0.76 to 0.93).
 """
 
 from __future__ import annotations
@@ -99,6 +105,11 @@ class Latency:
     compressed_threads: int = 0  # the compressed model's (0: the same)
     sessions: int = 0  # pairs of sessions the rounds ran on
     other_work: float | None = None  # cores kept busy by other processes while timing (None: not measurable)
+    # both models on one thread, from the same rounds' one-thread blocks (None: only one thread count timed): on a
+    # shared machine the figure that reproduces from run to run (module docstring)
+    one_thread_ratio: float | None = None
+    one_thread_low: float | None = None
+    one_thread_high: float | None = None
 
     @property
     def faster(self) -> bool:
@@ -112,7 +123,15 @@ class Latency:
             f"({self.rounds} rounds on {self.sessions} session pairs"
             + (f", other work {self.other_work:.2f} cores" if self.other_work is not None else "")
             + ")"
+            + self._one_thread_described
         )
+
+    @property
+    def _one_thread_described(self) -> str:
+        if self.one_thread_ratio is None or self.threads == self.compressed_threads == 1:
+            return ""  # not timed, or the figure above already is
+        low, high = self.one_thread_low, self.one_thread_high
+        return f"; both on one thread {self.one_thread_ratio:.3f} [{low:.3f}, {high:.3f}]"
 
     @property
     def threads_described(self) -> str:
@@ -209,6 +228,7 @@ def compare_latency(
     times: list[list[float]] = [[], []]
     fastest: list[list[int]] = [[], []]  # the thread count of each round's time, per model
     ratios: list[float] = []
+    one_thread_ratios: list[float] = []  # the rounds' one-thread blocks, where both counts are timed
     labels: list[int] = []
     interval = (math.nan, math.nan, math.nan)
     start, runs, provider = time.monotonic(), 1, None
@@ -238,6 +258,8 @@ def compare_latency(
                 times[which].append(block[which][count])
                 fastest[which].append(count)
             ratios.append(times[1][-1] / times[0][-1])
+            if len(block[0]) > 1:
+                one_thread_ratios.append(block[1][1] / block[0][1])
             labels.append(pair)
             bar.update()
             if len(ratios) >= MIN_ROUNDS and len(ratios) % ROUNDS_PER_SESSION == 0:
@@ -248,6 +270,7 @@ def compare_latency(
                     break
     if len(ratios) < MIN_ROUNDS or len(ratios) % ROUNDS_PER_SESSION:
         interval = _resolved(median_interval(ratios, sessions=labels))
+    one_thread = _resolved(median_interval(one_thread_ratios, sessions=labels)) if one_thread_ratios else (None,) * 3
     return Latency(
         batch=samples,
         original_ms=1000 * stats.median(times[0]),
@@ -261,6 +284,9 @@ def compare_latency(
         compressed_threads=stats.mode(fastest[1]),
         sessions=labels[-1] + 1,
         other_work=other_work.warn_if_busy(),
+        one_thread_ratio=one_thread[0],
+        one_thread_low=one_thread[1],
+        one_thread_high=one_thread[2],
     )
 
 

@@ -73,6 +73,9 @@ def test_compare_latency_measures_relative_cost():
         single, _double(weight), batch, 4, device="cpu", max_seconds=5, show_progress=False
     )
     assert 1.4 < double.ratio < 2.8 and not double.faster and double.provider == "CPU"
+    if latency.default_threads() > 1:  # both counts timed: the one-thread blocks measure the same cost
+        assert double.one_thread_low <= double.one_thread_ratio <= double.one_thread_high
+        assert 1.4 < double.one_thread_ratio < 2.8
     assert "ratio" in double.describe() and f"[{double.ratio_low:.3f}" in double.describe()
 
 
@@ -139,10 +142,15 @@ def test_each_model_is_timed_on_its_fastest_threads_in_each_round(monkeypatch):
     assert (measured.threads, measured.compressed_threads) == (2, 1)
     assert "the original on 2 threads, the compressed model on 1 thread" in measured.describe()
     assert "run the compressed model with intra_op_num_threads=1" in latency_line(measured)
+    # the same rounds' one-thread blocks give both models on one thread, whatever the state
+    assert measured.one_thread_ratio == pytest.approx(0.6 / 1.5)
+    assert measured.one_thread_low <= 0.4 * (1 - latency.RESOLUTION) + 1e-12
+    assert "both on one thread 0.400 [" in measured.describe()
     created.clear()
     given = latency.compare_latency(original, compressed, {}, 1, threads=1, max_seconds=0, show_progress=False)
     assert {threads for _, threads, _ in created} == {1} and given.ratio == pytest.approx(0.6 / 1.5)
     assert "(CPU, 1 thread)" in given.describe() and "intra_op_num_threads" not in latency_line(given)
+    assert given.one_thread_ratio is None and "both on one thread" not in given.describe()
 
 
 def test_a_session_that_stops_spinning_says_so_to_onnxruntime():
