@@ -119,19 +119,19 @@ class Latency:
     def describe(self) -> str:
         return (
             f"latency at batch {self.batch} ({self.provider}, {self.threads_described}): {self.original_ms:.2f} ms -> "
-            f"{self.compressed_ms:.2f} ms, ratio {self.ratio:.3f} [{self.ratio_low:.3f}, {self.ratio_high:.3f}] "
-            f"({self.rounds} rounds on {self.sessions} session pairs"
+            f"{self.compressed_ms:.2f} ms, ratio {self.ratio:.3f} [{self.ratio_low:.3f}, {self.ratio_high:.3f}]"
+            + self._one_thread_described
+            + f" ({self.rounds} rounds on {self.sessions} session pairs"
             + (f", other work {self.other_work:.2f} cores" if self.other_work is not None else "")
             + ")"
-            + self._one_thread_described
         )
 
     @property
     def _one_thread_described(self) -> str:
-        if self.one_thread_ratio is None or self.threads == self.compressed_threads == 1:
-            return ""  # not timed, or the figure above already is
+        if self.one_thread_ratio is None or (self.threads == 1 and self.compressed_threads in (0, 1)):
+            return ""  # not timed, or the ratio already is both on one thread
         low, high = self.one_thread_low, self.one_thread_high
-        return f"; both on one thread {self.one_thread_ratio:.3f} [{low:.3f}, {high:.3f}]"
+        return f", both on one thread {self.one_thread_ratio:.3f} [{low:.3f}, {high:.3f}]"
 
     @property
     def threads_described(self) -> str:
