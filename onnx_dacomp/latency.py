@@ -36,11 +36,11 @@ original in 0.70 ms and the compressed model in 0.47. A choice made once before 
 blocks on each count) was made in one state and timed in the other often enough to matter: the default
 ResNet-56 model then measured 1.35x slower at batch 1, where it was 0.90-0.93 in either state with each round's best.
 
-The same rounds' one-thread blocks give a second figure, both models on one thread, which does not follow
-the second core's state. Six runs of `evaluate --benchmark` on each of four pairs (2-core machine, three pairs
+The same rounds' one-thread blocks give a second figure, both models on one thread, which the second core's
+state moves much less. Six runs of `evaluate --benchmark` on each of four pairs (2-core machine, three pairs
 of back-to-back runs within 13 minutes, the state changing among them): at batch 1 the CIFAR-10 pairs'
 one-thread figures lay within each other's intervals in 44 of 45 pairs of runs, the figures on each model's
-fastest threads in 16 of 45 (the state moved ResNet-20's from 0.76 to 0.93).
+fastest threads in 16 of 45 (the state moved ResNet-20's from 0.76 to 0.93); at batch 32, 22 and 18 of 45.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def compare_latency(
                 times[which].append(block[which][count])
                 fastest[which].append(count)
             ratios.append(times[1][-1] / times[0][-1])
-            if len(block[0]) > 1:
+            if len(block[0]) > 1:  # the compressed model's one-thread block over the original's
                 one_thread_ratios.append(block[1][1] / block[0][1])
             labels.append(pair)
             bar.update()
