@@ -162,11 +162,8 @@ def refit_outputs(
 
 
 def _enough(batches: Sequence[dict[str, np.ndarray]], nodes: Sequence[Layer], length: Callable) -> list[dict]:
-    """The first batches that hold VECTORS_PER_INPUT vectors per input of every node (MIN_SAMPLES at least)."""
-    needed = max(
-        MIN_SAMPLES,
-        *(math.ceil(VECTORS_PER_INPUT * (node.vector_length + 1) / _positions(node)) for node in nodes),
-    )
+    """The first batches that hold the vectors every node is refit on (`_wanted`; MIN_SAMPLES at least)."""
+    needed = max(MIN_SAMPLES, *(math.ceil(_wanted(node) / _positions(node)) for node in nodes))
     return first_batches(batches, needed, length)
 
 

@@ -8,6 +8,7 @@ instead and lose that fidelity, so it is not used. The result passes the ONNX ch
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import onnx
@@ -144,29 +145,43 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
 def drop_unread(graph: onnx.GraphProto, names: Sequence[str | None], removable=lambda node: True) -> None:
     """Remove the initializers and producers behind `names` that nothing reads any more, and so on back through
     the inputs of the nodes removed; `removable(node)` says which producers may go."""
+    nodes = list(graph.node)
+    reads = [_read_by(node) for node in nodes]
+    readers = Counter(name for names_read in reads for name in names_read)
+    readers.update(value.name for value in graph.output)
+    producers = {output: index for index, node in enumerate(nodes) for output in node.output}
+    initializers = {init.name for init in graph.initializer}
+    dropped_nodes, dropped_initializers = set(), set()
     pending = [name for name in names if name]
     while pending:
         name = pending.pop()
-        read = consumed_names(graph) | {value.name for value in graph.output}
-        if name in read:
+        if readers[name]:
             continue
-        for index, init in enumerate(graph.initializer):
-            if init.name == name:
-                del graph.initializer[index]
-                break
-        for index, node in enumerate(graph.node):
-            if name in node.output and removable(node) and not read.intersection(node.output):
-                pending.extend(node.input)
-                del graph.node[index]
-                break
+        if name in initializers:
+            dropped_initializers.add(name)
+        index = producers.get(name)
+        node = None if index is None or index in dropped_nodes else nodes[index]
+        if node is not None and removable(node) and not any(readers[output] for output in node.output):
+            dropped_nodes.add(index)
+            readers.subtract(reads[index])
+            pending.extend(node.input)
+    # deleted in place, last first: a rebuilt list would copy every kept weight
+    unread = [index for index, init in enumerate(graph.initializer) if init.name in dropped_initializers]
+    for index in reversed(unread):
+        del graph.initializer[index]
+    for index in sorted(dropped_nodes, reverse=True):
+        del graph.node[index]
+
+
+def _read_by(node: onnx.NodeProto) -> set[str]:
+    """The tensor names `node` reads, including those its subgraphs take from the outer scope."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for subgraph in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            names |= consumed_names(subgraph)
+    return names
 
 
 def consumed_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name read by a node, including names that subgraphs take from the outer scope."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for subgraph in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                names |= consumed_names(subgraph)
-    return names
+    return set().union(*(_read_by(node) for node in graph.node))

@@ -165,3 +165,31 @@ def test_real_model_full_rank_rewrite_keeps_outputs():
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
     assert relative_error(run(new, {"input": x})[0], run(model, {"input": x})[0]) < 1e-5
     assert len(new.graph.node) == len(model.graph.node) + 2 * 6
+
+
+def test_drop_unread_removes_what_only_the_dropped_read():
+    """A weight behind Constant -> Identity goes with both nodes; a constant another node reads stays, and so
+    does one a subgraph reads from the outer scope."""
+    from onnx import TensorProto, helper
+
+    from onnx_dacomp.rewrite import drop_unread
+
+    value = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["b"])], "branch", [], [helper.make_tensor_value_info("b", 1, [1])]
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], value=value),
+            helper.make_node("Identity", ["c"], ["w"]),
+            helper.make_node("Identity", ["shared"], ["s"]),
+            helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch),
+        ],
+        "g",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(name, 1, [1]) for name in ("s", "y")],
+        [helper.make_tensor(name, TensorProto.FLOAT, [1], [2.0]) for name in ("shared", "outer", "gone")],
+    )
+    drop_unread(graph, ["w", "shared", "outer", "gone", None])
+    assert [node.output[0] for node in graph.node] == ["s", "y"]
+    assert sorted(init.name for init in graph.initializer) == ["outer", "shared"]
