@@ -7,11 +7,12 @@ its producer's, so it is asked for by name (`--method prune`)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 
-from ..decompose.channels import channel_order, held_out_errors, refit_on_channels
+from ..decompose.channels import ChannelOrder, channel_order, held_out_errors, refit_on_channels
 from ..decompose.factors import ChannelFactors
 from ..decompose.result import Decomposition
 from ..geometry import Cost, LayerGeometry
@@ -68,5 +69,21 @@ def _covariance(weight: np.ndarray, sigma: np.ndarray | None) -> np.ndarray:
     return np.eye(math.prod(weight.shape[1:])) if sigma is None else sigma  # data-free: the Frobenius norm
 
 
-def _order(weight, sigma):
-    return channel_order(np.asarray(weight, np.float64), _covariance(weight, sigma))
+# a layer's greedy order is asked for by its candidate table, its sensitivity probe and its fit, each time the
+# same (0.8 s on a 1152-input projection of EfficientNet-Lite0): kept per process, keyed by the arrays' bytes
+_ORDERS: dict[bytes, ChannelOrder] = {}
+MAX_ORDERS = 256
+
+
+def _order(weight, sigma) -> ChannelOrder:
+    weight = np.ascontiguousarray(weight, np.float64)
+    covariance = np.ascontiguousarray(_covariance(weight, sigma), np.float64)
+    digest = hashlib.blake2b(repr((weight.shape, covariance.shape)).encode(), digest_size=16)
+    digest.update(weight.data)
+    digest.update(covariance.data)
+    key = digest.digest()
+    if key not in _ORDERS:
+        if len(_ORDERS) >= MAX_ORDERS:
+            del _ORDERS[next(iter(_ORDERS))]  # the oldest
+        _ORDERS[key] = channel_order(weight, covariance)
+    return _ORDERS[key]
