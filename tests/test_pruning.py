@@ -48,21 +48,27 @@ def test_channel_order_errors_are_those_of_least_squares_refits_on_the_samples(k
     assert order.errors[1] >= min(pairs) - 1e-9
 
 
-def test_held_out_errors_are_those_of_the_refits_on_other_samples():
-    """A layer fitted from few vectors (40 in 24 dims): each refit's error on other samples, computed here."""
-    x = _samples(1040, 24, seed=2)
+@pytest.mark.parametrize("kernel, ridge", [((), 0.1), ((2, 2), 0.1), ((2, 2), 0.0)])
+def test_held_out_errors_are_those_of_the_refits_on_other_samples(kernel, ridge):
+    """A layer fitted from few vectors (40 in 24 channels): each refit's error on other samples, computed here
+    (also for a conv, and from a singular covariance, which the refits regularize)."""
+    channels, taps = 24, int(np.prod(kernel, dtype=int))
+    x = _samples(1040, channels * taps, seed=2)
     fit, other = x[:40], x[40:]
-    weight = np.random.default_rng(3).standard_normal((7, 24))
-    sigma = fit.T @ fit / len(fit) + 0.1 * np.eye(24)  # a ridge, as a shrunk estimate would be
-    counts = [4, 12, 24]
+    weight = np.random.default_rng(3).standard_normal((7, channels, *kernel))
+    sigma = fit.T @ fit / len(fit) + ridge * np.eye(channels * taps)  # a ridge, as a shrunk estimate would be
+    counts = list(range(1, channels + 1))
     errors = held_out_errors(weight, sigma, other.T @ other / len(other), counts)
     order = channel_order(weight, sigma)
-    y = other @ weight.T
+    y = other @ weight.reshape(len(weight), -1).T
     for count, error in zip(counts, errors):
         kept = np.sort(order.channels[:count])
-        refit = refit_on_channels(weight, sigma, kept)
-        assert error == pytest.approx(np.sum((other[:, kept] @ refit.T - y) ** 2) / np.sum(y**2), rel=1e-6)
-    assert errors[0] > order.errors[3]  # worse than the in-sample estimate: what the held-out figure is for
+        columns = (kept[:, None] * taps + np.arange(taps)).ravel()
+        refit = refit_on_channels(weight, sigma, kept).reshape(len(weight), -1)
+        expected = np.sum((other[:, columns] @ refit.T - y) ** 2) / np.sum(y**2)
+        assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert errors[3] > order.errors[3]  # worse than the in-sample estimate: what the held-out figure is for
+    assert errors[-1] == 0.0
 
 
 def _model(nodes, inits, channels_last=False, input_channels=4):

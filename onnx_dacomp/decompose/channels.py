@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from .covariance import output_energy, regularize, solve_psd
 
@@ -70,18 +71,33 @@ def refit_on_channels(weight: np.ndarray, sigma: np.ndarray, channels: np.ndarra
     return refit.reshape(out_channels, len(channels), *weight.shape[2:])
 
 
-def held_out_errors(weight: np.ndarray, sigma: np.ndarray, held_out: np.ndarray, counts: Sequence[int]) -> list[float]:
+def held_out_errors(
+    weight: np.ndarray,
+    sigma: np.ndarray,
+    held_out: np.ndarray,
+    counts: Sequence[int],
+    order: ChannelOrder | None = None,
+) -> list[float]:
     """Relative errors in the second moment `held_out` (of vectors the fit did not see) of the refits in `sigma`
-    on the first R channels of the greedy order, for each R in `counts`: what a layer fitted from few vectors
-    loses on others (its calibration estimates are optimistic)."""
-    order = channel_order(weight, sigma)
-    matrix = weight.reshape(len(weight), -1)
+    on the first R channels of the greedy `order` (computed where not given), for each R in `counts`: what a
+    layer fitted from few vectors loses on others (its calibration estimates are optimistic).
+
+    Every count at once: with the inputs in the greedy order and `Sigma = L L^T` (Cholesky), the refit on the
+    first m inputs is `A[:, :m] B[:m]` with `A = W L`, `B = L^-1` (the lower triangular factors keep a prefix to
+    itself), so `W` minus it is `A[:, m:] B[m:]`, and its error in `H` is the sum of `(A^T A) * (B H B^T)` over
+    the trailing block `[m:, m:]`: one factorization instead of a refit per count (a 1280-input classifier's
+    1280 counts: 188 s as refits)."""
+    order = channel_order(weight, sigma) if order is None else order
+    taps = int(np.prod(weight.shape[2:], dtype=int))
+    inputs = (order.channels[:, None] * taps + np.arange(taps)).ravel()  # the input columns in the greedy order
+    matrix = np.asarray(weight, np.float64).reshape(len(weight), -1)
     total = output_energy(matrix, held_out)
-    errors = []
-    for count in counts:
-        channels = np.sort(order.channels[:count])
-        fitted = np.zeros_like(weight, dtype=np.float64)
-        fitted[:, channels] = refit_on_channels(weight, sigma, channels)
-        error = output_energy((weight - fitted).reshape(len(weight), -1), held_out)
-        errors.append(error / total if total > 0 else 0.0)
-    return errors
+    if total <= 0:
+        return [0.0] * len(counts)
+    lower = scipy.linalg.cholesky(regularize(sigma)[np.ix_(inputs, inputs)], lower=True)
+    mapped = matrix[:, inputs] @ lower
+    inverse = scipy.linalg.solve_triangular(lower, np.eye(len(lower)), lower=True)
+    terms = (mapped.T @ mapped) * (inverse @ np.asarray(held_out, np.float64)[np.ix_(inputs, inputs)] @ inverse.T)
+    trailing = terms[::-1, ::-1].cumsum(axis=0).cumsum(axis=1)[::-1, ::-1]  # [m, m]: the sum over [m:, m:]
+    return [float(max(trailing[count * taps, count * taps], 0.0)) / total if count * taps < len(inputs) else 0.0
+            for count in counts]  # fmt: skip

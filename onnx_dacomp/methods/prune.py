@@ -43,7 +43,9 @@ class Prune(SingleRankMethod):
 
     def estimate_held_out(self, weight, sigma, held_out, ranks, seed):
         weight = np.asarray(weight, np.float64)
-        return held_out_errors(weight, _covariance(weight, sigma), held_out, [r for (r,) in ranks])
+        return held_out_errors(
+            weight, _covariance(weight, sigma), held_out, [r for (r,) in ranks], _order(weight, sigma)
+        )
 
     def solve(self, weight, sigma, ranks, *, max_iter, seed):
         order = _order(weight, sigma)
