@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dacomp.decompose.factors import CPFactors, SVDFactors, Tucker2Factors
 from onnx_dacomp.load import load_model
-from onnx_dacomp.rewrite import replace_layers
+from onnx_dacomp.rewrite import drop_unread, replace_layers
 from onnx_dacomp.targets import find_targets
 
 
@@ -170,10 +170,6 @@ def test_real_model_full_rank_rewrite_keeps_outputs():
 def test_drop_unread_removes_what_only_the_dropped_read():
     """A weight behind Constant -> Identity goes with both nodes; a constant another node reads stays, and so
     does one a subgraph reads from the outer scope."""
-    from onnx import TensorProto, helper
-
-    from onnx_dacomp.rewrite import drop_unread
-
     value = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
     branch = helper.make_graph(
         [helper.make_node("Identity", ["outer"], ["b"])], "branch", [], [helper.make_tensor_value_info("b", 1, [1])]
