@@ -12,6 +12,7 @@ import onnx_dacomp
 from onnx_dacomp.channels import shrink_producers
 from onnx_dacomp.decompose.channels import channel_order, held_out_errors, refit_on_channels
 from onnx_dacomp.errors import UserError
+from onnx_dacomp.methods import get, prune
 from onnx_dacomp.runtime import create_session
 
 
@@ -75,6 +76,24 @@ def test_held_out_errors_are_those_of_the_refits_on_other_samples(kernel, ridge)
         assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert errors[3] > order.errors[3]  # worse than the in-sample estimate: what the held-out figure is for
     assert errors[-1] == 0.0
+
+
+def test_a_layers_channel_order_is_computed_once_for_its_estimates_and_fit(monkeypatch):
+    """The table's estimate, the held-out estimate and the fit of one layer share its greedy order (computed
+    once per process); another layer's arrays get their own."""
+    calls = []
+    monkeypatch.setattr(prune, "channel_order", lambda *args: calls.append(1) or channel_order(*args))
+    monkeypatch.setattr(prune, "_ORDERS", {})
+    method = get("prune")
+    x = _samples(400, 8, seed=4)
+    weight, sigma = np.random.default_rng(5).standard_normal((3, 8)), x.T @ x / len(x)
+    estimates = method.estimate(weight, sigma, [(2,), (5,)], seed=0)
+    method.estimate_held_out(weight, sigma, sigma, [(2,)], seed=0)
+    fit = method.solve(weight, sigma, (5,), max_iter=1, seed=0)
+    assert len(calls) == 1
+    assert fit.rel_error == estimates[1]
+    method.solve(weight + 1.0, sigma, (5,), max_iter=1, seed=0)
+    assert len(calls) == 2
 
 
 def _model(nodes, inits, channels_last=False, input_channels=4):
