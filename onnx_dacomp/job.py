@@ -15,6 +15,7 @@ from .cache import Cache
 from .calibration.sources import Source, rereadable
 from .calibration.statistics import Statistics
 from .channels import ChannelShrinking, shrink_producers
+from .classes import class_producers
 from .compensate import compensate, downstream
 from .config import CompressConfig
 from .errors import UserError
@@ -265,7 +266,11 @@ class CompressionJob:
         data = self.holdout if self.holdout is not None else self.set_aside[1] if self.set_aside is not None else None
         if data is None:
             return None
-        return OutputError(self.model, probe_batches(data, UNSEEN_SAMPLES, self.signature), self.config.runtime.device)
+        classes = {name: False for name in class_producers(self.model)}
+        classes |= {name: True for name in self.config.verify.classifier_outputs}
+        return OutputError(
+            self.model, probe_batches(data, UNSEEN_SAMPLES, self.signature), self.config.runtime.device, classes
+        )
 
     def refitted(self, fitted: onnx.ModelProto, fits) -> Refitted:
         """`fitted` (the model of `fits`) with its chains' outputs refit through the activations and the kept

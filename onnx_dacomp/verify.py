@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .calibration.sources import IterableSource, Source
+from .classes import class_producers, class_scores
 from .errors import UserError
 from .inputs import InputSignature, input_signature
 from .intervals import paired_difference_interval, relative_error_interval, wilson
@@ -167,11 +168,11 @@ def compare_models(
                 for unit, energy in zip(units[name], _unit_energies(reference, output, size)):
                     unit.append(energy)
                 declared = name in classifier_outputs
-                scores = _class_scores(reference, size, dense=declared)
+                scores = class_scores(reference, size, dense=declared)
                 if name not in classes:
                     classes[name] = declared or (scores is not None and name in producers)
                 if classes[name] and scores is not None:
-                    predicted = scores.argmax(axis=1), _class_scores(output, size, dense=declared).argmax(axis=1)
+                    predicted = scores.argmax(axis=1), class_scores(output, size, dense=declared).argmax(axis=1)
                     agree[name] = agree.get(name, 0) + int(np.sum(predicted[0] == predicted[1]))
                     positions[name] = positions.get(name, 0) + len(scores)
                     if labels is not None and len(scores) == size:
@@ -212,37 +213,6 @@ def compare_models(
         outputs.append(comparison)
     has_top1 = any(output.top1_original is not None for output in outputs)
     return Comparison(samples, tuple(outputs), getattr(source, "labels_from", None) if has_top1 else None)
-
-
-CLASS_PRODUCERS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Conv", "Add", "Sigmoid"}
-SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Identity", "Cast"}
-
-
-def class_producers(model: onnx.ModelProto) -> set[str]:
-    """Outputs computed by a layer that scores classes (a linear layer, a 1x1 conv, a softmax; looked
-    through reshapes), unlike features from a pooling or a map from a conv stack's middle."""
-    producers = {output: node for node in model.graph.node for output in node.output}
-    found = set()
-    for value in model.graph.output:
-        node = producers.get(value.name)
-        while node is not None and node.op_type in SHAPE_ONLY:
-            node = producers.get(node.input[0])
-        if node is not None and node.op_type in CLASS_PRODUCERS:
-            found.add(value.name)
-    return found
-
-
-def _class_scores(array: np.ndarray, samples: int, dense: bool = False) -> np.ndarray | None:
-    """The output as `[samples, C]` when it is one (singleton dims squeezed); with `dense` (a declared
-    classifier output), a map `[N, C, ...]` as one row of class scores per position; else None."""
-    if array.ndim == 0 or array.shape[0] != samples:
-        return None
-    kept = [n for n in array.shape[1:] if n != 1]
-    if len(kept) == 1 and kept[0] > 1:
-        return array.reshape(samples, kept[0])
-    if dense and array.ndim > 2 and array.shape[1] > 1:
-        return np.moveaxis(array, 1, -1).reshape(-1, array.shape[1])
-    return None
 
 
 def _energies(reference: np.ndarray, output: np.ndarray, samples: int) -> np.ndarray:

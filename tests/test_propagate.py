@@ -341,3 +341,44 @@ def test_the_whole_model_keeps_propagation_only_where_its_error_is_lower_beyond_
     assert record["difference_interval"][0] < 0 < record["difference_interval"][1]
     assert keep_better(near, near, judge) == (False, keep_better(near, near, judge)[1])
     assert keep_better(near, near, judge)[1]["difference_interval"] == [0.0, 0.0]
+
+
+def _linear_classifier(weight, bias):
+    """x [N, 16] -> Gemm -> class scores [N, 10]."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "classifier",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.float32(weight), "w"), numpy_helper.from_array(np.float32(bias), "b")],
+    )  # fmt: skip
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=IR_VERSION)
+
+
+def test_a_classifier_keeps_propagation_only_where_its_top1_agreement_is_not_lower():
+    """A lower output error beyond doubt is not enough for a classifier: a candidate whose error is lower on
+    the whole but whose top-1 differs from the original's on some samples gives way; one that changes no
+    top-1 is kept. The agreements recorded are the share of samples whose argmax matches the original's."""
+    from onnx_dacomp.propagate import OutputError, keep_better
+
+    rng = np.random.default_rng(3)
+    weight, bias = rng.standard_normal((10, 16)), np.zeros(10)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    model = _linear_classifier(weight, bias)
+    judge = OutputError(model, [{"x": x[:100]}, {"x": x[100:]}], "cpu", classes={"y": False})
+    shifted = bias + np.eye(10)[0] * 0.5  # a small error on every sample; class 0 wins where it was close
+    flipping = _linear_classifier(weight, shifted)
+    scaled, near = _linear_classifier(1.1 * weight, bias), _linear_classifier(1.02 * weight, bias)
+    logits = x @ weight.T
+    agreement = np.mean(np.argmax(logits + shifted, axis=1) == np.argmax(logits, axis=1))
+    assert 0.9 < agreement < 1  # some samples change their class, most do not
+
+    kept, record = keep_better(flipping, scaled, judge)
+    assert record["difference_interval"][1] < 0  # its output error alone would have kept it
+    assert not kept and record["kept"] == "plain"
+    assert record["top1_agreement"]["propagated"] == pytest.approx(agreement)
+    assert record["top1_agreement"]["plain"] == 1.0  # scaling logits changes no argmax
+    assert record["agreement_difference_interval"][0] < 0
+
+    kept, record = keep_better(near, scaled, judge)
+    assert kept and record["top1_agreement"] == {"propagated": 1.0, "plain": 1.0}
+    assert "top1_agreement" not in keep_better(near, scaled, OutputError(model, [{"x": x}], "cpu"))[1]
