@@ -34,6 +34,9 @@ VECTORS_PER_INPUT = 1024
 MIN_VECTORS_PER_INPUT = 16  # with fewer the refit would fit the samples, not the layer: it is left as it is
 MIN_SAMPLES = 64
 MAX_ELEMENTS = 1 << 23  # vectors x max(inputs, outputs) per layer: what the refit holds in float64, a few times
+# the original's sampled outputs are computed for as many waves ahead as this holds: one pass of the original
+# model for several waves (ResNet-56: 39 waves)
+REFERENCE_BYTES = 1 << 30
 RIDGE = 1e-5  # toward the fitted map, relative to the mean eigenvalue of the inputs' second moment
 
 
@@ -128,11 +131,15 @@ def refit_outputs(
     model, record, error = compressed, [], judge(compressed)
     by_output = {node.output: node for node in nodes}
     rng = np.random.default_rng(seed)
+    planned = []  # per wave: its nodes, the batches it reads and, per batch and node, the vectors it samples
+    for wave in waves(original, [originals[node.output] for node in nodes]):
+        wave_nodes = [by_output[layer.output] for layer in wave]
+        chosen = _enough(batches, wave_nodes, length)
+        planned.append((wave_nodes, chosen, _sampled(wave_nodes, chosen, length, rng)))
+    references = _References(original, planned, activations, length, device)
     with progress(len(nodes), "refitting chain outputs", "layer", enabled=show_progress) as bar:
-        for wave in waves(original, [originals[node.output] for node in nodes]):
-            wave_nodes = [by_output[layer.output] for layer in wave]
-            chosen = _enough(batches, wave_nodes, length)
-            data = _wave_data(original, model, wave_nodes, activations, chosen, length, rng, device)
+        for index, (wave_nodes, chosen, sampled) in enumerate(planned):
+            data = _wave_data(model, wave_nodes, activations, chosen, sampled, references.of(index), device)
             refits, skipped = {}, {}
             for node in wave_nodes:
                 inputs, lower, upper = data[node.output]
@@ -171,36 +178,97 @@ def _positions(node: Layer) -> int:
     return math.prod(node.geometry.output_spatial) if node.geometry.output_spatial else 1
 
 
-def _wave_data(original, model, nodes, activations, batches, length, rng, device) -> dict[str, tuple]:
-    """Per node: its input vectors in `model` `(n, vectors)` (float32) and the intervals of its outputs
-    `(vectors, T)` from `original` (the output, and the activation's input where that is an Add's), on a
-    seeded sample of the vectors of `batches` (`_wanted`)."""
-    targets = list(dict.fromkeys(
-        name for node in nodes for name in (node.output, activations[node.output].input) if name is not None
-    ))  # fmt: skip
-    inputs = list(dict.fromkeys(node.input for node in nodes))
-    reference = create_session(exposing(original, targets), device)
-    observed = create_session(exposing(model, inputs), device)
+def _sampled(nodes: Sequence[Layer], batches: Sequence[dict], length: Callable, rng) -> list[dict]:
+    """Per batch, per node: the seeded sample of its vectors (positions of the batch's samples) the refit takes
+    (`_wanted`; None: all of them)."""
     samples = sum(length(batch) for batch in batches)
     shares = {node.output: min(1.0, _wanted(node) / (samples * _positions(node))) for node in nodes}
-    parts = {node.output: ([], [], []) for node in nodes}  # input vectors, lower and upper ends
+    sampled = []
     for batch in batches:
-        values = dict(zip(targets, reference.run(targets, batch))) | dict(zip(inputs, observed.run(inputs, batch)))
+        counts = {node.output: length(batch) * _positions(node) for node in nodes}
+        sampled.append({
+            output: None if share >= 1 else np.sort(rng.choice(counts[output], math.ceil(share * counts[output]),
+                                                               replace=False))
+            for output, share in shares.items()
+        })  # fmt: skip
+    return sampled
+
+
+class _References:
+    """The original model's outputs at the sampled vectors of each wave's nodes (the output, and the activation's
+    input where that is an Add's), float32: computed for several waves in one pass of the original model, as
+    many as REFERENCE_BYTES holds (with one batch of their whole outputs), and each wave's dropped once read."""
+
+    def __init__(self, original, planned, activations: Mapping[str, Activation], length: Callable, device: str):
+        self.original, self.planned, self.activations, self.device = original, planned, activations, device
+        self.groups, group, size = [], [], 0
+        for index, (nodes, batches, sampled) in enumerate(planned):
+            largest = max(length(batch) for batch in batches)
+            need = sum(
+                (1 if activations[node.output].input is None else 2) * node.geometry.out_channels * 4
+                * (largest * _positions(node) + sum(len(keep) if keep is not None else length(batch) * _positions(node)
+                                                    for batch, keep in zip(batches, (s[node.output] for s in sampled))))
+                for node in nodes
+            )  # fmt: skip
+            if group and size + need > REFERENCE_BYTES:
+                self.groups.append(group)
+                group, size = [], 0
+            group, size = group + [index], size + need
+        self.groups.append(group)
+        self.held: dict[int, dict[str, tuple]] = {}
+
+    def of(self, index: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Per node of wave `index`: the original's output vectors `(vectors, T)` and the activation's input
+        vectors (None where the activation reads the output itself), at the sampled vectors in batch order."""
+        if index not in self.held:
+            self._compute(next(group for group in self.groups if index in group))
+        return self.held.pop(index)
+
+    def _compute(self, group: Sequence[int]) -> None:
+        waves = [self.planned[index] for index in group]
+        targets = list(dict.fromkeys(
+            name for nodes, _, _ in waves for node in nodes
+            for name in (node.output, self.activations[node.output].input) if name is not None
+        ))  # fmt: skip
+        session = create_session(exposing(self.original, targets), self.device)
+        parts = {index: {node.output: ([], []) for node in nodes} for index, (nodes, _, _) in zip(group, waves)}
+        for position, batch in enumerate(max((batches for _, batches, _ in waves), key=len)):
+            values = dict(zip(targets, session.run(targets, batch)))
+            for index, (nodes, batches, sampled) in zip(group, waves):
+                if position >= len(batches):
+                    continue
+                for node in nodes:
+                    keep, before = sampled[position][node.output], self.activations[node.output].input
+                    for part, name in zip(parts[index][node.output], (node.output, before)):
+                        if name is not None:
+                            vectors = node.output_vectors(values[name]).T
+                            part.append(vectors if keep is None else vectors[keep])
+        for index, outputs in parts.items():
+            self.held[index] = {
+                output: (np.concatenate(targets), np.concatenate(before) if before else None)
+                for output, (targets, before) in outputs.items()
+            }  # fmt: skip
+
+
+def _wave_data(model, nodes, activations, batches, sampled, references, device) -> dict[str, tuple]:
+    """Per node: its input vectors in `model` `(n, vectors)` (float32) and the intervals of its outputs
+    `(vectors, T)` from the original's `references`, at the `sampled` vectors of `batches`."""
+    inputs = list(dict.fromkeys(node.input for node in nodes))
+    observed = create_session(exposing(model, inputs), device)
+    parts = {node.output: [] for node in nodes}
+    for batch, keeps in zip(batches, sampled):
+        values = dict(zip(inputs, observed.run(inputs, batch)))
         for node in nodes:
-            activation = activations[node.output]
             vectors = node.input_vectors(values[node.input], np.float32)[0]
-            keep = np.arange(vectors.shape[1])
-            if shares[node.output] < 1:
-                keep = np.sort(rng.choice(len(keep), math.ceil(shares[node.output] * len(keep)), replace=False))
-            output = node.output_vectors(values[node.output]).T[keep]
-            before = None if activation.input is None else node.output_vectors(values[activation.input]).T[keep]
-            lower, upper = output_intervals(output, before, activation.low, activation.high)
-            for part, value in zip(parts[node.output], (vectors[:, keep], lower, upper)):
-                part.append(value)
-    return {
-        output: (np.concatenate(vectors, axis=1), np.concatenate(lower), np.concatenate(upper))
-        for output, (vectors, lower, upper) in parts.items()
-    }
+            keep = keeps[node.output]
+            parts[node.output].append(vectors if keep is None else vectors[:, keep])
+    data = {}
+    for node in nodes:
+        activation = activations[node.output]
+        output, before = references[node.output]
+        lower, upper = output_intervals(output, before, activation.low, activation.high)
+        data[node.output] = np.concatenate(parts[node.output], axis=1), lower, upper
+    return data
 
 
 def _wanted(node: Layer) -> int:

@@ -205,3 +205,50 @@ def test_a_node_no_activation_reads_is_left_as_it_is():
     model, record = refit_outputs(original, compressed, layers, {"y": find_targets(original).layer("conv")},
                                   batches, judge, device="cpu", show_progress=False)  # fmt: skip
     assert model is compressed and record["no_activation"] == ["conv"] and record["refitted"] == 0
+
+
+def test_waves_read_the_original_in_one_pass_or_several_with_the_same_result(monkeypatch):
+    """Two refit layers in a row (two waves), their vectors sampled: the original's outputs computed for both
+    waves in one pass, or one pass per wave where REFERENCE_BYTES holds only one, give the same model; and the
+    refit brings both layers' outputs nearer the original's."""
+    import onnx_dacomp.rectify as rectify
+
+    rng = np.random.default_rng(6)
+    first, second = rng.standard_normal((4, 4, 3, 3)), rng.standard_normal((5, 4, 1, 1))
+
+    def model(w1, w2):
+        nodes = [
+            helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+            helper.make_node("Relu", ["c2"], ["y"]),
+        ]
+        weights = [numpy_helper.from_array(np.asarray(w, np.float32), name) for name, w in (("w1", w1), ("w2", w2))]
+        return _graph_model(nodes, weights)
+
+    original = model(first, second)
+    compressed = model(first + 0.3 * rng.standard_normal(first.shape), second + 0.3 * rng.standard_normal(second.shape))
+    batches = [{"x": rng.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(8)]
+    judge = OutputError(original, batches[:2], "cpu")
+    layers = find_targets(compressed).layers
+    originals = {layer.output: find_targets(original).layer(layer.name) for layer in layers}
+    monkeypatch.setattr(rectify, "VECTORS_PER_INPUT", 40)  # fewer than the 4,608 positions: a sample is taken
+    passes = []
+    monkeypatch.setattr(rectify._References, "_compute", lambda self, group, f=rectify._References._compute: (
+        passes.append(list(group)), f(self, group))[1])  # fmt: skip
+
+    def refit():
+        return refit_outputs(original, compressed, layers, originals, batches, judge, device="cpu",
+                             show_progress=False)  # fmt: skip
+
+    together, record = refit()
+    assert passes == [[0, 1]] and len(record["waves"]) == 2 and record["refitted"] == 2
+    monkeypatch.setattr(rectify, "REFERENCE_BYTES", 1)
+    apart, _ = refit()
+    assert passes[1:] == [[0], [1]]
+    for a, b in zip(together.graph.initializer, apart.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    x = batches[-1]["x"]
+    reference = run(original, {"x": x})[0]
+    before, after = (relative_error(run(candidate, {"x": x})[0], reference) for candidate in (compressed, together))
+    assert after < before
