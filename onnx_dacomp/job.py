@@ -260,9 +260,9 @@ class CompressionJob:
 
     @cached_property
     def unseen(self) -> OutputError | None:
-        """The output error on the samples propagation did not fit on (the held-out data, or the calibration
-        samples set aside; `UNSEEN_SAMPLES` at most, held in memory), by which the propagated model is kept over
-        the plain one; None where there are none."""
+        """The output error, and the top-1 agreement of the outputs that score classes, on the samples propagation
+        did not fit on (the held-out data, or the calibration samples set aside; `UNSEEN_SAMPLES` at most, held in
+        memory), by which the propagated model is kept over the plain one; None where there are none."""
         data = self.holdout if self.holdout is not None else self.set_aside[1] if self.set_aside is not None else None
         if data is None:
             return None

@@ -6,7 +6,7 @@ The fits before this stage match each layer's output linearly; but most convs fe
 or after a residual Add, which forgets every error below its threshold. The refit (`decompose/rectified.py`)
 minimizes the error that activation lets through, from the vectors that reach the node in the compressed model
 (so it also absorbs the error of the layers before it). Layers are refit in waves (`propagate.waves`), from one
-onnxruntime pass of each model per wave; a wave's refits are kept only where they lower the compressed model's
+onnxruntime pass of the compressed model per wave (the original's outputs for several waves from one pass); a wave's refits are kept only where they lower the compressed model's
 output error on the judge's samples, so the stage never raises that error.
 """
 
