@@ -228,7 +228,7 @@ def keep_better(propagated: onnx.ModelProto, plain: onnx.ModelProto, judge: Outp
     elif not kept:
         logger.warning(
             "the propagated fit has the lower output error on %d samples neither was fitted on (%.4f vs %.4f) but "
-            "its top-1 agreement with the original may be lower (%.2f %% vs %.2f %%, difference [%+.2f, %+.2f] "
+            "its top-1 agreement with the original could be lower (%.2f %% vs %.2f %%, difference [%+.2f, %+.2f] "
             "points): keeping the plain fit", len(judge.energies), measured["propagated"], measured["plain"],
             100 * agreements.mean(), 100 * plain_agreements.mean(), 100 * agreement_low, 100 * agreement_high,
         )  # fmt: skip
