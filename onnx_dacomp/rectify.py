@@ -6,8 +6,9 @@ The fits before this stage match each layer's output linearly; but most convs fe
 or after a residual Add, which forgets every error below its threshold. The refit (`decompose/rectified.py`)
 minimizes the error that activation lets through, from the vectors that reach the node in the compressed model
 (so it also absorbs the error of the layers before it). Layers are refit in waves (`propagate.waves`), from one
-onnxruntime pass of the compressed model per wave (the original's outputs for several waves from one pass); a wave's refits are kept only where they lower the compressed model's
-output error on the judge's samples, so the stage never raises that error.
+onnxruntime pass of the compressed model per wave (and of the original for several waves); a wave's refits are
+kept only where they lower the compressed model's output error on the judge's samples, so the stage never
+raises that error.
 """
 
 from __future__ import annotations
@@ -202,20 +203,28 @@ class _References:
     def __init__(self, original, planned, activations: Mapping[str, Activation], length: Callable, device: str):
         self.original, self.planned, self.activations, self.device = original, planned, activations, device
         self.groups, group, size = [], [], 0
-        for index, (nodes, batches, sampled) in enumerate(planned):
-            largest = max(length(batch) for batch in batches)
-            need = sum(
-                (1 if activations[node.output].input is None else 2) * node.geometry.out_channels * 4
-                * (largest * _positions(node) + sum(len(keep) if keep is not None else length(batch) * _positions(node)
-                                                    for batch, keep in zip(batches, (s[node.output] for s in sampled))))
-                for node in nodes
-            )  # fmt: skip
+        for index, wave in enumerate(planned):
+            need = self._bytes(*wave, length)
             if group and size + need > REFERENCE_BYTES:
                 self.groups.append(group)
                 group, size = [], 0
             group, size = group + [index], size + need
         self.groups.append(group)
         self.held: dict[int, dict[str, tuple]] = {}
+
+    def _bytes(self, nodes: Sequence[Layer], batches: Sequence[dict], sampled: Sequence[dict], length) -> int:
+        """What a wave's references hold (float32), and one batch of its nodes' whole outputs while computed."""
+        largest = max(length(batch) for batch in batches)
+        total = 0
+        for node in nodes:
+            positions = _positions(node)
+            vectors = largest * positions + sum(
+                length(batch) * positions if keeps[node.output] is None else len(keeps[node.output])
+                for batch, keeps in zip(batches, sampled)
+            )  # fmt: skip
+            arrays = 1 if self.activations[node.output].input is None else 2
+            total += 4 * arrays * vectors * node.geometry.out_channels
+        return total
 
     def of(self, index: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """Per node of wave `index`: the original's output vectors `(vectors, T)` and the activation's input
@@ -243,10 +252,10 @@ class _References:
                         if name is not None:
                             vectors = node.output_vectors(values[name]).T
                             part.append(vectors if keep is None else vectors[keep])
-        for index, outputs in parts.items():
+        for index, wave in parts.items():
             self.held[index] = {
-                output: (np.concatenate(targets), np.concatenate(before) if before else None)
-                for output, (targets, before) in outputs.items()
+                output: (np.concatenate(values), np.concatenate(before) if before else None)
+                for output, (values, before) in wave.items()
             }  # fmt: skip
 
 
