@@ -210,7 +210,8 @@ class _References:
                 group, size = [], 0
             group, size = group + [index], size + need
         self.groups.append(group)
-        self.held: dict[int, dict[str, tuple]] = {}
+        self.held: dict[int, dict[str, tuple[list, list]]] = {}  # per wave and node: the batches' parts
+        logger.debug("output refit: the original's outputs for %d waves in %d passes", len(planned), len(self.groups))
 
     def _bytes(self, nodes: Sequence[Layer], batches: Sequence[dict], sampled: Sequence[dict], length) -> int:
         """What a wave's references hold (float32), and one batch of its nodes' whole outputs while computed."""
@@ -231,7 +232,10 @@ class _References:
         vectors (None where the activation reads the output itself), at the sampled vectors in batch order."""
         if index not in self.held:
             self._compute(next(group for group in self.groups if index in group))
-        return self.held.pop(index)
+        return {
+            output: (np.concatenate(values), np.concatenate(before) if before else None)
+            for output, (values, before) in self.held.pop(index).items()
+        }  # fmt: skip
 
     def _compute(self, group: Sequence[int]) -> None:
         waves = [self.planned[index] for index in group]
@@ -250,13 +254,9 @@ class _References:
                     keep, before = sampled[position][node.output], self.activations[node.output].input
                     for part, name in zip(parts[index][node.output], (node.output, before)):
                         if name is not None:
-                            vectors = node.output_vectors(values[name]).T
+                            vectors = node.output_vectors(values[name], np.float32).T
                             part.append(vectors if keep is None else vectors[keep])
-        for index, wave in parts.items():
-            self.held[index] = {
-                output: (np.concatenate(values), np.concatenate(before) if before else None)
-                for output, (values, before) in wave.items()
-            }  # fmt: skip
+        self.held |= parts
 
 
 def _wave_data(model, nodes, activations, batches, sampled, references, device) -> dict[str, tuple]:
