@@ -35,9 +35,9 @@ VECTORS_PER_INPUT = 1024
 MIN_VECTORS_PER_INPUT = 16  # with fewer the refit would fit the samples, not the layer: it is left as it is
 MIN_SAMPLES = 64
 MAX_ELEMENTS = 1 << 23  # vectors x max(inputs, outputs) per layer: what the refit holds in float64, a few times
-# the original's sampled outputs are computed for as many waves ahead as this holds: one pass of the original
-# model for several waves (ResNet-56: 39 waves)
-REFERENCE_BYTES = 1 << 30
+# the original's sampled outputs (float32) are computed for as many waves ahead as this holds, one pass of the
+# original model for them (ResNet-56 `auto` at 0.5: 39 waves, about 0.6 GB in all; one pass each took 21 s more)
+REFERENCE_BYTES = 1 << 29
 RIDGE = 1e-5  # toward the fitted map, relative to the mean eigenvalue of the inputs' second moment
 
 
