@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from . import __version__
-from .decompose.factors import Factors, reconstruct
+from .decompose.factors import Factors, weight_shape
 from .errors import InternalError
 from .layers import Layer
 from .methods import Stage, method_of
@@ -122,7 +122,7 @@ def _check_factors(layer: Layer, factors) -> Sequence[Factors]:
     method = method_of(factors[0])
     ranks = set()
     for f in factors:
-        shape = reconstruct(f).shape
+        shape = weight_shape(f)
         if shape != geometry.weight_shape:
             raise ValueError(
                 f"layer {layer.name}: factors give a weight of shape {shape}, expected {geometry.weight_shape}"

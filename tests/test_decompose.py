@@ -10,7 +10,14 @@ import scipy.optimize
 from onnx_dacomp.decompose.bias import centered_covariance, refit_bias
 from onnx_dacomp.decompose.covariance import regularize, sigma_error, whiten
 from onnx_dacomp.decompose.cp import cp_als, da_cp
-from onnx_dacomp.decompose.factors import CPFactors, reconstruct
+from onnx_dacomp.decompose.factors import (
+    ChannelFactors,
+    CPFactors,
+    SVDFactors,
+    Tucker2Factors,
+    reconstruct,
+    weight_shape,
+)
 from onnx_dacomp.decompose.svd import da_svd, truncated_svd
 from onnx_dacomp.decompose.tucker2 import da_tucker2, tucker2_hooi
 
@@ -250,3 +257,30 @@ def test_callback_and_bad_ranks():
         da_tucker2(weight, sigma, (7, 2))
     with pytest.raises(ValueError, match="rank"):
         da_svd(weight, sigma, 0)
+
+
+def test_the_weight_shape_of_factors_is_their_reconstruction_s_and_mismatched_factors_are_refused():
+    """`weight_shape` (what the rewrite checks) against `reconstruct` on every container, 1-D to 3-D kernels."""
+    rng = np.random.default_rng(8)
+    for kernel in ((3,), (3, 2), (1, 1), (2, 3, 2)):
+        containers = [
+            SVDFactors(rng.standard_normal((4, 5, *kernel)), rng.standard_normal((6, 4))),
+            Tucker2Factors(rng.standard_normal((5, 3)), rng.standard_normal((2, 3, *kernel)),
+                           rng.standard_normal((6, 2))),
+            CPFactors(rng.standard_normal((5, 4)), tuple(rng.standard_normal((k, 4)) for k in kernel),
+                      rng.standard_normal((6, 4))),
+            ChannelFactors(np.array([0, 2, 3]), rng.standard_normal((6, 3, *kernel)), 5),
+        ]  # fmt: skip
+        for factors in containers:
+            assert weight_shape(factors) == reconstruct(factors).shape == (6, 5, *kernel)
+    bad = [
+        SVDFactors(rng.standard_normal((4, 5, 3, 3)), rng.standard_normal((6, 3))),
+        Tucker2Factors(rng.standard_normal((5, 3)), rng.standard_normal((2, 4, 3, 3)), rng.standard_normal((6, 2))),
+        Tucker2Factors(rng.standard_normal((5, 3)), rng.standard_normal((2, 3, 3, 3)), rng.standard_normal((6, 4))),
+        CPFactors(rng.standard_normal((5, 4)), (rng.standard_normal((3, 4)), rng.standard_normal((3, 2))),
+                  rng.standard_normal((6, 4))),
+        ChannelFactors(np.array([0, 2]), rng.standard_normal((6, 3, 3, 3)), 5),
+    ]  # fmt: skip
+    for factors in bad:
+        with pytest.raises(ValueError, match="inner dimensions|input factor of rank"):
+            weight_shape(factors)

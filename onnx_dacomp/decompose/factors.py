@@ -89,3 +89,29 @@ def reconstruct(factors: Factors) -> np.ndarray:
         weight[:, factors.channels] = factors.weight
         return weight
     raise TypeError(f"not a factor container: {type(factors).__name__}")
+
+
+def weight_shape(factors: Factors) -> tuple[int, ...]:
+    """The shape of `reconstruct(factors)`, from the factors' shapes alone (the rewrite checks every chain's, each
+    time it writes a model); ValueError where their inner dimensions do not match."""
+    if isinstance(factors, SVDFactors):
+        (rank, inputs, *kernel), (outputs, inner) = factors.first.shape, factors.last.shape
+        inners = {rank, inner}
+    elif isinstance(factors, Tucker2Factors):
+        (inputs, input_rank), (output_rank, core_inputs, *kernel) = factors.input_factor.shape, factors.core.shape
+        outputs, inner = factors.output_factor.shape
+        if input_rank != core_inputs:
+            raise ValueError(f"Tucker-2 factors: an input factor of rank {input_rank}, a core of {core_inputs} inputs")
+        inners = {output_rank, inner}
+    elif isinstance(factors, CPFactors):
+        (inputs, rank), (outputs, inner) = factors.input_factor.shape, factors.output_factor.shape
+        kernel = [len(spatial) for spatial in factors.spatial_factors]
+        inners = {rank, inner, *(spatial.shape[1] for spatial in factors.spatial_factors)}
+    elif isinstance(factors, ChannelFactors):
+        outputs, kept, *kernel = factors.weight.shape
+        inputs, inners = factors.in_channels, {kept, len(factors.channels)}
+    else:
+        raise TypeError(f"not a factor container: {type(factors).__name__}")
+    if len(inners) != 1:
+        raise ValueError(f"{type(factors).__name__}: inner dimensions {sorted(inners)} do not match")
+    return (outputs, inputs, *kernel)
