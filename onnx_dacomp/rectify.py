@@ -36,7 +36,7 @@ MIN_VECTORS_PER_INPUT = 16  # with fewer the refit would fit the samples, not th
 MIN_SAMPLES = 64
 MAX_ELEMENTS = 1 << 23  # vectors x max(inputs, outputs) per layer: what the refit holds in float64, a few times
 # the original's sampled outputs (float32) are computed for as many waves ahead as this holds, one pass of the
-# original model for them (ResNet-56 `auto` at 0.5: 39 waves, about 0.6 GB in all; one pass each took 21 s more)
+# original model for them (ResNet-56 `auto` at 0.5: 39 waves; a pass of the original per wave took 21 s more)
 REFERENCE_BYTES = 1 << 29
 RIDGE = 1e-5  # toward the fitted map, relative to the mean eigenvalue of the inputs' second moment
 
@@ -186,12 +186,11 @@ def _sampled(nodes: Sequence[Layer], batches: Sequence[dict], length: Callable, 
     shares = {node.output: min(1.0, _wanted(node) / (samples * _positions(node))) for node in nodes}
     sampled = []
     for batch in batches:
-        counts = {node.output: length(batch) * _positions(node) for node in nodes}
-        sampled.append({
-            output: None if share >= 1 else np.sort(rng.choice(counts[output], math.ceil(share * counts[output]),
-                                                               replace=False))
-            for output, share in shares.items()
-        })  # fmt: skip
+        keeps = {}
+        for node in nodes:
+            count, share = length(batch) * _positions(node), shares[node.output]
+            keeps[node.output] = None if share >= 1 else np.sort(rng.choice(count, math.ceil(share * count), False))
+        sampled.append(keeps)
     return sampled
 
 
