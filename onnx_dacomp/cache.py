@@ -40,6 +40,9 @@ def digest(*parts) -> str:
         if isinstance(part, np.ndarray):
             hasher.update(f"array{part.dtype}{part.shape}".encode())
             hasher.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, bytes):  # a serialized model: its repr would be four times its size
+            hasher.update(f"bytes{len(part)}".encode())
+            hasher.update(part)
         elif isinstance(part, (list, tuple)):
             hasher.update(f"seq{len(part)}".encode())
             for item in part:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -60,10 +61,18 @@ class LayerProblem:
     def digest(self, *settings) -> str:
         """A digest of everything a result computed from this problem depends on, and of `settings`."""
         hasher = hashlib.sha256(repr((self.name, self.geometry, self.residual, settings)).encode())
+        hasher.update(self._arrays_digest)
+        return hasher.hexdigest()[:40]
+
+    @cached_property
+    def _arrays_digest(self) -> bytes:
+        """The arrays' part of `digest`, hashed once per problem (a layer's table, probe and fits each ask; a
+        ResNet-50-sized layer's covariances are tens of MB: 6 s of hashing per run before)."""
+        hasher = hashlib.sha256()
         for part in self._parts():
             for array in part or []:
                 hasher.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
-        return hasher.hexdigest()[:40]
+        return hasher.digest()
 
     def _parts(self) -> tuple:
         return (self.weights, self.targets, self.fit_sigmas, self.reference_sigmas, [self.bias], self.bias_shift,

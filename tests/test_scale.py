@@ -166,6 +166,38 @@ def test_a_problem_carries_its_covariance_once():
     assert refit.nbytes == problem.nbytes + 36 * 36 * 8 + 4 * 8 + 36 * 8  # + centered Sigma, shift, mean
 
 
+def test_a_problem_s_digest_follows_its_arrays_and_settings_and_survives_pickling():
+    """The cache key of a layer's results: computed from the arrays once per problem, yet any other array, other
+    settings or another name give another key; a copy sent to a worker gives the same one."""
+    import pickle
+    from dataclasses import replace
+
+    from onnx_dacomp.cache import digest
+    from onnx_dacomp.moments import Moments
+    from onnx_dacomp.problems import LayerProblem
+    from onnx_dacomp.targets import find_targets, read_weights
+
+    model = conv_stack()
+    layer = find_targets(model).targets[0]
+    weight = read_weights(model, [layer])[layer.name]
+    moments = Moments(np.eye(36)[None], np.zeros((1, 36)), 10)
+    problem = LayerProblem.plain(layer.name, layer.geometry, weight, None, moments)
+    key = problem.digest("fit", "svd", (2,))
+    assert problem.digest("fit", "svd", (2,)) == key == pickle.loads(pickle.dumps(problem)).digest("fit", "svd", (2,))
+    assert problem.digest("fit", "svd", (3,)) != key
+    assert replace(problem, name="other").digest("fit", "svd", (2,)) != key
+    other_moments = Moments(2 * np.eye(36)[None], np.zeros((1, 36)), 10)
+    changed = weight.copy()
+    changed.flat[5] += 1e-6
+    for other in (
+        LayerProblem.plain(layer.name, layer.geometry, weight, None, other_moments),
+        LayerProblem.plain(layer.name, layer.geometry, changed, None, moments),
+    ):
+        assert other.digest("fit", "svd", (2,)) != key
+    # serialized models are hashed as bytes: one byte apart, two keys
+    assert digest(b"model-a") != digest(b"model-b") and digest(b"model-a") == digest(b"model-a")
+
+
 def test_ray_retries_a_unit_whose_worker_died(tmp_path):
     pytest.importorskip("ray")
     marker = str(tmp_path / "died")
