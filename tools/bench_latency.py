@@ -31,6 +31,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import onnx
 from benchmark import MODELS, ROOT, cifar_sources, imagenet_sources
 
 SETTINGS = {
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="timing cap per batch size (20)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dacomp-bench")
+    parser.add_argument("--keep", type=Path, default=None, help="save each compressed model as KEEP/MODEL-SETTING.onnx")
     args = parser.parse_args()
     today = date.today().isoformat()
     machine = f"{platform.machine()}{_vector_units()}, {os.cpu_count()} cores"
@@ -130,6 +132,11 @@ def main() -> None:
                 results["rows"] = [r for r in results["rows"] if (r["model"], r["setting"]) != (key, setting)] + [row]
                 continue
             seconds = time.perf_counter() - start
+            if args.keep:  # for repeated measurements of the same pair (tools/bench_repeat.py)
+                args.keep.mkdir(parents=True, exist_ok=True)
+                onnx.save(result.model, args.keep / f"{key}-{setting}.onnx")
+                if key == "resnet50":  # built here, not a file: saved beside for the same reason
+                    onnx.save(model, args.keep / "resnet50-original.onnx")
             comparison = compare_models(model, result.model, evaluation, device="cpu", progress=False)
             latency = {
                 key: compare_latency(
