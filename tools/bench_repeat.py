@@ -46,7 +46,8 @@ def main() -> None:
 
 
 def _described(item: dict) -> str:
-    return f"batch {item['batch']} {item['ratio']:.3f} [{item['ratio_low']:.3f}, {item['ratio_high']:.3f}]" + (
+    figure = f"{item['ratio']:.3f} [{item['ratio_low']:.3f}, {item['ratio_high']:.3f}]"
+    return f"batch {item['batch']} {figure} (original {item['original_ms']:.2f} ms, {item['threads']} thr)" + (
         f" / one thread {item['one_thread_ratio']:.3f}" if item.get("one_thread_ratio") is not None else ""
     )
 
