@@ -26,11 +26,11 @@ FIGURES = (("ratio", "ratio_low", "ratio_high"), ("one_thread_ratio", "one_threa
 
 def main() -> None:
     argv = sys.argv[1:]
-    passed = argv[argv.index("--") + 1 :] if "--" in argv else []
+    split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", nargs=2, action="append", required=True, metavar=("ORIGINAL", "COMPRESSED"))
     parser.add_argument("--runs", type=int, default=6)
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args, passed = parser.parse_args(argv[:split]), argv[split + 1 :]
 
     runs: dict[int, list[dict]] = {index: [] for index in range(len(args.pair))}
     for cycle in range(args.runs):
