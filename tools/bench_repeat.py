@@ -39,7 +39,8 @@ def main() -> None:
                        "--json", *passed]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:  # the run's own one-line error (a wrong path, data the model does not take)
-                sys.exit(f"bench_repeat: evaluate failed on {compressed}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+                said = (done.stderr.strip().splitlines() or [""])[-1]
+                sys.exit(f"bench_repeat: evaluate failed on {compressed}: {said}")
             runs[index].append(json.loads(done.stdout))
             latencies = runs[index][-1]["latency"]
             print(f"cycle {cycle + 1}, {Path(compressed).name}: " + ", ".join(_described(item) for item in latencies),
